@@ -1,0 +1,202 @@
+"""Agent settings: defaults < YAML file < MOE_WATCH_* environment < command line.
+
+pydantic-settings does the layering and validation. ``load_settings`` turns any validation
+failure into ``ConfigError`` carrying one human line that names the setting and what is wrong;
+the CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENGINE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*):(?P<port>\d{1,5})$")
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid. ``str()`` is one line meant for a human."""
+
+
+class TargetConfig(BaseModel):
+    """One serving engine to scrape."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=ENGINE_ID_PATTERN, description="Stable engine id (label `engine`).")
+    url: str = Field(description="Base URL of the engine's HTTP server, e.g. http://127.0.0.1:8000")
+    kind: Literal["auto", "vllm", "sglang"] = "auto"
+    metrics_path: str = "/metrics"
+    # GPUs this engine runs on (NVML indices). Unset: every GPU on the node when there is one
+    # target, else attribution from the engine's PIDs where NVML lists them.
+    gpus: tuple[int, ...] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8000, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("metrics_path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must start with '/', got {value!r}")
+        return value
+
+
+def parse_target(spec: str) -> TargetConfig:
+    """``ID=URL`` (the command-line and env-var form) -> TargetConfig."""
+    name, sep, url = spec.partition("=")
+    if not sep or not name or not url:
+        raise ValueError(f"expected ENGINE_ID=URL, got {spec!r}")
+    return TargetConfig(name=name.strip(), url=url.strip())
+
+
+class Settings(BaseSettings):
+    """Everything the agent needs; see docs/configuration.md for the YAML form."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MOE_WATCH_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    targets: Annotated[tuple[TargetConfig, ...], NoDecode] = ()
+    listen: str = "0.0.0.0:9400"
+    interval_seconds: float = Field(default=5.0, gt=0, le=300)
+    window_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    scrape_timeout_seconds: float = Field(default=3.0, gt=0, le=120)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    nvml: Literal["auto", "on", "off"] = "auto"
+    nvml_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets_from_text(cls, value: Any) -> Any:
+        # MOE_WATCH_TARGETS="a=http://..,b=http://.." or a JSON list; YAML gives dicts or strings.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                value = json.loads(text)
+            else:
+                value = [part for part in text.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            return tuple(parse_target(v) if isinstance(v, str) else v for v in value)
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_names(cls, value: tuple[TargetConfig, ...]) -> tuple[TargetConfig, ...]:
+        seen: set[str] = set()
+        for target in value:
+            if target.name in seen:
+                raise ValueError(f"engine id {target.name!r} is used by two targets")
+            seen.add(target.name)
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        match = _HOST_PORT.match(value)
+        if not match or not 0 <= int(match["port"]) <= 65535:
+            raise ValueError(f"expected HOST:PORT such as 0.0.0.0:9400, got {value!r}")
+        return value
+
+    @property
+    def listen_host(self) -> str:
+        host = self.listen.rsplit(":", 1)[0].strip("[]")
+        return host or "0.0.0.0"
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init kwargs carry the command line; the YAML file (if any) sits below the environment.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def _settings_class(config_file: Path | None) -> type[Settings]:
+    """Settings, or a subclass that also reads ``config_file`` (sources are built per class)."""
+    if config_file is None:
+        return Settings
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    return FileSettings
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from a YAML file, the environment and command-line overrides.
+
+    Raises ``ConfigError`` with one line naming the setting and what is wrong.
+    """
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file}: no such file")
+        _check_yaml(config_file)
+    cli = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return _settings_class(config_file)(**cli)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, config_file)) from None
+    except ValueError as exc:  # e.g. JSON in MOE_WATCH_TARGETS that does not parse
+        raise ConfigError(f"invalid setting: {exc}") from None
+
+
+def _check_yaml(path: Path) -> None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"config file {where}: not valid YAML ({getattr(exc, 'problem', exc)})")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
+
+
+def describe_validation_error(exc: ValidationError, config_file: Path | None = None) -> str:
+    """First error of a ValidationError as one line: ``setting 'x.y': what is wrong``."""
+    first = exc.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"]) or "settings"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting (check the spelling; see docs/configuration.md)"
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    where = f" (config file {config_file} or MOE_WATCH_* environment)" if config_file else ""
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"invalid setting '{loc}'{where}: {message}{suffix}"

@@ -1,0 +1,105 @@
+"""Typed samples: what sources return and what signals consume.
+
+Everything here is immutable. A source builds these from one collection; the agent keeps a
+small window of them; signals (pure functions) read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+EMPTY: Mapping[str, float] = MappingProxyType({})
+EMPTY_STR: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """A cumulative Prometheus histogram at one instant.
+
+    ``buckets`` are ``(upper_bound, cumulative_count)`` sorted by bound, ending with ``+Inf``.
+    """
+
+    buckets: tuple[tuple[float, float], ...]
+    count: float
+    sum: float
+
+
+# Canonical engine metric keys. Sources map engine-specific names (vllm:*, sglang:*) onto these so
+# signals never need to know which engine produced a sample.
+GAUGE_REQUESTS_RUNNING = "requests_running"
+GAUGE_REQUESTS_WAITING = "requests_waiting"
+GAUGE_KV_CACHE_USAGE = "kv_cache_usage"  # 0..1
+GAUGE_KV_CACHE_CAPACITY_TOKENS = "kv_cache_capacity_tokens"  # total KV slots, in tokens
+GAUGE_KV_CACHE_HIT_RATE = "kv_cache_hit_rate"  # engines that only publish a ratio (SGLang)
+
+COUNTER_PROMPT_TOKENS = "prompt_tokens"
+COUNTER_GENERATION_TOKENS = "generation_tokens"
+COUNTER_PREEMPTIONS = "preemptions"
+COUNTER_PREFIX_QUERIES = "prefix_cache_queries"
+COUNTER_PREFIX_HITS = "prefix_cache_hits"
+COUNTER_REQUESTS_FINISHED = "requests_finished"
+
+LATENCY_E2E = "e2e"
+LATENCY_TTFT = "ttft"
+LATENCY_ITL = "itl"
+LATENCY_QUEUE = "queue"
+LATENCY_KINDS = (LATENCY_E2E, LATENCY_TTFT, LATENCY_ITL, LATENCY_QUEUE)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSample:
+    """What one engine reports about one served model at one instant.
+
+    Values are already aggregated over the engine's internal data-parallel replicas (vLLM's
+    ``engine`` label): counters and histograms summed, ``kv_cache_usage`` the maximum (pressure
+    on the fullest replica is what rejects requests).
+    """
+
+    model: str
+    gauges: Mapping[str, float] = field(default_factory=lambda: EMPTY)
+    counters: Mapping[str, float] = field(default_factory=lambda: EMPTY)
+    histograms: Mapping[str, Histogram] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineScrape:
+    """One successful scrape of one serving engine (a target)."""
+
+    engine: str  # stable id: the target name, or namespace/pod in a cluster
+    kind: str  # "vllm" | "sglang"
+    timestamp: float  # wall clock, seconds
+    models: tuple[ModelSample, ...]
+    # Settings the engine publishes about itself (vLLM cache_config_info labels, /v1/models).
+    info: Mapping[str, str] = field(default_factory=lambda: EMPTY_STR)
+    max_model_len: int | None = None
+    # Samples the parser dropped (NaN/Inf where a finite number is required, ...).
+    dropped_samples: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One GPU at one instant. ``up`` False means NVML could not read it (lost, fallen off the bus)."""
+
+    index: int
+    uuid: str
+    name: str
+    up: bool
+    utilization_ratio: float | None = None
+    memory_used_bytes: float | None = None
+    memory_total_bytes: float | None = None
+    temperature_celsius: float | None = None
+    power_watts: float | None = None
+    pids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """Everything the NVML source read in one collection."""
+
+    timestamp: float
+    driver_version: str
+    gpus: tuple[GpuSample, ...]
+    # Cumulative Xid events seen since the agent started, keyed by (gpu index, xid code).
+    xid_totals: Mapping[tuple[int, int], int] = field(default_factory=dict)
