@@ -1,0 +1,94 @@
+"""Engine-level signals from a window of one model's samples on one engine."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from moe_watch import samples as s
+from moe_watch.samples import Histogram, ModelSample
+from moe_watch.signals.counters import rate, ratio_of_increases
+from moe_watch.signals.histograms import quantile, window_delta
+
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSignals:
+    """What the exporter publishes for one (engine, model). None means "not known"."""
+
+    requests_running: float | None = None
+    requests_waiting: float | None = None
+    kv_cache_usage_ratio: float | None = None
+    kv_cache_hit_ratio: float | None = None
+    kv_cache_free_tokens: float | None = None
+    kv_cache_capacity_tokens: float | None = None
+    preemptions_per_second: float | None = None
+    generation_tokens_per_second: float | None = None
+    prompt_tokens_per_second: float | None = None
+    requests_per_second: float | None = None
+    # (latency kind, quantile) -> seconds, only where the window saw observations.
+    latency_seconds: Mapping[tuple[str, float], float] = field(default_factory=dict)
+
+
+def derive_engine_signals(window: Sequence[tuple[float, ModelSample]]) -> EngineSignals:
+    """Signals over a window of ``(timestamp, sample)``, oldest first. Pure."""
+    if not window:
+        return EngineSignals()
+    latest = window[-1][1]
+    gauges = latest.gauges
+    usage = _clamp_ratio(gauges.get(s.GAUGE_KV_CACHE_USAGE))
+    capacity = gauges.get(s.GAUGE_KV_CACHE_CAPACITY_TOKENS)
+    free = capacity * (1.0 - usage) if capacity is not None and usage is not None else None
+    return EngineSignals(
+        requests_running=gauges.get(s.GAUGE_REQUESTS_RUNNING),
+        requests_waiting=gauges.get(s.GAUGE_REQUESTS_WAITING),
+        kv_cache_usage_ratio=usage,
+        kv_cache_hit_ratio=_hit_ratio(window),
+        kv_cache_free_tokens=free,
+        kv_cache_capacity_tokens=capacity,
+        preemptions_per_second=_rate(window, s.COUNTER_PREEMPTIONS),
+        generation_tokens_per_second=_rate(window, s.COUNTER_GENERATION_TOKENS),
+        prompt_tokens_per_second=_rate(window, s.COUNTER_PROMPT_TOKENS),
+        requests_per_second=_rate(window, s.COUNTER_REQUESTS_FINISHED),
+        latency_seconds=_latency_quantiles(window),
+    )
+
+
+def _rate(window: Sequence[tuple[float, ModelSample]], key: str) -> float | None:
+    points = [(t, sample.counters[key]) for t, sample in window if key in sample.counters]
+    return rate(points)
+
+
+def _hit_ratio(window: Sequence[tuple[float, ModelSample]]) -> float | None:
+    pairs = [
+        (sample.counters[s.COUNTER_PREFIX_HITS], sample.counters[s.COUNTER_PREFIX_QUERIES])
+        for _, sample in window
+        if s.COUNTER_PREFIX_HITS in sample.counters and s.COUNTER_PREFIX_QUERIES in sample.counters
+    ]
+    if len(pairs) >= 2:
+        return ratio_of_increases([h for h, _ in pairs], [q for _, q in pairs])
+    # Engines that publish only a ratio (SGLang's cache_hit_rate): use the latest value.
+    return _clamp_ratio(window[-1][1].gauges.get(s.GAUGE_KV_CACHE_HIT_RATE))
+
+
+def _latency_quantiles(
+    window: Sequence[tuple[float, ModelSample]],
+) -> dict[tuple[str, float], float]:
+    result: dict[tuple[str, float], float] = {}
+    for kind in s.LATENCY_KINDS:
+        series: list[Histogram] = [
+            sample.histograms[kind] for _, sample in window if kind in sample.histograms
+        ]
+        delta = window_delta(series)
+        if delta is None:
+            continue
+        for q in QUANTILES:
+            value = quantile(q, delta)
+            if value is not None:
+                result[(kind, q)] = value
+    return result
+
+
+def _clamp_ratio(value: float | None) -> float | None:
+    return None if value is None else min(1.0, max(0.0, value))

@@ -1,0 +1,25 @@
+"""GPU-level signals: memory ratio and utilization spread (the hot-expert-makes-a-hot-GPU sign)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from moe_watch.samples import GpuSample
+
+
+def memory_used_ratio(gpu: GpuSample) -> float | None:
+    if not gpu.up or gpu.memory_used_bytes is None or not gpu.memory_total_bytes:
+        return None
+    return min(1.0, max(0.0, gpu.memory_used_bytes / gpu.memory_total_bytes))
+
+
+def utilization_spread(gpus: Iterable[GpuSample]) -> float | None:
+    """max - min utilization across the GPUs that reported one; None for fewer than two.
+
+    Under expert parallelism a hot expert makes its GPU hot: 0.95 on one GPU and 0.30 on the
+    others (spread 0.65) while the average looks healthy.
+    """
+    values = [g.utilization_ratio for g in gpus if g.up and g.utilization_ratio is not None]
+    if len(values) < 2:
+        return None
+    return max(values) - min(values)
