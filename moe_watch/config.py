@@ -180,7 +180,8 @@ def _check_yaml(path: Path) -> None:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"config file {where}: not valid YAML ({getattr(exc, 'problem', exc)})")
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError(f"config file {where}: not valid YAML ({problem})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc})") from None
     if data is not None and not isinstance(data, dict):

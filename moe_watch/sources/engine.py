@@ -1,0 +1,141 @@
+"""Scrape one serving engine's /metrics (and, now and then, its metadata endpoints).
+
+Failures are contained here and reported as ``SourceError`` with a short reason: the runner
+counts them per target, so one dead engine never hides the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from moe_watch.config import TargetConfig
+from moe_watch.samples import EngineScrape
+from moe_watch.sources.base import Problems, SourceError
+from moe_watch.sources.exposition import ExpositionError, parse_engine_exposition
+
+# /v1/models and /version change only on restart; re-read them this often.
+METADATA_REFRESH_SECONDS = 60.0
+_METADATA_MAX_BYTES = 1024 * 1024
+ACCEPT = "text/plain;version=0.0.4;q=0.9,*/*;q=0.1"
+
+
+class EngineSource:
+    """One target. Create many; they share one aiohttp session."""
+
+    def __init__(
+        self,
+        target: TargetConfig,
+        session: aiohttp.ClientSession,
+        *,
+        timeout_seconds: float,
+        max_body_bytes: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.target = target
+        self._session = session
+        self._timeout = timeout_seconds
+        self._max_body = max_body_bytes
+        self._clock = clock
+        self._kind: str = target.kind
+        self._max_model_len: int | None = None
+        self._version: str | None = None
+        self._metadata_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"engine:{self.target.name}"
+
+    @property
+    def metrics_url(self) -> str:
+        return self.target.url + self.target.metrics_path
+
+    async def collect(self, problems: Problems) -> EngineScrape:
+        body = await self._fetch(self.metrics_url, self._max_body)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SourceError(
+                "encoding", f"response is not UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
+        try:
+            parsed = parse_engine_exposition(text, self._kind)
+        except ExpositionError as exc:
+            raise SourceError(exc.reason, str(exc)) from None
+        self._kind = parsed.kind  # detected once, then fixed: a later garbage body is an error
+        now = self._clock()
+        if self._metadata_at is None or now - self._metadata_at >= METADATA_REFRESH_SECONDS:
+            await self._refresh_metadata(problems)
+            self._metadata_at = now
+        info = dict(parsed.info)
+        if self._version:
+            info["version"] = self._version
+        return EngineScrape(
+            engine=self.target.name,
+            kind=parsed.kind,
+            timestamp=now,
+            models=parsed.models,
+            info=info,
+            max_model_len=self._max_model_len,
+            dropped_samples=parsed.dropped_samples,
+        )
+
+    async def _fetch(self, url: str, limit: int) -> bytes:
+        try:  # one bound for connect + headers + the whole body: a trickling target is a hang
+            return await asyncio.wait_for(self._read(url, limit), self._timeout)
+        except asyncio.TimeoutError:
+            raise SourceError(
+                "timeout", f"no complete answer from {url} in {self._timeout:g}s"
+            ) from None
+        except aiohttp.ClientConnectionError as exc:
+            raise SourceError("connect", f"cannot reach {url}: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise SourceError("http", f"request to {url} failed: {exc}") from None
+
+    async def _read(self, url: str, limit: int) -> bytes:
+        async with self._session.get(url, headers={"Accept": ACCEPT}) as response:
+            if response.status != 200:
+                raise SourceError("http_status", f"{url} answered HTTP {response.status}")
+            if response.content_length is not None and response.content_length > limit:
+                raise SourceError(
+                    "body_too_large",
+                    f"{url} sent {response.content_length} bytes, over the {limit}-byte cap",
+                )
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:  # stop reading: the cap protects the agent's memory
+                    raise SourceError("body_too_large", f"{url} sent more than {limit} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    async def _refresh_metadata(self, problems: Problems) -> None:
+        """max_model_len from /v1/models and the version; failures never fail the scrape."""
+        if self._kind != "vllm":
+            return
+        models = await self._json(self.target.url + "/v1/models", problems)
+        if isinstance(models, dict):
+            for entry in models.get("data") or []:
+                if isinstance(entry, dict) and isinstance(entry.get("max_model_len"), int):
+                    self._max_model_len = entry["max_model_len"]
+                    break
+        version = await self._json(self.target.url + "/version", problems)
+        if isinstance(version, dict) and isinstance(version.get("version"), str):
+            self._version = version["version"]
+
+    async def _json(self, url: str, problems: Problems) -> Any:
+        try:
+            body = await self._fetch(url, _METADATA_MAX_BYTES)
+            return json.loads(body)
+        except (SourceError, ValueError):
+            problems.add("metadata")
+            return None
+
+    async def close(self) -> None:
+        """The shared session belongs to the agent."""

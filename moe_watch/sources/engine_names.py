@@ -1,0 +1,70 @@
+"""Which engine metric feeds which canonical sample key: data, not code.
+
+Each entry maps an engine's *sample* name to ``(kind of value, canonical key, priority)``.
+When an engine exposes two names for one key (vLLM renamed several families and some
+releases publish both during the deprecation), the higher priority wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moe_watch import samples as s
+
+ValueKind = Literal["gauge", "counter", "histogram", "info"]
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    value_kind: ValueKind
+    key: str
+    priority: int = 1
+
+
+# vLLM V1 engine (0.3x). Older names (pre-0.10) carry priority 0.
+VLLM: dict[str, Mapping] = {
+    "vllm:num_requests_running": Mapping("gauge", s.GAUGE_REQUESTS_RUNNING),
+    "vllm:num_requests_waiting": Mapping("gauge", s.GAUGE_REQUESTS_WAITING),
+    "vllm:kv_cache_usage_perc": Mapping("gauge", s.GAUGE_KV_CACHE_USAGE),
+    "vllm:gpu_cache_usage_perc": Mapping("gauge", s.GAUGE_KV_CACHE_USAGE, 0),
+    "vllm:prompt_tokens_total": Mapping("counter", s.COUNTER_PROMPT_TOKENS),
+    "vllm:generation_tokens_total": Mapping("counter", s.COUNTER_GENERATION_TOKENS),
+    "vllm:num_preemptions_total": Mapping("counter", s.COUNTER_PREEMPTIONS),
+    "vllm:prefix_cache_queries_total": Mapping("counter", s.COUNTER_PREFIX_QUERIES),
+    "vllm:prefix_cache_hits_total": Mapping("counter", s.COUNTER_PREFIX_HITS),
+    "vllm:gpu_prefix_cache_queries_total": Mapping("counter", s.COUNTER_PREFIX_QUERIES, 0),
+    "vllm:gpu_prefix_cache_hits_total": Mapping("counter", s.COUNTER_PREFIX_HITS, 0),
+    "vllm:request_success_total": Mapping("counter", s.COUNTER_REQUESTS_FINISHED),
+    "vllm:e2e_request_latency_seconds": Mapping("histogram", s.LATENCY_E2E),
+    "vllm:time_to_first_token_seconds": Mapping("histogram", s.LATENCY_TTFT),
+    "vllm:inter_token_latency_seconds": Mapping("histogram", s.LATENCY_ITL),
+    "vllm:time_per_output_token_seconds": Mapping("histogram", s.LATENCY_ITL, 0),
+    "vllm:request_queue_time_seconds": Mapping("histogram", s.LATENCY_QUEUE),
+    "vllm:cache_config_info": Mapping("info", "cache_config"),
+}
+
+# SGLang (python/sglang/srt/metrics/collector.py). It reports the prefix-cache hit rate only
+# as a ratio gauge, and its KV capacity as max_total_num_tokens.
+SGLANG: dict[str, Mapping] = {
+    "sglang:num_running_reqs": Mapping("gauge", s.GAUGE_REQUESTS_RUNNING),
+    "sglang:num_queue_reqs": Mapping("gauge", s.GAUGE_REQUESTS_WAITING),
+    "sglang:token_usage": Mapping("gauge", s.GAUGE_KV_CACHE_USAGE),
+    "sglang:cache_hit_rate": Mapping("gauge", s.GAUGE_KV_CACHE_HIT_RATE),
+    "sglang:max_total_num_tokens": Mapping("gauge", s.GAUGE_KV_CACHE_CAPACITY_TOKENS),
+    "sglang:prompt_tokens_total": Mapping("counter", s.COUNTER_PROMPT_TOKENS),
+    "sglang:generation_tokens_total": Mapping("counter", s.COUNTER_GENERATION_TOKENS),
+    "sglang:num_requests_total": Mapping("counter", s.COUNTER_REQUESTS_FINISHED),
+    "sglang:num_retracted_reqs_total": Mapping("counter", s.COUNTER_PREEMPTIONS),
+    "sglang:e2e_request_latency_seconds": Mapping("histogram", s.LATENCY_E2E),
+    "sglang:time_to_first_token_seconds": Mapping("histogram", s.LATENCY_TTFT),
+    "sglang:inter_token_latency_seconds": Mapping("histogram", s.LATENCY_ITL),
+    "sglang:time_per_output_token_seconds": Mapping("histogram", s.LATENCY_ITL, 0),
+    "sglang:queue_time_seconds": Mapping("histogram", s.LATENCY_QUEUE),
+}
+
+BY_KIND: dict[str, dict[str, Mapping]] = {"vllm": VLLM, "sglang": SGLANG}
+PREFIXES: dict[str, str] = {"vllm": "vllm:", "sglang": "sglang:"}
+
+# Labels that identify a model. vLLM and SGLang both use model_name.
+MODEL_LABEL = "model_name"
