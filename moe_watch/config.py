@@ -38,7 +38,7 @@ class TargetConfig(BaseModel):
     kind: Literal["auto", "vllm", "sglang"] = "auto"
     metrics_path: str = "/metrics"
     # GPUs this engine runs on (NVML indices). Unset: every GPU on the node when there is one
-    # target, else attribution from the engine's PIDs where NVML lists them.
+    # target; with several targets, GPUs nobody declares carry an empty `engine` label.
     gpus: tuple[int, ...] | None = None
 
     @field_validator("url")
@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     window_seconds: float = Field(default=300.0, gt=0, le=86_400)
     scrape_timeout_seconds: float = Field(default=3.0, gt=0, le=120)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    nvml: Literal["auto", "on", "off"] = "auto"
+    # auto: read GPUs through NVML; without a driver the nvml source reports down, the agent runs on.
+    nvml: Literal["auto", "off"] = "auto"
     nvml_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -1,10 +1,15 @@
-"""Shared test fixtures: the real engine captures."""
+"""Shared test fixtures: the real engine captures and a swappable engine endpoint."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
+from aiohttp import web
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -17,3 +22,74 @@ def read_capture(state: str) -> str:
 @pytest.fixture
 def vllm_capture() -> str:
     return read_capture("after-load")
+
+
+class EngineStub:
+    """A real HTTP server on 127.0.0.1 whose /metrics body the test swaps between scrapes.
+
+    ``hang`` makes /metrics wait until ``release`` is set (a target that accepts and never answers).
+    """
+
+    def __init__(self, body: str | bytes) -> None:
+        self.body: bytes = body.encode() if isinstance(body, str) else body
+        self.hang = False
+        self.release = asyncio.Event()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    def serve(self, body: str | bytes) -> None:
+        self.body = body.encode() if isinstance(body, str) else body
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.hang:
+            await self.release.wait()
+        return web.Response(body=self.body, content_type="text/plain")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=(FIXTURES / "vllm" / "v1-models.json").read_text(),
+            content_type="application/json",
+        )
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.32.0"})
+
+    async def start(self) -> EngineStub:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/version", self._version)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def engine_stub() -> AsyncIterator[EngineStub]:
+    stub = await EngineStub(read_capture("after-5-requests")).start()
+    yield stub
+    await stub.stop()
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound then closed): connecting to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """`moe-watch run` configures structlog to print to the stderr of its moment; under pytest
+    that stream is a capture that gets closed, so undo the configuration after every test."""
+    yield
+    structlog.reset_defaults()

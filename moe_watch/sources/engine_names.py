@@ -44,7 +44,7 @@ VLLM: dict[str, Mapping] = {
     "vllm:cache_config_info": Mapping("info", "cache_config"),
 }
 
-# SGLang (python/sglang/srt/metrics/collector.py). It reports the prefix-cache hit rate only
+# SGLang (names checked against python/sglang/srt/metrics/collector.py). It reports the prefix-cache hit rate only
 # as a ratio gauge, and its KV capacity as max_total_num_tokens.
 SGLANG: dict[str, Mapping] = {
     "sglang:num_running_reqs": Mapping("gauge", s.GAUGE_REQUESTS_RUNNING),
@@ -55,7 +55,7 @@ SGLANG: dict[str, Mapping] = {
     "sglang:prompt_tokens_total": Mapping("counter", s.COUNTER_PROMPT_TOKENS),
     "sglang:generation_tokens_total": Mapping("counter", s.COUNTER_GENERATION_TOKENS),
     "sglang:num_requests_total": Mapping("counter", s.COUNTER_REQUESTS_FINISHED),
-    "sglang:num_retracted_reqs_total": Mapping("counter", s.COUNTER_PREEMPTIONS),
+    "sglang:num_retracted_requests_total": Mapping("counter", s.COUNTER_PREEMPTIONS),
     "sglang:e2e_request_latency_seconds": Mapping("histogram", s.LATENCY_E2E),
     "sglang:time_to_first_token_seconds": Mapping("histogram", s.LATENCY_TTFT),
     "sglang:inter_token_latency_seconds": Mapping("histogram", s.LATENCY_ITL),

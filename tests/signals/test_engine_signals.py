@@ -58,7 +58,8 @@ def test_engine_signals_over_a_window_hand_computed() -> None:
     assert sig.kv_cache_hit_ratio == pytest.approx(60 / 200)
     assert sig.kv_cache_usage_ratio == pytest.approx(0.75)
     assert sig.kv_cache_free_tokens == pytest.approx(250)
-    assert sig.requests_running == 4 and sig.requests_waiting == 2
+    assert sig.requests_running == 4
+    assert sig.requests_waiting == 2
     # e2e delta buckets over the window: (0,1]=90, (1,10]=90, (10,30]=19, +Inf=1; 200 total.
     # P50 rank 100 -> (1,10]: 1 + 9 * (100-90)/90 = 2.0
     assert sig.latency_seconds[(s.LATENCY_E2E, 0.5)] == pytest.approx(2.0)

@@ -86,7 +86,8 @@ async def test_scrapes_a_real_capture_and_reads_max_model_len_and_version(
         },
         session,
     )
-    assert result.kind == "vllm" and result.engine == "e0"
+    assert result.kind == "vllm"
+    assert result.engine == "e0"
     assert result.models[0].gauges[s.GAUGE_REQUESTS_WAITING] == 52
     assert result.max_model_len == 1024
     assert result.info["version"] == "0.32.0"
@@ -160,7 +161,8 @@ async def test_http_500_is_reported_with_its_status(session: aiohttp.ClientSessi
         return web.Response(status=500, text="boom")
 
     err = await scrape_error({"/metrics": broken}, session)
-    assert err.reason == "http_status" and "500" in err.message
+    assert err.reason == "http_status"
+    assert "500" in err.message
 
 
 async def test_garbage_body_is_a_no_engine_metrics_error(session: aiohttp.ClientSession) -> None:

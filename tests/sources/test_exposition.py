@@ -23,7 +23,8 @@ def test_real_capture_after_load_gives_the_documented_totals() -> None:
     assert model.counters[s.COUNTER_GENERATION_TOKENS] == 19280
     assert model.counters[s.COUNTER_PROMPT_TOKENS] == 3370
     e2e = model.histograms[s.LATENCY_E2E]
-    assert e2e.count == 95 and e2e.buckets[-1] == (math.inf, 95)
+    assert e2e.count == 95
+    assert e2e.buckets[-1] == (math.inf, 95)
     assert model.histograms[s.LATENCY_ITL].count == 19185
     # cache_config_info: 8192 blocks x 128 tokens
     assert model.gauges[s.GAUGE_KV_CACHE_CAPACITY_TOKENS] == 8192 * 128
@@ -101,7 +102,9 @@ def test_data_parallel_replicas_sum_counts_and_keep_the_fullest_kv_cache() -> No
     assert model.gauges[s.GAUGE_REQUESTS_RUNNING] == 8
     assert model.gauges[s.GAUGE_KV_CACHE_USAGE] == 0.97
     e2e = model.histograms[s.LATENCY_E2E]
-    assert e2e.buckets == ((1.0, 5), (math.inf, 6)) and e2e.count == 6 and e2e.sum == 4
+    assert e2e.buckets == ((1.0, 5), (math.inf, 6))
+    assert e2e.count == 6
+    assert e2e.sum == 4
 
 
 def test_two_models_on_one_engine_stay_apart() -> None:

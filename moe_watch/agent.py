@@ -1,0 +1,207 @@
+"""The agent loop: collect every source concurrently, derive signals, publish a Snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import aiohttp
+import structlog
+
+from moe_watch.config import Settings, TargetConfig
+from moe_watch.runner import SourceRunner
+from moe_watch.samples import EngineScrape, GpuReading, ModelSample
+from moe_watch.signals.engine import derive_engine_signals
+from moe_watch.signals.gpu import memory_used_ratio, utilization_spread
+from moe_watch.signals.window import SlidingWindow
+from moe_watch.snapshot import EngineView, GpuView, Snapshot
+from moe_watch.sources.engine import EngineSource
+
+log = structlog.get_logger("moe_watch.agent")
+
+
+class Agent:
+    """Owns the sources, the windows and the latest Snapshot. Use as an async context manager."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        nvml: Any | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._nvml_module = nvml
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._engine_runners: list[tuple[TargetConfig, SourceRunner[EngineScrape]]] = []
+        self._nvml_runner: SourceRunner[GpuReading] | None = None
+        self._windows: dict[tuple[str, str], SlidingWindow[ModelSample]] = {}
+        self._snapshot: Snapshot | None = None
+        self._cycle = 0
+        self.first_cycle_done = asyncio.Event()
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    async def __aenter__(self) -> Agent:
+        s = self.settings
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(4, len(s.targets) * 2)),
+            auto_decompress=True,
+        )
+        for target in s.targets:
+            source = EngineSource(
+                target,
+                self._session,
+                timeout_seconds=s.scrape_timeout_seconds,
+                max_body_bytes=s.max_body_bytes,
+                clock=self._clock,
+            )
+            runner = SourceRunner(
+                source,
+                timeout_seconds=s.scrape_timeout_seconds * 3,  # metrics + metadata calls
+                clock=self._clock,
+                log_fields={"engine": target.name},
+            )
+            self._engine_runners.append((target, runner))
+        if s.nvml != "off":
+            from moe_watch.sources.nvml import NvmlSource  # pynvml only where GPUs are read
+
+            nvml_source = NvmlSource(self._nvml_module, call_timeout=s.nvml_timeout_seconds)
+            self._nvml_runner = SourceRunner(
+                nvml_source, timeout_seconds=s.nvml_timeout_seconds + 1, clock=self._clock
+            )
+        log.info(
+            "agent configured",
+            targets=[f"{t.name}={t.url}" for t in s.targets],
+            nvml=s.nvml,
+            interval_seconds=s.interval_seconds,
+            window_seconds=s.window_seconds,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for _, runner in self._engine_runners:
+            await runner.source.close()
+        if self._nvml_runner is not None:
+            await self._nvml_runner.source.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def run_cycle(self) -> Snapshot:
+        """Collect all sources once (concurrently) and publish a new Snapshot."""
+        started = time.perf_counter()
+        engine_task = asyncio.gather(*(runner.run() for _, runner in self._engine_runners))
+        nvml_task = self._nvml_runner.run() if self._nvml_runner else _none()
+        scrapes, reading = await asyncio.gather(engine_task, nvml_task)
+        now = self._clock()
+        snapshot = self._build_snapshot(now, list(scrapes), reading, started)
+        self._snapshot = snapshot
+        self.first_cycle_done.set()
+        return snapshot
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """Cycle every ``interval_seconds`` on a fixed schedule until ``stop`` is set."""
+        interval = self.settings.interval_seconds
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while not stop.is_set():
+            await self.run_cycle()
+            next_at += interval
+            if next_at < loop.time():  # a slow cycle: skip the missed ticks, don't burst
+                skipped = int((loop.time() - next_at) // interval) + 1
+                next_at += skipped * interval
+                log.warning("cycle overran its interval", skipped_cycles=skipped)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
+
+    def _build_snapshot(
+        self,
+        now: float,
+        scrapes: list[EngineScrape | None],
+        reading: GpuReading | None,
+        started: float,
+    ) -> Snapshot:
+        self._cycle += 1
+        engines: list[EngineView] = []
+        targets_up: dict[str, bool] = {}
+        engine_settings: dict[str, dict[str, str]] = {}
+        for (target, _), scrape in zip(self._engine_runners, scrapes, strict=True):
+            targets_up[target.name] = scrape is not None
+            if scrape is None:
+                continue  # like Prometheus staleness: a failed target exports only target_up 0
+            engine_settings[target.name] = dict(scrape.info)
+            engines.extend(self._engine_views(scrape))
+        for window in self._windows.values():
+            window.expire(now)
+        gpus = self._gpu_views(reading)
+        engine_spread: dict[str, float] = {}
+        for target, _ in self._engine_runners:
+            spread = utilization_spread(v.sample for v in gpus if v.engine == target.name)
+            if spread is not None:
+                engine_spread[target.name] = spread
+        return Snapshot(
+            timestamp=now,
+            cycle=self._cycle,
+            cycle_duration_seconds=time.perf_counter() - started,
+            sources=tuple(r.status() for r in self._runners()),
+            targets_up=targets_up,
+            engines=tuple(engines),
+            gpus=tuple(gpus),
+            driver_version=reading.driver_version if reading else None,
+            xid_totals=dict(reading.xid_totals) if reading else {},
+            engine_gpu_spread=engine_spread,
+            node_gpu_spread=utilization_spread(v.sample for v in gpus),
+            engine_settings=engine_settings,
+        )
+
+    def _engine_views(self, scrape: EngineScrape) -> Iterable[EngineView]:
+        for model in scrape.models:
+            window = self._windows.get((scrape.engine, model.model))
+            if window is None:
+                window = SlidingWindow[ModelSample](self.settings.window_seconds)
+                self._windows[(scrape.engine, model.model)] = window
+            window.append(scrape.timestamp, model)
+            yield EngineView(
+                engine=scrape.engine,
+                model=model.model,
+                kind=scrape.kind,
+                version=scrape.info.get("version", ""),
+                signals=derive_engine_signals(list(window)),
+                max_model_len=scrape.max_model_len,
+            )
+
+    def _gpu_views(self, reading: GpuReading | None) -> list[GpuView]:
+        if reading is None:
+            return []
+        owners = self._gpu_owners(g.index for g in reading.gpus)
+        return [
+            GpuView(sample=g, engine=owners.get(g.index), memory_used_ratio=memory_used_ratio(g))
+            for g in reading.gpus
+        ]
+
+    def _gpu_owners(self, indices: Iterable[int]) -> dict[int, str]:
+        """GPU index -> engine: declared ``gpus`` first; a lone target owns every GPU."""
+        owners: dict[int, str] = {}
+        for target, _ in self._engine_runners:
+            for index in target.gpus or ():
+                owners[index] = target.name
+        if len(self._engine_runners) == 1 and self._engine_runners[0][0].gpus is None:
+            only = self._engine_runners[0][0].name
+            owners = {index: only for index in indices}
+        return owners
+
+    def _runners(self) -> list[SourceRunner[Any]]:
+        runners: list[SourceRunner[Any]] = [r for _, r in self._engine_runners]
+        if self._nvml_runner is not None:
+            runners.insert(0, self._nvml_runner)
+        return runners
+
+
+async def _none() -> None:
+    return None

@@ -1,0 +1,145 @@
+"""``moe-watch``: run | demo | check. Exit status 2 means a bad setting (one line says which)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from moe_watch import __version__
+from moe_watch.config import ConfigError, Settings, load_settings
+
+EXIT_BAD_CONFIG = 2
+
+
+def _agent_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, help="YAML settings file (see docs/configuration.md)"
+    )
+    parser.add_argument("--listen", help="HOST:PORT for /metrics (default 0.0.0.0:9400)")
+    parser.add_argument(
+        "--interval", type=float, dest="interval_seconds", help="seconds between cycles (default 5)"
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        dest="window_seconds",
+        help="sliding window for rates and quantiles, seconds (default 300)",
+    )
+    parser.add_argument(
+        "--nvml",
+        choices=["auto", "off"],
+        help="auto: read GPUs through NVML, reporting the source down where there is none (default)",
+    )
+    parser.add_argument("--log-format", choices=["auto", "json", "console"])
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-watch",
+        description="Per-node agent for Mixture-of-Experts LLM serving: NVML + engine /metrics -> Prometheus.",
+    )
+    parser.add_argument("--version", action="version", version=f"moe-watch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the agent")
+    run.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        metavar="ENGINE_ID=URL",
+        help="engine to scrape (repeatable), e.g. mixtral-0=http://127.0.0.1:8000",
+    )
+    _agent_options(run)
+
+    demo = commands.add_parser(
+        "demo", help="run the agent against a simulated MoE engine and simulated GPUs"
+    )
+    demo.add_argument(
+        "--listen",
+        default="127.0.0.1:9400",
+        help="HOST:PORT for the agent (default 127.0.0.1:9400; port 0 = any)",
+    )
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: until Ctrl-C)",
+    )
+    demo.add_argument(
+        "--scenario",
+        default="normal",
+        help="simulated engine scenario (see `moe-watch demo --list-scenarios`)",
+    )
+    demo.add_argument("--list-scenarios", action="store_true", help="print the scenarios and exit")
+    demo.add_argument(
+        "--interval",
+        type=float,
+        dest="interval_seconds",
+        default=1.0,
+        help="seconds between cycles (default 1)",
+    )
+    demo.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default="warning"
+    )
+
+    check = commands.add_parser("check", help="validate a settings file and print the result")
+    check.add_argument("--config", type=Path, required=True)
+    return parser  # fmt: skip
+
+
+def _settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+    fields = {name: getattr(args, name, None) for name in Settings.model_fields}
+    fields.update(extra)
+    return load_settings(getattr(args, "config", None), **fields)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "demo":
+            from moe_watch.demo.run import run_demo
+
+            return int(run_demo(args))
+        if args.command == "check":
+            settings = _settings_from(args)
+            print(f"ok: {args.config}: {len(settings.targets)} target(s), listen {settings.listen}")
+            for target in settings.targets:
+                print(f"  {target.name}: {target.url}{target.metrics_path} ({target.kind})")
+            return 0
+    except ConfigError as exc:
+        print(f"moe-watch: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moe_watch.logs import configure_logging
+    from moe_watch.service import ListenError, install_stop_signals, serve
+
+    settings = _settings_from(args)
+    configure_logging(settings.log_format, settings.log_level)
+    if not settings.targets and settings.nvml == "off":
+        raise ConfigError("invalid setting 'targets': nothing to watch (no targets and nvml off)")
+
+    async def body() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await serve(settings, stop=stop)
+
+    try:
+        asyncio.run(body())
+    except ListenError as exc:
+        print(f"moe-watch: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

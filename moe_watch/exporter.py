@@ -1,0 +1,173 @@
+"""A prometheus_client Collector that renders the latest Snapshot (no work beyond formatting).
+
+Metric names are the published contract (docs/metrics.md): renaming one is a breaking change.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from moe_watch import __version__
+from moe_watch.snapshot import Snapshot
+
+PREFIX = "moe_watch_"
+ENGINE_LABELS = ["engine", "model"]
+
+# (metric suffix, EngineSignals attribute, help). One gauge each, labelled by engine and model.
+ENGINE_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("requests_running", "requests_running", "Requests in the engine's running batch."),
+    ("requests_waiting", "requests_waiting", "Requests queued, waiting for capacity."),
+    ("kv_cache_usage_ratio", "kv_cache_usage_ratio", "KV-cache blocks in use, 0-1 (> 0.95 is critical)."),
+    ("kv_cache_hit_ratio", "kv_cache_hit_ratio", "Prefix-cache hits / queries over the window."),
+    ("kv_cache_free_tokens", "kv_cache_free_tokens", "KV-cache capacity still free, in tokens."),
+    ("kv_cache_capacity_tokens", "kv_cache_capacity_tokens", "KV-cache capacity, in tokens."),
+    ("preemptions_per_second", "preemptions_per_second", "Request preemptions per second over the window."),
+    ("generation_tokens_per_second", "generation_tokens_per_second", "Generated tokens per second over the window."),
+    ("prompt_tokens_per_second", "prompt_tokens_per_second", "Prefill tokens per second over the window."),
+    ("requests_per_second", "requests_per_second", "Finished requests per second over the window."),
+)  # fmt: skip
+
+
+def gauge(name: str, documentation: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, documentation, labels=labels)
+
+
+class SnapshotCollector(Collector):
+    """Yields metric families from whatever Snapshot ``get_snapshot`` returns right now."""
+
+    def __init__(self, get_snapshot: Callable[[], Snapshot | None]) -> None:
+        self._get_snapshot = get_snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        build = gauge("build_info", "moe-watch build; value is always 1.", ["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+        snapshot = self._get_snapshot()
+        if snapshot is None:
+            return  # before the first cycle: only build_info (and /readyz says not ready)
+        yield from _self_metrics(snapshot)
+        yield from _gpu_metrics(snapshot)
+        yield from _engine_metrics(snapshot)
+
+
+def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
+    up = gauge("source_up", "1 if the source's last collection succeeded.", ["source"])
+    duration = gauge(
+        "collect_duration_seconds", "Duration of the source's last collection.", ["source"]
+    )
+    last_ok = gauge(
+        "last_success_timestamp_seconds", "Unix time of the source's last success.", ["source"]
+    )
+    errors = CounterMetricFamily(
+        PREFIX + "collect_errors", "Collection errors by source and reason.", labels=["source", "reason"]
+    )  # fmt: skip
+    for status in snap.sources:
+        up.add_metric([status.name], 1.0 if status.up else 0.0)
+        duration.add_metric([status.name], status.duration_seconds)
+        if status.last_success_timestamp is not None:
+            last_ok.add_metric([status.name], status.last_success_timestamp)
+        for reason, count in sorted(status.errors_total.items()):
+            errors.add_metric([status.name, reason], count)
+    targets = gauge("target_up", "1 if the engine's last scrape succeeded.", ["engine"])
+    for engine, is_up in sorted(snap.targets_up.items()):
+        targets.add_metric([engine], 1.0 if is_up else 0.0)
+    cycle = gauge("cycle_duration_seconds", "Wall time of the agent's last collection cycle.", [])
+    cycle.add_metric([], snap.cycle_duration_seconds)
+    yield from (up, duration, last_ok, errors, targets, cycle)
+
+
+def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
+    labels = ["gpu", "engine"]
+    info = gauge(
+        "gpu_info",
+        "GPU identity; value is always 1.",
+        ["gpu", "uuid", "name", "driver_version", "engine"],
+    )
+    up = gauge("gpu_up", "1 if NVML could read the GPU, 0 if it is lost.", labels)
+    util = gauge("gpu_utilization_ratio", "GPU utilization, 0-1.", labels)
+    used = gauge(
+        "gpu_memory_used_bytes", "GPU memory in use, bytes (NVML v2: excludes reserved).", labels
+    )
+    total = gauge("gpu_memory_total_bytes", "GPU memory, bytes.", labels)
+    ratio = gauge(
+        "gpu_memory_used_ratio", "GPU memory in use / total, 0-1 (> 0.95 leaves no room).", labels
+    )
+    temp = gauge("gpu_temperature_celsius", "GPU temperature.", labels)
+    power = gauge("gpu_power_watts", "GPU power draw.", labels)
+    for view in snap.gpus:
+        g = view.sample
+        key = [str(g.index), view.engine or ""]
+        info.add_metric(
+            [str(g.index), g.uuid, g.name, snap.driver_version or "", view.engine or ""], 1
+        )
+        up.add_metric(key, 1.0 if g.up else 0.0)
+        for family, value in (
+            (util, g.utilization_ratio),
+            (used, g.memory_used_bytes),
+            (total, g.memory_total_bytes),
+            (ratio, view.memory_used_ratio),
+            (temp, g.temperature_celsius),
+            (power, g.power_watts),
+        ):
+            if value is not None:
+                family.add_metric(key, value)
+    xid = CounterMetricFamily(
+        PREFIX + "gpu_xid_errors", "Xid errors seen since the agent started.", labels=["gpu", "xid"]
+    )
+    for (index, code), count in sorted(snap.xid_totals.items()):
+        xid.add_metric([str(index), str(code)], count)
+    spread = gauge(
+        "engine_gpu_utilization_spread_ratio",
+        "max - min GPU utilization across one engine's GPUs (a hot expert makes one GPU hot).",
+        ["engine"],
+    )
+    for engine, value in sorted(snap.engine_gpu_spread.items()):
+        spread.add_metric([engine], value)
+    node = gauge(
+        "node_gpu_utilization_spread_ratio", "max - min GPU utilization across the node.", []
+    )
+    if snap.node_gpu_spread is not None:
+        node.add_metric([], snap.node_gpu_spread)
+    yield from (info, up, util, used, total, ratio, temp, power, xid, spread, node)  # fmt: skip
+
+
+def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
+    info = gauge(
+        "engine_info",
+        "Serving engine identity; value is always 1.",
+        ["engine", "model", "kind", "version"],
+    )
+    max_len = gauge("engine_max_model_len_tokens", "The engine's max_model_len.", ENGINE_LABELS)
+    families = {attr: gauge(name, doc, ENGINE_LABELS) for name, attr, doc in ENGINE_GAUGES}
+    latency = gauge(
+        "latency_seconds",
+        "Request latency quantiles over the window, from histogram bucket deltas "
+        "(kind: e2e, ttft, itl, queue).",
+        [*ENGINE_LABELS, "kind", "quantile"],
+    )
+    for view in snap.engines:
+        key = [view.engine, view.model]
+        info.add_metric([*key, view.kind, view.version], 1)
+        if view.max_model_len is not None:
+            max_len.add_metric(key, view.max_model_len)
+        for attr, family in families.items():
+            value = getattr(view.signals, attr)
+            if value is not None:
+                family.add_metric(key, value)
+        for (kind, q), seconds in sorted(view.signals.latency_seconds.items()):
+            latency.add_metric([*key, kind, f"{q:g}"], seconds)
+    yield info
+    yield max_len
+    yield from families.values()
+    yield latency
+
+
+def build_registry(get_snapshot: Callable[[], Snapshot | None]) -> CollectorRegistry:
+    """A fresh registry holding only the snapshot collector (no process/platform collectors)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(get_snapshot))
+    return registry

@@ -1,0 +1,69 @@
+"""The agent's HTTP endpoints: /metrics, /healthz, /readyz, /status.
+
+A scrape only formats the latest Snapshot: it never triggers collection, and no failure of a
+source can turn it into a 500 (a rendering bug serves the last good body instead).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+from moe_watch.exporter import build_registry
+from moe_watch.snapshot import Snapshot
+
+log = structlog.get_logger("moe_watch.server")
+
+
+def make_app(get_snapshot: Callable[[], Snapshot | None]) -> web.Application:
+    registry = build_registry(get_snapshot)
+    last_good: dict[str, tuple[bytes, str]] = {}
+
+    async def metrics(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        try:
+            body = encoder(registry)
+            last_good[content_type] = (body, content_type)
+        except Exception:  # never answer a scrape with 500: serve what we last rendered
+            log.exception("rendering /metrics failed; serving the last good body")
+            body, content_type = last_good.get(content_type, (b"", content_type))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        if get_snapshot() is None:
+            return web.Response(status=503, text="waiting for the first collection cycle\n")
+        return web.Response(text="ready\n")
+
+    async def status(request: web.Request) -> web.Response:
+        snapshot = get_snapshot()
+        payload = snapshot.to_status() if snapshot else {"ready": False}
+        return web.json_response(payload, dumps=lambda obj: json.dumps(obj, indent=2))
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Start serving; returns the runner (for cleanup) and the URL actually bound."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server  # the bound port, when port 0 asked for any free one
+    sockets = getattr(server, "sockets", None) or []
+    bound_port = sockets[0].getsockname()[1] if sockets else port
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return runner, f"http://{shown}:{bound_port}"

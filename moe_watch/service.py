@@ -1,0 +1,54 @@
+"""Run the agent and its HTTP server together until asked to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from moe_watch.agent import Agent
+from moe_watch.config import Settings
+from moe_watch.server import make_app, start_server
+
+log = structlog.get_logger("moe_watch.service")
+
+
+class ListenError(Exception):
+    """The HTTP server could not bind its address."""
+
+
+async def serve(
+    settings: Settings,
+    *,
+    stop: asyncio.Event,
+    nvml: Any | None = None,
+    on_started: Callable[[str, Agent], Awaitable[None]] | None = None,
+) -> None:
+    """Collect every interval and serve /metrics until ``stop`` is set."""
+    async with Agent(settings, nvml=nvml) as agent:
+        app = make_app(lambda: agent.snapshot)
+        try:
+            runner, url = await start_server(app, settings.listen_host, settings.listen_port)
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {settings.listen}: {exc.strerror or exc}"
+            ) from None
+        log.info("serving", url=url + "/metrics")
+        try:
+            if on_started is not None:
+                await on_started(url, agent)
+            await agent.run_forever(stop)
+        finally:
+            await runner.cleanup()
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM (kubelet) and SIGINT (Ctrl-C) end the loop cleanly."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,94 @@
+"""The immutable result of one agent cycle: what /metrics and /status render.
+
+The agent swaps in a new Snapshot at the end of each cycle; readers (the exporter, the HTTP
+handlers) only ever see a complete one, so a scrape never waits for or triggers collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_watch.runner import SourceStatus
+from moe_watch.samples import GpuSample
+from moe_watch.signals.engine import EngineSignals
+
+
+@dataclass(frozen=True, slots=True)
+class EngineView:
+    """One (engine, model) as of the last successful scrape in this cycle."""
+
+    engine: str
+    model: str
+    kind: str
+    version: str
+    signals: EngineSignals
+    max_model_len: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuView:
+    sample: GpuSample
+    engine: str | None
+    memory_used_ratio: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    timestamp: float
+    cycle: int
+    cycle_duration_seconds: float
+    sources: tuple[SourceStatus, ...]
+    targets_up: Mapping[str, bool]
+    engines: tuple[EngineView, ...] = ()
+    gpus: tuple[GpuView, ...] = ()
+    driver_version: str | None = None
+    xid_totals: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    engine_gpu_spread: Mapping[str, float] = field(default_factory=dict)
+    node_gpu_spread: float | None = None
+    # Settings engines publish about themselves (vLLM cache_config_info, ...), by engine.
+    engine_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def to_status(self) -> dict[str, Any]:
+        """JSON-friendly summary for /status: what a human at 3 a.m. wants first."""
+        return {
+            "timestamp": self.timestamp,
+            "cycle": self.cycle,
+            "cycle_duration_seconds": round(self.cycle_duration_seconds, 6),
+            "sources": [
+                {
+                    "source": status.name,
+                    "up": status.up,
+                    "last_success_timestamp": status.last_success_timestamp,
+                    "last_error": status.last_error,
+                    "errors_total": dict(status.errors_total),
+                }
+                for status in self.sources
+            ],
+            "targets_up": dict(self.targets_up),
+            "engines": [
+                {
+                    "engine": view.engine,
+                    "model": view.model,
+                    "kind": view.kind,
+                    "version": view.version,
+                    "max_model_len": view.max_model_len,
+                    "settings": dict(self.engine_settings.get(view.engine, {})),
+                }
+                for view in self.engines
+            ],
+            "gpus": [
+                {
+                    "gpu": view.sample.index,
+                    "uuid": view.sample.uuid,
+                    "name": view.sample.name,
+                    "up": view.sample.up,
+                    "engine": view.engine,
+                    "utilization_ratio": view.sample.utilization_ratio,
+                    "memory_used_ratio": view.memory_used_ratio,
+                    "pids": list(view.sample.pids),
+                }
+                for view in self.gpus
+            ],
+        }

@@ -1,0 +1,200 @@
+"""The agent end to end over real HTTP: real captures, dead and hanging targets, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
+from structlog.testing import capture_logs
+
+from moe_watch.agent import Agent
+from moe_watch.config import load_settings
+from moe_watch.exporter import build_registry
+from moe_watch.snapshot import Snapshot
+from tests.conftest import EngineStub, free_port, read_capture
+
+
+class Clock:
+    """A wall clock the test moves by hand, so windowed rates have exact expected values."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def exposition(snapshot: Snapshot) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Render the snapshot exactly as /metrics would and index the samples by name and labels."""
+    from prometheus_client import generate_latest
+
+    registry: CollectorRegistry = build_registry(lambda: snapshot)
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return metrics[(name, frozenset(labels.items()))]
+
+
+async def test_a_dead_target_is_isolated_counted_and_exported_as_down(
+    engine_stub: EngineStub,
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = load_settings(None, targets=[f"live={engine_stub.url}", f"dead={dead}"], nvml="off")
+    async with Agent(config) as agent:
+        snap = await agent.run_cycle()
+    assert dict(snap.targets_up) == {"live": True, "dead": False}
+    assert [view.engine for view in snap.engines] == ["live"]
+    metrics = exposition(snap)
+    assert value(metrics, "moe_watch_target_up", engine="live") == 1.0
+    assert value(metrics, "moe_watch_target_up", engine="dead") == 0.0
+    assert (
+        value(metrics, "moe_watch_collect_errors_total", source="engine:dead", reason="connect")
+        == 1.0
+    )
+    assert value(metrics, "moe_watch_source_up", source="engine:dead") == 0.0
+    assert value(metrics, "moe_watch_requests_running", engine="live", model="tiny-mixtral") == 0.0
+    assert (
+        value(metrics, "moe_watch_engine_max_model_len_tokens", engine="live", model="tiny-mixtral")
+        == 1024.0
+    )
+    # a failed target exports no stale engine series, only target_up 0
+    assert not any(
+        dict(labels).get("engine") == "dead"
+        for name, labels in metrics
+        if name != "moe_watch_target_up"
+    )
+
+
+async def test_counter_reset_on_engine_restart_gives_the_traffic_after_it_not_a_negative_rate(
+    engine_stub: EngineStub,
+) -> None:
+    clock = Clock()
+    config = load_settings(None, targets=[f"e={engine_stub.url}"], nvml="off")
+    async with Agent(config, clock=clock) as agent:
+        for state in ("after-load", "fresh", "after-5-requests"):  # 19280 -> 0 -> 80 tokens
+            engine_stub.serve(read_capture(state))
+            snap = await agent.run_cycle()
+            clock.now += 10.0
+    signals = snap.engines[0].signals
+    # increase = 0 (reset to 0) + 80 tokens over the 20 s window; 5 requests finished after it
+    assert signals.generation_tokens_per_second == pytest.approx(80 / 20)
+    assert signals.requests_per_second == pytest.approx(5 / 20)
+    assert all(
+        (getattr(signals, field) or 0.0) >= 0.0
+        for field in ("preemptions_per_second", "prompt_tokens_per_second")
+    )
+
+
+async def test_quantiles_come_from_the_window_and_an_empty_window_exports_none(
+    engine_stub: EngineStub,
+) -> None:
+    clock = Clock()
+    config = load_settings(None, targets=[f"e={engine_stub.url}"], nvml="off", window_seconds=60)
+    async with Agent(config, clock=clock) as agent:
+        engine_stub.serve(read_capture("fresh"))
+        first = await agent.run_cycle()
+        clock.now += 5
+        engine_stub.serve(read_capture("after-load"))
+        loaded = await agent.run_cycle()
+        clock.now += 120  # the load leaves the 60 s window; nothing new happened since
+        idle = await agent.run_cycle()
+    assert first.engines[0].signals.latency_seconds == {}
+    e2e_p95 = loaded.engines[0].signals.latency_seconds[("e2e", 0.95)]
+    assert 0.0 < e2e_p95 < 60.0
+    assert idle.engines[0].signals.latency_seconds == {}
+    metrics = exposition(idle)
+    assert not any(name == "moe_watch_latency_seconds" for name, _ in metrics)
+
+
+async def test_a_hanging_target_times_out_without_holding_up_the_others(
+    engine_stub: EngineStub,
+) -> None:
+    hanging = await EngineStub(read_capture("busy")).start()
+    hanging.hang = True
+    try:
+        config = load_settings(
+            None,
+            targets=[f"ok={engine_stub.url}", f"stuck={hanging.url}"],
+            nvml="off",
+            scrape_timeout_seconds=0.3,
+        )
+        async with Agent(config) as agent:
+            snap = await asyncio.wait_for(agent.run_cycle(), timeout=5)
+    finally:
+        await hanging.stop()
+    assert dict(snap.targets_up) == {"ok": True, "stuck": False}
+    stuck = next(s for s in snap.sources if s.name == "engine:stuck")
+    assert stuck.errors_total == {"timeout": 1}
+    assert "0.3s" in (stuck.last_error or "")
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"vllm:num_requests_running{engine=0 garbage\n", "parse"),
+        (b"\xff\xfe not utf-8 at all", "encoding"),
+        (b"# HELP nothing here\n", "no_engine_metrics"),
+    ],
+)
+async def test_bad_expositions_are_counted_by_reason_and_logged_once(
+    engine_stub: EngineStub, body: bytes, reason: str
+) -> None:
+    config = load_settings(None, targets=[f"e={engine_stub.url}"], nvml="off")
+    async with Agent(config) as agent:
+        await agent.run_cycle()  # healthy first
+        engine_stub.serve(body)
+        with capture_logs() as logs:
+            for _ in range(3):
+                snap = await agent.run_cycle()
+        engine_stub.serve(read_capture("after-load"))
+        with capture_logs() as recovery:
+            healthy = await agent.run_cycle()
+    status = next(s for s in snap.sources if s.name == "engine:e")
+    assert status.errors_total == {reason: 3}
+    assert snap.targets_up["e"] is False
+    assert [entry["event"] for entry in logs] == ["source down"]
+    assert logs[0]["reason"] == reason
+    assert [entry["event"] for entry in recovery] == ["source up"]
+    assert healthy.targets_up["e"] is True
+
+
+async def test_a_50_mb_body_is_refused_at_the_cap_and_the_agent_keeps_serving(
+    engine_stub: EngineStub,
+) -> None:
+    engine_stub.serve(b"# " + b"x" * (50 * 1024 * 1024) + b"\n")
+    config = load_settings(
+        None, targets=[f"e={engine_stub.url}"], nvml="off", max_body_bytes=1024 * 1024
+    )
+    async with Agent(config) as agent:
+        snap = await agent.run_cycle()
+    status = next(s for s in snap.sources if s.name == "engine:e")
+    assert status.errors_total == {"body_too_large": 1}
+    assert exposition(snap)[("moe_watch_target_up", frozenset({("engine", "e")}))] == 0.0
+
+
+async def test_run_forever_cycles_on_schedule_until_stopped(engine_stub: EngineStub) -> None:
+    config = load_settings(
+        None, targets=[f"e={engine_stub.url}"], nvml="off", interval_seconds=0.05
+    )
+    stop = asyncio.Event()
+    async with Agent(config) as agent:
+        task = asyncio.create_task(agent.run_forever(stop))
+        await asyncio.wait_for(agent.first_cycle_done.wait(), timeout=5)
+        for _ in range(200):  # bounded: wait for a few more cycles on the schedule
+            if agent.snapshot is not None and agent.snapshot.cycle >= 3:
+                break
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+    assert agent.snapshot is not None
+    assert agent.snapshot.cycle >= 3

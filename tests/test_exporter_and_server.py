@@ -1,0 +1,206 @@
+"""The exporter renders a Snapshot to the metric contract; the server never answers 500."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from moe_watch.exporter import build_registry
+from moe_watch.runner import SourceStatus
+from moe_watch.samples import GpuSample
+from moe_watch.server import make_app, start_server
+from moe_watch.signals.engine import EngineSignals
+from moe_watch.snapshot import EngineView, GpuView, Snapshot
+
+GIB = 1024**3
+
+
+def snapshot() -> Snapshot:
+    hot = GpuSample(
+        0, "GPU-aaaa", "NVIDIA H100 80GB HBM3", True, 0.95, 72 * GIB, 80 * GIB, 71.0, 610.5, (4242,)
+    )
+    lost = GpuSample(1, "GPU-bbbb", "NVIDIA H100 80GB HBM3", False)
+    signals = EngineSignals(
+        requests_running=8,
+        requests_waiting=52,
+        kv_cache_usage_ratio=0.97,
+        kv_cache_hit_ratio=0.25,
+        kv_cache_free_tokens=300.0,
+        kv_cache_capacity_tokens=10_000.0,
+        preemptions_per_second=0.5,
+        generation_tokens_per_second=120.0,
+        latency_seconds={("e2e", 0.95): 31.5, ("ttft", 0.5): 0.25},
+    )
+    return Snapshot(
+        timestamp=1_700_000_000.0,
+        cycle=7,
+        cycle_duration_seconds=0.012,
+        sources=(
+            SourceStatus("nvml", True, 0.004, 1_700_000_000.0, {"gpu_lost": 3}, None),
+            SourceStatus("engine:mixtral-0", True, 0.008, 1_700_000_000.0, {}, None),
+        ),
+        targets_up={"mixtral-0": True},
+        engines=(EngineView("mixtral-0", "mixtral-8x7b", "vllm", "0.32.0", signals, 32768),),
+        gpus=(GpuView(hot, "mixtral-0", 0.9), GpuView(lost, "mixtral-0", None)),
+        driver_version="570.133.20",
+        xid_totals={(1, 79): 2},
+        engine_gpu_spread={"mixtral-0": 0.65},
+        node_gpu_spread=0.65,
+    )
+
+
+def render(
+    get: Callable[[], Snapshot | None],
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = generate_latest(build_registry(get)).decode()
+    samples: list[Sample] = [
+        s for family in text_string_to_metric_families(text) for s in family.samples
+    ]
+    return {(s.name, frozenset(s.labels.items())): s.value for s in samples}
+
+
+def test_every_contract_family_of_the_agent_core_is_rendered_with_its_values() -> None:
+    m = render(snapshot)
+    engine = {("engine", "mixtral-0"), ("model", "mixtral-8x7b")}
+
+    def at(name: str, *extra: tuple[str, str]) -> float:
+        return m[("moe_watch_" + name, frozenset(engine | set(extra)))]
+
+    assert at("requests_waiting") == 52
+    assert at("kv_cache_usage_ratio") == 0.97
+    assert at("kv_cache_hit_ratio") == 0.25
+    assert at("kv_cache_free_tokens") == 300
+    assert at("preemptions_per_second") == 0.5
+    assert at("generation_tokens_per_second") == 120
+    assert at("latency_seconds", ("kind", "e2e"), ("quantile", "0.95")) == 31.5
+    assert at("latency_seconds", ("kind", "ttft"), ("quantile", "0.5")) == 0.25
+    assert at("engine_max_model_len_tokens") == 32768
+    assert at("engine_info", ("kind", "vllm"), ("version", "0.32.0")) == 1
+    gpu0 = {("gpu", "0"), ("engine", "mixtral-0")}
+    assert m[("moe_watch_gpu_utilization_ratio", frozenset(gpu0))] == 0.95
+    assert m[("moe_watch_gpu_memory_used_bytes", frozenset(gpu0))] == 72 * GIB
+    assert m[("moe_watch_gpu_memory_used_ratio", frozenset(gpu0))] == 0.9
+    assert m[("moe_watch_gpu_power_watts", frozenset(gpu0))] == 610.5
+    assert m[("moe_watch_gpu_up", frozenset({("gpu", "1"), ("engine", "mixtral-0")}))] == 0
+    assert m[("moe_watch_gpu_xid_errors_total", frozenset({("gpu", "1"), ("xid", "79")}))] == 2
+    assert (
+        m[("moe_watch_engine_gpu_utilization_spread_ratio", frozenset({("engine", "mixtral-0")}))]
+        == 0.65
+    )
+    assert (
+        m[
+            (
+                "moe_watch_collect_errors_total",
+                frozenset({("source", "nvml"), ("reason", "gpu_lost")}),
+            )
+        ]
+        == 3
+    )
+    assert m[("moe_watch_target_up", frozenset({("engine", "mixtral-0")}))] == 1
+    info = next(
+        labels for name, labels in m if name == "moe_watch_gpu_info" and ("gpu", "0") in labels
+    )
+    assert dict(info)["driver_version"] == "570.133.20"
+    assert dict(info)["uuid"] == "GPU-aaaa"
+
+
+def test_unknown_values_are_absent_not_zero() -> None:
+    m = render(snapshot)
+    lost = frozenset({("gpu", "1"), ("engine", "mixtral-0")})
+    assert ("moe_watch_gpu_utilization_ratio", lost) not in m
+    assert ("moe_watch_gpu_memory_used_ratio", lost) not in m
+    assert not any(name == "moe_watch_prompt_tokens_per_second" for name, _ in m)
+
+
+def test_before_the_first_cycle_only_build_info_is_served() -> None:
+    m = render(lambda: None)
+    assert {name for name, _ in m} == {"moe_watch_build_info"}
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[str, dict[str, Snapshot | Exception | None]]]:
+    state: dict[str, Snapshot | Exception | None] = {"snapshot": None}
+
+    def get() -> Snapshot | None:
+        current = state["snapshot"]
+        if isinstance(current, Exception):
+            raise current
+        return current
+
+    runner, url = await start_server(make_app(get), "127.0.0.1", 0)
+    yield url, state
+    await runner.cleanup()
+
+
+async def test_readyz_waits_for_the_first_snapshot_and_healthz_is_always_ok(
+    served: tuple[str, dict[str, Snapshot | Exception | None]],
+) -> None:
+    url, state = served
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url + "/readyz") as before:
+            assert before.status == 503
+        async with client.get(url + "/healthz") as alive:
+            assert alive.status == 200
+        state["snapshot"] = snapshot()
+        async with client.get(url + "/readyz") as after:
+            assert after.status == 200
+        async with client.get(url + "/status") as status:
+            body = await status.json()
+    assert body["cycle"] == 7
+    assert body["gpus"][1] == {
+        "gpu": 1,
+        "uuid": "GPU-bbbb",
+        "name": "NVIDIA H100 80GB HBM3",
+        "up": False,
+        "engine": "mixtral-0",
+        "utilization_ratio": None,
+        "memory_used_ratio": None,
+        "pids": [],
+    }
+
+
+async def test_a_rendering_failure_serves_the_last_good_body_never_500(
+    served: tuple[str, dict[str, Snapshot | Exception | None]],
+) -> None:
+    url, state = served
+    state["snapshot"] = snapshot()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url + "/metrics") as good:
+            good_body = await good.text()
+        state["snapshot"] = RuntimeError("a bug while rendering")
+        async with client.get(url + "/metrics") as failed:
+            assert failed.status == 200
+            assert await failed.text() == good_body
+    assert "moe_watch_gpu_up" in good_body
+
+
+async def test_openmetrics_is_negotiated_by_accept_header(
+    served: tuple[str, dict[str, Snapshot | Exception | None]],
+) -> None:
+    url, state = served
+    state["snapshot"] = snapshot()
+    accept = "application/openmetrics-text;version=1.0.0"
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(url + "/metrics", headers={"Accept": accept}) as response,
+    ):
+        body = await response.text()
+        content_type = response.headers["Content-Type"]
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.rstrip().endswith("# EOF")
+    assert math.isclose(
+        float(
+            next(
+                line
+                for line in body.splitlines()
+                if line.startswith("moe_watch_cycle_duration_seconds ")
+            ).split()[1]
+        ),
+        0.012,
+    )
