@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -13,12 +14,15 @@ import structlog
 
 from moe_watch.config import Settings, TargetConfig
 from moe_watch.runner import SourceRunner
-from moe_watch.samples import EngineScrape, GpuReading, ModelSample
+from moe_watch.samples import EngineScrape, EplbBalance, ExpertCounts, GpuReading, ModelSample
 from moe_watch.signals.engine import derive_engine_signals
+from moe_watch.signals.experts import derive_expert_signals
 from moe_watch.signals.gpu import memory_used_ratio, utilization_spread
 from moe_watch.signals.window import SlidingWindow
-from moe_watch.snapshot import EngineView, GpuView, Snapshot
+from moe_watch.snapshot import EngineExperts, EngineView, GpuView, Snapshot
+from moe_watch.sources.base import Source
 from moe_watch.sources.engine import EngineSource
+from moe_watch.sources.eplb_log import EplbLogSource
 
 log = structlog.get_logger("moe_watch.agent")
 
@@ -39,7 +43,10 @@ class Agent:
         self._session: aiohttp.ClientSession | None = None
         self._engine_runners: list[tuple[TargetConfig, SourceRunner[EngineScrape]]] = []
         self._nvml_runner: SourceRunner[GpuReading] | None = None
+        self._expert_runners: list[SourceRunner[ExpertCounts]] = []
+        self._eplb_runners: list[SourceRunner[EplbBalance]] = []
         self._windows: dict[tuple[str, str], SlidingWindow[ModelSample]] = {}
+        self._expert_windows: dict[str, SlidingWindow[ExpertCounts]] = {}
         self._snapshot: Snapshot | None = None
         self._cycle = 0
         self.first_cycle_done = asyncio.Event()
@@ -69,6 +76,27 @@ class Agent:
                 log_fields={"engine": target.name},
             )
             self._engine_runners.append((target, runner))
+            fields = {"engine": target.name}
+            if target.experts is not None:
+                experts = self._expert_source(target, self._session)
+                self._expert_runners.append(
+                    SourceRunner(
+                        experts,
+                        timeout_seconds=s.scrape_timeout_seconds * 3,
+                        clock=self._clock,
+                        log_fields=fields,
+                    )
+                )
+            if target.eplb_log is not None:
+                eplb = EplbLogSource(target.name, target.eplb_log)
+                self._eplb_runners.append(
+                    SourceRunner(
+                        eplb,
+                        timeout_seconds=s.scrape_timeout_seconds,
+                        clock=self._clock,
+                        log_fields=fields,
+                    )
+                )
         if s.nvml != "off":
             from moe_watch.sources.nvml import NvmlSource  # pynvml only where GPUs are read
 
@@ -85,22 +113,56 @@ class Agent:
         )
         return self
 
+    def _expert_source(
+        self, target: TargetConfig, session: aiohttp.ClientSession
+    ) -> Source[ExpertCounts]:
+        config = target.experts
+        assert config is not None
+        if config.source == "sglang":
+            from moe_watch.sources.expert_sglang import SGLangExpertSource
+
+            return SGLangExpertSource(
+                target.name,
+                target.url,
+                config.directory,
+                session,
+                top_k=config.top_k or 1,
+                num_experts=config.num_experts,
+                ep_size=config.ep_size,
+                timeout_seconds=self.settings.scrape_timeout_seconds,
+                clock=self._clock,
+            )
+        from moe_watch.sources.expert_plugin import PluginExpertSource
+
+        return PluginExpertSource(target.name, config.directory, clock=self._clock)
+
     async def __aexit__(self, *exc: object) -> None:
-        for _, runner in self._engine_runners:
+        for runner in self._runners():
             await runner.source.close()
-        if self._nvml_runner is not None:
-            await self._nvml_runner.source.close()
         if self._session is not None:
             await self._session.close()
 
     async def run_cycle(self) -> Snapshot:
         """Collect all sources once (concurrently) and publish a new Snapshot."""
         started = time.perf_counter()
-        engine_task = asyncio.gather(*(runner.run() for _, runner in self._engine_runners))
-        nvml_task = self._nvml_runner.run() if self._nvml_runner else _none()
-        scrapes, reading = await asyncio.gather(engine_task, nvml_task)
+        scrapes, reading, counts, balances = await asyncio.gather(
+            asyncio.gather(*(runner.run() for _, runner in self._engine_runners)),
+            self._nvml_runner.run() if self._nvml_runner else _none(),
+            asyncio.gather(*(runner.run() for runner in self._expert_runners)),
+            asyncio.gather(*(runner.run() for runner in self._eplb_runners)),
+        )
         now = self._clock()
         snapshot = self._build_snapshot(now, list(scrapes), reading, started)
+        snapshot = replace(
+            snapshot,
+            experts=self._expert_views(now, counts),
+            eplb_balancedness={
+                (balance.engine, model): value
+                for balance in balances
+                if balance is not None
+                for model, value in balance.balancedness.items()
+            },
+        )
         self._snapshot = snapshot
         self.first_cycle_done.set()
         return snapshot
@@ -176,6 +238,28 @@ class Agent:
                 max_model_len=scrape.max_model_len,
             )
 
+    def _expert_views(
+        self, now: float, counts: list[ExpertCounts | None]
+    ) -> tuple[EngineExperts, ...]:
+        for item in counts:
+            if item is None:
+                continue  # the window keeps what it had; it expires like the engine windows
+            window = self._expert_windows.setdefault(
+                item.engine, SlidingWindow(self.settings.window_seconds)
+            )
+            window.append(now, item)
+        views = []
+        for engine, window in self._expert_windows.items():
+            window.expire(now)
+            latest = window.latest()
+            if latest is None:
+                continue
+            signals = derive_expert_signals(
+                [c for _, c in window], top_n=self.settings.expert_top_n
+            )
+            views.append(EngineExperts(engine=engine, latest=latest, signals=signals))
+        return tuple(views)
+
     def _gpu_views(self, reading: GpuReading | None) -> list[GpuView]:
         if reading is None:
             return []
@@ -198,6 +282,8 @@ class Agent:
 
     def _runners(self) -> list[SourceRunner[Any]]:
         runners: list[SourceRunner[Any]] = [r for _, r in self._engine_runners]
+        runners += self._expert_runners
+        runners += self._eplb_runners
         if self._nvml_runner is not None:
             runners.insert(0, self._nvml_runner)
         return runners

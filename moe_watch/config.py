@@ -11,7 +11,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -28,6 +35,26 @@ class ConfigError(Exception):
     """A setting is missing or invalid. ``str()`` is one line meant for a human."""
 
 
+class ExpertsConfig(BaseModel):
+    """Where one engine's per-expert routed-token counts come from (docs/experts.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # plugin: files the moe-watch vLLM plugin writes (MOE_WATCH_EXPERTS_DIR of the engine);
+    # sglang: dumps of SGLang's expert-distribution recorder (SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR).
+    source: Literal["plugin", "sglang"] = "plugin"
+    directory: Path
+    top_k: int | None = Field(default=None, ge=1, description="experts per token (sglang only)")
+    num_experts: int | None = Field(default=None, ge=1)
+    ep_size: int = Field(default=1, ge=1, description="expert-parallel ranks (sglang only)")
+
+    @model_validator(mode="after")
+    def _sglang_needs_top_k(self) -> ExpertsConfig:
+        if self.source == "sglang" and self.top_k is None:
+            raise ValueError("top_k is required for source sglang (its dumps do not carry it)")
+        return self
+
+
 class TargetConfig(BaseModel):
     """One serving engine to scrape."""
 
@@ -40,6 +67,9 @@ class TargetConfig(BaseModel):
     # GPUs this engine runs on (NVML indices). Unset: every GPU on the node when there is one
     # target; with several targets, GPUs nobody declares carry an empty `engine` label.
     gpus: tuple[int, ...] | None = None
+    experts: ExpertsConfig | None = None
+    # vLLM EPLB balancedness log lines (--enable-eplb with log_balancedness): a file to follow.
+    eplb_log: Path | None = None
 
     @field_validator("url")
     @classmethod
@@ -82,6 +112,11 @@ class Settings(BaseSettings):
     # auto: read GPUs through NVML; without a driver the nvml source reports down, the agent runs on.
     nvml: Literal["auto", "off"] = "auto"
     nvml_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Hot experts exported per engine (moe_watch_expert_hot_token_share), hottest first.
+    expert_top_n: int = Field(default=10, ge=0, le=100)
+    # Export every (layer, expert) counter (moe_watch_expert_tokens_total): 14,848 series for a
+    # DeepSeek-V3 replica. Off by default; /experts always has the full matrix as JSON.
+    expert_full_detail: bool = False
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -39,8 +39,11 @@ def gauge(name: str, documentation: str, labels: list[str]) -> GaugeMetricFamily
 class SnapshotCollector(Collector):
     """Yields metric families from whatever Snapshot ``get_snapshot`` returns right now."""
 
-    def __init__(self, get_snapshot: Callable[[], Snapshot | None]) -> None:
+    def __init__(
+        self, get_snapshot: Callable[[], Snapshot | None], *, expert_full_detail: bool = False
+    ) -> None:
         self._get_snapshot = get_snapshot
+        self._full_detail = expert_full_detail
 
     def collect(self) -> Iterator[Metric]:
         build = gauge("build_info", "moe-watch build; value is always 1.", ["version", "python"])
@@ -52,6 +55,7 @@ class SnapshotCollector(Collector):
         yield from _self_metrics(snapshot)
         yield from _gpu_metrics(snapshot)
         yield from _engine_metrics(snapshot)
+        yield from _expert_metrics(snapshot, full_detail=self._full_detail)
 
 
 def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
@@ -166,8 +170,83 @@ def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
     yield latency
 
 
-def build_registry(get_snapshot: Callable[[], Snapshot | None]) -> CollectorRegistry:
+def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
+    """Per-layer skew and top-N hot experts by default: <= ~250 series for a DeepSeek-V3 engine."""
+    layer_labels = ["engine", "layer"]
+    skew = gauge(
+        "expert_skew_ratio",
+        "max/mean - 1 of tokens per expert in the layer over the window (0.5 = 50 % skew).",
+        layer_labels,
+    )
+    balance = gauge(
+        "expert_balancedness_ratio",
+        "mean/max of tokens per expert in the layer over the window (1 = even).",
+        layer_labels,
+    )
+    share = gauge(
+        "expert_max_token_share",
+        "Fraction of the layer's tokens that visited its hottest expert (> 0.40 = collapse).",
+        layer_labels,
+    )
+    max_skew = gauge(
+        "expert_max_skew_ratio",
+        "The highest per-layer skew of the engine over the window.",
+        ["engine"],
+    )
+    collapsed = gauge(
+        "expert_collapsed_layers",
+        "Layers whose hottest expert took > 40 % of the tokens over the window.",
+        ["engine"],
+    )
+    hot = gauge(
+        "expert_hot_token_share",
+        "Token share of the engine's top-N hottest (layer, expert) pairs over the window.",
+        ["engine", "layer", "expert"],
+    )
+    rank = gauge(
+        "expert_rank_load_ratio",
+        "Tokens routed to the experts on an EP rank / the mean rank (1 = even).",
+        ["engine", "rank"],
+    )
+    eplb = gauge(
+        "expert_eplb_balancedness_ratio",
+        "vLLM EPLB balancedness (mean/max EP-rank load) from its log.",
+        ["engine", "model"],
+    )
+    tokens = CounterMetricFamily(
+        PREFIX + "expert_tokens",
+        "Token-to-expert assignments per (layer, expert) since the counters started (opt-in).",
+        labels=["engine", "layer", "expert"],
+    )
+    for view in snap.experts:
+        signals = view.signals
+        for layer in signals.layers:
+            key = [view.engine, str(layer.layer)]
+            skew.add_metric(key, layer.skew)
+            balance.add_metric(key, layer.balancedness)
+            share.add_metric(key, layer.max_share)
+        if signals.max_skew is not None:
+            max_skew.add_metric([view.engine], signals.max_skew)
+            collapsed.add_metric([view.engine], len(signals.collapsed_layers))
+        for item in signals.hot:
+            hot.add_metric([view.engine, str(item.layer), str(item.expert)], item.share)
+        for ep_rank, load in sorted(signals.rank_load.items()):
+            rank.add_metric([view.engine, str(ep_rank)], load)
+        if full_detail:
+            for layer_index, row in zip(view.latest.layers, view.latest.counts, strict=True):
+                for expert, count in enumerate(row):
+                    tokens.add_metric([view.engine, str(layer_index), str(expert)], count)
+    for (engine, model), value in sorted(snap.eplb_balancedness.items()):
+        eplb.add_metric([engine, model], value)
+    yield from (skew, balance, share, max_skew, collapsed, hot, rank, eplb)
+    if full_detail:
+        yield tokens
+
+
+def build_registry(
+    get_snapshot: Callable[[], Snapshot | None], *, expert_full_detail: bool = False
+) -> CollectorRegistry:
     """A fresh registry holding only the snapshot collector (no process/platform collectors)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(get_snapshot))
+    registry.register(SnapshotCollector(get_snapshot, expert_full_detail=expert_full_detail))
     return registry

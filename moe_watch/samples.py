@@ -103,3 +103,35 @@ class GpuReading:
     gpus: tuple[GpuSample, ...]
     # Cumulative Xid events seen since the agent started, keyed by (gpu index, xid code).
     xid_totals: Mapping[tuple[int, int], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertCounts:
+    """Cumulative tokens routed to each (MoE layer, logical expert) of one engine.
+
+    ``counts[i][e]`` counts token-to-expert assignments (a token routed top-k adds one to each of
+    its k experts) in MoE layer ``layers[i]`` since ``started``. A different ``started`` (or a
+    drop in the counts) means the counter set was reset: the engine or its plugin restarted.
+    """
+
+    engine: str
+    model: str
+    top_k: int
+    num_experts: int
+    layers: tuple[int, ...]
+    counts: tuple[tuple[float, ...], ...]
+    started: float = 0.0
+    # Expert parallelism: the EP rank each logical expert lives on; empty = no placement known
+    # (contiguous blocks of num_experts / ep_size experts per rank are assumed).
+    ep_size: int = 1
+    placement: tuple[int, ...] = ()
+    source: str = "plugin"  # plugin | sglang
+
+
+@dataclass(frozen=True, slots=True)
+class EplbBalance:
+    """The latest vLLM EPLB balancedness (mean / max EP-rank load, summed over layers) per model."""
+
+    engine: str
+    balancedness: Mapping[str, float]
+    lines_read: int = 0

@@ -14,13 +14,15 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from moe_watch.exporter import build_registry
-from moe_watch.snapshot import Snapshot
+from moe_watch.snapshot import Snapshot, experts_document
 
 log = structlog.get_logger("moe_watch.server")
 
 
-def make_app(get_snapshot: Callable[[], Snapshot | None]) -> web.Application:
-    registry = build_registry(get_snapshot)
+def make_app(
+    get_snapshot: Callable[[], Snapshot | None], *, expert_full_detail: bool = False
+) -> web.Application:
+    registry = build_registry(get_snapshot, expert_full_detail=expert_full_detail)
     last_good: dict[str, tuple[bytes, str]] = {}
 
     async def metrics(request: web.Request) -> web.Response:
@@ -46,11 +48,15 @@ def make_app(get_snapshot: Callable[[], Snapshot | None]) -> web.Application:
         payload = snapshot.to_status() if snapshot else {"ready": False}
         return web.json_response(payload, dumps=lambda obj: json.dumps(obj, indent=2))
 
+    async def experts(request: web.Request) -> web.Response:
+        return web.json_response(experts_document(get_snapshot()))
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
+    app.router.add_get("/experts", experts)
     return app
 
 

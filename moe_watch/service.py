@@ -30,7 +30,7 @@ async def serve(
 ) -> None:
     """Collect every interval and serve /metrics until ``stop`` is set."""
     async with Agent(settings, nvml=nvml) as agent:
-        app = make_app(lambda: agent.snapshot)
+        app = make_app(lambda: agent.snapshot, expert_full_detail=settings.expert_full_detail)
         try:
             runner, url = await start_server(app, settings.listen_host, settings.listen_port)
         except OSError as exc:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_watch.runner import SourceStatus
-from moe_watch.samples import GpuSample
+from moe_watch.samples import ExpertCounts, GpuSample
 from moe_watch.signals.engine import EngineSignals
+from moe_watch.signals.experts import ExpertSignals
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,15 @@ class EngineView:
     version: str
     signals: EngineSignals
     max_model_len: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineExperts:
+    """One engine's expert load: the latest cumulative counts and the windowed signals."""
+
+    engine: str
+    latest: ExpertCounts
+    signals: ExpertSignals
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +59,9 @@ class Snapshot:
     node_gpu_spread: float | None = None
     # Settings engines publish about themselves (vLLM cache_config_info, ...), by engine.
     engine_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    experts: tuple[EngineExperts, ...] = ()
+    # vLLM EPLB balancedness from its log, by (engine, model).
+    eplb_balancedness: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
     def to_status(self) -> dict[str, Any]:
         """JSON-friendly summary for /status: what a human at 3 a.m. wants first."""
@@ -92,3 +105,42 @@ class Snapshot:
                 for view in self.gpus
             ],
         }
+
+
+def experts_document(snapshot: Snapshot | None) -> dict[str, Any]:
+    """The full expert matrix for /experts: every (layer, expert), for heatmaps and humans."""
+    if snapshot is None:
+        return {"ready": False, "engines": []}
+    engines = []
+    for view in snapshot.experts:
+        counts, signals = view.latest, view.signals
+        engines.append(
+            {
+                "engine": view.engine,
+                "model": counts.model,
+                "source": counts.source,
+                "top_k": counts.top_k,
+                "num_experts": counts.num_experts,
+                "ep_size": counts.ep_size,
+                "layers": list(counts.layers),
+                "counts_total": [list(row) for row in counts.counts],
+                "counts_window": [list(row) for row in signals.window_counts],
+                "layer_stats": [
+                    {
+                        "layer": layer.layer,
+                        "tokens": layer.tokens,
+                        "skew": layer.skew,
+                        "balancedness": layer.balancedness,
+                        "max_token_share": layer.max_share,
+                        "hottest_expert": layer.hottest_expert,
+                    }
+                    for layer in signals.layers
+                ],
+                "hot": [
+                    {"layer": h.layer, "expert": h.expert, "token_share": h.share}
+                    for h in signals.hot
+                ],
+                "rank_load": {str(rank): load for rank, load in signals.rank_load.items()},
+            }
+        )
+    return {"timestamp": snapshot.timestamp, "engines": engines}

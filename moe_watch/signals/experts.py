@@ -1,0 +1,172 @@
+"""Expert-load signals over a window of cumulative per-(layer, expert) routed-token counts.
+
+Definitions (docs/experts.md), for one layer with window counts c_e over E experts, top-k routing:
+- skew          = max(c) / mean(c) - 1      0 = perfectly even; 0.5 = "50 % skew"
+- balancedness  = mean(c) / max(c)          what vLLM EPLB and SGLang report; = 1 / (1 + skew)
+- token share_e = c_e * k / sum(c)          fraction of the layer's tokens that visited e
+- collapse      = max token share > 0.40    one expert takes the layer
+- EP-rank load_r = sum of c over the experts on rank r / mean over ranks (1 = even)
+All functions are pure; None means "no traffic in the window", never a fake 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from moe_watch.samples import ExpertCounts
+
+COLLAPSE_SHARE = 0.40
+
+Matrix = tuple[tuple[float, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerLoad:
+    layer: int
+    tokens: float  # tokens through the layer in the window (assignments / top_k)
+    skew: float
+    balancedness: float
+    max_share: float
+    hottest_expert: int
+
+
+@dataclass(frozen=True, slots=True)
+class HotExpert:
+    layer: int
+    expert: int
+    share: float
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertSignals:
+    layers: tuple[LayerLoad, ...] = ()
+    hot: tuple[HotExpert, ...] = ()  # top-N (layer, expert) by token share, hottest first
+    rank_load: dict[int, float] = field(default_factory=dict)  # EP rank -> load ratio
+    window_counts: Matrix = ()  # [layer][expert] assignments in the window (for /experts)
+
+    @property
+    def max_skew(self) -> float | None:
+        return max((layer.skew for layer in self.layers), default=None)
+
+    @property
+    def collapsed_layers(self) -> tuple[int, ...]:
+        return tuple(layer.layer for layer in self.layers if layer.max_share > COLLAPSE_SHARE)
+
+
+def skew(counts: Sequence[float]) -> float | None:
+    total = sum(counts)
+    if not counts or total <= 0:
+        return None
+    return max(counts) / (total / len(counts)) - 1.0
+
+
+def balancedness(counts: Sequence[float]) -> float | None:
+    peak = max(counts, default=0.0)
+    if peak <= 0:
+        return None
+    return (sum(counts) / len(counts)) / peak
+
+
+def token_shares(counts: Sequence[float], top_k: int) -> list[float] | None:
+    """c_e * k / sum(c): the fraction of the layer's tokens that visited each expert."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    return [c * top_k / total for c in counts]
+
+
+def rank_loads(
+    per_expert: Sequence[float], ep_size: int, placement: Sequence[int] = ()
+) -> dict[int, float]:
+    """Load of each EP rank relative to the mean rank (1.0 = even). Contiguous placement by default."""
+    if ep_size < 1 or not per_expert:
+        return {}
+    if placement and len(placement) != len(per_expert):
+        raise ValueError(f"placement names {len(placement)} experts, counts have {len(per_expert)}")
+    per_rank = [0.0] * ep_size
+    block = -(-len(per_expert) // ep_size)  # ceil: vLLM gives the first ranks the extra expert
+    for expert, count in enumerate(per_expert):
+        rank = placement[expert] if placement else min(expert // block, ep_size - 1)
+        per_rank[rank] += count
+    mean = sum(per_rank) / ep_size
+    if mean <= 0:
+        return {}
+    return {rank: load / mean for rank, load in enumerate(per_rank)}
+
+
+def window_increase(window: Sequence[ExpertCounts]) -> Matrix:
+    """Assignments per (layer, expert) over the window, oldest first, reset-safe.
+
+    A reset (``started`` changed, the shape changed, or any layer's total went down) starts a new
+    segment; the first sample after a reset counts in full, like Prometheus' increase().
+    """
+    shape = (window[-1].layers, window[-1].num_experts)
+    total: list[list[float]] | None = None
+    previous: ExpertCounts | None = None
+    for current in window:
+        if (current.layers, current.num_experts) != shape:
+            total, previous = None, None  # another model was served: only the newest one counts
+            continue
+        if previous is not None:
+            reset = _was_reset(previous, current)
+            step = current.counts if reset else _subtract(current.counts, previous.counts)
+            total = [list(row) for row in step] if total is None else _add(total, step)
+        previous = current
+    return tuple(tuple(row) for row in total) if total is not None else ()
+
+
+def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 10) -> ExpertSignals:
+    if not window:
+        return ExpertSignals()
+    latest = window[-1]
+    delta = window_increase(window)
+    if not delta:
+        return ExpertSignals()
+    layers: list[LayerLoad] = []
+    hot: list[HotExpert] = []
+    per_expert = [0.0] * latest.num_experts
+    for layer, row in zip(latest.layers, delta, strict=True):
+        shares = token_shares(row, latest.top_k)
+        layer_skew, layer_balance = skew(row), balancedness(row)
+        if shares is None or layer_skew is None or layer_balance is None:
+            continue
+        hottest = max(range(len(row)), key=row.__getitem__)
+        layers.append(
+            LayerLoad(
+                layer, sum(row) / latest.top_k, layer_skew, layer_balance, shares[hottest], hottest
+            )
+        )
+        hot.extend(HotExpert(layer, e, share) for e, share in enumerate(shares))
+        for e, count in enumerate(row):
+            per_expert[e] += count
+    hot.sort(key=lambda h: (-h.share, h.layer, h.expert))
+    return ExpertSignals(
+        layers=tuple(layers),
+        hot=tuple(hot[:top_n]),
+        rank_load=rank_loads(per_expert, latest.ep_size, latest.placement)
+        if latest.ep_size > 1
+        else {},
+        window_counts=delta,
+    )
+
+
+def _was_reset(previous: ExpertCounts, current: ExpertCounts) -> bool:
+    if current.started != previous.started:
+        return True
+    return any(
+        sum(now) < sum(before) for now, before in zip(current.counts, previous.counts, strict=True)
+    )
+
+
+def _subtract(a: Matrix, b: Matrix) -> Matrix:
+    return tuple(
+        tuple(x - y for x, y in zip(ra, rb, strict=True)) for ra, rb in zip(a, b, strict=True)
+    )
+
+
+def _add(total: list[list[float]], step: Matrix) -> list[list[float]]:
+    for row, add in zip(total, step, strict=True):
+        for e, value in enumerate(add):
+            row[e] += value
+    return total

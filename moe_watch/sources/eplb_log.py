@@ -1,0 +1,84 @@
+"""vLLM EPLB balancedness from its log (``--enable-eplb`` with ``log_balancedness`` on).
+
+vLLM has no per-expert metric, but with EPLB logging on it prints, every
+``log_balancedness_interval`` steps, on EP rank 0:
+
+    EPLB step: 120 for model mixtral: avg_tokens=1234.50, max_tokens=2048, balancedness=0.6028, steps until the next rearrangement: 2880
+
+This source follows that log (a file the engine's stdout is written to, e.g. a container log
+path) like ``tail -F``: from the end on first open, from the start after rotation or truncation,
+at most ``max_bytes_per_cycle`` per cycle so a huge backlog never stalls the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+
+from moe_watch.samples import EplbBalance
+from moe_watch.sources.base import Problems, SourceError
+
+EPLB_LINE = re.compile(
+    r"EPLB step: (?P<step>\d+) for model (?P<model>\S+?): avg_tokens=(?P<avg>[0-9.eE+-]+), "
+    r"max_tokens=(?P<max>\d+), balancedness=(?P<balancedness>[0-9.eE+-]+)"
+)
+
+
+def parse_eplb_lines(text: str) -> dict[str, float]:
+    """model -> the last balancedness in ``text`` (0..1). Other lines are ignored."""
+    latest: dict[str, float] = {}
+    for match in EPLB_LINE.finditer(text):
+        value = float(match["balancedness"])
+        if 0.0 <= value <= 1.0:
+            latest[match["model"]] = value
+    return latest
+
+
+class EplbLogSource:
+    def __init__(
+        self, engine: str, path: Path, *, max_bytes_per_cycle: int = 4 * 1024 * 1024
+    ) -> None:
+        self.engine = engine
+        self._path = path
+        self._max_bytes = max_bytes_per_cycle
+        self._inode: int | None = None
+        self._offset = 0
+        self._partial = b""
+        self._latest: dict[str, float] = {}
+        self._lines = 0
+
+    @property
+    def name(self) -> str:
+        return f"eplb:{self.engine}"
+
+    async def collect(self, problems: Problems) -> EplbBalance:
+        text = await asyncio.to_thread(self._read_new)
+        self._lines += text.count("\n")
+        self._latest.update(parse_eplb_lines(text))
+        return EplbBalance(self.engine, dict(self._latest), self._lines)
+
+    def _read_new(self) -> str:
+        try:
+            stat = os.stat(self._path)
+        except OSError as exc:
+            raise SourceError(
+                "no_log", f"cannot read the EPLB log {self._path}: {exc.strerror}"
+            ) from None
+        if self._inode is None:  # first open: only what is written from now on
+            self._inode, self._offset = stat.st_ino, stat.st_size
+        elif stat.st_ino != self._inode or stat.st_size < self._offset:  # rotated or truncated
+            self._inode, self._offset, self._partial = stat.st_ino, 0, b""
+        if stat.st_size == self._offset:
+            return ""
+        with open(self._path, "rb") as stream:
+            stream.seek(self._offset)
+            chunk = stream.read(self._max_bytes)
+        self._offset += len(chunk)
+        data = self._partial + chunk
+        complete, _, self._partial = data.rpartition(b"\n")  # keep a half-written last line
+        return complete.decode("utf-8", errors="replace") + ("\n" if complete else "")
+
+    async def close(self) -> None:
+        """Nothing held open between cycles."""

@@ -1,0 +1,142 @@
+"""Expert-load formulas with hand-computed values on real MoE shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_watch.samples import ExpertCounts
+from moe_watch.signals.experts import (
+    balancedness,
+    derive_expert_signals,
+    rank_loads,
+    skew,
+    token_shares,
+    window_increase,
+)
+
+
+def counts(
+    rows: list[list[float]],
+    *,
+    top_k: int,
+    started: float = 0.0,
+    ep_size: int = 1,
+    placement: tuple[int, ...] = (),
+) -> ExpertCounts:
+    return ExpertCounts(
+        engine="e",
+        model="m",
+        top_k=top_k,
+        num_experts=len(rows[0]),
+        layers=tuple(range(len(rows))),
+        counts=tuple(tuple(r) for r in rows),
+        started=started,
+        ep_size=ep_size,
+        placement=placement,
+    )
+
+
+def test_mixtral_top2_of_8_collapsed_layer() -> None:
+    row = [40, 10, 10, 10, 10, 10, 5, 5]  # 100 assignments = 50 tokens x top-2
+    assert skew(row) == pytest.approx(40 / 12.5 - 1)  # 2.2
+    assert balancedness(row) == pytest.approx(12.5 / 40)  # 0.3125 = 1 / (1 + 2.2)
+    shares = token_shares(row, top_k=2)
+    assert shares is not None
+    assert shares[0] == pytest.approx(0.8)  # 40 of the 50 tokens visited expert 0
+    assert sum(shares) == pytest.approx(2.0)  # shares add up to k
+    signals = derive_expert_signals([counts([[0] * 8], top_k=2), counts([row], top_k=2)])
+    (layer,) = signals.layers
+    assert (layer.tokens, layer.hottest_expert) == (50, 0)
+    assert layer.max_share == pytest.approx(0.8)
+    assert signals.collapsed_layers == (0,)
+    assert signals.hot[0].expert == 0
+
+
+def test_llama4_maverick_top1_of_128() -> None:
+    row = [100.0] * 128
+    row[7] = 300.0  # 13,000 tokens
+    assert skew(row) == pytest.approx(300 / (13_000 / 128) - 1)  # 1.95385
+    shares = token_shares(row, top_k=1)
+    assert shares is not None
+    assert shares[7] == pytest.approx(300 / 13_000)
+    signals = derive_expert_signals(
+        [counts([[0.0] * 128], top_k=1), counts([row], top_k=1)], top_n=3
+    )
+    assert signals.collapsed_layers == ()
+    assert [(h.layer, h.expert) for h in signals.hot] == [(0, 7), (0, 0), (0, 1)]  # ties: by index
+
+
+def test_deepseek_v3_top8_of_256_with_58_layers() -> None:
+    even = [10.0] * 256
+    hot = [10.0] * 256
+    hot[255] = 18.0  # 2,568 assignments = 321 tokens x top-8
+    rows = [even] * 57 + [hot]
+    signals = derive_expert_signals(
+        [counts([[0.0] * 256] * 58, top_k=8), counts(rows, top_k=8)], top_n=10
+    )
+    assert len(signals.layers) == 58
+    assert signals.layers[0].skew == pytest.approx(0.0)
+    assert signals.layers[0].balancedness == pytest.approx(1.0)
+    assert signals.layers[57].skew == pytest.approx(18 / (2568 / 256) - 1)  # 0.79439
+    assert signals.layers[57].tokens == pytest.approx(321)
+    assert signals.max_skew == pytest.approx(18 / (2568 / 256) - 1)
+    assert signals.hot[0].layer == 57
+    assert signals.hot[0].expert == 255
+    assert signals.hot[0].share == pytest.approx(18 * 8 / 2568)
+    assert len(signals.hot) == 10  # top-N only: 10 series, not 14,848
+
+
+def test_ep_rank_load_contiguous_and_with_a_placement() -> None:
+    per_expert = [40.0, 10, 10, 10, 10, 10, 5, 5]  # ranks (contiguous, 4 ranks): 50, 20, 20, 10
+    assert rank_loads(per_expert, 4) == pytest.approx({0: 2.0, 1: 0.8, 2: 0.8, 3: 0.4})
+    placement = (3, 0, 1, 2, 0, 1, 2, 3)  # rank 3 hosts experts 0 and 7: 45
+    assert rank_loads(per_expert, 4, placement) == pytest.approx({0: 0.8, 1: 0.8, 2: 0.6, 3: 1.8})
+    # 10 experts on 4 ranks: the first ranks take 3 (vLLM's layout), the last one 1
+    assert rank_loads([1.0] * 10, 4) == pytest.approx({0: 1.2, 1: 1.2, 2: 1.2, 3: 0.4})
+    with pytest.raises(ValueError, match="placement names 2 experts"):
+        rank_loads(per_expert, 4, (0, 1))
+
+
+def test_rank_load_is_published_only_under_expert_parallelism() -> None:
+    rows = [[40.0, 10, 10, 10, 10, 10, 5, 5]]
+    zero = [[0.0] * 8]
+    assert derive_expert_signals([counts(zero, top_k=2), counts(rows, top_k=2)]).rank_load == {}
+    ep = derive_expert_signals([counts(zero, top_k=2, ep_size=4), counts(rows, top_k=2, ep_size=4)])
+    assert ep.rank_load[0] == pytest.approx(2.0)
+
+
+def test_counter_reset_counts_the_traffic_after_it() -> None:
+    window = [
+        counts([[10, 10]], top_k=1, started=1.0),
+        counts([[30, 20]], top_k=1, started=1.0),
+        counts([[5, 1]], top_k=1, started=2.0),  # the engine restarted
+        counts([[6, 3]], top_k=1, started=2.0),
+    ]
+    assert window_increase(window) == ((20 + 5 + 1, 10 + 1 + 2),)
+    # a drop without a new start time (plugin state lost) is a reset too
+    dropped = [counts([[10, 10]], top_k=1), counts([[2, 0]], top_k=1)]
+    assert window_increase(dropped) == ((2, 0),)
+
+
+def test_empty_and_all_zero_windows_give_no_signals_not_zeros() -> None:
+    assert skew([]) is None
+    assert skew([0, 0]) is None
+    assert balancedness([0, 0]) is None
+    assert token_shares([0, 0], 2) is None
+    assert rank_loads([0.0, 0.0], 2) == {}
+    assert derive_expert_signals([]).layers == ()
+    single = derive_expert_signals([counts([[5, 5]], top_k=1)])  # one sample: no window yet
+    assert single.layers == ()
+    assert single.max_skew is None
+    idle = derive_expert_signals([counts([[5, 5]], top_k=1), counts([[5, 5]], top_k=1)])
+    assert idle.layers == ()
+    assert idle.hot == ()
+
+
+def test_a_different_model_shape_restarts_the_window() -> None:
+    window = [
+        counts([[1, 1]], top_k=1),
+        counts([[9, 1, 0]], top_k=1),
+        counts([[10, 3, 1]], top_k=1),
+    ]
+    assert window_increase(window) == ((1, 2, 1),)
