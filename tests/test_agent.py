@@ -198,3 +198,48 @@ async def test_run_forever_cycles_on_schedule_until_stopped(engine_stub: EngineS
         await asyncio.wait_for(task, timeout=5)
     assert agent.snapshot is not None
     assert agent.snapshot.cycle >= 3
+
+
+async def test_a_gpu_lost_mid_run_exports_gpu_up_0_and_the_rest_keeps_reporting(
+    engine_stub: EngineStub,
+) -> None:
+    from moe_watch.demo.fake_nvml import FakeNvml
+
+    fake = FakeNvml.with_gpus(2)
+    fake.gpus[0].utilization_percent, fake.gpus[1].utilization_percent = 95, 30
+    config = load_settings(None, targets=[f"e={engine_stub.url}"], nvml="auto")
+    async with Agent(config, nvml=fake) as agent:
+        healthy = await agent.run_cycle()
+        fake.gpus[1].lost = True
+        lost = await agent.run_cycle()
+    assert healthy.engine_gpu_spread["e"] == pytest.approx(0.65)
+    metrics = exposition(lost)
+    gpu1 = frozenset({("gpu", "1"), ("engine", "e")})
+    assert metrics[("moe_watch_gpu_up", gpu1)] == 0.0
+    assert ("moe_watch_gpu_utilization_ratio", gpu1) not in metrics
+    assert (
+        metrics[("moe_watch_gpu_utilization_ratio", frozenset({("gpu", "0"), ("engine", "e")}))]
+        == 0.95
+    )
+    assert value(metrics, "moe_watch_collect_errors_total", source="nvml", reason="gpu_lost") == 1.0
+    assert value(metrics, "moe_watch_source_up", source="nvml") == 1.0
+    assert "e" not in lost.engine_gpu_spread  # one GPU left: no spread to speak of
+    assert value(metrics, "moe_watch_target_up", engine="e") == 1.0
+
+
+async def test_no_nvml_library_reports_the_source_down_and_engines_still_flow(
+    engine_stub: EngineStub,
+) -> None:
+    from moe_watch.demo.fake_nvml import FakeNvml
+
+    config = load_settings(None, targets=[f"e={engine_stub.url}"], nvml="auto")
+    async with Agent(config, nvml=FakeNvml.with_gpus(1, library_missing=True)) as agent:
+        snap = await agent.run_cycle()
+    metrics = exposition(snap)
+    assert value(metrics, "moe_watch_source_up", source="nvml") == 0.0
+    assert (
+        value(metrics, "moe_watch_collect_errors_total", source="nvml", reason="library_missing")
+        == 1.0
+    )
+    assert value(metrics, "moe_watch_target_up", engine="e") == 1.0
+    assert snap.gpus == ()
