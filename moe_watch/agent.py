@@ -50,6 +50,7 @@ class Agent:
         self._snapshot: Snapshot | None = None
         self._cycle = 0
         self.first_cycle_done = asyncio.Event()
+        self._cycle_done = asyncio.Event()  # replaced every cycle: waiters wake once per cycle
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -165,7 +166,15 @@ class Agent:
         )
         self._snapshot = snapshot
         self.first_cycle_done.set()
+        self._cycle_done.set()
+        self._cycle_done = asyncio.Event()
         return snapshot
+
+    async def wait_for_cycle(self, cycle: int) -> Snapshot:
+        """Wait until the snapshot of cycle number ``cycle`` (1 = the first) is published."""
+        while self._snapshot is None or self._snapshot.cycle < cycle:
+            await self._cycle_done.wait()
+        return self._snapshot
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         """Cycle every ``interval_seconds`` on a fixed schedule until ``stop`` is set."""

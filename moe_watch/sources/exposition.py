@@ -62,6 +62,12 @@ def parse_engine_exposition(text: str, kind: str = "auto") -> ParsedExposition:
         raise ExpositionError(
             "no_engine_metrics", f"no known {kind} metrics in the response (checked {len(names)})"
         )
+    if text and not text.endswith("\n"):
+        # Every line of the text format ends with a newline: a body cut mid-way (a proxy or an
+        # engine that died while writing) would otherwise pass as a valid, shorter exposition.
+        raise ExpositionError(
+            "truncated", f"the exposition ends mid-line after {len(text)} characters"
+        )
     builder = _Builder(names)
     try:
         for family in text_string_to_metric_families(filtered):

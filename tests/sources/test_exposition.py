@@ -144,12 +144,15 @@ def test_non_cumulative_buckets_are_rejected() -> None:
     assert parsed.dropped_samples == 1
 
 
-def test_truncated_mid_line_is_a_parse_error() -> None:
+@pytest.mark.parametrize(
+    "marker", ["vllm:e2e_request_latency_seconds_bucket", "# HELP vllm:prompt_tokens_total"]
+)
+def test_a_body_cut_mid_line_is_truncated_even_where_the_rest_would_parse(marker: str) -> None:
     text = read_capture("after-load")
-    cut = text[: text.index("vllm:e2e_request_latency_seconds_bucket") + 50]
+    cut = text[: text.index(marker) + 20]  # mid-sample, or mid-comment (which would parse)
     with pytest.raises(ExpositionError) as err:
         parse_engine_exposition(cut)
-    assert err.value.reason == "parse"
+    assert err.value.reason == "truncated"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,121 @@
+"""``moe-watch demo``: the real agent against a simulated vLLM and simulated GPUs.
+
+Everything but the engine and the GPUs is the production path: the agent scrapes the simulated
+engine over HTTP, reads the fake NVML through the real NVML source, and serves /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from collections import Counter
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from moe_watch.agent import Agent
+from moe_watch.config import ConfigError, Settings, load_settings
+from moe_watch.demo.engine_server import start_engine_server
+from moe_watch.demo.engine_sim import SCENARIOS, EngineSim, Scenario
+from moe_watch.demo.fake_nvml import FakeNvml
+from moe_watch.exporter import build_registry
+from moe_watch.logs import configure_logging
+from moe_watch.service import ListenError, install_stop_signals, serve
+
+ENGINE_ID = "demo-mixtral"
+ENGINE_PID = 4242
+WARM_UP_SECONDS = 120.0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.list_scenarios:
+        for scenario in SCENARIOS.values():
+            print(f"{scenario.name:12} {scenario.description}")
+        return 0
+    if args.scenario not in SCENARIOS:
+        raise ConfigError(
+            f"invalid setting 'scenario': unknown scenario {args.scenario!r} (one of {', '.join(SCENARIOS)})"
+        )
+    scenario = SCENARIOS[args.scenario]
+    configure_logging("auto", args.log_level)
+    try:
+        asyncio.run(_demo(args, scenario))
+    except ListenError as exc:
+        print(f"moe-watch: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def drive_gpus(fake: FakeNvml, sim: EngineSim, elapsed: float) -> None:
+    """Make the simulated GPUs follow the simulated engine's load."""
+    lost_after = sim.scenario.gpu_lost_after_seconds
+    for gpu in fake.gpus:
+        gpu.utilization_percent = round(100 * sim.gpu_utilization(gpu.index))
+        gpu.memory_used_bytes = sim.gpu_memory_used_bytes(gpu.index)
+        gpu.power_mw = 120_000 + gpu.utilization_percent * 5_800
+        gpu.temperature_c = 38 + gpu.utilization_percent // 3
+        gpu.pids = [ENGINE_PID]
+        gpu.lost = lost_after is not None and gpu.index == 1 and elapsed >= lost_after
+
+
+def family_summary(agent: Agent) -> list[str]:
+    text = generate_latest(build_registry(lambda: agent.snapshot)).decode()
+    series: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        series[family.name] += len(family.samples)
+    return [f"  {name:50} {count:4d} series" for name, count in sorted(series.items()) if count]
+
+
+async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
+    started = time.time()
+    # Start the engine two minutes in the past: the first scrapes already see a busy engine.
+    sim = EngineSim(scenario, start_time=started - WARM_UP_SECONDS)
+    sim.advance(started)
+    engine = await start_engine_server(sim)
+    fake = FakeNvml.with_gpus(scenario.gpu_count)
+    drive_gpus(fake, sim, 0.0)
+    settings: Settings = load_settings(
+        None,
+        targets=[{"name": ENGINE_ID, "url": engine.url}],
+        listen=args.listen,
+        interval_seconds=args.interval_seconds,
+        window_seconds=60,
+        log_level=args.log_level,
+    )
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+
+    async def gpus_follow_engine() -> None:
+        while not stop.is_set():
+            sim.advance(time.time())
+            drive_gpus(fake, sim, time.time() - started)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.interval_seconds / 2)
+
+    async def on_started(url: str, agent: Agent) -> None:
+        print(
+            f"moe-watch demo: serving {url}/metrics  (scenario {scenario.name}: {scenario.description})"
+        )
+        print(
+            f"  simulated vLLM at {engine.url}/metrics, {scenario.gpu_count} simulated GPUs; also {url}/status and {url}/experts"
+        )
+        if args.duration is not None:
+            asyncio.get_running_loop().call_later(args.duration, stop.set)
+
+        async def summary() -> None:
+            # Rates and quantiles need two scrapes in the window: the second cycle has them all.
+            await agent.wait_for_cycle(2)
+            print("metric families:", *family_summary(agent), sep="\n", flush=True)
+
+        asyncio.get_running_loop().create_task(summary())
+
+    follower = asyncio.get_running_loop().create_task(gpus_follow_engine())
+    try:
+        await serve(settings, stop=stop, nvml=fake, on_started=on_started)
+    finally:
+        stop.set()
+        await follower
+        await engine.stop()

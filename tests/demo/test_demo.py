@@ -1,0 +1,90 @@
+"""The simulated engine served over HTTP misbehaves on demand; `moe-watch demo` shows every family."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from moe_watch.agent import Agent
+from moe_watch.config import load_settings
+from moe_watch.demo.engine_server import SimServer, start_engine_server
+from moe_watch.demo.engine_sim import SCENARIOS, EngineSim
+
+
+async def scrape_once(server: SimServer, **settings: object) -> tuple[bool, dict[str, int]]:
+    config = load_settings(None, targets=[f"sim={server.url}"], nvml="off", **settings)
+    async with Agent(config) as agent:
+        snap = await agent.run_cycle()
+    status = next(s for s in snap.sources if s.name == "engine:sim")
+    return snap.targets_up["sim"], dict(status.errors_total)
+
+
+@pytest.mark.parametrize(
+    ("knob", "value", "reason"),
+    [
+        ("fail_status", 503, "http_status"),
+        ("garbage", b"\x00\x01 binary junk \xff", "encoding"),
+        ("truncate_at", 700, "truncated"),
+        ("huge_body_bytes", 4 * 1024 * 1024, "body_too_large"),
+        ("delay_seconds", 30.0, "timeout"),
+    ],
+)
+async def test_each_fault_knob_is_seen_by_the_agent_as_its_reason(
+    knob: str, value: object, reason: str
+) -> None:
+    server = await start_engine_server(
+        EngineSim(SCENARIOS["normal"], start_time=0.0), clock=lambda: 60.0
+    )
+    try:
+        assert await scrape_once(server) == (True, {})
+        setattr(server, knob, value)
+        up, errors = await asyncio.wait_for(
+            scrape_once(server, scrape_timeout_seconds=0.3, max_body_bytes=1024 * 1024), timeout=10
+        )
+    finally:
+        await server.stop()
+    assert up is False
+    assert errors.get(reason) == 1
+
+
+def test_the_demo_prints_its_url_and_every_agent_core_family() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_watch.cli",
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--duration",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "moe-watch demo: serving http://127.0.0.1:" in result.stdout
+    families = {
+        line.split()[0] for line in result.stdout.splitlines() if line.startswith("  moe_watch_")
+    }
+    for family in (
+        "moe_watch_gpu_utilization_ratio",
+        "moe_watch_gpu_memory_used_ratio",
+        "moe_watch_gpu_up",
+        "moe_watch_kv_cache_usage_ratio",
+        "moe_watch_kv_cache_hit_ratio",
+        "moe_watch_kv_cache_free_tokens",
+        "moe_watch_latency_seconds",
+        "moe_watch_requests_running",
+        "moe_watch_requests_waiting",
+        "moe_watch_target_up",
+        "moe_watch_generation_tokens_per_second",
+        "moe_watch_preemptions_per_second",
+        "moe_watch_engine_gpu_utilization_spread_ratio",
+    ):
+        assert family in families, family
