@@ -36,6 +36,9 @@ class EngineStub:
         self.release = asyncio.Event()
         self.url = ""
         self._runner: web.AppRunner | None = None
+        # SGLang's expert-distribution recorder: each dump writes the next CSV into recorder_dir.
+        self.recorder_dir: Path | None = None
+        self.expert_dumps: list[str] = []
 
     def serve(self, body: str | bytes) -> None:
         self.body = body.encode() if isinstance(body, str) else body
@@ -54,11 +57,22 @@ class EngineStub:
     async def _version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": "0.32.0"})
 
+    async def _start_record(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _dump_record(self, request: web.Request) -> web.Response:
+        if self.recorder_dir is not None and self.expert_dumps:
+            name = f"expert_distribution_rank0_timestamp{len(self.expert_dumps)}.csv"
+            (self.recorder_dir / name).write_text(self.expert_dumps.pop(0))
+        return web.Response(text="ok\n")
+
     async def start(self) -> EngineStub:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/version", self._version)
+        app.router.add_post("/start_expert_distribution_record", self._start_record)
+        app.router.add_post("/dump_expert_distribution_record", self._dump_record)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -243,3 +244,56 @@ async def test_no_nvml_library_reports_the_source_down_and_engines_still_flow(
     )
     assert value(metrics, "moe_watch_target_up", engine="e") == 1.0
     assert snap.gpus == ()
+
+
+def recorder_csv(rows: list[list[int]]) -> str:
+    lines = ["layer_id,expert_id,count"]
+    lines += [
+        f"{layer},{expert},{n}"
+        for layer, row in enumerate(rows)
+        for expert, n in enumerate(row)
+        if n
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
+    engine_stub: EngineStub, tmp_path: Path
+) -> None:
+    from moe_watch.snapshot import experts_document
+
+    engine_stub.recorder_dir = tmp_path
+    even = [[10] * 8, [10] * 8]
+    hot = [[40, 10, 10, 10, 10, 10, 5, 5], [10] * 8]  # layer 0: skew 2.2, expert 0 share 0.8
+    engine_stub.expert_dumps = [recorder_csv(even), recorder_csv(hot)]
+    target = {
+        "name": "qwen3",
+        "url": engine_stub.url,
+        "experts": {"source": "sglang", "directory": str(tmp_path), "top_k": 2},
+    }
+    clock = Clock()
+    config = load_settings(None, targets=[target], nvml="off", expert_top_n=3)
+    async with Agent(config, clock=clock) as agent:
+        await agent.run_cycle()
+        clock.now += 5
+        snap = await agent.run_cycle()
+    metrics = exposition(snap)
+    assert value(
+        metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="0"
+    ) == pytest.approx(2.2)
+    assert value(
+        metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="1"
+    ) == pytest.approx(0.0)
+    assert value(
+        metrics, "moe_watch_expert_max_token_share", engine="qwen3", layer="0"
+    ) == pytest.approx(0.8)
+    assert value(metrics, "moe_watch_expert_max_skew_ratio", engine="qwen3") == pytest.approx(2.2)
+    assert value(metrics, "moe_watch_expert_collapsed_layers", engine="qwen3") == 1
+    assert value(
+        metrics, "moe_watch_expert_hot_token_share", engine="qwen3", layer="0", expert="0"
+    ) == pytest.approx(0.8)
+    assert value(metrics, "moe_watch_source_up", source="experts:qwen3") == 1
+    hot_series = [labels for name, labels in metrics if name == "moe_watch_expert_hot_token_share"]
+    assert len(hot_series) == 3  # expert_top_n
+    document = experts_document(snap)
+    assert document["engines"][0]["counts_window"][0] == [40, 10, 10, 10, 10, 10, 5, 5]

@@ -204,3 +204,65 @@ async def test_openmetrics_is_negotiated_by_accept_header(
         ),
         0.012,
     )
+
+
+def deepseek_v3_snapshot(ep_size: int = 32) -> Snapshot:
+    """58 MoE layers x 256 experts, top-8, EP over 32 GPUs: the cardinality worst case."""
+    from moe_watch.samples import ExpertCounts
+    from moe_watch.signals.experts import derive_expert_signals
+    from moe_watch.snapshot import EngineExperts
+
+    layers = tuple(range(3, 61))  # DeepSeek-V3: the first 3 layers are dense
+
+    def counts(scale: int) -> ExpertCounts:
+        rows = tuple(
+            tuple(float(scale * (1 + (e * 7 + layer) % 5)) for e in range(256)) for layer in layers
+        )
+        return ExpertCounts("dsv3", "deepseek-v3", 8, 256, layers, rows, ep_size=ep_size)
+
+    window = [counts(0), counts(10)]
+    view = EngineExperts("dsv3", window[-1], derive_expert_signals(window, top_n=10))
+    return Snapshot(
+        timestamp=0.0,
+        cycle=1,
+        cycle_duration_seconds=0.0,
+        sources=(),
+        targets_up={},
+        experts=(view,),
+    )
+
+
+def test_default_expert_export_for_a_deepseek_v3_engine_stays_under_500_series() -> None:
+    snap = deepseek_v3_snapshot()
+    text = generate_latest(build_registry(lambda: snap)).decode()
+    expert_series = [
+        s
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("moe_watch_expert")
+        for s in family.samples
+    ]
+    assert (
+        58 * 3 + 10 <= len(expert_series) <= 500
+    )  # skew, balancedness, max share per layer + top-10
+    assert not any(s.name == "moe_watch_expert_tokens_total" for s in expert_series)
+    ranks = [s for s in expert_series if s.name == "moe_watch_expert_rank_load_ratio"]
+    assert len(ranks) == 32
+    full = generate_latest(build_registry(lambda: snap, expert_full_detail=True)).decode()
+    assert full.count("moe_watch_expert_tokens_total{") == 58 * 256  # opt-in: every (layer, expert)
+
+
+async def test_experts_endpoint_serves_the_whole_matrix() -> None:
+    snap = deepseek_v3_snapshot()
+    runner, url = await start_server(make_app(lambda: snap), "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as client, client.get(url + "/experts") as response:
+            body = await response.json()
+    finally:
+        await runner.cleanup()
+    (engine,) = body["engines"]
+    assert (engine["engine"], engine["top_k"], engine["num_experts"]) == ("dsv3", 8, 256)
+    assert len(engine["counts_window"]) == 58
+    assert all(len(row) == 256 for row in engine["counts_window"])
+    assert engine["layers"][0] == 3
+    assert len(engine["hot"]) == 10
+    assert len(engine["rank_load"]) == 32
