@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--scenario",
-        default="normal",
-        help="simulated engine scenario (see `moe-watch demo --list-scenarios`)",
+        default="hot_expert",
+        help="simulated engine scenario (default hot_expert: every expert alert fires; see --list-scenarios)",
     )
     demo.add_argument("--list-scenarios", action="store_true", help="print the scenarios and exit")
     demo.add_argument(

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +24,7 @@ from moe_watch.config import ConfigError, Settings, load_settings
 from moe_watch.demo.engine_server import start_engine_server
 from moe_watch.demo.engine_sim import SCENARIOS, EngineSim, Scenario
 from moe_watch.demo.fake_nvml import FakeNvml
+from moe_watch.expert_file import CountsFile, write_counts_file
 from moe_watch.exporter import build_registry
 from moe_watch.logs import configure_logging
 from moe_watch.service import ListenError, install_stop_signals, serve
@@ -61,6 +65,26 @@ def drive_gpus(fake: FakeNvml, sim: EngineSim, elapsed: float) -> None:
         gpu.lost = lost_after is not None and gpu.index == 1 and elapsed >= lost_after
 
 
+def write_expert_counts(directory: Path, sim: EngineSim) -> None:
+    """What the moe-watch vLLM plugin in the simulated engine's worker would write."""
+    s = sim.scenario
+    write_counts_file(
+        directory / f"demo-{ENGINE_PID}.experts.json",
+        CountsFile(
+            pid=ENGINE_PID,
+            started=sim.counters_started,
+            updated=time.time(),
+            model=sim.model_name,
+            top_k=s.top_k,
+            num_experts=s.num_experts,
+            layers=list(range(s.num_layers)),
+            counts=[list(row) for row in sim.expert_counts],
+            vllm_version=sim.version,
+            ep_size=s.gpu_count,
+        ),
+    )
+
+
 def family_summary(agent: Agent) -> list[str]:
     text = generate_latest(build_registry(lambda: agent.snapshot)).decode()
     series: Counter[str] = Counter()
@@ -77,9 +101,17 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
     engine = await start_engine_server(sim)
     fake = FakeNvml.with_gpus(scenario.gpu_count)
     drive_gpus(fake, sim, 0.0)
+    experts_dir = Path(tempfile.mkdtemp(prefix="moe-watch-demo-experts-"))
+    write_expert_counts(experts_dir, sim)
     settings: Settings = load_settings(
         None,
-        targets=[{"name": ENGINE_ID, "url": engine.url}],
+        targets=[
+            {
+                "name": ENGINE_ID,
+                "url": engine.url,
+                "experts": {"source": "plugin", "directory": str(experts_dir)},
+            }
+        ],
         listen=args.listen,
         interval_seconds=args.interval_seconds,
         window_seconds=60,
@@ -92,6 +124,7 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
         while not stop.is_set():
             sim.advance(time.time())
             drive_gpus(fake, sim, time.time() - started)
+            write_expert_counts(experts_dir, sim)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.interval_seconds / 2)
 
@@ -119,3 +152,4 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
         stop.set()
         await follower
         await engine.stop()
+        shutil.rmtree(experts_dir, ignore_errors=True)
