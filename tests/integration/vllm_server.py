@@ -53,10 +53,20 @@ def log_tail(path: Path, lines: int = 60) -> str:
 class VllmServer:
     """One vLLM server process. ``start()`` blocks until healthy; ``stop()`` is idempotent."""
 
-    def __init__(self, python: Path, model_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        python: Path,
+        model_dir: Path,
+        log_path: Path,
+        *,
+        extra_args: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.python = python
         self.model_dir = model_dir
         self.log_path = log_path
+        self.extra_args = extra_args
+        self.extra_env = dict(extra_env or {})
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
@@ -88,6 +98,7 @@ class VllmServer:
             str(MAX_MODEL_LEN),
             "--max-num-seqs",
             str(MAX_NUM_SEQS),
+            *self.extra_args,
         ]
 
     def environment(self) -> dict[str, str]:
@@ -100,6 +111,7 @@ class VllmServer:
             DO_NOT_TRACK="1",
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> str:
