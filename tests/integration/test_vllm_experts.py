@@ -78,6 +78,7 @@ def crafted(
         cache_dir() / "vllm-experts-test.log",
         extra_args=("--no-enable-prefix-caching",),
         extra_env={
+            "MOE_WATCH_PLUGIN": "1",
             "MOE_WATCH_EXPERTS_DIR": str(experts_dir),
             "MOE_WATCH_PLUGIN_INTERVAL_SECONDS": "0.5",
         },

@@ -110,6 +110,7 @@ class VllmServer:
             VLLM_NO_USAGE_STATS="1",
             DO_NOT_TRACK="1",
             PYTHONUNBUFFERED="1",
+            MOE_WATCH_PLUGIN="0",  # installed in the venv by the expert tests; opt in per server
         )
         env.update(self.extra_env)
         return env
