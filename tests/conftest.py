@@ -11,6 +11,8 @@ import pytest
 import structlog
 from aiohttp import web
 
+from moe_watch.server import start_server
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -73,12 +75,7 @@ class EngineStub:
         app.router.add_get("/version", self._version)
         app.router.add_post("/start_expert_distribution_record", self._start_record)
         app.router.add_post("/dump_expert_distribution_record", self._dump_record)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self._runner, self.url = await start_server(app, "127.0.0.1", 0)
         return self
 
     async def stop(self) -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from moe_watch import samples as s
 from moe_watch.config import TargetConfig
+from moe_watch.server import start_server
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.engine import EngineSource
 from tests.conftest import FIXTURES, read_capture
@@ -30,12 +31,7 @@ async def serve(routes: dict[str, Handler]) -> tuple[web.AppRunner, str]:
     app = web.Application()
     for path, handler in routes.items():
         app.router.add_get(path, handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
+    return await start_server(app, "127.0.0.1", 0)
 
 
 def source(url: str, session: aiohttp.ClientSession, **kw: float | int) -> EngineSource:

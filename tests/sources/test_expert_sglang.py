@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from moe_watch.server import start_server
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_sglang import SGLangExpertSource, read_recorder_file
 from moe_watch.sources.torch_file import TorchFileError, load_torch_file
@@ -140,12 +141,8 @@ async def fake_sglang(tmp_path: Path) -> AsyncIterator[tuple[FakeSGLang, str]]:
     app = web.Application()
     app.router.add_post("/start_expert_distribution_record", fake.start)
     app.router.add_post("/dump_expert_distribution_record", fake.dump)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield fake, f"http://127.0.0.1:{port}"
+    runner, url = await start_server(app, "127.0.0.1", 0)
+    yield fake, url
     await runner.cleanup()
 
 
