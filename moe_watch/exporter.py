@@ -173,10 +173,12 @@ def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
 def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
     """Per-layer skew and top-N hot experts by default: <= ~250 series for a DeepSeek-V3 engine."""
     layer_labels = ["engine", "layer"]
+    hottest_labels = ["engine", "layer", "expert"]  # expert: the layer's hottest, for the page
     skew = gauge(
         "expert_skew_ratio",
-        "max/mean - 1 of tokens per expert in the layer over the window (0.5 = 50 % skew).",
-        layer_labels,
+        "max/mean - 1 of tokens per expert in the layer over the window (0.5 = 50 % skew); "
+        "expert = the layer's hottest.",
+        hottest_labels,
     )
     balance = gauge(
         "expert_balancedness_ratio",
@@ -185,8 +187,9 @@ def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
     )
     share = gauge(
         "expert_max_token_share",
-        "Fraction of the layer's tokens that visited its hottest expert (> 0.40 = collapse).",
-        layer_labels,
+        "Fraction of the layer's tokens that visited its hottest expert (> 0.40 = collapse); "
+        "expert = that expert.",
+        hottest_labels,
     )
     max_skew = gauge(
         "expert_max_skew_ratio",
@@ -222,9 +225,10 @@ def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
         signals = view.signals
         for layer in signals.layers:
             key = [view.engine, str(layer.layer)]
-            skew.add_metric(key, layer.skew)
+            hottest = [*key, str(layer.hottest_expert)]
+            skew.add_metric(hottest, layer.skew)
             balance.add_metric(key, layer.balancedness)
-            share.add_metric(key, layer.max_share)
+            share.add_metric(hottest, layer.max_share)
         if signals.max_skew is not None:
             max_skew.add_metric([view.engine], signals.max_skew)
             collapsed.add_metric([view.engine], len(signals.collapsed_layers))

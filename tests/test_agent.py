@@ -279,13 +279,13 @@ async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
         snap = await agent.run_cycle()
     metrics = exposition(snap)
     assert value(
-        metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="0"
+        metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="0", expert="0"
     ) == pytest.approx(2.2)
     assert value(
-        metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="1"
+        metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="1", expert="0"
     ) == pytest.approx(0.0)
     assert value(
-        metrics, "moe_watch_expert_max_token_share", engine="qwen3", layer="0"
+        metrics, "moe_watch_expert_max_token_share", engine="qwen3", layer="0", expert="0"
     ) == pytest.approx(0.8)
     assert value(metrics, "moe_watch_expert_max_skew_ratio", engine="qwen3") == pytest.approx(2.2)
     assert value(metrics, "moe_watch_expert_collapsed_layers", engine="qwen3") == 1
