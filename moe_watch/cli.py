@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], default="warning"
     )
 
+    rules = commands.add_parser(
+        "rules", help="write the Prometheus rules, their promtool tests and the PrometheusRule"
+    )
+    rules.add_argument("--out", type=Path, default=Path("."), help="repository root (default .)")
+
     check = commands.add_parser("check", help="validate a settings file and print the result")
     check.add_argument("--config", type=Path, required=True)
     return parser  # fmt: skip
@@ -107,6 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moe_watch.demo.run import run_demo
 
             return int(run_demo(args))
+        if args.command == "rules":
+            from moe_watch.rules import write_all
+
+            for path in write_all(args.out):
+                print(f"wrote {path}")
+            return 0
         if args.command == "check":
             settings = _settings_from(args)
             print(f"ok: {args.config}: {len(settings.targets)} target(s), listen {settings.listen}")

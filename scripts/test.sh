@@ -6,6 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# promtool, amtool, a real Prometheus and Alertmanager for the rule tests (Debian packages).
+if ! command -v promtool >/dev/null || ! command -v amtool >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then
+    echo "== apt-get install prometheus prometheus-alertmanager"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
+fi
+
 python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
 
 echo "== ruff" && python3 -m ruff check . && python3 -m ruff format --check .
