@@ -13,12 +13,14 @@ import aiohttp
 import structlog
 
 from moe_watch.config import Settings, TargetConfig
+from moe_watch.drift import Drift, cmdline_from_proc, find_drift, running_from
 from moe_watch.runner import SourceRunner
 from moe_watch.samples import EngineScrape, EplbBalance, ExpertCounts, GpuReading, ModelSample
 from moe_watch.signals.engine import derive_engine_signals
 from moe_watch.signals.experts import derive_expert_signals
 from moe_watch.signals.gpu import memory_used_ratio, utilization_spread
 from moe_watch.signals.window import SlidingWindow
+from moe_watch.sizing.plan import PlanFile, load_plan
 from moe_watch.snapshot import EngineExperts, EngineView, GpuView, Snapshot
 from moe_watch.sources.base import Source
 from moe_watch.sources.engine import EngineSource
@@ -47,6 +49,9 @@ class Agent:
         self._eplb_runners: list[SourceRunner[EplbBalance]] = []
         self._windows: dict[tuple[str, str], SlidingWindow[ModelSample]] = {}
         self._expert_windows: dict[str, SlidingWindow[ExpertCounts]] = {}
+        self._plans: dict[str, PlanFile] = {}
+        self._budgets: dict[str, float] = {}
+        self.proc_root = "/proc"  # hostPID in Kubernetes: the engines' processes are visible here
         self._snapshot: Snapshot | None = None
         self._cycle = 0
         self.first_cycle_done = asyncio.Event()
@@ -78,6 +83,10 @@ class Agent:
             )
             self._engine_runners.append((target, runner))
             fields = {"engine": target.name}
+            if target.plan is not None:
+                plan = load_plan(target.plan)
+                self._plans[target.name] = plan
+                self._budgets[target.name] = plan.sized(target.plan.parent).itemised.total_gb * 1e9
             if target.experts is not None:
                 experts = self._expert_source(target, self._session)
                 self._expert_runners.append(
@@ -156,6 +165,8 @@ class Agent:
         snapshot = self._build_snapshot(now, list(scrapes), reading, started)
         snapshot = replace(
             snapshot,
+            budgets=self._budgets,
+            drift=self._drift(list(scrapes), snapshot),
             experts=self._expert_views(now, counts),
             eplb_balancedness={
                 (balance.engine, model): value
@@ -246,6 +257,21 @@ class Agent:
                 signals=derive_engine_signals(list(window)),
                 max_model_len=scrape.max_model_len,
             )
+
+    def _drift(
+        self, scrapes: list[EngineScrape | None], snapshot: Snapshot
+    ) -> dict[str, tuple[Drift, ...]]:
+        """The rules (and the plan, where there is one) against what each engine runs with."""
+        result: dict[str, tuple[Drift, ...]] = {}
+        for (target, _), scrape in zip(self._engine_runners, scrapes, strict=True):
+            if scrape is None or scrape.kind != "vllm":
+                continue
+            gpus = [v.sample for v in snapshot.gpus if v.engine == target.name]
+            pids = sorted({pid for g in gpus for pid in g.pids})
+            cmdline = cmdline_from_proc(pids, self.proc_root) if pids else None
+            running = running_from(scrape.info, cmdline, scrape.max_model_len, len(gpus) or None)
+            result[target.name] = tuple(find_drift(running, self._plans.get(target.name)))
+        return result
 
     def _expert_views(
         self, now: float, counts: list[ExpertCounts | None]

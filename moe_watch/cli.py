@@ -87,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], default="warning"
     )
 
+    size = commands.add_parser("size", help="what an MoE model needs per GPU, and whether it fits")
+    which = size.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a catalog model, e.g. mixtral-8x7b, deepseek-v3.2, kimi-k2")
+    which.add_argument("--config", type=Path, dest="hf_config", help="a Hugging Face config.json")
+    size.add_argument("--params-b", type=float, help="total parameters in billions (with --config)")
+    size.add_argument("--dtype", help="weights: bf16, fp16, fp8, int8, int4 (default: the model's)")
+    size.add_argument("--kv-dtype", default="bf16", help="KV cache dtype (default bf16)")
+    size.add_argument(
+        "--gpu",
+        default="h100-80",
+        help="a100-40|a100-80|h100-80|h200-141|b200-192|l40s-48|a10g-24|l4-24",
+    )
+    size.add_argument("--gpus", type=int, default=1)
+    size.add_argument("--max-model-len", type=int, default=8192)
+    size.add_argument("--max-num-seqs", type=int, default=8)
+    size.add_argument("--json", action="store_true", help="machine-readable output")
+
     rules = commands.add_parser(
         "rules", help="write the Prometheus rules, their promtool tests and the PrometheusRule"
     )
@@ -112,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moe_watch.demo.run import run_demo
 
             return int(run_demo(args))
+        if args.command == "size":
+            return _size(args)
         if args.command == "rules":
             from moe_watch.rules import write_all
 
@@ -128,6 +147,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moe-watch: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _size(args: argparse.Namespace) -> int:
+    import json
+
+    from moe_watch.sizing.budget import size
+    from moe_watch.sizing.catalog import find_model, from_hf_config
+    from moe_watch.sizing.report import render_plan
+
+    try:
+        spec = (
+            from_hf_config(args.hf_config, args.params_b)
+            if args.hf_config
+            else find_model(args.model)
+        )
+        plan = size(
+            spec,
+            dtype=args.dtype,
+            kv_dtype=args.kv_dtype,
+            gpu=args.gpu,
+            gpus=args.gpus,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else render_plan(plan))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -70,6 +70,17 @@ class TargetConfig(BaseModel):
     experts: ExpertsConfig | None = None
     # vLLM EPLB balancedness log lines (--enable-eplb with log_balancedness): a file to follow.
     eplb_log: Path | None = None
+    # What the engine was sized for (docs/sizing.md): budget, headroom and drift against it.
+    plan: Path | None = None
+
+    @field_validator("plan")
+    @classmethod
+    def _check_plan(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from moe_watch.sizing.plan import load_plan
+
+            load_plan(value)  # PlanError (a ValueError) names the file and line
+        return value
 
     @field_validator("url")
     @classmethod

@@ -56,6 +56,7 @@ class SnapshotCollector(Collector):
         yield from _gpu_metrics(snapshot)
         yield from _engine_metrics(snapshot)
         yield from _expert_metrics(snapshot, full_detail=self._full_detail)
+        yield from _plan_metrics(snapshot)
 
 
 def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
@@ -245,6 +246,64 @@ def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
     yield from (skew, balance, share, max_skew, collapsed, hot, rank, eplb)
     if full_detail:
         yield tokens
+
+
+def _plan_metrics(snap: Snapshot) -> Iterator[Metric]:
+    budget = gauge(
+        "sized_budget_bytes",
+        "Per-GPU memory budget of the engine's plan (moe-watch size).",
+        ["engine"],
+    )
+    used = gauge(
+        "budget_used_ratio",
+        "GPU memory used / the plan's per-GPU budget (> 1: above plan).",
+        ["engine", "gpu"],
+    )
+    headroom = gauge("memory_headroom_ratio", "GPU memory still free / total, 0-1.", ["gpu"])
+    drift = gauge(
+        "config_drift",
+        "1 if the running setting breaks the plan or an MoE rule.",
+        ["engine", "setting"],
+    )
+    info = gauge(
+        "config_drift_info",
+        "A drifted setting: running and expected values; always 1.",
+        ["engine", "setting", "running", "expected", "rule"],
+    )
+    for engine, value in sorted(snap.budgets.items()):
+        budget.add_metric([engine], value)
+    for view in snap.gpus:
+        g = view.sample
+        if not g.up or g.memory_used_bytes is None:
+            continue
+        if g.memory_total_bytes:
+            headroom.add_metric(
+                [str(g.index)], max(0.0, 1 - g.memory_used_bytes / g.memory_total_bytes)
+            )
+        budget_bytes = snap.budgets.get(view.engine or "")
+        if view.engine and budget_bytes:
+            used.add_metric([view.engine, str(g.index)], g.memory_used_bytes / budget_bytes)
+    for engine, findings in sorted(snap.drift.items()):
+        drifted = {d.setting for d in findings}
+        for setting in sorted(drifted | DRIFT_SETTINGS):
+            drift.add_metric([engine, setting], 1.0 if setting in drifted else 0.0)
+        for d in findings:
+            info.add_metric([engine, d.setting, d.running, d.expected, d.rule], 1)
+    yield from (budget, used, headroom, drift, info)
+
+
+# Settings always exported for every engine checked (0 = fine), so alerts and dashboards see them.
+DRIFT_SETTINGS = frozenset(
+    {
+        "gpu_memory_utilization",
+        "max_num_seqs",
+        "max_model_len",
+        "enable_prefix_caching",
+        "enable_expert_parallel",
+        "dtype",
+        "gpus",
+    }
+)
 
 
 def build_registry(

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_watch.drift import Drift
 from moe_watch.runner import SourceStatus
 from moe_watch.samples import ExpertCounts, GpuSample
 from moe_watch.signals.engine import EngineSignals
@@ -62,6 +63,9 @@ class Snapshot:
     experts: tuple[EngineExperts, ...] = ()
     # vLLM EPLB balancedness from its log, by (engine, model).
     eplb_balancedness: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    # Per-GPU memory budget of each engine's plan, bytes; and drift findings by engine.
+    budgets: Mapping[str, float] = field(default_factory=dict)
+    drift: Mapping[str, tuple[Drift, ...]] = field(default_factory=dict)
 
     def to_status(self) -> dict[str, Any]:
         """JSON-friendly summary for /status: what a human at 3 a.m. wants first."""
@@ -91,6 +95,19 @@ class Snapshot:
                 }
                 for view in self.engines
             ],
+            "drift": {
+                engine: [
+                    {
+                        "setting": d.setting,
+                        "running": d.running,
+                        "expected": d.expected,
+                        "rule": d.rule,
+                    }
+                    for d in findings
+                ]
+                for engine, findings in self.drift.items()
+            },
+            "sized_budget_bytes": dict(self.budgets),
             "gpus": [
                 {
                     "gpu": view.sample.index,

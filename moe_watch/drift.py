@@ -1,0 +1,267 @@
+"""Configuration drift: the running engine against its plan and against the MoE rules (pure).
+
+Running values come from the engine's exposition (vLLM ``cache_config_info`` labels),
+``/v1/models`` (max_model_len) and its command line (found through the NVML PIDs of its GPUs and
+``/proc/<pid>/cmdline``). Rules (../shared/design.md): gpu_memory_utilization above 0.80 on a
+large MoE or >= 0.95 anywhere; max_num_seqs above 8 on a large MoE; max_model_len far above the
+plan; prefix caching with an FP8 KV cache; expert parallelism off on a multi-GPU MoE; dtype or
+GPU count differing from the plan. No plan: only the rules apply.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from moe_watch.sizing.catalog import ModelSpec, UnknownModel, find_model
+from moe_watch.sizing.plan import PlanFile
+
+MAX_MODEL_LEN_FACTOR = 2.0  # "far above the plan"
+
+
+@dataclass(frozen=True)
+class Running:
+    """What one engine runs with; None where it could not be observed."""
+
+    model: str | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool | None = None
+    kv_cache_dtype: str | None = None
+    dtype: str | None = None
+    tensor_parallel_size: int | None = None
+    expert_parallel: bool | None = None
+    gpus: int | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Drift:
+    setting: str
+    running: str
+    expected: str
+    rule: str
+
+
+def running_from(
+    cache_config: Mapping[str, str],
+    cmdline: Sequence[str] | None,
+    max_model_len: int | None,
+    gpus: int | None,
+) -> Running:
+    args = parse_vllm_args(cmdline or ())
+    prefix = _bool(cache_config.get("enable_prefix_caching"))
+    if "--no-enable-prefix-caching" in args:
+        prefix = False
+    return Running(
+        model=args.get("--served-model-name") or args.get("--model") or args.get("model"),
+        gpu_memory_utilization=_float(
+            cache_config.get("gpu_memory_utilization") or args.get("--gpu-memory-utilization")
+        ),
+        max_num_seqs=_int(args.get("--max-num-seqs")),
+        max_model_len=max_model_len or _int(args.get("--max-model-len")),
+        enable_prefix_caching=prefix,
+        kv_cache_dtype=_kv_dtype(cache_config.get("cache_dtype") or args.get("--kv-cache-dtype")),
+        dtype=_dtype(args.get("--dtype")),
+        tensor_parallel_size=_int(args.get("--tensor-parallel-size") or args.get("-tp"))
+        or (1 if cmdline else None),
+        expert_parallel=("--enable-expert-parallel" in args) if cmdline else None,
+        gpus=gpus,
+    )
+
+
+def parse_vllm_args(cmdline: Sequence[str]) -> dict[str, str]:
+    """`vllm serve MODEL --flag value --switch ...` or `python -m vllm.entrypoints... --model M`."""
+    args: dict[str, str] = {}
+    tokens = list(cmdline)
+    if "serve" in tokens:
+        after = tokens[tokens.index("serve") + 1 :]
+        if after and not after[0].startswith("-"):
+            args["model"] = after[0]
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("-"):
+            if "=" in token:
+                key, value = token.split("=", 1)
+                args[key] = value
+            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("-"):
+                args[token] = tokens[i + 1]
+                i += 1
+            else:
+                args[token] = "true"
+        i += 1
+    return args
+
+
+def find_drift(
+    running: Running, plan: PlanFile | None = None, spec: ModelSpec | None = None
+) -> list[Drift]:
+    spec = spec or _spec_for(running.model)
+    large = spec.is_large if spec is not None else False
+    found: list[Drift] = []
+    gmu = running.gpu_memory_utilization
+    if gmu is not None:
+        if gmu >= 0.95:
+            found.append(
+                Drift(
+                    "gpu_memory_utilization",
+                    f"{gmu:g}",
+                    "< 0.95",
+                    "0.95+ leaves no room for KV-cache spikes",
+                )
+            )
+        elif large and gmu > 0.80:
+            found.append(
+                Drift("gpu_memory_utilization", f"{gmu:g}", "<= 0.80", "large MoE: 0.75-0.80")
+            )
+    if large and running.max_num_seqs is not None and running.max_num_seqs > 8:
+        found.append(
+            Drift("max_num_seqs", str(running.max_num_seqs), "<= 8", "large MoE: start at 4-8")
+        )
+    if running.enable_prefix_caching and running.kv_cache_dtype == "fp8":
+        found.append(
+            Drift(
+                "enable_prefix_caching",
+                "true",
+                "false",
+                "prefix caching is not compatible with an FP8 KV cache",
+            )
+        )
+    gpus = running.gpus or (plan.gpus if plan else None)
+    if running.expert_parallel is False and gpus is not None and gpus > 1:
+        found.append(
+            Drift(
+                "enable_expert_parallel",
+                "false",
+                "true",
+                "multi-GPU MoE: enable expert parallelism",
+            )
+        )
+    if plan is not None:
+        found.extend(_against_plan(running, plan))
+    return found
+
+
+def _against_plan(running: Running, plan: PlanFile) -> list[Drift]:
+    found: list[Drift] = []
+    expected = plan.vllm
+    if (
+        expected.max_model_len
+        and running.max_model_len
+        and running.max_model_len > MAX_MODEL_LEN_FACTOR * expected.max_model_len
+    ):
+        found.append(
+            Drift(
+                "max_model_len",
+                str(running.max_model_len),
+                str(expected.max_model_len),
+                "far above the plan (KV budget)",
+            )
+        )
+    if running.dtype is not None and running.dtype != plan.dtype:
+        found.append(Drift("dtype", running.dtype, plan.dtype, "differs from the plan"))
+    if running.gpus is not None and running.gpus != plan.gpus:
+        found.append(Drift("gpus", str(running.gpus), str(plan.gpus), "differs from the plan"))
+    for setting in ("gpu_memory_utilization", "max_num_seqs"):
+        want, have = getattr(expected, setting), getattr(running, setting)
+        if (
+            want is not None
+            and have is not None
+            and have != want
+            and not any(d.setting == setting for d in found)
+        ):
+            found.append(
+                Drift(
+                    setting,
+                    f"{have:g}" if isinstance(have, float) else str(have),
+                    f"{want:g}" if isinstance(want, float) else str(want),
+                    "differs from the plan",
+                )
+            )
+    return found
+
+
+def _spec_for(model: str | None) -> ModelSpec | None:
+    if not model:
+        return None
+    for candidate in (model, model.rsplit("/", 1)[-1]):
+        try:
+            return find_model(candidate)
+        except UnknownModel:
+            continue
+    return None
+
+
+def cmdline_from_proc(pids: Sequence[int], proc: str = "/proc", depth: int = 6) -> list[str] | None:
+    """The vLLM server command line for the processes on an engine's GPUs.
+
+    GPU processes are vLLM workers (multiprocessing children whose own command line is a spawn
+    stub), so walk up the parents to the first one that names vLLM with arguments.
+    """
+    for pid in pids:
+        current = pid
+        for _ in range(depth):
+            args = _read_cmdline(proc, current)
+            if (
+                args
+                and any("vllm" in a for a in args)
+                and any(a.startswith("--") or a == "serve" for a in args)
+            ):
+                return args
+            parent = _parent(proc, current)
+            if parent is None or parent <= 1:
+                break
+            current = parent
+    return None
+
+
+def _read_cmdline(proc: str, pid: int) -> list[str]:
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as stream:
+            raw = stream.read()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _parent(proc: str, pid: int) -> int | None:
+    try:
+        with open(f"{proc}/{pid}/stat", encoding="utf-8", errors="replace") as stream:
+            stat = stream.read()
+        return int(stat.rsplit(")", 1)[1].split()[1])  # the comm field may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "", "None") else None
+    except ValueError:
+        return None
+
+
+def _int(value: str | None) -> int | None:
+    number = _float(value)
+    return int(number) if number is not None else None
+
+
+def _bool(value: str | None) -> bool | None:
+    return None if value in (None, "", "None") else str(value).lower() == "true"
+
+
+def _kv_dtype(value: str | None) -> str | None:
+    if not value or value == "auto":
+        return None
+    return "fp8" if value.startswith("fp8") else value
+
+
+def _dtype(value: str | None) -> str | None:
+    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+    return aliases.get(value, value) if value and value != "auto" else None
+
+
+def shell(cmdline: str) -> list[str]:
+    return shlex.split(cmdline)
