@@ -63,7 +63,8 @@ def running_from(
         max_num_seqs=_int(args.get("--max-num-seqs")),
         max_model_len=max_model_len or _int(args.get("--max-model-len")),
         enable_prefix_caching=prefix,
-        kv_cache_dtype=_kv_dtype(cache_config.get("cache_dtype") or args.get("--kv-cache-dtype")),
+        kv_cache_dtype=_kv_dtype(cache_config.get("cache_dtype"))
+        or _kv_dtype(args.get("--kv-cache-dtype")),
         dtype=_dtype(args.get("--dtype")),
         tensor_parallel_size=_int(args.get("--tensor-parallel-size") or args.get("-tp"))
         or (1 if cmdline else None),

@@ -1,0 +1,193 @@
+"""Drift: one test per rule, on command lines and cache_config_info shaped like real ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from moe_watch.drift import Running, cmdline_from_proc, find_drift, parse_vllm_args, running_from
+from moe_watch.sizing.plan import PlanError, PlanFile, VllmSettings, load_plan
+from moe_watch.sources.exposition import parse_engine_exposition
+from tests.conftest import read_capture
+
+VLLM_SERVE = ["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "mistralai/Mixtral-8x22B-Instruct-v0.1", "--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "8", "--gpu-memory-utilization", "0.92", "--max-num-seqs", "16", "--max-model-len", "65536", "--kv-cache-dtype", "fp8", "--dtype", "bfloat16"]
+
+
+def settings(drifts: list) -> set[str]:  # type: ignore[type-arg]
+    return {d.setting for d in drifts}
+
+
+def test_real_cache_config_info_and_a_real_looking_command_line() -> None:
+    info = parse_engine_exposition(read_capture("after-load")).info
+    running = running_from(info, VLLM_SERVE, max_model_len=65536, gpus=8)
+    assert running.gpu_memory_utilization == 0.92  # cache_config_info says 0.92 on the capture
+    assert running.max_num_seqs == 16
+    assert running.kv_cache_dtype == "fp8"
+    assert running.enable_prefix_caching is True  # the capture's enable_prefix_caching="True"
+    assert running.tensor_parallel_size == 8
+    assert running.expert_parallel is False
+    assert running.model == "mistralai/Mixtral-8x22B-Instruct-v0.1"
+    found = settings(find_drift(running))
+    # a large MoE: gmu > 0.80, max_num_seqs > 8; prefix caching with FP8 KV; EP off on 8 GPUs
+    assert found == {
+        "gpu_memory_utilization",
+        "max_num_seqs",
+        "enable_prefix_caching",
+        "enable_expert_parallel",
+    }
+
+
+def test_gpu_memory_utilization_rules() -> None:
+    assert (
+        settings(find_drift(Running(model="mixtral-8x7b", gpu_memory_utilization=0.92))) == set()
+    )  # small MoE
+    assert settings(find_drift(Running(model="mixtral-8x7b", gpu_memory_utilization=0.95))) == {
+        "gpu_memory_utilization"
+    }
+    assert settings(find_drift(Running(model="deepseek-v3", gpu_memory_utilization=0.85))) == {
+        "gpu_memory_utilization"
+    }
+    assert settings(find_drift(Running(model="deepseek-v3", gpu_memory_utilization=0.80))) == set()
+
+
+def test_max_num_seqs_rule_only_for_large_moe() -> None:
+    assert settings(find_drift(Running(model="kimi-k2", max_num_seqs=16))) == {"max_num_seqs"}
+    assert settings(find_drift(Running(model="kimi-k2", max_num_seqs=8))) == set()
+    assert settings(find_drift(Running(model="qwen1.5-moe-a2.7b", max_num_seqs=64))) == set()
+
+
+def test_prefix_caching_with_fp8_kv_and_expert_parallel_off() -> None:
+    assert settings(find_drift(Running(enable_prefix_caching=True, kv_cache_dtype="fp8"))) == {
+        "enable_prefix_caching"
+    }
+    assert settings(find_drift(Running(enable_prefix_caching=False, kv_cache_dtype="fp8"))) == set()
+    assert settings(find_drift(Running(expert_parallel=False, gpus=4))) == {
+        "enable_expert_parallel"
+    }
+    assert settings(find_drift(Running(expert_parallel=False, gpus=1))) == set()
+
+
+def test_against_the_plan() -> None:
+    plan = PlanFile(
+        model="mixtral-8x7b",
+        dtype="fp8",
+        gpus=8,
+        vllm=VllmSettings(max_model_len=8192, max_num_seqs=8, gpu_memory_utilization=0.9),
+    )
+    running = Running(
+        model="mixtral-8x7b",
+        dtype="bf16",
+        gpus=4,
+        max_model_len=32768,
+        max_num_seqs=8,
+        gpu_memory_utilization=0.9,
+        expert_parallel=True,
+    )
+    drifts = {d.setting: d for d in find_drift(running, plan)}
+    assert set(drifts) == {"max_model_len", "dtype", "gpus"}
+    assert (drifts["dtype"].running, drifts["dtype"].expected) == ("bf16", "fp8")
+    assert (drifts["max_model_len"].running, drifts["max_model_len"].expected) == ("32768", "8192")
+    within = Running(
+        model="mixtral-8x7b",
+        dtype="fp8",
+        gpus=8,
+        max_model_len=12000,
+        max_num_seqs=4,
+        expert_parallel=True,
+    )
+    assert settings(find_drift(within, plan)) == {"max_num_seqs"}  # differs from the plan's 8
+
+
+def test_the_server_command_line_is_found_from_a_gpu_worker_pid(tmp_path: Path) -> None:
+    def process(pid: int, parent: int, argv: list[str]) -> None:
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (VLLM::Worker 0) S {parent} 1 1 0 -1\n")
+
+    server = [
+        "python3",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "/models/mixtral",
+        "--max-num-seqs",
+        "8",
+    ]
+    process(100, 1, server)
+    process(
+        200,
+        100,
+        ["python3", "-c", "from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5)"],
+    )
+    process(
+        300,
+        200,
+        ["python3", "-c", "from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=7)"],
+    )
+    assert cmdline_from_proc([300], str(tmp_path)) == server
+    assert cmdline_from_proc([999], str(tmp_path)) is None
+    assert parse_vllm_args(server)["--max-num-seqs"] == "8"
+
+
+def test_plan_errors_name_the_file_and_the_line(tmp_path: Path) -> None:
+    good = tmp_path / "mixtral.yaml"
+    good.write_text(
+        "model: mixtral-8x7b\ndtype: bf16\ngpu: h100-80\ngpus: 2\nvllm:\n  max_num_seqs: 8\n"
+    )
+    assert load_plan(good).gpus == 2
+    unknown = tmp_path / "typo-model.yaml"
+    unknown.write_text("dtype: bf16\nmodel: mixtrall-8x7b\n")
+    with pytest.raises(
+        PlanError, match=r"typo-model\.yaml:2: model: unknown model 'mixtrall-8x7b'"
+    ):
+        load_plan(unknown)
+    typo = tmp_path / "typo-key.yaml"
+    typo.write_text("model: mixtral-8x7b\nvllm:\n  max_num_seq: 8\n")
+    with pytest.raises(
+        PlanError, match=r"typo-key\.yaml:3: vllm\.max_num_seq: unknown plan setting"
+    ):
+        load_plan(typo)
+
+
+async def test_the_agent_exports_budget_headroom_and_drift(tmp_path: Path) -> None:
+    from moe_watch.agent import Agent
+    from moe_watch.config import load_settings
+    from moe_watch.demo.fake_nvml import GIB, FakeNvml
+    from tests.conftest import EngineStub
+    from tests.test_agent import exposition, value
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "model: mixtral-8x7b\ndtype: bf16\ngpu: h100-80\ngpus: 2\nvllm:\n  gpu_memory_utilization: 0.9\n  max_model_len: 256\n"
+    )
+    stub = await EngineStub(read_capture("after-load")).start()  # gmu 0.92, max_model_len 1024
+    fake = FakeNvml.with_gpus(2)
+    for gpu in fake.gpus:
+        gpu.memory_used_bytes = 60 * GIB
+        gpu.pids = [os.getpid()]  # this test process: not a vLLM command line
+    try:
+        config = load_settings(
+            None, targets=[{"name": "mixtral-0", "url": stub.url, "plan": str(plan)}]
+        )
+        async with Agent(config, nvml=fake) as agent:
+            snap = await agent.run_cycle()
+    finally:
+        await stub.stop()
+    m = exposition(snap)
+    budget = value(m, "moe_watch_sized_budget_bytes", engine="mixtral-0")
+    assert 40e9 < budget < 80e9
+    assert value(m, "moe_watch_budget_used_ratio", engine="mixtral-0", gpu="0") == pytest.approx(
+        60 * GIB / budget
+    )
+    assert value(m, "moe_watch_memory_headroom_ratio", gpu="1") == pytest.approx(
+        1 - 60 / 80, abs=0.01
+    )
+    assert value(m, "moe_watch_config_drift", engine="mixtral-0", setting="max_model_len") == 1
+    assert (
+        value(m, "moe_watch_config_drift", engine="mixtral-0", setting="gpu_memory_utilization")
+        == 1
+    )
+    assert value(m, "moe_watch_config_drift", engine="mixtral-0", setting="dtype") == 0
+    assert snap.to_status()["drift"]["mixtral-0"][0]["running"]
