@@ -39,9 +39,11 @@ class Alert:
     fire: str
     quiet: str
     eval_minutes: int = 0  # 0: for + 2 minutes
-    value_at_eval: float | None = (
-        None  # the alert's value then; default: the fire series' last value
-    )
+    # The alert's value at eval_time (for the expected description); default: the fire series' last.
+    value_at_eval: float | None = None
+    # The alert's labels when they are not the fire series' own (absent() makes its own).
+    alert_labels: tuple[tuple[str, str], ...] | None = None
+    # quiet may be "" where the alert has no "just below" (absent()).
 
     @property
     def runbook_url(self) -> str:
@@ -247,6 +249,19 @@ ALERTS: tuple[Alert, ...] = (
         _v(1),
     ),
     Alert(
+        "MoEWatchAbsent",
+        'absent(up{{job="moe-watch"}}) == {t}',
+        1,
+        "10m",
+        "warning",
+        "No moe-watch agent is scraped at all",
+        "Prometheus has no up series for job {{ $labels.job }}: the DaemonSet is gone or its ServiceMonitor no longer matches.",
+        'up{job="node-exporter",instance="10.0.0.5:9100"}',
+        _v(1),
+        "",
+        alert_labels=(("job", "moe-watch"),),
+    ),
+    Alert(
         "MoEWatchStale",
         "time() - moe_watch_last_success_timestamp_seconds > {t}",
         120,
@@ -333,7 +348,8 @@ def promtool_tests() -> dict[str, Any]:
         fire_labels = _labels(alert.series)
         quiet_series = _with_label(alert.series, "case", "quiet")
         minutes = alert.eval_minutes or _minutes(alert.for_) + 2
-        exp = dict(fire_labels) | {"severity": alert.severity}
+        exp = dict(alert.alert_labels) if alert.alert_labels is not None else dict(fire_labels)
+        exp["severity"] = alert.severity
         exp.pop("__name__", None)
         value = alert.value_at_eval
         if value is None:
@@ -348,7 +364,7 @@ def promtool_tests() -> dict[str, Any]:
                 "interval": "1m",
                 "input_series": [
                     {"series": alert.series, "values": alert.fire},
-                    {"series": quiet_series, "values": alert.quiet},
+                    *([{"series": quiet_series, "values": alert.quiet}] if alert.quiet else []),
                 ],
                 "alert_rule_test": [
                     {
