@@ -12,7 +12,28 @@ from moe_watch.sizing.plan import PlanError, PlanFile, VllmSettings, load_plan
 from moe_watch.sources.exposition import parse_engine_exposition
 from tests.conftest import read_capture
 
-VLLM_SERVE = ["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "mistralai/Mixtral-8x22B-Instruct-v0.1", "--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "8", "--gpu-memory-utilization", "0.92", "--max-num-seqs", "16", "--max-model-len", "65536", "--kv-cache-dtype", "fp8", "--dtype", "bfloat16"]
+VLLM_SERVE = [
+    "/usr/bin/python3",
+    "/usr/local/bin/vllm",
+    "serve",
+    "mistralai/Mixtral-8x22B-Instruct-v0.1",
+    "--host",
+    "0.0.0.0",
+    "--port",
+    "8000",
+    "--tensor-parallel-size",
+    "8",
+    "--gpu-memory-utilization",
+    "0.92",
+    "--max-num-seqs",
+    "16",
+    "--max-model-len",
+    "65536",
+    "--kv-cache-dtype",
+    "fp8",
+    "--dtype",
+    "bfloat16",
+]
 
 
 def settings(drifts: list) -> set[str]:  # type: ignore[type-arg]
