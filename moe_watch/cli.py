@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rules.add_argument("--out", type=Path, default=Path("."), help="repository root (default .)")
 
+    dashboards = commands.add_parser("dashboards", help="write the Grafana dashboards (JSON)")
+    dashboards.add_argument(
+        "--out", type=Path, default=Path("."), help="repository root (default .)"
+    )
+
     check = commands.add_parser("check", help="validate a settings file and print the result")
     check.add_argument("--config", type=Path, required=True)
     return parser  # fmt: skip
@@ -131,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(run_demo(args))
         if args.command == "size":
             return _size(args)
+        if args.command == "dashboards":
+            from moe_watch.dashboards.definitions import write_all as write_dashboards
+
+            for path in write_dashboards(args.out):
+                print(f"wrote {path}")
+            return 0
         if args.command == "rules":
             from moe_watch.rules import write_all
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -30,7 +31,19 @@ from moe_watch.logs import configure_logging
 from moe_watch.service import ListenError, install_stop_signals, serve
 
 ENGINE_ID = "demo-mixtral"
-ENGINE_PID = 4242
+ENGINE_PID = os.getpid()  # a real process, so /status shows a PID (not a vLLM command line)
+# What the demo engine was sized for: 2 x H100 for Mixtral 8x7B; the simulated engine runs with
+# gpu_memory_utilization 0.9 against a planned 0.85, so drift and the budget have something to show.
+DEMO_PLAN = """\
+model: mixtral-8x7b
+dtype: bf16
+gpu: h100-80
+gpus: 2
+vllm:
+  gpu_memory_utilization: 0.85
+  max_num_seqs: 16
+  max_model_len: 32768
+"""
 WARM_UP_SECONDS = 120.0
 
 
@@ -103,6 +116,8 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
     drive_gpus(fake, sim, 0.0)
     experts_dir = Path(tempfile.mkdtemp(prefix="moe-watch-demo-experts-"))
     write_expert_counts(experts_dir, sim)
+    plan = experts_dir / "plan.yaml"
+    plan.write_text(DEMO_PLAN)
     settings: Settings = load_settings(
         None,
         targets=[
@@ -110,8 +125,10 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
                 "name": ENGINE_ID,
                 "url": engine.url,
                 "experts": {"source": "plugin", "directory": str(experts_dir)},
+                "plan": str(plan),
             }
         ],
+        expert_full_detail=True,  # 32 layers x 8 experts: small enough, and the heatmap needs it
         listen=args.listen,
         interval_seconds=args.interval_seconds,
         window_seconds=60,
