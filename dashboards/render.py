@@ -32,6 +32,7 @@ from moe_watch.rules import render, rule_groups  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 VARIABLES = {
+    "$model": ".*",
     "$cluster": ".*",
     "$node": ".*",
     "$engine": ".*",
@@ -81,14 +82,18 @@ def draw(board: dict[str, Any], base: str, start: float, end: float, out: Path) 
         ]
         if panel["type"] == "timeseries":
             for target in panel["targets"]:
-                for series in query(
+                found = query(
                     base,
                     "query_range",
                     query=substitute(target["expr"]),
                     start=start,
                     end=end,
                     step=2,
-                )[:12]:
+                )
+                found.sort(
+                    key=lambda item: -max(float(v) for _, v in item["values"])
+                )  # worst first
+                for series in found[:8]:
                     xs = [float(t) - start for t, _ in series["values"]]
                     ax.plot(
                         xs,

@@ -23,6 +23,7 @@ from tests.test_alerts_e2e import binary
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIABLES = {
+    "$model": ".*",
     "$cluster": ".*",
     "$node": ".*",
     "$engine": ".*",
@@ -88,7 +89,6 @@ def test_every_metric_a_panel_reads_is_exported_or_recorded() -> None:
         ).decode()
         exported |= set(re.findall(r"^# TYPE (\w+)", text, re.MULTILINE))
     exported |= {n + "_total" for n in exported} | {r for r, _ in RECORDING} | {"ALERTS"}
-    exported |= {"moe_watch_sized_budget_bytes", "moe_watch_budget_used_ratio", "moe_watch_memory_headroom_ratio", "moe_watch_config_drift", "moe_watch_config_drift_info"}  # fmt: skip
     for board in all_dashboards():
         for title, expr in queries(board):
             for name in re.findall(r"\b(moe_watch[:_][a-z_:]+|ALERTS)\b", expr):

@@ -14,6 +14,7 @@ from typing import Any
 SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'cluster=~"$cluster",instance=~"$node",engine=~"$engine"'
+SEL_MODEL = SEL + ',model=~"$model"'  # engine-level series carry the served model
 GREEN, YELLOW, RED = "green", "#EAB839", "red"
 
 
@@ -38,7 +39,7 @@ class Panel:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def variables() -> list[dict[str, Any]]:
+def variables(with_model: bool = False) -> list[dict[str, Any]]:
     def query(name: str, label: str, expr: str) -> dict[str, Any]:
         return {
             "name": name,
@@ -70,11 +71,28 @@ def variables() -> list[dict[str, Any]]:
             "engine",
             'label_values(moe_watch_target_up{cluster=~"$cluster",instance=~"$node"}, engine)',
         ),
+        *(
+            [
+                query(
+                    "model",
+                    "model",
+                    'label_values(moe_watch_engine_info{engine=~"$engine"}, model)',
+                )
+            ]
+            if with_model
+            else []
+        ),
     ]
 
 
 def dashboard(
-    uid: str, title: str, description: str, panels: list[Panel], tags: tuple[str, ...] = ()
+    uid: str,
+    title: str,
+    description: str,
+    panels: list[Panel],
+    tags: tuple[str, ...] = (),
+    *,
+    with_model: bool = False,
 ) -> dict[str, Any]:
     return {
         "uid": uid,
@@ -87,7 +105,7 @@ def dashboard(
         "timezone": "browser",
         "refresh": "30s",
         "time": {"from": "now-1h", "to": "now"},
-        "templating": {"list": variables()},
+        "templating": {"list": variables(with_model)},
         "annotations": {"list": []},
         "panels": _layout(panels),
     }

@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moe_watch.dashboards.build import RED, SEL, YELLOW, Panel, Target, dashboard, to_json
+from moe_watch.dashboards.build import (
+    RED,
+    SEL,
+    SEL_MODEL,
+    YELLOW,
+    Panel,
+    Target,
+    dashboard,
+    to_json,
+)
 
 T = Target
 
@@ -35,7 +44,7 @@ def engine() -> dict[str, Any]:
     def quantiles(kind: str) -> tuple[Target, ...]:
         return tuple(
             T(
-                f'moe_watch_latency_seconds{{{SEL},kind="{kind}",quantile="{q}"}}',
+                f'moe_watch_latency_seconds{{{SEL_MODEL},kind="{kind}",quantile="{q}"}}',
                 f"{{{{engine}}}} p{int(float(q) * 100)}",
             )
             for q in ("0.5", "0.95", "0.99")
@@ -46,13 +55,13 @@ def engine() -> dict[str, Any]:
         Panel("timeseries", "Time to first token P50 / P95 / P99", "Prefill time: grows with long prompts and queueing.", quantiles("ttft"), "s", (), 12),
         Panel("timeseries", "Inter-token latency P50 / P95 / P99", "Decode time per token: grows with batch size, hot experts and preemption.", quantiles("itl"), "s", (), 12),
         Panel("timeseries", "Running and waiting requests", "Waiting above 10 is an autoscale signal; above 100 warns (scale out).",
-              (T(f"moe_watch_requests_running{{{SEL}}}", "{{engine}} running"), T(f"moe_watch_requests_waiting{{{SEL}}}", "{{engine}} waiting")), "short", ((10, YELLOW), (100, RED)), 12),
+              (T(f"moe_watch_requests_running{{{SEL_MODEL}}}", "{{engine}} running"), T(f"moe_watch_requests_waiting{{{SEL_MODEL}}}", "{{engine}} waiting")), "short", ((10, YELLOW), (100, RED)), 12),
         Panel("timeseries", "KV-cache usage and prefix hit ratio", "Usage above 0.95 is critical; a chat hit ratio is healthy above 0.40, alert below 0.20.",
-              (T(f"moe_watch_kv_cache_usage_ratio{{{SEL}}}", "{{engine}} usage"), T(f"moe_watch_kv_cache_hit_ratio{{{SEL}}}", "{{engine}} hit ratio")), "percentunit", ((0.95, RED),), 12, max_value=1),
-        Panel("timeseries", "Preemptions per second", "Above 0: KV pressure is evicting running requests.", (T(f"moe_watch_preemptions_per_second{{{SEL}}}", "{{engine}}"),), "short", ((0.01, RED),), 12),
+              (T(f"moe_watch_kv_cache_usage_ratio{{{SEL_MODEL}}}", "{{engine}} usage"), T(f"moe_watch_kv_cache_hit_ratio{{{SEL_MODEL}}}", "{{engine}} hit ratio")), "percentunit", ((0.95, RED),), 12, max_value=1),
+        Panel("timeseries", "Preemptions per second", "Above 0: KV pressure is evicting running requests.", (T(f"moe_watch_preemptions_per_second{{{SEL_MODEL}}}", "{{engine}}"),), "short", ((0.01, RED),), 12),
         Panel("timeseries", "Throughput", "Generated and prompt tokens per second over the window.",
-              (T(f"moe_watch_generation_tokens_per_second{{{SEL}}}", "{{engine}} generated"), T(f"moe_watch_prompt_tokens_per_second{{{SEL}}}", "{{engine}} prompt")), "short", (), 12),
-    ], ("engine",))  # fmt: skip
+              (T(f"moe_watch_generation_tokens_per_second{{{SEL_MODEL}}}", "{{engine}} generated"), T(f"moe_watch_prompt_tokens_per_second{{{SEL_MODEL}}}", "{{engine}} prompt")), "short", (), 12),
+    ], ("engine",), with_model=True)  # fmt: skip
 
 
 def experts() -> dict[str, Any]:
