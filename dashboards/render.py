@@ -27,30 +27,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe_watch.dashboards.build import substitute_all  # noqa: E402
 from moe_watch.dashboards.definitions import DASHBOARDS  # noqa: E402
 from moe_watch.rules import render, rule_groups  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-
-VARIABLES = {
-    "$model": ".*",
-    "$cluster": ".*",
-    "$node": ".*",
-    "$engine": ".*",
-    "$__rate_interval": "1m",
-    "$__interval": "15s",
-}
 
 
 def query(base: str, path: str, **params: Any) -> list[dict[str, Any]]:
     url = f"{base}/api/v1/{path}?{urllib.parse.urlencode(params)}"
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.load(response)["data"]["result"]  # type: ignore[no-any-return]
-
-
-def substitute(expr: str) -> str:
-    for name, value in VARIABLES.items():
-        expr = expr.replace(name, value)
-    return expr
 
 
 def legend(template: str, labels: dict[str, str]) -> str:
@@ -85,7 +71,7 @@ def draw(board: dict[str, Any], base: str, start: float, end: float, out: Path) 
                 found = query(
                     base,
                     "query_range",
-                    query=substitute(target["expr"]),
+                    query=substitute_all(target["expr"]),
                     start=start,
                     end=end,
                     step=2,
@@ -111,7 +97,7 @@ def draw(board: dict[str, Any], base: str, start: float, end: float, out: Path) 
             ax.set_xlabel("seconds", fontsize=7)
             ax.legend(fontsize=6, loc="upper left", ncol=2)
         elif panel["type"] == "heatmap":
-            series = query(base, "query", query=substitute(panel["targets"][0]["expr"]))
+            series = query(base, "query", query=substitute_all(panel["targets"][0]["expr"]))
             layers = sorted({int(s["metric"]["layer"]) for s in series})
             experts = sorted({int(s["metric"]["expert"]) for s in series})
             matrix = [[0.0] * len(experts) for _ in layers]
@@ -128,7 +114,7 @@ def draw(board: dict[str, Any], base: str, start: float, end: float, out: Path) 
         else:  # table, bargauge: the instant values, worst first
             results = []
             for target in panel["targets"]:
-                for s in query(base, "query", query=substitute(target["expr"])):
+                for s in query(base, "query", query=substitute_all(target["expr"])):
                     results.append(
                         (legend(target["legendFormat"], s["metric"]), float(s["value"][1]))
                     )

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from moe_watch.generated import write_generated
+
 RUNBOOK_BASE = "https://github.com/moe-watch/moe-watch/blob/main/docs/runbooks.md"
 RULES_FILE = Path("alerts/moe-watch.rules.yml")
 TESTS_FILE = Path("alerts/tests/moe-watch.rules.test.yml")
@@ -408,13 +410,7 @@ def generated_files() -> dict[Path, str]:
 
 
 def write_all(root: Path) -> list[Path]:
-    written = []
-    for relative, text in generated_files().items():
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-    return written
+    return write_generated(root, generated_files())
 
 
 def expand(template: str, labels: dict[str, str], value: float) -> str:

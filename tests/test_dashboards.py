@@ -16,20 +16,13 @@ import aiohttp
 import pytest
 import yaml
 
+from moe_watch.dashboards.build import substitute_all
 from moe_watch.dashboards.definitions import DASHBOARDS, generated_files
 from moe_watch.rules import RECORDING, render, rule_groups
 from tests.conftest import free_port
 from tests.test_alerts_e2e import binary
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIABLES = {
-    "$model": ".*",
-    "$cluster": ".*",
-    "$node": ".*",
-    "$engine": ".*",
-    "$__rate_interval": "1m",
-    "$__interval": "15s",
-}
 
 
 def all_dashboards() -> list[dict[str, Any]]:
@@ -120,7 +113,9 @@ def stack(tmp_path: Path) -> Iterator[str]:
 
 async def test_every_panel_query_returns_data_from_a_real_prometheus(stack: str) -> None:
     pending = {
-        (b["uid"], title): _substitute(expr) for b in all_dashboards() for title, expr in queries(b)
+        (b["uid"], title): substitute_all(expr)
+        for b in all_dashboards()
+        for title, expr in queries(b)
     }
     errors: dict[tuple[str, str], str] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
@@ -145,9 +140,3 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(stack: str)
                 break
             await asyncio.sleep(1)
     assert not pending, f"panels without data: {sorted(pending)}; last errors: {errors}"
-
-
-def _substitute(expr: str) -> str:
-    for name, value in VARIABLES.items():
-        expr = expr.replace(name, value)
-    return expr

@@ -16,6 +16,21 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'cluster=~"$cluster",instance=~"$node",engine=~"$engine"'
 SEL_MODEL = SEL + ',model=~"$model"'  # engine-level series carry the served model
 GREEN, YELLOW, RED = "green", "#EAB839", "red"
+# What Grafana puts in place of the variables when "All" is selected (tests and pictures use it).
+ALL_VALUES = {
+    "$model": ".*",
+    "$cluster": ".*",
+    "$node": ".*",
+    "$engine": ".*",
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+}
+
+
+def substitute_all(expr: str) -> str:
+    for name, value in ALL_VALUES.items():
+        expr = expr.replace(name, value)
+    return expr
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from moe_watch.dashboards.build import (
     dashboard,
     to_json,
 )
+from moe_watch.generated import write_generated
 
 T = Target
 
@@ -107,10 +108,4 @@ def generated_files() -> dict[Path, str]:
 
 
 def write_all(root: Path) -> list[Path]:
-    written = []
-    for relative, text in generated_files().items():
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-    return written
+    return write_generated(root, generated_files())
