@@ -99,6 +99,7 @@ class Plan:
     itemised: PerGpu
     fits: bool
     smallest_fitting_gpus: int | None
+    smallest_fitting_tp: int | None
     recommended: dict[str, object]
 
     def to_dict(self) -> dict[str, object]:
@@ -133,6 +134,7 @@ def size(
         kv_per_token_bytes=kv_token, kv_budget_gb=kv_budget, rule_115_total_gb=rule_total,
         rule_115_per_gpu_gb=rule_total / gpus, itemised=itemised, fits=fits,
         smallest_fitting_gpus=smallest,
+        smallest_fitting_tp=largest_valid_tp(spec, smallest) if smallest else None,
         recommended=recommended_settings(spec, gpus, max_model_len, max_num_seqs, kv_dtype),
     )  # fmt: skip
 

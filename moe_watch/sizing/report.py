@@ -35,7 +35,10 @@ def render_plan(plan: Plan) -> str:
     if plan.smallest_fitting_gpus is None:
         lines.append(f"  no count of {plan.gpu} up to 64 fits this target")
     else:
-        lines.append(f"  smallest {plan.gpu} count that fits: {plan.smallest_fitting_gpus}")
+        lines.append(
+            f"  smallest {plan.gpu} count that fits: {plan.smallest_fitting_gpus}"
+            f" (tensor_parallel_size {plan.smallest_fitting_tp}, expert parallel over all of them)"
+        )
     lines.append(
         "  recommended vLLM settings: " + ", ".join(f"{k}={v}" for k, v in plan.recommended.items())
     )

@@ -105,7 +105,7 @@ def test_size_cli_prints_a_table_and_json(capsys: pytest.CaptureFixture[str]) ->
     )
     table = capsys.readouterr().out
     assert "DOES NOT FIT on 8 x h100" in table
-    assert "smallest h100 count that fits" in table
+    assert "smallest h100 count that fits: 11 (tensor_parallel_size 8" in table
     assert main(["size", "--model", "qwen2-57b-a14b", "--dtype", "fp8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is True
