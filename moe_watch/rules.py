@@ -4,7 +4,7 @@
 - alerts/moe-watch.rules.yml            Prometheus rule groups (recording + alerting)
 - alerts/tests/moe-watch.rules.test.yml promtool unit tests: every alert fires at its threshold
                                         after `for:` and stays silent just below it
-- deploy/prometheus/prometheusrule.yaml the same groups as a Prometheus Operator PrometheusRule
+- deploy/base/prometheusrule.yaml the same groups as a Prometheus Operator PrometheusRule
 A test regenerates them and fails when the committed files are stale. Thresholds trace to
 ../shared/design.md; each alert's runbook is a section of docs/runbooks.md.
 """
@@ -23,7 +23,7 @@ from moe_watch.generated import write_generated
 RUNBOOK_BASE = "https://github.com/moe-watch/moe-watch/blob/main/docs/runbooks.md"
 RULES_FILE = Path("alerts/moe-watch.rules.yml")
 TESTS_FILE = Path("alerts/tests/moe-watch.rules.test.yml")
-OPERATOR_FILE = Path("deploy/prometheus/prometheusrule.yaml")
+OPERATOR_FILE = Path("deploy/base/prometheusrule.yaml")
 ENGINE = 'engine="mixtral-0"'
 
 

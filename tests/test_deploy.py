@@ -1,0 +1,104 @@
+"""The Kubernetes manifests: kustomize builds them, the Kubernetes schemas accept them, and the
+DaemonSet is locked down and never takes a GPU from a workload."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBERNETES_VERSION = "1.30"
+CRDS = {"ServiceMonitor", "PrometheusRule"}  # Prometheus Operator: no upstream schema offline
+
+
+def build(overlay: str) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl not found: it builds the kustomize overlays (kubectl kustomize)"
+    out = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / overlay)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=["deploy/base", "deploy/overlays/eks"])
+def objects(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return build(request.param)
+
+
+def test_every_object_passes_the_kubernetes_schema(objects: list[dict[str, Any]]) -> None:
+    kinds = {o["kind"] for o in objects}
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "DaemonSet",
+        "Service",
+        "ConfigMap",
+    } <= kinds
+    assert kinds >= CRDS
+    for obj in objects:
+        if obj["kind"] in CRDS:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def daemonset(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == "DaemonSet")
+
+
+def test_the_daemonset_is_locked_down_and_requests_no_gpu(objects: list[dict[str, Any]]) -> None:
+    pod = daemonset(objects)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["hostPID"] is True
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    resources = container["resources"]
+    assert not any(
+        "nvidia.com" in key for part in resources.values() for key in part
+    )  # never takes a GPU
+    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"} in container["env"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_rbac_reads_pods_and_nothing_else(objects: list[dict[str, Any]]) -> None:
+    role = next(o for o in objects if o["kind"] == "ClusterRole")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    ]
+
+
+def test_dashboards_are_configmaps_for_the_grafana_sidecar(objects: list[dict[str, Any]]) -> None:
+    dashboards = [
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap"
+        and o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+    ]
+    assert len(dashboards) == 4
+
+
+def test_the_shipped_agent_config_and_plan_are_valid(tmp_path: Path) -> None:
+    from moe_watch.config import load_settings
+    from moe_watch.sizing.plan import load_plan
+
+    assert load_settings(ROOT / "deploy/base/config.yaml").listen == "0.0.0.0:9400"
+    assert load_plan(ROOT / "deploy/base/plans/example-mixtral.yaml").gpus == 2
