@@ -1,0 +1,176 @@
+"""Pod discovery against a fake API server speaking the real list/watch JSON: events, a dropped
+watch, 410 Gone, and a failing list."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from moe_watch.k8s.discovery import PodWatcher, target_of
+from moe_watch.server import start_server
+
+
+def pod(
+    name: str,
+    uid: str,
+    *,
+    rv: str,
+    scrape: bool = True,
+    phase: str = "Running",
+    ip: str = "10.1.2.3",
+) -> dict[str, Any]:
+    annotations = {"moe-watch.io/scrape": "true", "moe-watch.io/port": "8001"} if scrape else {}
+    return {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": name,
+            "namespace": "llm",
+            "uid": uid,
+            "resourceVersion": rv,
+            "annotations": annotations,
+        },
+        "spec": {"nodeName": "gpu-node-1"},
+        "status": {"phase": phase, "podIP": ip},
+    }
+
+
+class FakeApiServer:
+    def __init__(self) -> None:
+        self.items = [pod("mixtral-0", "u1", rv="90"), pod("sidecar", "u2", rv="91", scrape=False)]
+        self.list_status = 200
+        self.list_calls = 0
+        self.watch_versions: list[str] = []
+        self.field_selectors: set[str] = set()
+        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()  # None drops the stream
+
+    async def pods(self, request: web.Request) -> web.StreamResponse:
+        self.field_selectors.add(request.query.get("fieldSelector", ""))
+        if request.query.get("watch") == "1":
+            return await self.watch(request)
+        self.list_calls += 1
+        if self.list_status != 200:
+            return web.json_response(
+                {"kind": "Status", "code": self.list_status}, status=self.list_status
+            )
+        return web.json_response(
+            {
+                "kind": "PodList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": "100"},
+                "items": self.items,
+            }
+        )
+
+    async def watch(self, request: web.Request) -> web.StreamResponse:
+        self.watch_versions.append(request.query["resourceVersion"])
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        while (event := await self.events.get()) is not None:
+            await response.write(json.dumps(event).encode() + b"\n")
+        return response  # the connection ends: a dropped watch
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[FakeApiServer, str]]:
+    fake = FakeApiServer()
+    app = web.Application()
+    app.router.add_get("/api/v1/pods", fake.pods)
+    runner, url = await start_server(app, "127.0.0.1", 0)
+    yield fake, url
+    fake.events.put_nowait(None)
+    await runner.cleanup()
+
+
+def test_only_annotated_running_pods_with_an_ip_are_targets() -> None:
+    target = target_of(pod("m", "u", rv="1"))
+    assert target is not None
+    assert (target.engine, target.url, target.metrics_path) == (
+        "llm/m",
+        "http://10.1.2.3:8001",
+        "/metrics",
+    )
+    assert target_of(pod("m", "u", rv="1", scrape=False)) is None
+    assert target_of(pod("m", "u", rv="1", phase="Pending")) is None
+    assert target_of(pod("m", "u", rv="1", ip="")) is None
+    ipv6 = target_of(pod("m", "u", rv="1", ip="fd00::5"))
+    assert ipv6 is not None
+    assert ipv6.url == "http://[fd00::5]:8001"
+
+
+async def test_list_watch_dropped_watch_and_410_gone(api: tuple[FakeApiServer, str]) -> None:
+    fake, url = api
+    changes: asyncio.Queue[set[str]] = asyncio.Queue()
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        watcher = PodWatcher(
+            session,
+            url,
+            "gpu-node-1",
+            on_change=lambda t: changes.put_nowait({x.engine for x in t.values()}),
+            max_backoff_seconds=0.2,
+        )
+        task = asyncio.create_task(watcher.run(stop))
+
+        async def next_change() -> set[str]:
+            return await asyncio.wait_for(changes.get(), 5)
+
+        assert await next_change() == {"llm/mixtral-0"}  # the list: the sidecar is not annotated
+        fake.events.put_nowait({"type": "ADDED", "object": pod("deepseek-0", "u3", rv="101")})
+        assert await next_change() == {"llm/mixtral-0", "llm/deepseek-0"}
+        fake.events.put_nowait(
+            {"type": "BOOKMARK", "object": {"kind": "Pod", "metadata": {"resourceVersion": "105"}}}
+        )
+        fake.events.put_nowait(
+            {"type": "MODIFIED", "object": pod("mixtral-0", "u1", rv="106", phase="Succeeded")}
+        )
+        assert await next_change() == {"llm/deepseek-0"}
+        fake.events.put_nowait(None)  # the API server drops the watch
+        fake.events.put_nowait({"type": "DELETED", "object": pod("deepseek-0", "u3", rv="110")})
+        assert await next_change() == set()
+        assert fake.watch_versions[:2] == ["100", "106"]  # resumed from the last version seen
+        assert fake.list_calls == 1  # a dropped watch is not a reason to list again
+        fake.events.put_nowait(
+            {
+                "type": "ERROR",
+                "object": {
+                    "kind": "Status",
+                    "code": 410,
+                    "reason": "Expired",
+                    "message": "too old resource version",
+                },
+            }
+        )
+        assert await next_change() == {"llm/mixtral-0"}  # listed again after 410 Gone
+        assert fake.list_calls == 2
+        stop.set()
+        fake.events.put_nowait(None)
+        await asyncio.wait_for(task, 5)
+    assert fake.field_selectors == {"spec.nodeName=gpu-node-1"}
+
+
+async def test_a_failing_list_backs_off_and_recovers(api: tuple[FakeApiServer, str]) -> None:
+    fake, url = api
+    fake.list_status = 503
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        watcher = PodWatcher(session, url, "gpu-node-1", max_backoff_seconds=0.05)
+        task = asyncio.create_task(watcher.run(stop))
+        for _ in range(200):  # bounded: a few failed lists, then the API server recovers
+            if fake.list_calls >= 3:
+                fake.list_status = 200
+            if watcher.synced.is_set():
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        fake.events.put_nowait(None)
+        await asyncio.wait_for(task, 5)
+    assert watcher.synced.is_set()
+    assert fake.list_calls >= 4
+    assert set(watcher.targets) == {"u1"}
