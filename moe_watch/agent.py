@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -14,8 +14,17 @@ import structlog
 
 from moe_watch.config import Settings, TargetConfig
 from moe_watch.drift import Drift, cmdline_from_proc, find_drift, running_from
+from moe_watch.k8s.cgroup import pod_of_pid
+from moe_watch.k8s.discovery import PodTarget, PodWatcher
 from moe_watch.runner import SourceRunner
-from moe_watch.samples import EngineScrape, EplbBalance, ExpertCounts, GpuReading, ModelSample
+from moe_watch.samples import (
+    EngineScrape,
+    EplbBalance,
+    ExpertCounts,
+    GpuReading,
+    GpuSample,
+    ModelSample,
+)
 from moe_watch.signals.engine import derive_engine_signals
 from moe_watch.signals.experts import derive_expert_signals
 from moe_watch.signals.gpu import memory_used_ratio, utilization_spread
@@ -50,6 +59,12 @@ class Agent:
         self._windows: dict[tuple[str, str], SlidingWindow[ModelSample]] = {}
         self._expert_windows: dict[str, SlidingWindow[ExpertCounts]] = {}
         self._plans: dict[str, PlanFile] = {}
+        self._static: set[str] = {t.name for t in settings.targets}
+        self._pending_pods: dict[str, PodTarget] | None = None
+        self._pod_engines: dict[str, str] = {}  # pod uid -> engine (discovery)
+        self.discovery: PodWatcher | None = None
+        self._discovery_task: asyncio.Task[None] | None = None
+        self._discovery_stop = asyncio.Event()
         self._budgets: dict[str, float] = {}
         self.proc_root = "/proc"  # hostPID in Kubernetes: the engines' processes are visible here
         self._snapshot: Snapshot | None = None
@@ -68,45 +83,9 @@ class Agent:
             auto_decompress=True,
         )
         for target in s.targets:
-            source = EngineSource(
-                target,
-                self._session,
-                timeout_seconds=s.scrape_timeout_seconds,
-                max_body_bytes=s.max_body_bytes,
-                clock=self._clock,
-            )
-            runner = SourceRunner(
-                source,
-                timeout_seconds=s.scrape_timeout_seconds * 3,  # metrics + metadata calls
-                clock=self._clock,
-                log_fields={"engine": target.name},
-            )
-            self._engine_runners.append((target, runner))
-            fields = {"engine": target.name}
-            if target.plan is not None:
-                plan = load_plan(target.plan)
-                self._plans[target.name] = plan
-                self._budgets[target.name] = plan.sized(target.plan.parent).itemised.total_gb * 1e9
-            if target.experts is not None:
-                experts = self._expert_source(target, self._session)
-                self._expert_runners.append(
-                    SourceRunner(
-                        experts,
-                        timeout_seconds=s.scrape_timeout_seconds * 3,
-                        clock=self._clock,
-                        log_fields=fields,
-                    )
-                )
-            if target.eplb_log is not None:
-                eplb = EplbLogSource(target.name, target.eplb_log)
-                self._eplb_runners.append(
-                    SourceRunner(
-                        eplb,
-                        timeout_seconds=s.scrape_timeout_seconds,
-                        clock=self._clock,
-                        log_fields=fields,
-                    )
-                )
+            self._add_target(target)
+        if s.discovery:
+            self._start_discovery()
         if s.nvml != "off":
             from moe_watch.sources.nvml import NvmlSource  # pynvml only where GPUs are read
 
@@ -122,6 +101,99 @@ class Agent:
             window_seconds=s.window_seconds,
         )
         return self
+
+    def _add_target(self, target: TargetConfig) -> None:
+        """Runners for one engine: its /metrics, and its expert counts and EPLB log if configured."""
+        session = self._session
+        assert session is not None
+        source = EngineSource(
+            target,
+            session,
+            timeout_seconds=self.settings.scrape_timeout_seconds,
+            max_body_bytes=self.settings.max_body_bytes,
+            clock=self._clock,
+        )
+        runner = SourceRunner(
+            source,
+            timeout_seconds=self.settings.scrape_timeout_seconds * 3,  # metrics + metadata calls
+            clock=self._clock,
+            log_fields={"engine": target.name},
+        )
+        self._engine_runners.append((target, runner))
+        fields = {"engine": target.name}
+        if target.plan is not None:
+            plan = load_plan(target.plan)
+            self._plans[target.name] = plan
+            self._budgets[target.name] = plan.sized(target.plan.parent).itemised.total_gb * 1e9
+        if target.experts is not None:
+            experts = self._expert_source(target, session)
+            self._expert_runners.append(
+                SourceRunner(
+                    experts,
+                    timeout_seconds=self.settings.scrape_timeout_seconds * 3,
+                    clock=self._clock,
+                    log_fields=fields,
+                )
+            )
+        if target.eplb_log is not None:
+            eplb = EplbLogSource(target.name, target.eplb_log)
+            self._eplb_runners.append(
+                SourceRunner(
+                    eplb,
+                    timeout_seconds=self.settings.scrape_timeout_seconds,
+                    clock=self._clock,
+                    log_fields=fields,
+                )
+            )
+
+    def _start_discovery(self) -> None:
+        from moe_watch.k8s.client import in_cluster
+        from moe_watch.k8s.discovery import PodWatcher
+
+        assert self._session is not None
+        assert self.settings.node_name is not None
+        headers, tls = in_cluster()
+        watcher = PodWatcher(
+            self._session,
+            self.settings.kube_api,
+            self.settings.node_name,
+            headers=headers,
+            ssl=tls,
+            on_change=self.set_discovered,
+        )
+        self.discovery = watcher
+        self._discovery_stop = asyncio.Event()
+        self._discovery_task = asyncio.get_running_loop().create_task(
+            watcher.run(self._discovery_stop)
+        )
+
+    def _remove_target(self, name: str) -> None:
+        self._engine_runners = [(t, r) for t, r in self._engine_runners if t.name != name]
+        self._expert_runners = [r for r in self._expert_runners if r.name != f"experts:{name}"]
+        self._eplb_runners = [r for r in self._eplb_runners if r.name != f"eplb:{name}"]
+        self._windows = {k: w for k, w in self._windows.items() if k[0] != name}
+        self._expert_windows.pop(name, None)
+        self._plans.pop(name, None)
+        self._budgets.pop(name, None)
+
+    def set_discovered(self, pods: Mapping[str, PodTarget]) -> None:
+        """Discovery's current targets (pod uid -> target); applied at the next cycle's start."""
+        self._pending_pods = dict(pods)
+
+    def _apply_discovered(self) -> None:
+        pods, self._pending_pods = self._pending_pods, None
+        if pods is None:
+            return
+        wanted = {p.engine: p for p in pods.values()}
+        current = {t.name for t, _ in self._engine_runners}
+        for name in current - wanted.keys() - self._static:
+            log.info("target removed", engine=name)
+            self._remove_target(name)
+        for name in wanted.keys() - current:
+            pod = wanted[name]
+            log.info("target discovered", engine=name, url=pod.url + pod.metrics_path)
+            self._add_target(TargetConfig(name=name, url=pod.url, metrics_path=pod.metrics_path))
+        self._pod_engines = {uid: p.engine for uid, p in pods.items()}
 
     def _expert_source(
         self, target: TargetConfig, session: aiohttp.ClientSession
@@ -147,6 +219,11 @@ class Agent:
         return PluginExpertSource(target.name, config.directory, clock=self._clock)
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._discovery_task is not None:
+            self._discovery_stop.set()
+            self._discovery_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._discovery_task
         for runner in self._runners():
             await runner.source.close()
         if self._session is not None:
@@ -155,6 +232,7 @@ class Agent:
     async def run_cycle(self) -> Snapshot:
         """Collect all sources once (concurrently) and publish a new Snapshot."""
         started = time.perf_counter()
+        self._apply_discovered()  # between cycles: the runner list is fixed within one
         scrapes, reading, counts, balances = await asyncio.gather(
             asyncio.gather(*(runner.run() for _, runner in self._engine_runners)),
             self._nvml_runner.run() if self._nvml_runner else _none(),
@@ -298,19 +376,33 @@ class Agent:
     def _gpu_views(self, reading: GpuReading | None) -> list[GpuView]:
         if reading is None:
             return []
-        owners = self._gpu_owners(g.index for g in reading.gpus)
+        owners = self._gpu_owners(reading.gpus)
         return [
             GpuView(sample=g, engine=owners.get(g.index), memory_used_ratio=memory_used_ratio(g))
             for g in reading.gpus
         ]
 
-    def _gpu_owners(self, indices: Iterable[int]) -> dict[int, str]:
-        """GPU index -> engine: declared ``gpus`` first; a lone target owns every GPU."""
+    def _gpu_owners(self, gpus: Iterable[GpuSample]) -> dict[int, str]:
+        """GPU index -> engine: declared ``gpus``; a lone target owns every GPU; discovered pods
+        own the GPUs their processes run on (NVML PIDs -> /proc/<pid>/cgroup -> pod uid)."""
+        gpus = list(gpus)
+        indices = [g.index for g in gpus]
         owners: dict[int, str] = {}
+        if self._pod_engines:
+            for gpu in gpus:
+                for pid in gpu.pids:
+                    ref = pod_of_pid(pid, self.proc_root)
+                    if ref is not None and ref.pod_uid in self._pod_engines:
+                        owners[gpu.index] = self._pod_engines[ref.pod_uid]
+                        break
         for target, _ in self._engine_runners:
             for index in target.gpus or ():
                 owners[index] = target.name
-        if len(self._engine_runners) == 1 and self._engine_runners[0][0].gpus is None:
+        if (
+            not self._pod_engines
+            and len(self._engine_runners) == 1
+            and self._engine_runners[0][0].gpus is None
+        ):
             only = self._engine_runners[0][0].name
             owners = {index: only for index in indices}
         return owners

@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     # auto: read GPUs through NVML; without a driver the nvml source reports down, the agent runs on.
     nvml: Literal["auto", "off"] = "auto"
     nvml_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Kubernetes: find annotated serving pods on this node (docs/configuration.md). The node name
+    # comes from the downward API (MOE_WATCH_NODE_NAME); the API server and credentials from
+    # the pod's service account.
+    discovery: bool = False
+    node_name: str | None = None
+    kube_api: str = "https://kubernetes.default.svc"
     # Hot experts exported per engine (moe_watch_expert_hot_token_share), hottest first.
     expert_top_n: int = Field(default=10, ge=0, le=100)
     # Export every (layer, expert) counter (moe_watch_expert_tokens_total): 14,848 series for a
@@ -156,6 +162,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"engine id {target.name!r} is used by two targets")
             seen.add(target.name)
         return value
+
+    @model_validator(mode="after")
+    def _discovery_needs_node(self) -> Settings:
+        if self.discovery and not self.node_name:
+            raise ValueError("discovery needs node_name (MOE_WATCH_NODE_NAME from spec.nodeName)")
+        return self
 
     @field_validator("listen")
     @classmethod

@@ -75,6 +75,7 @@ def test_the_daemonset_is_locked_down_and_requests_no_gpu(objects: list[dict[str
         "nvidia.com" in key for part in resources.values() for key in part
     )  # never takes a GPU
     assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"} in container["env"]
+    assert {"name": "MOE_WATCH_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in container["env"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import random
+import ssl as ssl_module
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,7 @@ class PodWatcher:
         node: str,
         *,
         headers: dict[str, str] | None = None,
+        ssl: ssl_module.SSLContext | None = None,
         on_change: Callable[[dict[str, PodTarget]], None] | None = None,
         max_backoff_seconds: float = 30.0,
         watch_timeout_seconds: int = 300,
@@ -83,6 +85,7 @@ class PodWatcher:
         self._api = api.rstrip("/")
         self._node = node
         self._headers = headers or {}
+        self._ssl: ssl_module.SSLContext | bool = ssl if ssl is not None else True
         self._on_change = on_change
         self._max_backoff = max_backoff_seconds
         self._watch_timeout = watch_timeout_seconds
@@ -126,7 +129,7 @@ class PodWatcher:
         return f"{self._api}/api/v1/pods?{query}"
 
     async def list(self) -> None:
-        async with self._session.get(self._url(), headers=self._headers) as response:
+        async with self._session.get(self._url(), headers=self._headers, ssl=self._ssl) as response:
             if response.status != 200:
                 raise aiohttp.ClientResponseError(
                     response.request_info, (), status=response.status, message="pod list failed"
@@ -147,7 +150,7 @@ class PodWatcher:
             allowWatchBookmarks="true",
             timeoutSeconds=str(self._watch_timeout),
         )
-        async with self._session.get(url, headers=self._headers) as response:
+        async with self._session.get(url, headers=self._headers, ssl=self._ssl) as response:
             if response.status == 410:
                 raise Gone()
             if response.status != 200:

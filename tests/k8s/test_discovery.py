@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -174,3 +175,46 @@ async def test_a_failing_list_backs_off_and_recovers(api: tuple[FakeApiServer, s
     assert watcher.synced.is_set()
     assert fake.list_calls >= 4
     assert set(watcher.targets) == {"u1"}
+
+
+async def test_the_agent_scrapes_discovered_pods_and_attributes_gpus_by_cgroup(
+    api: tuple[FakeApiServer, str], tmp_path: Path
+) -> None:
+    from moe_watch.agent import Agent
+    from moe_watch.config import load_settings
+    from moe_watch.demo.fake_nvml import FakeNvml
+    from tests.conftest import EngineStub, read_capture
+
+    stub = await EngineStub(read_capture("after-load")).start()
+    fake, url = api
+    port = stub.url.rsplit(":", 1)[1]
+    served = pod("mixtral-0", "3f2a1b7c-1234-4d5e-8f90-abcdef012345", rv="90", ip="127.0.0.1")
+    served["metadata"]["annotations"]["moe-watch.io/port"] = port
+    fake.items = [served]
+    (tmp_path / "777").mkdir()  # the vLLM worker on GPU 1, in the pod's cgroup
+    (tmp_path / "777" / "cgroup").write_text(
+        "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f2a1b7c_1234_4d5e_8f90_abcdef012345.slice/cri-containerd-"
+        + "a" * 64 + ".scope\n"
+    )  # fmt: skip
+    nvml = FakeNvml.with_gpus(2)
+    nvml.gpus[1].pids = [777]
+    try:
+        config = load_settings(None, discovery=True, node_name="gpu-node-1", kube_api=url)
+        async with Agent(config, nvml=nvml) as agent:
+            agent.proc_root = str(tmp_path)
+            assert agent.discovery is not None
+            await asyncio.wait_for(agent.discovery.synced.wait(), 5)
+            snap = await agent.run_cycle()
+            fake.events.put_nowait({"type": "DELETED", "object": served})
+            for _ in range(100):  # bounded: the deletion arrives over the watch
+                if not agent.discovery.targets:
+                    break
+                await asyncio.sleep(0.01)
+            after = await agent.run_cycle()
+    finally:
+        fake.events.put_nowait(None)
+        await stub.stop()
+    assert dict(snap.targets_up) == {"llm/mixtral-0": True}
+    owners = {view.sample.index: view.engine for view in snap.gpus}
+    assert owners == {0: None, 1: "llm/mixtral-0"}
+    assert dict(after.targets_up) == {}
