@@ -75,7 +75,10 @@ def test_the_daemonset_is_locked_down_and_requests_no_gpu(objects: list[dict[str
         "nvidia.com" in key for part in resources.values() for key in part
     )  # never takes a GPU
     assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"} in container["env"]
-    assert {"name": "MOE_WATCH_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in container["env"]
+    assert {
+        "name": "MOE_WATCH_NODE_NAME",
+        "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},
+    } in container["env"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
@@ -103,3 +106,25 @@ def test_the_shipped_agent_config_and_plan_are_valid(tmp_path: Path) -> None:
 
     assert load_settings(ROOT / "deploy/base/config.yaml").listen == "0.0.0.0:9400"
     assert load_plan(ROOT / "deploy/base/plans/example-mixtral.yaml").gpus == 2
+
+
+def test_the_example_workloads_are_valid_and_discoverable() -> None:
+    from moe_watch.k8s.discovery import SCRAPE
+
+    deployment, plan = yaml.safe_load_all((ROOT / "deploy/examples/vllm-mixtral.yaml").read_text())
+    kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    kubernetes_validate.validate(plan, KUBERNETES_VERSION, strict=True)
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["annotations"][SCRAPE] == "true"
+    (container,) = template["spec"]["containers"]
+    assert "--enable-expert-parallel" in container["args"]
+    assert {
+        "name": "MOE_WATCH_EXPERTS_DIR",
+        "value": "/run/moe-watch/experts/llm-mixtral-0",
+    } in container["env"]
+    (lws,) = yaml.safe_load_all((ROOT / "deploy/examples/vllm-deepseek-lws.yaml").read_text())
+    assert lws["kind"] == "LeaderWorkerSet"
+    assert (
+        lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["metadata"]["annotations"][SCRAPE]
+        == "true"
+    )
