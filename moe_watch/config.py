@@ -134,6 +134,8 @@ class Settings(BaseSettings):
     # Export every (layer, expert) counter (moe_watch_expert_tokens_total): 14,848 series for a
     # DeepSeek-V3 replica. Off by default; /experts always has the full matrix as JSON.
     expert_full_detail: bool = False
+    # TLS and basic auth on the agent's endpoints (exporter-toolkit web config format); off by default.
+    web_config_file: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -168,6 +170,15 @@ class Settings(BaseSettings):
         if self.discovery and not self.node_name:
             raise ValueError("discovery needs node_name (MOE_WATCH_NODE_NAME from spec.nodeName)")
         return self
+
+    @field_validator("web_config_file")
+    @classmethod
+    def _check_web_config(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from moe_watch.web_config import load_web_config
+
+            load_web_config(value)  # WebConfigError (a ValueError) names the file and the problem
+        return value
 
     @field_validator("listen")
     @classmethod

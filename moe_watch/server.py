@@ -7,7 +7,8 @@ source can turn it into a 500 (a rendering bug serves the last good body instead
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Mapping
 
 import structlog
 from aiohttp import web
@@ -15,12 +16,16 @@ from prometheus_client.exposition import choose_encoder
 
 from moe_watch.exporter import build_registry
 from moe_watch.snapshot import Snapshot, experts_document
+from moe_watch.web_config import basic_auth_middleware
 
 log = structlog.get_logger("moe_watch.server")
 
 
 def make_app(
-    get_snapshot: Callable[[], Snapshot | None], *, expert_full_detail: bool = False
+    get_snapshot: Callable[[], Snapshot | None],
+    *,
+    expert_full_detail: bool = False,
+    basic_auth_users: Mapping[str, str] | None = None,
 ) -> web.Application:
     registry = build_registry(get_snapshot, expert_full_detail=expert_full_detail)
     last_good: dict[str, tuple[bytes, str]] = {}
@@ -52,6 +57,8 @@ def make_app(
         return web.json_response(experts_document(get_snapshot()))
 
     app = web.Application()
+    if basic_auth_users:
+        app.middlewares.append(basic_auth_middleware(dict(basic_auth_users)))
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -60,11 +67,13 @@ def make_app(
     return app
 
 
-async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def start_server(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, str]:
     """Start serving; returns the runner (for cleanup) and the URL actually bound."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     server = site._server  # the bound port, when port 0 asked for any free one
     sockets = getattr(server, "sockets", None) or []
@@ -72,4 +81,5 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     if ":" in shown:
         shown = f"[{shown}]"
-    return runner, f"http://{shown}:{bound_port}"
+    scheme = "https" if ssl_context is not None else "http"
+    return runner, f"{scheme}://{shown}:{bound_port}"

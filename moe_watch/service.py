@@ -13,6 +13,7 @@ import structlog
 from moe_watch.agent import Agent
 from moe_watch.config import Settings
 from moe_watch.server import make_app, start_server
+from moe_watch.web_config import load_web_config, ssl_context
 
 log = structlog.get_logger("moe_watch.service")
 
@@ -30,9 +31,17 @@ async def serve(
 ) -> None:
     """Collect every interval and serve /metrics until ``stop`` is set."""
     async with Agent(settings, nvml=nvml) as agent:
-        app = make_app(lambda: agent.snapshot, expert_full_detail=settings.expert_full_detail)
+        web_config = load_web_config(settings.web_config_file) if settings.web_config_file else None
+        app = make_app(
+            lambda: agent.snapshot,
+            expert_full_detail=settings.expert_full_detail,
+            basic_auth_users=web_config.basic_auth_users if web_config else None,
+        )
+        tls = web_config.tls_server_config if web_config else None
         try:
-            runner, url = await start_server(app, settings.listen_host, settings.listen_port)
+            runner, url = await start_server(
+                app, settings.listen_host, settings.listen_port, ssl_context(tls) if tls else None
+            )
         except OSError as exc:
             raise ListenError(
                 f"cannot listen on {settings.listen}: {exc.strerror or exc}"
