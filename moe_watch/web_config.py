@@ -17,6 +17,7 @@ basic_auth_users:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from aiohttp import BasicAuth, web
+from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -116,6 +117,19 @@ def basic_auth_middleware(users: dict[str, str]) -> Middleware:
         )
 
     return check
+
+
+def _basic_credentials(header: str) -> tuple[str, str] | None:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        login, sep, password = (
+            base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+        )
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return (login, password) if sep else None
 
 
 def _first_error(exc: Exception) -> str:

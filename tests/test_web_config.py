@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
 import ssl
 import subprocess
@@ -30,6 +31,10 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
+def basic(login: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()
+
+
 def web_config(tmp_path: Path, cert: Path, key: Path) -> Path:
     hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
     path = tmp_path / "web.yml"
@@ -56,13 +61,13 @@ async def test_tls_and_basic_auth_guard_metrics_but_not_the_probes(
                 assert anonymous.headers["WWW-Authenticate"].startswith("Basic")
             async with client.get(
                 url + "/metrics",
-                headers={"Authorization": aiohttp.BasicAuth("prometheus", "wrong").encode()},
+                headers={"Authorization": basic("prometheus", "wrong")},
             ) as wrong:
                 assert wrong.status == 401
             for _ in range(2):  # the second time from the verified-credentials cache
                 async with client.get(
                     url + "/metrics",
-                    headers={"Authorization": aiohttp.BasicAuth("prometheus", "s3cret").encode()},
+                    headers={"Authorization": basic("prometheus", "s3cret")},
                 ) as ok:
                     assert ok.status == 200
                     assert "moe_watch_build_info" in await ok.text()
