@@ -96,18 +96,11 @@ def basic_auth_middleware(users: dict[str, str]) -> Middleware:
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
-        header = request.headers.get("Authorization", "")
-        try:
-            credentials = BasicAuth.decode(header) if header else None
-        except ValueError:
-            credentials = None
-        if credentials is not None and credentials.login in users:
-            key = hashlib.sha256(
-                f"{credentials.login}\0{credentials.password}".encode()
-            ).hexdigest()
-            if key in verified or bcrypt.checkpw(
-                credentials.password.encode(), users[credentials.login].encode()
-            ):
+        credentials = _basic_credentials(request.headers.get("Authorization", ""))
+        if credentials is not None and credentials[0] in users:
+            login, password = credentials
+            key = hashlib.sha256(f"{login}\0{password}".encode()).hexdigest()
+            if key in verified or bcrypt.checkpw(password.encode(), users[login].encode()):
                 verified.add(key)
                 return await handler(request)
         return web.Response(
