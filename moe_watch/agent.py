@@ -16,6 +16,7 @@ from moe_watch.config import Settings, TargetConfig
 from moe_watch.drift import Drift, cmdline_from_proc, find_drift, running_from
 from moe_watch.k8s.cgroup import pod_of_pid
 from moe_watch.k8s.discovery import PodTarget, PodWatcher
+from moe_watch.k8s.podresources import DeviceOwner
 from moe_watch.runner import SourceRunner
 from moe_watch.samples import (
     EngineScrape,
@@ -62,7 +63,10 @@ class Agent:
         self._static: set[str] = {t.name for t in settings.targets}
         self._pending_pods: dict[str, PodTarget] | None = None
         self._pod_engines: dict[str, str] = {}  # pod uid -> engine (discovery)
+        self._engine_pods: dict[str, tuple[str, str]] = {}  # engine -> (namespace, pod)
         self.discovery: PodWatcher | None = None
+        self._pod_resources_runner: SourceRunner[dict[str, DeviceOwner]] | None = None
+        self._gpu_pods: dict[str, DeviceOwner] = {}
         self._discovery_task: asyncio.Task[None] | None = None
         self._discovery_stop = asyncio.Event()
         self._budgets: dict[str, float] = {}
@@ -86,6 +90,12 @@ class Agent:
             self._add_target(target)
         if s.discovery:
             self._start_discovery()
+        if s.pod_resources_socket is not None:
+            from moe_watch.k8s.podresources import PodResourcesSource
+
+            self._pod_resources_runner = SourceRunner(
+                PodResourcesSource(s.pod_resources_socket), timeout_seconds=5.0, clock=self._clock
+            )
         if s.nvml != "off":
             from moe_watch.sources.nvml import NvmlSource  # pynvml only where GPUs are read
 
@@ -194,6 +204,7 @@ class Agent:
             log.info("target discovered", engine=name, url=pod.url + pod.metrics_path)
             self._add_target(TargetConfig(name=name, url=pod.url, metrics_path=pod.metrics_path))
         self._pod_engines = {uid: p.engine for uid, p in pods.items()}
+        self._engine_pods = {p.engine: (p.namespace, p.pod) for p in pods.values()}
 
     def _expert_source(
         self, target: TargetConfig, session: aiohttp.ClientSession
@@ -233,17 +244,19 @@ class Agent:
         """Collect all sources once (concurrently) and publish a new Snapshot."""
         started = time.perf_counter()
         self._apply_discovered()  # between cycles: the runner list is fixed within one
-        scrapes, reading, counts, balances = await asyncio.gather(
+        scrapes, reading, counts, balances, _ = await asyncio.gather(
             asyncio.gather(*(runner.run() for _, runner in self._engine_runners)),
             self._nvml_runner.run() if self._nvml_runner else _none(),
             asyncio.gather(*(runner.run() for runner in self._expert_runners)),
             asyncio.gather(*(runner.run() for runner in self._eplb_runners)),
+            self._refresh_gpu_pods(),
         )
         now = self._clock()
         snapshot = self._build_snapshot(now, list(scrapes), reading, started)
         snapshot = replace(
             snapshot,
             budgets=self._budgets,
+            engine_pods=dict(self._engine_pods),
             drift=self._drift(list(scrapes), snapshot),
             experts=self._expert_views(now, counts),
             eplb_balancedness={
@@ -378,9 +391,20 @@ class Agent:
             return []
         owners = self._gpu_owners(reading.gpus)
         return [
-            GpuView(sample=g, engine=owners.get(g.index), memory_used_ratio=memory_used_ratio(g))
+            GpuView(
+                sample=g,
+                engine=owners.get(g.index),
+                memory_used_ratio=memory_used_ratio(g),
+                owner=_owner_labels(self._gpu_pods.get(g.uuid)),
+            )
             for g in reading.gpus
         ]
+
+    async def _refresh_gpu_pods(self) -> None:
+        if self._pod_resources_runner is not None:
+            owners = await self._pod_resources_runner.run()
+            if owners is not None:  # on failure keep the last known allocation
+                self._gpu_pods = owners
 
     def _gpu_owners(self, gpus: Iterable[GpuSample]) -> dict[int, str]:
         """GPU index -> engine: declared ``gpus``; a lone target owns every GPU; discovered pods
@@ -388,9 +412,12 @@ class Agent:
         gpus = list(gpus)
         indices = [g.index for g in gpus]
         owners: dict[int, str] = {}
+        for gpu in gpus:  # the kubelet's allocation, by GPU UUID, is the most direct
+            if gpu.uuid in self._gpu_pods:
+                owners[gpu.index] = self._gpu_pods[gpu.uuid].engine
         if self._pod_engines:
             for gpu in gpus:
-                for pid in gpu.pids:
+                for pid in gpu.pids if gpu.index not in owners else ():
                     ref = pod_of_pid(pid, self.proc_root)
                     if ref is not None and ref.pod_uid in self._pod_engines:
                         owners[gpu.index] = self._pod_engines[ref.pod_uid]
@@ -411,9 +438,15 @@ class Agent:
         runners: list[SourceRunner[Any]] = [r for _, r in self._engine_runners]
         runners += self._expert_runners
         runners += self._eplb_runners
+        if self._pod_resources_runner is not None:
+            runners.append(self._pod_resources_runner)
         if self._nvml_runner is not None:
             runners.insert(0, self._nvml_runner)
         return runners
+
+
+def _owner_labels(owner: DeviceOwner | None) -> tuple[str, str, str] | None:
+    return (owner.namespace, owner.pod, owner.container) if owner is not None else None
 
 
 async def _none() -> None:

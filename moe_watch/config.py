@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     discovery: bool = False
     node_name: str | None = None
     kube_api: str = "https://kubernetes.default.svc"
+    # The kubelet pod-resources socket: GPU UUID -> pod/container without hostPID.
+    pod_resources_socket: Path | None = None
     # Hot experts exported per engine (moe_watch_expert_hot_token_share), hottest first.
     expert_top_n: int = Field(default=10, ge=0, le=100)
     # Export every (layer, expert) counter (moe_watch_expert_tokens_total): 14,848 series for a

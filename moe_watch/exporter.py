@@ -90,7 +90,7 @@ def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
     info = gauge(
         "gpu_info",
         "GPU identity; value is always 1.",
-        ["gpu", "uuid", "name", "driver_version", "engine"],
+        ["gpu", "uuid", "name", "driver_version", "engine", "namespace", "pod", "container"],
     )
     up = gauge("gpu_up", "1 if NVML could read the GPU, 0 if it is lost.", labels)
     util = gauge("gpu_utilization_ratio", "GPU utilization, 0-1.", labels)
@@ -106,8 +106,19 @@ def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
     for view in snap.gpus:
         g = view.sample
         key = [str(g.index), view.engine or ""]
+        namespace, pod, container = view.owner or ("", "", "")
         info.add_metric(
-            [str(g.index), g.uuid, g.name, snap.driver_version or "", view.engine or ""], 1
+            [
+                str(g.index),
+                g.uuid,
+                g.name,
+                snap.driver_version or "",
+                view.engine or "",
+                namespace,
+                pod,
+                container,
+            ],
+            1,
         )
         up.add_metric(key, 1.0 if g.up else 0.0)
         for family, value in (
@@ -144,7 +155,7 @@ def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
     info = gauge(
         "engine_info",
         "Serving engine identity; value is always 1.",
-        ["engine", "model", "kind", "version"],
+        ["engine", "model", "kind", "version", "namespace", "pod"],
     )
     max_len = gauge("engine_max_model_len_tokens", "The engine's max_model_len.", ENGINE_LABELS)
     families = {attr: gauge(name, doc, ENGINE_LABELS) for name, attr, doc in ENGINE_GAUGES}
@@ -156,7 +167,8 @@ def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
     )
     for view in snap.engines:
         key = [view.engine, view.model]
-        info.add_metric([*key, view.kind, view.version], 1)
+        namespace, pod = snap.engine_pods.get(view.engine, ("", ""))
+        info.add_metric([*key, view.kind, view.version, namespace, pod], 1)
         if view.max_model_len is not None:
             max_len.add_metric(key, view.max_model_len)
         for attr, family in families.items():

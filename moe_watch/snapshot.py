@@ -43,6 +43,8 @@ class GpuView:
     sample: GpuSample
     engine: str | None
     memory_used_ratio: float | None
+    # Kubernetes owner of the GPU (kubelet pod-resources): namespace, pod, container.
+    owner: tuple[str, str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,8 @@ class Snapshot:
     # Per-GPU memory budget of each engine's plan, bytes; and drift findings by engine.
     budgets: Mapping[str, float] = field(default_factory=dict)
     drift: Mapping[str, tuple[Drift, ...]] = field(default_factory=dict)
+    # Discovered engines: engine -> (namespace, pod).
+    engine_pods: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     def to_status(self) -> dict[str, Any]:
         """JSON-friendly summary for /status: what a human at 3 a.m. wants first."""

@@ -81,7 +81,10 @@ def test_every_contract_family_of_the_agent_core_is_rendered_with_its_values() -
     assert at("latency_seconds", ("kind", "e2e"), ("quantile", "0.95")) == 31.5
     assert at("latency_seconds", ("kind", "ttft"), ("quantile", "0.5")) == 0.25
     assert at("engine_max_model_len_tokens") == 32768
-    assert at("engine_info", ("kind", "vllm"), ("version", "0.32.0")) == 1
+    assert (
+        at("engine_info", ("kind", "vllm"), ("version", "0.32.0"), ("namespace", ""), ("pod", ""))
+        == 1
+    )
     gpu0 = {("gpu", "0"), ("engine", "mixtral-0")}
     assert m[("moe_watch_gpu_utilization_ratio", frozenset(gpu0))] == 0.95
     assert m[("moe_watch_gpu_memory_used_bytes", frozenset(gpu0))] == 72 * GIB

@@ -184,6 +184,7 @@ async def test_the_agent_scrapes_discovered_pods_and_attributes_gpus_by_cgroup(
     from moe_watch.config import load_settings
     from moe_watch.demo.fake_nvml import FakeNvml
     from tests.conftest import EngineStub, read_capture
+    from tests.test_agent import exposition
 
     stub = await EngineStub(read_capture("after-load")).start()
     fake, url = api
@@ -218,3 +219,5 @@ async def test_the_agent_scrapes_discovered_pods_and_attributes_gpus_by_cgroup(
     owners = {view.sample.index: view.engine for view in snap.gpus}
     assert owners == {0: None, 1: "llm/mixtral-0"}
     assert dict(after.targets_up) == {}
+    info = [dict(labels) for name, labels in exposition(snap) if name == "moe_watch_engine_info"]
+    assert (info[0]["namespace"], info[0]["pod"]) == ("llm", "mixtral-0")
