@@ -29,8 +29,9 @@ pytestmark = pytest.mark.vllm
 ENGINE = "tiny-mixtral"
 SOURCE = f"engine:{ENGINE}"
 INTERVAL = 0.5
-# ~9,000 generated tokens: a few seconds on 2 CPU cores, so several 0.5 s cycles see it running.
-N_REQUESTS, CONCURRENCY, MAX_TOKENS = 48, 8, 192
+# Long enough (~6 s on 2 cores) that several agent cycles sample the engine mid-load even when
+# vLLM starves the agent of CPU; a 3 s load once gave only two cycles, both outside the batch.
+N_REQUESTS, CONCURRENCY, MAX_TOKENS = 64, 8, 256
 LOAD_TIMEOUT = 180.0  # seconds; the load takes a few
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
