@@ -1,0 +1,135 @@
+"""Property tests (hypothesis): parsing never fails except with its own error, quantiles stay in
+their buckets and in order, and the fast expert-window maths equals the pairwise definition."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_watch.samples import ExpertCounts, Histogram
+from moe_watch.signals.experts import window_increase
+from moe_watch.signals.histograms import quantile
+from moe_watch.sources.exposition import ExpositionError, parse_engine_exposition
+from tests.conftest import read_capture
+
+CAPTURE = read_capture("after-load")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_arbitrary_bytes_parse_or_fail_with_the_parser_error(data: bytes) -> None:
+    text = data.decode("utf-8", errors="replace")
+    reason = None
+    try:
+        parse_engine_exposition(text, "auto")
+    except ExpositionError as exc:
+        reason = exc.reason
+    assert reason in {None, "parse", "no_engine_metrics", "truncated"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=len(CAPTURE)), st.text(max_size=40))
+def test_a_real_capture_cut_or_spliced_anywhere_never_escapes_the_parser_error(
+    cut: int, junk: str
+) -> None:
+    text = CAPTURE[:cut] + junk + CAPTURE[cut:]
+    try:
+        parsed = parse_engine_exposition(text, "vllm")
+    except ExpositionError:
+        return
+    for model in parsed.models:
+        assert all(math.isfinite(v) for v in model.gauges.values())
+        assert all(math.isfinite(v) and v >= 0 for v in model.counters.values())
+
+
+@st.composite
+def histograms(draw: st.DrawFn) -> Histogram:
+    bounds = sorted(
+        set(draw(st.lists(st.floats(min_value=0.001, max_value=1000), min_size=1, max_size=12)))
+    )
+    counts = draw(
+        st.lists(
+            st.integers(min_value=0, max_value=1000),
+            min_size=len(bounds) + 1,
+            max_size=len(bounds) + 1,
+        )
+    )
+    cumulative, running = [], 0
+    for bound, count in zip([*bounds, math.inf], counts, strict=True):
+        running += count
+        cumulative.append((bound, float(running)))
+    return Histogram(tuple(cumulative), float(running), float(running))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    histograms(),
+    st.floats(min_value=0.01, max_value=0.99),
+    st.floats(min_value=0.01, max_value=0.99),
+)
+def test_quantiles_are_ordered_and_inside_the_bucket_range(
+    h: Histogram, q1: float, q2: float
+) -> None:
+    low, high = sorted((q1, q2))
+    a, b = quantile(low, h), quantile(high, h)
+    if h.count == 0:
+        assert a is None
+        assert b is None
+        return
+    assert a is not None
+    assert b is not None
+    assert a <= b + 1e-9
+    finite = [bound for bound, _ in h.buckets if math.isfinite(bound)]
+    assert 0.0 <= a <= max(finite) + 1e-9  # like histogram_quantile: +Inf answers the highest bound
+
+
+def pairwise_increase(window: list[ExpertCounts]) -> list[list[float]]:
+    """The definition: sum over consecutive pairs, a reset counts the new value in full."""
+    total = [[0.0] * window[0].num_experts for _ in window[0].layers]
+    for previous, current in itertools.pairwise(window):
+        reset = current.started != previous.started or sum(map(sum, current.counts)) < sum(
+            map(sum, previous.counts)
+        )
+        for row, now, before in zip(total, current.counts, previous.counts, strict=True):
+            for e in range(len(row)):
+                row[e] += now[e] if reset else now[e] - before[e]
+    return total
+
+
+@st.composite
+def counter_windows(draw: st.DrawFn) -> list[ExpertCounts]:
+    layers, experts = draw(st.integers(1, 4)), draw(st.integers(2, 8))
+    current = [[0] * experts for _ in range(layers)]
+    started, window = 0.0, []
+    for _ in range(draw(st.integers(2, 12))):
+        if draw(st.booleans()) and draw(st.integers(0, 4)) == 0:  # an engine restart
+            started += 1
+            current = [[0] * experts for _ in range(layers)]
+        for row in current:
+            for e in range(experts):
+                row[e] += draw(st.integers(0, 50))
+        window.append(
+            ExpertCounts(
+                "e",
+                "m",
+                1,
+                experts,
+                tuple(range(layers)),
+                tuple(tuple(r) for r in current),
+                started=started,
+            )
+        )
+    return window
+
+
+@settings(max_examples=300, deadline=None)
+@given(counter_windows())
+def test_the_fast_window_increase_equals_the_pairwise_definition(
+    window: list[ExpertCounts],
+) -> None:
+    fast = window_increase(window)
+    assert [list(row) for row in fast] == pairwise_increase(window)
+    assert all(value >= 0 for row in fast for value in row)  # restarts never go negative
