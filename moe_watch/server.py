@@ -30,10 +30,18 @@ def make_app(
     registry = build_registry(get_snapshot, expert_full_detail=expert_full_detail)
     last_good: dict[str, tuple[bytes, str]] = {}
 
+    rendered: dict[str, tuple[object, bytes]] = {}  # content type -> (snapshot, body)
+
     async def metrics(request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         try:
-            body = encoder(registry)
+            snapshot = get_snapshot()
+            cached = rendered.get(content_type)
+            if cached is not None and snapshot is not None and cached[0] is snapshot:
+                body = cached[1]  # the snapshot changes once a cycle: render once, serve many
+            else:
+                body = encoder(registry)
+                rendered[content_type] = (snapshot, body)
             last_good[content_type] = (body, content_type)
         except Exception:  # never answer a scrape with 500: serve what we last rendered
             log.exception("rendering /metrics failed; serving the last good body")

@@ -1,0 +1,140 @@
+"""One node at DeepSeek-V3 scale: what a moe-watch cycle, a scrape and the process cost.
+
+8 simulated GPUs (fake NVML, the real NVML source), 2 engines served over HTTP with the real
+54 KB vLLM capture padded with the simulator's live families, and plugin files with 58 MoE layers
+x 256 experts (top-8) per engine. Runs the real agent for --cycles cycles back to back, then 20
+concurrent scrapers against its /metrics. Every figure has a reference measured in the same run.
+
+    python bench/node.py [--cycles 10000] [--scrapes 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from moe_watch.agent import Agent  # noqa: E402
+from moe_watch.config import load_settings  # noqa: E402
+from moe_watch.demo.fake_nvml import FakeNvml  # noqa: E402
+from moe_watch.expert_file import CountsFile, write_counts_file  # noqa: E402
+from moe_watch.server import make_app, start_server  # noqa: E402
+from tests.conftest import EngineStub, read_capture  # noqa: E402
+
+LAYERS, EXPERTS, TOP_K = 58, 256, 8
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def write_experts(directory: Path, step: int, rng: random.Random, now: float) -> None:
+    counts = [[step * 100 + rng.randint(0, 50) for _ in range(EXPERTS)] for _ in range(LAYERS)]
+    write_counts_file(
+        directory / "worker.experts.json",
+        CountsFile(pid=1, started=1.0, updated=now, model="deepseek-v3", top_k=TOP_K,
+                   num_experts=EXPERTS, layers=list(range(3, 61)), counts=counts, ep_size=8),
+    )  # fmt: skip
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cycles", type=int, default=10_000)
+    parser.add_argument("--scrapes", type=int, default=2_000)
+    args = parser.parse_args()
+    capture = read_capture("after-load")
+    engines = [await EngineStub(capture).start() for _ in range(2)]
+    work = Path(tempfile.mkdtemp(prefix="moe-watch-bench-node-"))
+    rng = random.Random(0)
+    targets = []
+    for i, engine in enumerate(engines):
+        directory = work / f"engine-{i}"
+        directory.mkdir()
+        write_experts(directory, 1, rng, time.time())
+        targets.append({"name": f"dsv3-{i}", "url": engine.url, "gpus": [4 * i + g for g in range(4)],
+                        "experts": {"source": "plugin", "directory": str(directory)}})  # fmt: skip
+    settings = load_settings(None, targets=targets, window_seconds=300, listen="127.0.0.1:0")
+    nvml = FakeNvml.with_gpus(8)
+    clock = [time.time()]
+    async with Agent(settings, nvml=nvml, clock=lambda: clock[0]) as agent:
+        cpu, wall = [], []
+        rss_after_warmup = 0.0
+        for cycle in range(args.cycles):
+            if cycle % 10 == 0:  # new expert counts every 10 cycles (the plugin writes every 2 s)
+                for i in range(2):
+                    write_experts(work / f"engine-{i}", cycle // 10 + 2, rng, clock[0] + 5.0)
+            clock[0] += 5.0
+            c0, w0 = time.process_time(), time.perf_counter()
+            await agent.run_cycle()
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+            if cycle == 500:
+                gc.collect()
+                rss_after_warmup = rss_mb()
+        gc.collect()
+        rss_end = rss_mb()
+        # Reference in the same run: prometheus_client parsing the same engine bytes, twice (2 engines).
+        r0 = time.process_time()
+        for _ in range(50):
+            for _ in range(2):
+                list(text_string_to_metric_families(capture))
+        parse_reference = (time.process_time() - r0) / 50
+
+        app = make_app(lambda: agent.snapshot)
+        runner, url = await start_server(app, "127.0.0.1", 0)
+        latencies: list[float] = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=20)) as session:
+            body = await (await session.get(url + "/metrics")).read()
+
+            async def scraper(n: int) -> None:
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    async with session.get(url + "/metrics") as response:
+                        await response.read()
+                    latencies.append(time.perf_counter() - t0)
+
+            await asyncio.gather(*(scraper(args.scrapes // 20) for _ in range(20)))
+        await runner.cleanup()
+    for engine in engines:
+        await engine.stop()
+    series = sum(len(f.samples) for f in text_string_to_metric_families(body.decode()))
+    q = statistics.quantiles(latencies, n=100)
+    print("| measurement | value | reference / target |")
+    print("|---|---|---|")
+    print(
+        f"| cycle CPU, median / p99 ({args.cycles} cycles) | {statistics.median(cpu) * 1e3:.1f} / {q_of(cpu, 99) * 1e3:.1f} ms | target <= 50 ms; prometheus_client parsing the same 2 expositions alone: {parse_reference * 1e3:.1f} ms |"
+    )
+    print(f"| cycle wall time, median | {statistics.median(wall) * 1e3:.1f} ms | interval 5 s |")
+    print(
+        f"| /metrics with 20 concurrent scrapers, p50 / p99 | {q[49] * 1e3:.1f} / {q[98] * 1e3:.1f} ms | target p99 <= 20 ms |"
+    )
+    print(
+        f"| /metrics body, series | {len(body) / 1024:.0f} KiB, {series} series | target <= 2,000 series |"
+    )
+    print(
+        f"| RSS after 500 cycles / after {args.cycles} | {rss_after_warmup:.0f} / {rss_end:.0f} MB | target <= 100 MB, growth < 5 MB (dcgm-exporter: ~480 MiB on 8-GPU nodes) |"
+    )
+    return 0
+
+
+def q_of(values: list[float], percentile: int) -> float:
+    return statistics.quantiles(values, n=100)[percentile - 1]
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
