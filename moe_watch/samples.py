@@ -6,12 +6,21 @@ small window of them; signals (pure functions) read them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from array import array
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 EMPTY: Mapping[str, float] = MappingProxyType({})
 EMPTY_STR: Mapping[str, str] = MappingProxyType({})
+
+# [layer][expert] counts as C doubles: a DeepSeek-V3 matrix (58 x 256) is 119 KB, where tuples
+# of Python floats took 475 KB, and a 5-minute window holds ~60 of them per engine.
+Matrix = tuple["array[float]", ...]
+
+
+def matrix(rows: Iterable[Iterable[float]]) -> Matrix:
+    return tuple(array("d", row) for row in rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,13 +128,19 @@ class ExpertCounts:
     top_k: int
     num_experts: int
     layers: tuple[int, ...]
-    counts: tuple[tuple[float, ...], ...]
+    counts: Matrix  # build with matrix()
     started: float = 0.0
     # Expert parallelism: the EP rank each logical expert lives on; empty = no placement known
     # (contiguous blocks of num_experts / ep_size experts per rank are assumed).
     ep_size: int = 1
     placement: tuple[int, ...] = ()
     source: str = "plugin"  # plugin | sglang
+    # Sum of all counts, computed once here: reset detection compares it across every sample of
+    # the window every cycle.
+    total: float = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total", sum(map(sum, self.counts)))
 
 
 @dataclass(frozen=True, slots=True)

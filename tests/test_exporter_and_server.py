@@ -211,15 +211,15 @@ async def test_openmetrics_is_negotiated_by_accept_header(
 
 def deepseek_v3_snapshot(ep_size: int = 32) -> Snapshot:
     """58 MoE layers x 256 experts, top-8, EP over 32 GPUs: the cardinality worst case."""
-    from moe_watch.samples import ExpertCounts
+    from moe_watch.samples import ExpertCounts, matrix
     from moe_watch.signals.experts import derive_expert_signals
     from moe_watch.snapshot import EngineExperts
 
     layers = tuple(range(3, 61))  # DeepSeek-V3: the first 3 layers are dense
 
     def counts(scale: int) -> ExpertCounts:
-        rows = tuple(
-            tuple(float(scale * (1 + (e * 7 + layer) % 5)) for e in range(256)) for layer in layers
+        rows = matrix(
+            [float(scale * (1 + (e * 7 + layer) % 5)) for e in range(256)] for layer in layers
         )
         return ExpertCounts("dsv3", "deepseek-v3", 8, 256, layers, rows, ep_size=ep_size)
 

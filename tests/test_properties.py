@@ -9,7 +9,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_watch.samples import ExpertCounts, Histogram
+from moe_watch.samples import ExpertCounts, Histogram, matrix
 from moe_watch.signals.experts import window_increase
 from moe_watch.signals.histograms import quantile
 from moe_watch.sources.exposition import ExpositionError, parse_engine_exposition
@@ -118,7 +118,7 @@ def counter_windows(draw: st.DrawFn) -> list[ExpertCounts]:
                 1,
                 experts,
                 tuple(range(layers)),
-                tuple(tuple(r) for r in current),
+                matrix(current),
                 started=started,
             )
         )

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import heapq
 import operator
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from moe_watch.samples import ExpertCounts
+from moe_watch.samples import ExpertCounts, Matrix
 
 COLLAPSE_SHARE = 0.40
-
-Matrix = tuple[tuple[float, ...], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +101,9 @@ def window_increase(window: Sequence[ExpertCounts]) -> Matrix:
 
     A reset (``started`` changed, or the counts' total went down) starts a new segment; the first
     sample after a reset counts in full, like Prometheus' increase(). Only the newest model shape
-    counts. Cost: one pass of C-level sums per sample, then one subtraction per segment, not per
-    sample pair (a DeepSeek-V3 matrix is 14,848 cells; a 5-minute window holds ~60 samples).
+    counts. Cost: one subtraction per segment, not per sample pair (a DeepSeek-V3 matrix is
+    14,848 cells; a 5-minute window holds ~60 samples); each sample's total is computed once,
+    when it is made.
     """
     if not window:
         return ()
@@ -114,22 +114,17 @@ def window_increase(window: Sequence[ExpertCounts]) -> Matrix:
     items = window[start:]
     if len(items) < 2:
         return ()
-    totals = [sum(map(sum, item.counts)) for item in items]
     # Segment ends: the sample before each reset, and the newest sample.
-    ends = [
-        i - 1
-        for i in range(1, len(items))
-        if _was_reset(items[i - 1], items[i], totals[i - 1], totals[i])
-    ]
+    ends = [i - 1 for i in range(1, len(items)) if _was_reset(items[i - 1], items[i])]
     ends.append(len(items) - 1)
     delta = [
-        list(map(operator.sub, last, first))
+        array("d", map(operator.sub, last, first))
         for last, first in zip(items[ends[0]].counts, items[0].counts, strict=True)
     ]
     for end in ends[1:]:  # after a reset the counter started from 0: its last value is the increase
-        for row, add in zip(delta, items[end].counts, strict=True):
-            row[:] = map(operator.add, row, add)
-    return tuple(tuple(row) for row in delta)
+        for i, add in enumerate(items[end].counts):
+            delta[i] = array("d", map(operator.add, delta[i], add))
+    return tuple(delta)
 
 
 def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 10) -> ExpertSignals:
@@ -141,25 +136,29 @@ def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 10) ->
         return ExpertSignals()
     layers: list[LayerLoad] = []
     hot: list[HotExpert] = []
-    per_expert = [0.0] * latest.num_experts
+    per_expert = array("d", bytes(8 * latest.num_experts))
+    experts = range(latest.num_experts)
     for layer, row in zip(latest.layers, delta, strict=True):
-        shares = token_shares(row, latest.top_k)
         layer_skew, layer_balance = skew(row), balancedness(row)
-        if shares is None or layer_skew is None or layer_balance is None:
-            continue
-        hottest = max(range(len(row)), key=row.__getitem__)
+        if layer_skew is None or layer_balance is None:
+            continue  # no traffic through this layer in the window
+        total = sum(row)
+        share = latest.top_k / total  # an expert's token share is its count times this
+        hottest = row.index(max(row))
         layers.append(
             LayerLoad(
-                layer, sum(row) / latest.top_k, layer_skew, layer_balance, shares[hottest], hottest
+                layer,
+                total / latest.top_k,
+                layer_skew,
+                layer_balance,
+                row[hottest] * share,
+                hottest,
             )
         )
-        hot.extend(
-            heapq.nlargest(
-                top_n, (HotExpert(layer, e, share) for e, share in enumerate(shares)), key=_share
-            )
-        )
-        for e, count in enumerate(row):
-            per_expert[e] += count
+        # Only this layer's top N can be in the global top N; C-level key, no object per cell.
+        for e in heapq.nlargest(top_n, experts, key=row.__getitem__):
+            hot.append(HotExpert(layer, e, row[e] * share))
+        per_expert = array("d", map(operator.add, per_expert, row))
     hot.sort(key=lambda h: (-h.share, h.layer, h.expert))
     return ExpertSignals(
         layers=tuple(layers),
@@ -171,9 +170,5 @@ def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 10) ->
     )
 
 
-def _was_reset(previous: ExpertCounts, current: ExpertCounts, before: float, now: float) -> bool:
-    return current.started != previous.started or now < before
-
-
-def _share(hot: HotExpert) -> float:
-    return hot.share
+def _was_reset(previous: ExpertCounts, current: ExpertCounts) -> bool:
+    return current.started != previous.started or current.total < previous.total

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from array import array
 from collections.abc import Callable
+from operator import add
 from pathlib import Path
 
 from moe_watch.expert_file import SUFFIX, CountsFile, read_counts_file
@@ -21,12 +23,11 @@ from moe_watch.sources.base import Problems, SourceError
 def combine(engine: str, files: list[CountsFile]) -> ExpertCounts:
     """One engine's counts from its workers' files (all tp_rank 0, one model shape)."""
     first = files[0]
-    rows: dict[int, list[float]] = {}
+    rows: dict[int, array[float]] = {}
     for item in files:
         for layer, row in zip(item.layers, item.counts, strict=True):
-            total = rows.setdefault(layer, [0.0] * item.num_experts)
-            for expert, count in enumerate(row):
-                total[expert] += count
+            total = rows.get(layer)
+            rows[layer] = array("d", row) if total is None else array("d", map(add, total, row))
     layers = tuple(sorted(rows))
     return ExpertCounts(
         engine=engine,
@@ -34,7 +35,7 @@ def combine(engine: str, files: list[CountsFile]) -> ExpertCounts:
         top_k=first.top_k,
         num_experts=first.num_experts,
         layers=layers,
-        counts=tuple(tuple(rows[layer]) for layer in layers),
+        counts=tuple(rows[layer] for layer in layers),
         started=max(item.started for item in files),  # any worker restarting resets the set
         ep_size=max(item.ep_size for item in files),
         placement=tuple(first.placement),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
-from moe_watch.samples import ExpertCounts
+from moe_watch.samples import ExpertCounts, matrix
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.torch_file import TorchFileError, load_torch_file
 
@@ -125,7 +125,7 @@ class SGLangExpertSource:
             top_k=self._top_k,
             num_experts=len(self._totals[0]),
             layers=tuple(range(len(self._totals))),
-            counts=tuple(tuple(row) for row in self._totals),
+            counts=matrix(self._totals),
             started=self._started,
             ep_size=self._ep_size,
             source="sglang",

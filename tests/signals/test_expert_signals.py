@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from moe_watch.samples import ExpertCounts
+from moe_watch.samples import ExpertCounts, matrix
 from moe_watch.signals.experts import (
     balancedness,
     derive_expert_signals,
@@ -29,7 +31,7 @@ def counts(
         top_k=top_k,
         num_experts=len(rows[0]),
         layers=tuple(range(len(rows))),
-        counts=tuple(tuple(r) for r in rows),
+        counts=matrix(rows),
         started=started,
         ep_size=ep_size,
         placement=placement,
@@ -112,10 +114,10 @@ def test_counter_reset_counts_the_traffic_after_it() -> None:
         counts([[5, 1]], top_k=1, started=2.0),  # the engine restarted
         counts([[6, 3]], top_k=1, started=2.0),
     ]
-    assert window_increase(window) == ((20 + 5 + 1, 10 + 1 + 2),)
+    assert window_increase(window) == matrix([[20 + 5 + 1, 10 + 1 + 2]])
     # a drop without a new start time (plugin state lost) is a reset too
     dropped = [counts([[10, 10]], top_k=1), counts([[2, 0]], top_k=1)]
-    assert window_increase(dropped) == ((2, 0),)
+    assert window_increase(dropped) == matrix([[2, 0]])
 
 
 def test_empty_and_all_zero_windows_give_no_signals_not_zeros() -> None:
@@ -139,4 +141,14 @@ def test_a_different_model_shape_restarts_the_window() -> None:
         counts([[9, 1, 0]], top_k=1),
         counts([[10, 3, 1]], top_k=1),
     ]
-    assert window_increase(window) == ((1, 2, 1),)
+    assert window_increase(window) == matrix([[1, 2, 1]])
+
+
+def test_a_deepseek_v3_matrix_is_held_as_c_doubles_with_its_total() -> None:
+    # A 5-minute window keeps ~60 of these per engine: as tuples of Python floats they were 4x
+    # larger and the node benchmark's RSS missed its 100 MB target.
+    rows = [[float(layer * 256 + e) for e in range(256)] for layer in range(58)]
+    sample = counts(rows, top_k=8)
+    assert sum(sys.getsizeof(row) for row in sample.counts) < 58 * 256 * 8 * 1.05
+    assert sample.total == sum(map(sum, rows))
+    assert [list(row) for row in sample.counts] == rows

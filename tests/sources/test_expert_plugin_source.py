@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from moe_watch.expert_file import CountsFile, read_counts_file, write_counts_file
+from moe_watch.samples import matrix
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_plugin import PluginExpertSource
 
@@ -65,7 +66,7 @@ async def test_tp_ranks_count_once_dp_ranks_add_up_pp_stages_join(tmp_path: Path
     )
     counts, problems = await collect(tmp_path)
     assert counts.layers == (0, 1, 2)  # type: ignore[attr-defined]
-    assert counts.counts == ((5, 4, 3, 2), (3, 1, 1, 1), (0, 0, 5, 5))  # type: ignore[attr-defined]
+    assert counts.counts == matrix([[5, 4, 3, 2], [3, 1, 1, 1], [0, 0, 5, 5]])  # type: ignore[attr-defined]
     assert counts.started == NOW - 5  # type: ignore[attr-defined]
     assert not problems.reasons
 
@@ -77,7 +78,7 @@ async def test_stale_and_malformed_files_are_skipped_and_counted(tmp_path: Path)
     )
     (tmp_path / "broken.experts.json").write_text("{not json")
     counts, problems = await collect(tmp_path)
-    assert counts.counts == ((4, 3, 2, 1), (1, 1, 1, 1))  # type: ignore[attr-defined]
+    assert counts.counts == matrix([[4, 3, 2, 1], [1, 1, 1, 1]])  # type: ignore[attr-defined]
     assert problems.reasons == {"bad_file": 1}
 
 

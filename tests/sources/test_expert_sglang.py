@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from moe_watch.samples import matrix
 from moe_watch.server import start_server
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_sglang import SGLangExpertSource, read_recorder_file
@@ -163,12 +164,12 @@ async def test_source_starts_recording_and_accumulates_dumps(
         first = await source.collect(Problems())
         second = await source.collect(Problems())
     assert fake.starts == 1
-    assert first.counts == tuple(tuple(row) for row in expected["a"])
+    assert first.counts == matrix(expected["a"])
     summed = [
         [x + y for x, y in zip(ra, rb, strict=True)]
         for ra, rb in zip(expected["a"], expected["b"], strict=True)
     ]
-    assert second.counts == tuple(tuple(row) for row in summed)
+    assert second.counts == matrix(summed)
     assert (second.top_k, second.num_experts, second.layers, second.source) == (
         2,
         8,
