@@ -6,12 +6,14 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_watch.samples import ExpertCounts, Histogram, matrix
 from moe_watch.signals.experts import window_increase
 from moe_watch.signals.histograms import quantile
+from moe_watch.sources.expert_sglang import MAX_CELLS, read_recorder_file
 from moe_watch.sources.exposition import ExpositionError, parse_engine_exposition
 from tests.conftest import read_capture
 
@@ -133,3 +135,30 @@ def test_the_fast_window_increase_equals_the_pairwise_definition(
     fast = window_increase(window)
     assert [list(row) for row in fast] == pairwise_increase(window)
     assert all(value >= 0 for row in fast for value in row)  # restarts never go negative
+
+
+CSV_ROWS = st.lists(
+    st.tuples(
+        st.integers(-2, 10**8) | st.text(max_size=3),
+        st.integers(-2, 10**8) | st.text(max_size=3),
+        st.floats() | st.integers(-(10**20), 10**20) | st.text(max_size=3),
+    ).map(lambda cells: ",".join(map(str, cells))),
+    max_size=6,
+).map(lambda lines: "\n".join(lines).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=CSV_ROWS | st.binary(max_size=400), suffix=st.sampled_from([".csv", ".pt"]))
+def test_an_sglang_dump_of_any_bytes_reads_or_fails_with_value_error(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, suffix: str
+) -> None:
+    path = tmp_path_factory.mktemp("dump") / f"expert_distribution_rank0_timestamp1{suffix}"
+    path.write_bytes(b"layer_id,expert_id,count\n" + data if suffix == ".csv" else data)
+    try:
+        rows = read_recorder_file(path)
+    except ValueError:
+        return
+    # Accepted: a bounded matrix of counts.
+    assert len(rows) * len(rows[0] if rows else ()) <= MAX_CELLS
+    assert all(len(row) == len(rows[0]) for row in rows)
+    assert all(math.isfinite(c) and c >= 0 for row in rows for c in row)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -32,6 +34,7 @@ PT_PATTERN = "expert_distribution_recorder_*.pt"
 CSV_PATTERN = "expert_distribution_rank*_timestamp*.csv"
 
 Matrix = list[list[float]]
+MAX_CELLS = 1 << 22  # layers x experts; DeepSeek-V3 is 61 x 256 = 15,616
 
 
 def read_recorder_file(path: Path, num_experts: int | None = None) -> Matrix:
@@ -48,26 +51,41 @@ def _read_csv(path: Path, num_experts: int | None) -> Matrix:
     cells: dict[tuple[int, int], float] = {}
     with path.open(newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
-        if reader.fieldnames != ["layer_id", "expert_id", "count"]:
-            raise ValueError(f"{path}: expected the header layer_id,expert_id,count")
-        for row in reader:
-            try:
-                key = (int(row["layer_id"]), int(row["expert_id"]))
-                cells[key] = cells.get(key, 0.0) + float(row["count"])
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{path}:{reader.line_num}: not a layer_id,expert_id,count row"
-                ) from None
+        try:
+            if reader.fieldnames != ["layer_id", "expert_id", "count"]:
+                raise ValueError(f"{path}: expected the header layer_id,expert_id,count")
+            for row in reader:
+                key, count = _csv_cell(row)
+                if key is None:
+                    raise ValueError(
+                        f"{path}:{reader.line_num}: not a layer_id,expert_id,count row"
+                    )
+                cells[key] = cells.get(key, 0.0) + count
+        except csv.Error as exc:  # e.g. a NUL byte: not a CSV at all
+            raise ValueError(f"{path}:{reader.line_num}: {exc}") from None
     if not cells:
         return []
     layers = max(layer for layer, _ in cells) + 1
     experts = num_experts or max(expert for _, expert in cells) + 1
-    matrix = [[0.0] * experts for _ in range(layers)]
+    if any(expert >= experts for _, expert in cells):
+        raise ValueError(f"{path}: an expert id is out of range (num_experts {experts})")
+    if layers * experts > MAX_CELLS:  # a corrupt id must not make the agent allocate gigabytes
+        raise ValueError(f"{path}: {layers} layers x {experts} experts is not a real model")
+    rows = [[0.0] * experts for _ in range(layers)]
     for (layer, expert), count in cells.items():
-        if expert >= experts or layer < 0 or expert < 0:
-            raise ValueError(f"{path}: expert {expert} out of range (num_experts {experts})")
-        matrix[layer][expert] += count
-    return matrix
+        rows[layer][expert] += count
+    return rows
+
+
+def _csv_cell(row: dict[str | Any, str | Any]) -> tuple[tuple[int, int] | None, float]:
+    """((layer, expert), count) of one row, or (None, 0) when it is not a valid row."""
+    try:
+        layer, expert, count = int(row["layer_id"]), int(row["expert_id"]), float(row["count"])
+    except (TypeError, ValueError):
+        return None, 0.0
+    if None in row or layer < 0 or expert < 0 or not (math.isfinite(count) and count >= 0):
+        return None, 0.0  # a None key holds extra columns
+    return (layer, expert), count
 
 
 class SGLangExpertSource:

@@ -108,6 +108,25 @@ def test_reads_the_old_per_rank_csv_form(tmp_path: Path) -> None:
         read_recorder_file(bad)
 
 
+@pytest.mark.parametrize(
+    ("rows", "reason"),
+    [
+        ("1,2,nan\n", "not a layer_id,expert_id,count row"),
+        ("1,2,-5\n", "not a layer_id,expert_id,count row"),
+        ("1,-2,5\n", "not a layer_id,expert_id,count row"),
+        ("1,2,5,9\n", "not a layer_id,expert_id,count row"),  # an extra column
+        ("1,2,5\x00\n", "not a layer_id,expert_id,count row"),
+        ("1,40,5\n", "expert id is out of range"),
+        ("90000000,2,5\n", "is not a real model"),  # corrupt id: no 90M-row matrix
+    ],
+)
+def test_a_bad_csv_row_is_refused_with_its_reason(tmp_path: Path, rows: str, reason: str) -> None:
+    path = tmp_path / "expert_distribution_rank0_timestamp1.csv"
+    path.write_text("layer_id,expert_id,count\n0,0,1\n" + rows)
+    with pytest.raises(ValueError, match=reason):
+        read_recorder_file(path, num_experts=32)
+
+
 class FakeSGLang:
     """The recorder endpoints of an SGLang server. Dumps copy real torch.save files into the
     recorder directory (SGLang writes them there itself); a dump before start fails like a
