@@ -1,8 +1,9 @@
 """GPUs through NVML (nvidia-ml-py): utilization, memory, temperature, power, PIDs, Xid events.
 
 NVML calls block, and a wedged driver can block for a long time, so each cycle's whole read runs
-as one function on one dedicated worker thread, bounded by ``call_timeout``; while a read is
-stuck the source answers "busy" instead of queueing more work behind it. ``nvmlInit`` runs once
+as one function on one dedicated daemon worker thread, bounded by ``call_timeout``; while a read
+is stuck the source answers "busy" instead of queueing more work behind it, and the process can
+still exit. ``nvmlInit`` runs once
 (retried at most every ``INIT_RETRY_SECONDS`` while the library or driver is missing, and again
 whenever NVML reports itself uninitialized). A lost GPU is reported with ``up=False`` while the
 others keep reporting; a field the GPU or driver does not support is None. Xid critical errors
@@ -18,11 +19,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -30,6 +32,8 @@ from moe_watch.samples import GpuReading, GpuSample
 from moe_watch.sources.base import Problems, SourceError
 
 log = structlog.get_logger("moe_watch.nvml")
+
+T = TypeVar("T")
 
 INIT_RETRY_SECONDS = 30.0
 EVENT_WAIT_MS = 500  # one nvmlEventSetWait; also how long closing may wait for the Xid thread
@@ -75,6 +79,41 @@ def _init_error(exc: BaseException) -> SourceError:
             "the NVIDIA kernel driver is not loaded on this node: does nvidia-smi work on the host?",
         )
     return SourceError("init", f"nvmlInit failed: {exc!r}; does nvidia-smi work in this container?")
+
+
+class _DaemonWorker:
+    """Runs calls one at a time, in order, on one daemon thread.
+
+    Not a ThreadPoolExecutor: its worker threads are joined at interpreter exit, so a call hung
+    in the driver would keep the process alive after SIGTERM. A daemon thread is abandoned.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def call() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # cancelled while queued
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever awaits the future
+                future.set_exception(exc)
+
+        self._calls.put(call)
+        return future
+
+    def stop(self) -> None:
+        """End the thread once the call in progress, if any, returns; never waits for it."""
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call()
 
 
 class _XidWatcher:
@@ -146,9 +185,7 @@ class NvmlSource:
         self._nvml: Any = nvml  # a pynvml-like module; None: import pynvml at the first collect
         self._timeout = call_timeout
         self._clock = clock
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="nvml"
-        )
+        self._worker = _DaemonWorker("nvml")
         self._pending: concurrent.futures.Future[tuple[GpuReading, list[str]]] | None = None
         self._pending_since = 0.0
         # Everything below is touched on the worker thread only, except where noted.
@@ -187,7 +224,7 @@ class NvmlSource:
         ):
             raise SourceError(self._init_error.reason, self._init_error.message)
         self._pending_since = time.monotonic()
-        future = self._executor.submit(self._read, now)
+        future = self._worker.submit(self._read, now)
         self._pending = future
         try:
             reading, reasons = await asyncio.wait_for(asyncio.wrap_future(future), self._timeout)
@@ -394,12 +431,12 @@ class NvmlSource:
         watcher_done = watcher is None or not watcher.is_alive()
         if self._initialized and worker_idle and watcher_done:
             event_set = watcher.event_set if watcher is not None else None
-            future = self._executor.submit(self._shutdown, event_set)
+            future = self._worker.submit(self._shutdown, event_set)
             try:
                 await asyncio.wait_for(asyncio.wrap_future(future), self._timeout)
             except Exception as exc:  # closing: nothing left to protect
                 log.debug("nvml shutdown failed", error=repr(exc))
-        self._executor.shutdown(wait=False, cancel_futures=True)  # a hung call must not block exit
+        self._worker.stop()
 
     def _shutdown(self, event_set: Any) -> None:
         nvml, self._initialized = self._nvml, False

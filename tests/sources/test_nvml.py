@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -426,3 +427,50 @@ async def test_close_returns_promptly_while_a_call_hangs(fake: FakeNvml) -> None
         assert fake.calls["nvmlShutdown"] == 0  # the hung call still owns the library
     finally:
         fake.release()  # let the stuck worker thread finish
+
+
+WEDGED_AGENT = """
+import asyncio, threading
+from moe_watch.config import load_settings
+from moe_watch.demo.fake_nvml import FakeNvml
+from moe_watch.service import install_stop_signals, serve
+
+class Wedged(FakeNvml):
+    def nvmlDeviceGetCount(self) -> int:
+        print("wedged", flush=True)
+        threading.Event().wait()  # a driver call that never returns
+        return 0
+
+async def main() -> None:
+    stop = asyncio.Event()
+    install_stop_signals(stop)  # what `moe-watch run` does
+    settings = load_settings(None, listen="127.0.0.1:0", nvml_timeout_seconds=0.2)
+    await serve(settings, stop=stop, nvml=Wedged.with_gpus(1))
+
+asyncio.run(main())
+"""
+
+
+async def test_the_agent_exits_on_sigterm_while_an_nvml_call_hangs_forever() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WEDGED_AGENT, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+
+        async def wedged() -> None:
+            while line := await proc.stdout.readline():  # the agent logs to stdout too
+                if line.strip() == b"wedged":
+                    return
+            raise AssertionError("the agent ended before its NVML call hung")
+
+        await asyncio.wait_for(wedged(), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        # Bounded: one NVML timeout for the cycle in flight, then close() and interpreter exit,
+        # which must not join the thread still stuck in the driver.
+        code = await asyncio.wait_for(proc.wait(), timeout=10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0
