@@ -2,14 +2,18 @@
 
 Used by the tests and by ``moe-watch demo`` on machines without a GPU. It raises the *real*
 ``pynvml.NVMLError`` classes with the real codes (``pynvml.NVMLError(15)`` is an
-``NVMLError_GpuIsLost``), refuses calls before ``nvmlInit`` like the library, returns objects
-with the real field names, and can hang a call like a wedged driver.
+``NVMLError_GpuIsLost``), exposes the real constants, refuses calls before ``nvmlInit`` like the
+library, returns objects with the real field names (those of pynvml's ctypes structs), delivers
+Xid events through an event set with the real wait-and-time-out semantics, and can hang a call
+like a wedged driver.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -27,25 +31,31 @@ NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_GPU_IS_LOST = 15
 
+# Attribute names the fake takes from the real module: error classes and constants.
+_REAL_PREFIXES = ("NVML", "nvmlMemory", "nvmlEventType")
+
 
 @dataclass
 class FakeGpu:
-    """One simulated GPU; every field may be changed while the agent runs."""
+    """One simulated GPU; every field may be changed while the agent runs.
+
+    ``unsupported`` and ``errors`` name calls: "handle", "uuid", "name", "utilization",
+    "memory" (v1), "memory_v2", "temperature", "power", "processes", "events".
+    """
 
     index: int
-    uuid: str = ""
+    uuid: str = ""  # "" -> a stable uuid4-looking one derived from the index
     name: str = H100
     memory_total_bytes: int = 80 * GIB
     memory_used_bytes: int = 60 * GIB
     memory_reserved_bytes: int = 512 * 1024**2  # v1 "used" includes it, v2 "used" does not
-    utilization_percent: int = 50
+    utilization_percent: int = 50  # 0..100
     temperature_c: int = 55
     power_mw: int = 350_000
     pids: list[int] = field(default_factory=list)
-    lost: bool = False  # every call raises GPU_IS_LOST (fell off the bus)
-    # Fields this GPU/driver does not support: "power", "temperature", "memory_v2",
-    # "processes", "utilization", "events".
-    unsupported: set[str] = field(default_factory=set)
+    lost: bool = False  # every call on it raises GPU_IS_LOST (fell off the bus)
+    unsupported: set[str] = field(default_factory=set)  # these calls raise NOT_SUPPORTED
+    errors: dict[str, int] = field(default_factory=dict)  # call -> NVML return code it raises
 
     def __post_init__(self) -> None:
         if not self.uuid:
@@ -57,8 +67,22 @@ class _Handle:
     index: int
 
 
+class _EventSet:
+    def __init__(self) -> None:
+        self.registered: set[int] = set()
+        self.freed = False
+
+
 class FakeNvml:
-    """Behaves like the ``pynvml`` module for the calls moe-watch makes."""
+    """Behaves like the ``pynvml`` module for the calls moe-watch makes.
+
+    Knobs (all settable at any time): ``gpus``, ``library_missing`` (nvmlInit raises
+    LIBRARY_NOT_FOUND), ``driver_missing`` (DRIVER_NOT_LOADED), ``hang()``/``release()``,
+    ``initialized`` (set False and calls raise UNINITIALIZED, as after an nvmlShutdown
+    elsewhere in the process), ``processes_v3_missing`` (the plain process call raises
+    NVMLLibraryMismatchError, as nvidia-ml-py does with a driver that lacks the v3 call) and
+    ``inject_xid()``. ``calls`` counts what the code under test called, per function name.
+    """
 
     NVMLError = pynvml.NVMLError
 
@@ -69,25 +93,29 @@ class FakeNvml:
         driver_version: str = "570.133.20",
         library_missing: bool = False,
         driver_missing: bool = False,
+        processes_v3_missing: bool = False,
     ) -> None:
         self.gpus = gpus
         self.driver_version = driver_version
         self.library_missing = library_missing
         self.driver_missing = driver_missing
-        self.hang_seconds = 0.0
-        self.init_calls = 0
+        self.processes_v3_missing = processes_v3_missing
+        self.calls: Counter[str] = Counter()
+        self._calls_lock = threading.Lock()  # the worker and the Xid thread both call in
         self.initialized = False
+        self.hang_seconds = 0.0
         self._unhang = threading.Event()
         self._events: queue.Queue[tuple[int, int]] = queue.Queue()
 
     @classmethod
     def with_gpus(cls, count: int, **kwargs: Any) -> FakeNvml:
+        """``count`` H100-like GPUs, indexes 0..count-1."""
         return cls([FakeGpu(index) for index in range(count)], **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         # Constants and error classes come from the real library, so code under test cannot
         # tell the difference (NVML_TEMPERATURE_GPU, nvmlMemory_v2, NVMLError_GpuIsLost, ...).
-        if name.startswith(("NVML", "nvmlMemory", "nvmlEventType", "nvmlClocksThrottle")):
+        if name.startswith(_REAL_PREFIXES):
             return getattr(pynvml, name)
         raise AttributeError(f"FakeNvml has no {name!r}")
 
@@ -98,16 +126,17 @@ class FakeNvml:
         self.hang_seconds = seconds
 
     def release(self) -> None:
+        """End a hang: calls blocked now return at once, later ones do not block."""
         self.hang_seconds = 0.0
         self._unhang.set()
 
     def inject_xid(self, gpu_index: int, xid: int) -> None:
-        """An Xid critical error that the next ``nvmlEventSetWait_v2`` returns."""
+        """An Xid critical error that an in-progress or the next event-set wait returns."""
         self._events.put((gpu_index, xid))
 
     # -- library --------------------------------------------------------------------------
     def nvmlInit(self) -> None:
-        self.init_calls += 1
+        self._count("nvmlInit")
         if self.library_missing:
             raise pynvml.NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)
         if self.driver_missing:
@@ -115,101 +144,159 @@ class FakeNvml:
         self.initialized = True
 
     def nvmlShutdown(self) -> None:
-        self._check_init()
+        self._enter("nvmlShutdown")
         self.initialized = False
 
     def nvmlSystemGetDriverVersion(self) -> str:
-        self._check_init()
+        self._enter("nvmlSystemGetDriverVersion")
         return self.driver_version
 
     def nvmlDeviceGetCount(self) -> int:
-        self._check_init()
+        self._enter("nvmlDeviceGetCount")
+        self._maybe_hang()
         return len(self.gpus)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> _Handle:
-        self._check_init()
+        self._enter("nvmlDeviceGetHandleByIndex")
         if not 0 <= index < len(self.gpus):
             raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
-        self._gpu(_Handle(index), None)
+        self._gpu(_Handle(index), "handle")
         return _Handle(index)
 
     def nvmlDeviceGetIndex(self, handle: _Handle) -> int:
+        self._enter("nvmlDeviceGetIndex")
         return self._gpu(handle, None).index
 
     def nvmlDeviceGetUUID(self, handle: _Handle) -> str:
-        return self._gpu(handle, None).uuid
+        self._enter("nvmlDeviceGetUUID")
+        return self._gpu(handle, "uuid").uuid
 
     def nvmlDeviceGetName(self, handle: _Handle) -> str:
-        return self._gpu(handle, None).name
+        self._enter("nvmlDeviceGetName")
+        return self._gpu(handle, "name").name
 
     def nvmlDeviceGetUtilizationRates(self, handle: _Handle) -> SimpleNamespace:
+        self._enter("nvmlDeviceGetUtilizationRates")
         gpu = self._gpu(handle, "utilization")
         return SimpleNamespace(gpu=gpu.utilization_percent, memory=gpu.utilization_percent // 2)
 
     def nvmlDeviceGetMemoryInfo(
         self, handle: _Handle, version: int | None = None
     ) -> SimpleNamespace:
-        gpu = self._gpu(handle, "memory_v2" if version else None)
-        if version:
-            used, reserved = gpu.memory_used_bytes, gpu.memory_reserved_bytes
-            free = gpu.memory_total_bytes - used - reserved
+        # Like pynvml: a falsy version calls v1 (c_nvmlMemory_t), any other v2 (c_nvmlMemory_v2_t).
+        if not version:
+            self._enter("nvmlDeviceGetMemoryInfo")
+            gpu = self._gpu(handle, "memory")
+            used = gpu.memory_used_bytes + gpu.memory_reserved_bytes
             return SimpleNamespace(
-                version=version,
-                total=gpu.memory_total_bytes,
-                reserved=reserved,
-                free=free,
-                used=used,
+                total=gpu.memory_total_bytes, free=gpu.memory_total_bytes - used, used=used
             )
-        used = gpu.memory_used_bytes + gpu.memory_reserved_bytes
+        self._enter("nvmlDeviceGetMemoryInfo_v2")
+        gpu = self._gpu(handle, "memory_v2")
+        used, reserved = gpu.memory_used_bytes, gpu.memory_reserved_bytes
         return SimpleNamespace(
-            total=gpu.memory_total_bytes, free=gpu.memory_total_bytes - used, used=used
+            version=version,
+            total=gpu.memory_total_bytes,
+            reserved=reserved,
+            free=gpu.memory_total_bytes - used - reserved,
+            used=used,
         )
 
     def nvmlDeviceGetTemperature(self, handle: _Handle, sensor: int) -> int:
-        return self._gpu(handle, "temperature").temperature_c
+        self._enter("nvmlDeviceGetTemperature")
+        gpu = self._gpu(handle, "temperature")
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        return gpu.temperature_c
 
     def nvmlDeviceGetPowerUsage(self, handle: _Handle) -> int:
+        self._enter("nvmlDeviceGetPowerUsage")
         return self._gpu(handle, "power").power_mw
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: _Handle) -> list[SimpleNamespace]:
-        gpu = self._gpu(handle, "processes")
-        return [SimpleNamespace(pid=pid, usedGpuMemory=GIB) for pid in gpu.pids]
+        self._enter("nvmlDeviceGetComputeRunningProcesses")
+        if self.processes_v3_missing:  # what pynvml's throwOnVersionMismatch raises
+            raise pynvml.NVMLLibraryMismatchError(
+                "Unversioned function called and the pyNVML version does not match the NVML "
+                "lib version."
+            )
+        return self._processes(handle)
+
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: _Handle) -> list[SimpleNamespace]:
+        self._enter("nvmlDeviceGetComputeRunningProcesses_v2")
+        return self._processes(handle)
 
     # -- events ---------------------------------------------------------------------------
-    def nvmlEventSetCreate(self) -> object:
-        self._check_init()
-        return object()
+    def nvmlEventSetCreate(self) -> _EventSet:
+        self._enter("nvmlEventSetCreate")
+        return _EventSet()
 
     def nvmlDeviceRegisterEvents(
-        self, handle: _Handle, event_types: int, event_set: object
+        self, handle: _Handle, event_types: int, event_set: _EventSet
     ) -> None:
-        self._gpu(handle, "events")
+        self._enter("nvmlDeviceRegisterEvents")
+        gpu = self._gpu(handle, "events")
+        if event_set.freed:
+            raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        if event_types & pynvml.nvmlEventTypeXidCriticalError:
+            event_set.registered.add(gpu.index)
 
-    def nvmlEventSetWait_v2(self, event_set: object, timeout_ms: int) -> SimpleNamespace:
-        self._check_init()
-        try:
-            index, xid = self._events.get(timeout=timeout_ms / 1000)
-        except queue.Empty:
-            raise pynvml.NVMLError(NVML_ERROR_TIMEOUT) from None
-        return SimpleNamespace(
-            device=_Handle(index), eventType=pynvml.nvmlEventTypeXidCriticalError, eventData=xid
-        )
+    def nvmlEventSetWait_v2(self, event_set: _EventSet, timeoutms: int) -> SimpleNamespace:
+        """The next Xid of a registered GPU, or NVML_ERROR_TIMEOUT after ``timeoutms``."""
+        self._enter("nvmlEventSetWait_v2")
+        if event_set.freed:
+            raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        deadline = time.monotonic() + timeoutms / 1000
+        while True:
+            try:
+                index, xid = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise pynvml.NVMLError(NVML_ERROR_TIMEOUT) from None
+            if index in event_set.registered:  # a GPU not registered sends nothing here
+                return SimpleNamespace(
+                    device=_Handle(index),
+                    eventType=pynvml.nvmlEventTypeXidCriticalError,
+                    eventData=xid,
+                    gpuInstanceId=0xFFFFFFFF,  # not a MIG instance
+                    computeInstanceId=0xFFFFFFFF,
+                )
 
-    def nvmlEventSetFree(self, event_set: object) -> None:
-        self._check_init()
+    def nvmlEventSetFree(self, event_set: _EventSet) -> None:
+        self._enter("nvmlEventSetFree")
+        event_set.freed = True
 
     # -- helpers --------------------------------------------------------------------------
-    def _check_init(self) -> None:
+    def _count(self, call: str) -> None:
+        with self._calls_lock:
+            self.calls[call] += 1
+
+    def _enter(self, call: str) -> None:
+        self._count(call)
         if not self.initialized:
             raise pynvml.NVMLError(NVML_ERROR_UNINITIALIZED)
 
-    def _gpu(self, handle: _Handle, feature: str | None) -> FakeGpu:
-        self._check_init()
+    def _maybe_hang(self) -> None:
         if self.hang_seconds > 0:
             self._unhang.wait(self.hang_seconds)
+
+    def _processes(self, handle: _Handle) -> list[SimpleNamespace]:
+        gpu = self._gpu(handle, "processes")
+        return [
+            SimpleNamespace(
+                pid=pid, usedGpuMemory=GIB, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF
+            )
+            for pid in gpu.pids
+        ]
+
+    def _gpu(self, handle: _Handle, call: str | None) -> FakeGpu:
+        self._maybe_hang()
+        if handle.index >= len(self.gpus):  # taken out of the list: gone from the bus
+            raise pynvml.NVMLError(NVML_ERROR_GPU_IS_LOST)
         gpu = self.gpus[handle.index]
         if gpu.lost:
             raise pynvml.NVMLError(NVML_ERROR_GPU_IS_LOST)
-        if feature is not None and feature in gpu.unsupported:
+        if call is not None and call in gpu.errors:
+            raise pynvml.NVMLError(gpu.errors[call])
+        if call is not None and call in gpu.unsupported:
             raise pynvml.NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return gpu

@@ -1,22 +1,30 @@
 """GPUs through NVML (nvidia-ml-py): utilization, memory, temperature, power, PIDs, Xid events.
 
-NVML calls block, and a wedged driver can block for a long time, so every read runs on one
-dedicated worker thread, bounded by ``call_timeout``; while a call is stuck the source answers
-"busy" instead of piling up more threads. ``nvmlInit`` runs once (retried at most every
-``INIT_RETRY_SECONDS`` when the driver is missing). A lost GPU is reported with ``up=False``
-while the others keep reporting. Xid critical errors arrive on an event set, read by a
-daemon thread of their own.
+NVML calls block, and a wedged driver can block for a long time, so each cycle's whole read runs
+as one function on one dedicated daemon worker thread, bounded by ``call_timeout``; while a read
+is stuck the source answers "busy" instead of queueing more work behind it, and the process can
+still exit. ``nvmlInit`` runs once
+(retried at most every ``INIT_RETRY_SECONDS`` while the library or driver is missing, and again
+whenever NVML reports itself uninitialized). A lost GPU is reported with ``up=False`` while the
+others keep reporting; a field the GPU or driver does not support is None. Xid critical errors
+arrive on an NVML event set, read by a daemon thread of their own.
+
+Written against nvidia-ml-py >= 12.535 (pyproject): strings come back as ``str``,
+``nvmlDeviceGetMemoryInfo`` takes ``version`` and ``nvmlEventSetWait_v2`` exists.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import ctypes
+import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 import structlog
 
@@ -25,13 +33,22 @@ from moe_watch.sources.base import Problems, SourceError
 
 log = structlog.get_logger("moe_watch.nvml")
 
+T = TypeVar("T")
+
 INIT_RETRY_SECONDS = 30.0
-EVENT_WAIT_MS = 500
+EVENT_WAIT_MS = 500  # one nvmlEventSetWait; also how long closing may wait for the Xid thread
 
 # NVML return codes (nvml.h) this source tells apart.
 UNINITIALIZED, NOT_SUPPORTED, DRIVER_NOT_LOADED, TIMEOUT = 1, 3, 9, 10
 LIBRARY_NOT_FOUND, FUNCTION_NOT_FOUND, GPU_IS_LOST = 12, 13, 15
 ARGUMENT_VERSION_MISMATCH, UNKNOWN = 25, 999
+
+# Codes after which nothing more can be read from a GPU this cycle.
+_GPU_GONE = (GPU_IS_LOST, UNKNOWN)
+# The GPU or the driver does not have it: a property of the node, not a fault.
+_ABSENT = (NOT_SUPPORTED, FUNCTION_NOT_FOUND)
+# nvmlDeviceGetMemoryInfo_v2 is missing or refused: an older driver, or a GPU without it.
+_NO_MEMORY_V2 = (NOT_SUPPORTED, FUNCTION_NOT_FOUND, ARGUMENT_VERSION_MISMATCH)
 
 
 def _code(exc: BaseException) -> int | None:
@@ -39,7 +56,125 @@ def _code(exc: BaseException) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def _handle_key(handle: Any) -> Hashable:
+    # Real handles are ctypes pointers, and two pointer objects to one device do not compare
+    # equal; their addresses do. Anything else (a fake's handle) is its own key.
+    key: Hashable = handle
+    with contextlib.suppress(ctypes.ArgumentError, TypeError):
+        key = ctypes.cast(handle, ctypes.c_void_p).value
+    return key
+
+
+def _init_error(exc: BaseException) -> SourceError:
+    code = _code(exc)
+    if code == LIBRARY_NOT_FOUND:
+        return SourceError(
+            "library_missing",
+            "libnvidia-ml.so not found: is the NVIDIA driver installed and the container started "
+            "with the nvidia runtime (runtimeClassName: nvidia, NVIDIA_VISIBLE_DEVICES)?",
+        )
+    if code == DRIVER_NOT_LOADED:
+        return SourceError(
+            "driver_missing",
+            "the NVIDIA kernel driver is not loaded on this node: does nvidia-smi work on the host?",
+        )
+    return SourceError("init", f"nvmlInit failed: {exc!r}; does nvidia-smi work in this container?")
+
+
+class _DaemonWorker:
+    """Runs calls one at a time, in order, on one daemon thread.
+
+    Not a ThreadPoolExecutor: its worker threads are joined at interpreter exit, so a call hung
+    in the driver would keep the process alive after SIGTERM. A daemon thread is abandoned.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def call() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # cancelled while queued
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever awaits the future
+                future.set_exception(exc)
+
+        self._calls.put(call)
+        return future
+
+    def stop(self) -> None:
+        """End the thread once the call in progress, if any, returns; never waits for it."""
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call()
+
+
+class _XidWatcher:
+    """Waits on one NVML event set on a daemon thread and reports each Xid critical error."""
+
+    def __init__(
+        self,
+        nvml: Any,
+        event_set: Any,
+        devices: dict[Hashable, int],
+        record: Callable[[int, int], None],
+        wait_ms: int,
+    ) -> None:
+        self.event_set = event_set
+        self._nvml = nvml
+        self._devices = devices
+        self._record = record
+        self._wait_ms = wait_ms
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nvml-xid", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        nvml = self._nvml
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = nvml.nvmlEventSetWait_v2(self.event_set, self._wait_ms)
+                except nvml.NVMLError as exc:
+                    if _code(exc) == TIMEOUT:
+                        continue  # no event within the wait: the normal case
+                    raise
+                self._record(self._index(data.device), int(data.eventData))
+        except Exception as exc:  # whatever it is, Xid counting ends here, the agent goes on
+            if not self._stop.is_set():
+                log.warning("xid event watcher stopped", error=repr(exc))
+
+    def _index(self, handle: Any) -> int:
+        index = self._devices.get(_handle_key(handle))
+        if index is not None:
+            return index
+        try:
+            return int(self._nvml.nvmlDeviceGetIndex(handle))
+        except Exception:
+            return -1  # the event is still counted, under an unknown GPU
+
+
 class NvmlSource:
+    """Every GPU on the node, read through one NVML session."""
+
     def __init__(
         self,
         nvml: Any | None = None,
@@ -47,25 +182,25 @@ class NvmlSource:
         call_timeout: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._nvml: Any = nvml
+        self._nvml: Any = nvml  # a pynvml-like module; None: import pynvml at the first collect
         self._timeout = call_timeout
         self._clock = clock
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="nvml"
-        )
+        self._worker = _DaemonWorker("nvml")
         self._pending: concurrent.futures.Future[tuple[GpuReading, list[str]]] | None = None
+        self._pending_since = 0.0
+        # Everything below is touched on the worker thread only, except where noted.
         self._initialized = False
-        self._init_failed_at: float | None = None
         self._init_error: SourceError | None = None
+        self._init_attempt_at: float | None = None
         self._driver_version = ""
-        self._identity: dict[int, tuple[str, str]] = {}
-        self._memory_v2 = True
+        self._identity: dict[int, tuple[str, str]] = {}  # index -> (uuid, name)
+        self._memory_v1_only: set[int] = set()
+        self._processes_v2 = False
         self._lost: set[int] = set()
+        self._watcher: _XidWatcher | None = None
+        # Written by the Xid thread, read by the worker: behind the lock.
         self._xids: Counter[tuple[int, int]] = Counter()
         self._xid_lock = threading.Lock()
-        self._events_stop = threading.Event()
-        self._events_thread: threading.Thread | None = None
-        self._event_set: Any = None
 
     @property
     def name(self) -> str:
@@ -73,17 +208,31 @@ class NvmlSource:
 
     async def collect(self, problems: Problems) -> GpuReading:
         if self._pending is not None and not self._pending.done():
+            stuck = time.monotonic() - self._pending_since
             raise SourceError(
                 "busy",
-                f"the previous NVML call is still running after {self._timeout:g}s (hung driver?)",
+                f"the previous NVML call is still running after {stuck:.1f}s (hung driver?); "
+                "not queueing another",
             )
         now = self._clock()
-        future = self._executor.submit(self._read, now)
+        # The worker is idle here, so reading its init state is safe.
+        if (
+            not self._initialized
+            and self._init_error is not None
+            and self._init_attempt_at is not None
+            and now - self._init_attempt_at < INIT_RETRY_SECONDS
+        ):
+            raise SourceError(self._init_error.reason, self._init_error.message)
+        self._pending_since = time.monotonic()
+        future = self._worker.submit(self._read, now)
         self._pending = future
         try:
             reading, reasons = await asyncio.wait_for(asyncio.wrap_future(future), self._timeout)
         except asyncio.TimeoutError:
-            raise SourceError("timeout", f"NVML did not answer within {self._timeout:g}s") from None
+            raise SourceError(
+                "timeout",
+                f"NVML did not answer within {self._timeout:g}s (hung driver call?)",
+            ) from None
         for reason in reasons:
             problems.add(reason)
         return reading
@@ -93,106 +242,108 @@ class NvmlSource:
         nvml = self._ensure_init(now)
         reasons: list[str] = []
         try:
-            count = nvml.nvmlDeviceGetCount()
+            if not self._driver_version:
+                self._driver_version = self._read_driver_version(nvml)
+            count = int(nvml.nvmlDeviceGetCount())
+            gpus = tuple(self._read_gpu(nvml, index, reasons) for index in range(count))
         except nvml.NVMLError as exc:
-            raise self._whole_failure(exc) from None
-        gpus = tuple(self._read_gpu(nvml, index, reasons) for index in range(count))
+            if _code(exc) == UNINITIALIZED:  # e.g. nvmlShutdown called elsewhere in the process
+                self._initialized = False
+                if self._watcher is not None:
+                    self._watcher.stop()  # its event set died with the old session
+                    self._watcher = None
+                raise SourceError(
+                    "uninitialized",
+                    "NVML reports it is not initialized; initializing again on the next collect",
+                ) from None
+            raise SourceError("nvml", f"nvmlDeviceGetCount failed: {exc!r}") from None
         with self._xid_lock:
             xids = dict(self._xids)
-        return GpuReading(
+        reading = GpuReading(
             timestamp=now, driver_version=self._driver_version, gpus=gpus, xid_totals=xids
-        ), reasons
+        )
+        return reading, reasons
 
     def _ensure_init(self, now: float) -> Any:
         if self._initialized:
             return self._nvml
-        if self._init_failed_at is not None and now - self._init_failed_at < INIT_RETRY_SECONDS:
-            assert self._init_error is not None
-            raise self._init_error
+        self._init_attempt_at = now
         try:
             if self._nvml is None:
                 import pynvml
 
                 self._nvml = pynvml
             self._nvml.nvmlInit()
-            self._driver_version = _text(self._nvml.nvmlSystemGetDriverVersion())
         except ImportError:
-            self._fail_init(
-                now,
-                SourceError("library_missing", "the pynvml module (nvidia-ml-py) is not installed"),
+            error = SourceError(
+                "library_missing",
+                "the Python module pynvml is not installed: install nvidia-ml-py in the agent's environment",
             )
         except Exception as exc:
-            code = _code(exc)
-            if code == LIBRARY_NOT_FOUND:
-                error = SourceError(
-                    "library_missing",
-                    "libnvidia-ml.so not found: is the NVIDIA driver installed and the container started with the nvidia runtime (NVIDIA_VISIBLE_DEVICES, runtimeClassName: nvidia)?",
-                )
-            elif code == DRIVER_NOT_LOADED:
-                error = SourceError(
-                    "driver_missing",
-                    "the NVIDIA kernel driver is not loaded on this node (nvidia-smi fails too?)",
-                )
-            else:
-                error = SourceError("init", f"nvmlInit failed: {exc}")
-            self._fail_init(now, error)
-        self._initialized, self._init_failed_at = True, None
-        log.info("nvml initialized", driver_version=self._driver_version)
-        self._start_events()
-        return self._nvml
+            error = _init_error(exc)
+        else:
+            self._initialized, self._init_error = True, None
+            self._identity.clear()  # a new session may enumerate the GPUs differently
+            self._driver_version = self._read_driver_version(self._nvml)
+            log.info("nvml initialized", driver_version=self._driver_version)
+            self._start_watcher(self._nvml)
+            return self._nvml
+        self._init_error = error
+        raise SourceError(error.reason, error.message)
 
-    def _fail_init(self, now: float, error: SourceError) -> None:
-        self._init_failed_at, self._init_error = now, error
-        raise error
-
-    def _whole_failure(self, exc: BaseException) -> SourceError:
-        if _code(exc) == UNINITIALIZED:  # the driver was reloaded: init again next cycle
-            self._initialized = False
-            return SourceError(
-                "uninitialized", "NVML is no longer initialized (driver reloaded?); re-initializing"
-            )
-        return SourceError("nvml", f"nvmlDeviceGetCount failed: {exc}")
+    def _read_driver_version(self, nvml: Any) -> str:
+        try:
+            return str(nvml.nvmlSystemGetDriverVersion())
+        except nvml.NVMLError:
+            return ""  # tried again next cycle (an uninitialized NVML shows up on the GPU reads)
 
     def _read_gpu(self, nvml: Any, index: int, reasons: list[str]) -> GpuSample:
         uuid, name = self._identity.get(index, ("", ""))
         try:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            if index not in self._identity:
-                uuid, name = (
-                    _text(nvml.nvmlDeviceGetUUID(handle)),
-                    _text(nvml.nvmlDeviceGetName(handle)),
-                )
+            if index not in self._identity:  # identity never changes while the GPU is there
+                uuid = str(nvml.nvmlDeviceGetUUID(handle))
+                name = str(nvml.nvmlDeviceGetName(handle))
                 self._identity[index] = (uuid, name)
-
-            def field(read: Callable[[], Any]) -> Any:
-                try:
-                    return read()
-                except nvml.NVMLError as exc:
-                    if _code(exc) in (GPU_IS_LOST, UNKNOWN):
-                        raise
-                    if _code(exc) != NOT_SUPPORTED:
-                        reasons.append("gpu_read")
-                    return None
-
-            utilization = field(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
-            memory = field(lambda: self._memory(nvml, handle))
-            temperature = field(
-                lambda: float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
-            )
-            power = field(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)
-            processes = field(lambda: nvml.nvmlDeviceGetComputeRunningProcesses(handle)) or []
+            sample = self._read_fields(nvml, index, handle, uuid, name, reasons)
         except nvml.NVMLError as exc:
-            if _code(exc) not in (GPU_IS_LOST, UNKNOWN):
-                reasons.append("gpu_read")
+            code = _code(exc)
+            if code == UNINITIALIZED:
+                raise
+            if code not in _GPU_GONE:
+                reasons.append("gpu_read")  # no handle or identity: nothing to report it under
                 return GpuSample(index=index, uuid=uuid, name=name, up=False)
             reasons.append("gpu_lost")
             if index not in self._lost:
                 self._lost.add(index)
-                log.warning("gpu lost", gpu=index, uuid=uuid, error=str(exc))
+                log.warning("gpu lost", gpu=index, uuid=uuid, error=repr(exc))
             return GpuSample(index=index, uuid=uuid, name=name, up=False)
         if index in self._lost:
             self._lost.discard(index)
             log.info("gpu back", gpu=index, uuid=uuid)
+        return sample
+
+    def _read_fields(
+        self, nvml: Any, index: int, handle: Any, uuid: str, name: str, reasons: list[str]
+    ) -> GpuSample:
+        def field(read: Callable[[], Any]) -> Any:
+            try:
+                return read()
+            except nvml.NVMLError as exc:
+                code = _code(exc)
+                if code == UNINITIALIZED or code in _GPU_GONE:
+                    raise  # the whole GPU (or NVML) is gone, not just this field
+                if code not in _ABSENT:
+                    reasons.append("gpu_read")
+                return None
+
+        utilization = field(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+        memory = field(lambda: self._memory(nvml, index, handle))
+        temperature = field(
+            lambda: float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+        )
+        power = field(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)  # mW
+        processes = field(lambda: self._processes(nvml, handle)) or []
         used, total = memory if memory is not None else (None, None)
         return GpuSample(
             index=index,
@@ -207,84 +358,90 @@ class NvmlSource:
             pids=tuple(sorted({int(p.pid) for p in processes})),
         )
 
-    def _memory(self, nvml: Any, handle: Any) -> tuple[float, float]:
-        # v2 "used" excludes driver-reserved memory: what the workload really holds.
-        if self._memory_v2:
+    def _memory(self, nvml: Any, index: int, handle: Any) -> tuple[float, float]:
+        # v2 "used" excludes the driver-reserved memory: what the workloads really hold.
+        if index not in self._memory_v1_only:
             try:
                 info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
                 return float(info.used), float(info.total)
             except nvml.NVMLError as exc:
-                if _code(exc) not in (NOT_SUPPORTED, FUNCTION_NOT_FOUND, ARGUMENT_VERSION_MISMATCH):
+                if _code(exc) not in _NO_MEMORY_V2:
                     raise
-                self._memory_v2 = False  # old driver: v1 from now on
-            except TypeError:
-                self._memory_v2 = False
+                self._memory_v1_only.add(index)  # remembered: not asked again every cycle
         info = nvml.nvmlDeviceGetMemoryInfo(handle)
         return float(info.used), float(info.total)
 
+    def _processes(self, nvml: Any, handle: Any) -> Any:
+        # The plain call reads the v3 struct. With a driver that lacks it, newer nvidia-ml-py
+        # raises NVMLLibraryMismatchError (not an NVMLError) and offers _v2: use that from then
+        # on. nvidia-ml-py 12.535 has neither; it raises FUNCTION_NOT_FOUND (an absent field).
+        if self._processes_v2:
+            return nvml.nvmlDeviceGetComputeRunningProcesses_v2(handle)
+        try:
+            return nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except getattr(nvml, "NVMLLibraryMismatchError", ()):
+            self._processes_v2 = True
+        return nvml.nvmlDeviceGetComputeRunningProcesses_v2(handle)
+
     # -- Xid events -----------------------------------------------------------------------
-    def _start_events(self) -> None:
-        nvml = self._nvml
+    def _start_watcher(self, nvml: Any) -> None:
+        devices: dict[Hashable, int] = {}
+        skipped: dict[int, str] = {}
         try:
             event_set = nvml.nvmlEventSetCreate()
-            registered = 0
-            for index in range(nvml.nvmlDeviceGetCount()):
+        except Exception as exc:
+            log.info("xid events unavailable", error=repr(exc))
+            return
+        try:
+            for index in range(int(nvml.nvmlDeviceGetCount())):
                 try:
                     handle = nvml.nvmlDeviceGetHandleByIndex(index)
                     nvml.nvmlDeviceRegisterEvents(
                         handle, nvml.nvmlEventTypeXidCriticalError, event_set
                     )
-                    registered += 1
-                except nvml.NVMLError:
-                    continue  # not supported on this GPU (or lost): no Xid events from it
-        except Exception as exc:
-            log.info("xid events unavailable", error=str(exc))
-            return
-        if not registered:
-            nvml.nvmlEventSetFree(event_set)
-            return
-        self._event_set = event_set
-        self._events_stop.clear()
-        self._events_thread = threading.Thread(
-            target=self._watch_events, name="nvml-xid", daemon=True
-        )
-        self._events_thread.start()
-
-    def _watch_events(self) -> None:
-        nvml = self._nvml
-        wait = getattr(nvml, "nvmlEventSetWait_v2", None) or nvml.nvmlEventSetWait
-        while not self._events_stop.is_set():
-            try:
-                data = wait(self._event_set, EVENT_WAIT_MS)
-            except Exception as exc:
-                if _code(exc) == TIMEOUT:
-                    continue  # no event within the wait: the normal case
-                if not self._events_stop.is_set():
-                    log.warning("xid event watcher stopped", error=str(exc))
+                    devices[_handle_key(handle)] = index
+                except nvml.NVMLError as exc:
+                    if _code(exc) != NOT_SUPPORTED:  # unsupported: quietly no events from it
+                        skipped[index] = repr(exc)
+            if skipped:
+                log.info("xid events not watched on some gpus", gpus=skipped)
+            if not devices:
+                nvml.nvmlEventSetFree(event_set)
                 return
-            try:
-                index = int(nvml.nvmlDeviceGetIndex(data.device))
-            except Exception:
-                index = -1
-            xid = int(data.eventData)
-            with self._xid_lock:
-                self._xids[(index, xid)] += 1
-            log.warning("xid event", gpu=index, xid=xid)
+        except Exception as exc:
+            log.info("xid events unavailable", error=repr(exc))
+            return
+        self._watcher = _XidWatcher(nvml, event_set, devices, self._record_xid, EVENT_WAIT_MS)
+        self._watcher.start()
 
+    def _record_xid(self, index: int, xid: int) -> None:  # on the Xid thread
+        with self._xid_lock:
+            self._xids[(index, xid)] += 1
+        log.warning("xid event", gpu=index, xid=xid)  # rare, and the reason a GPU misbehaves
+
+    # -- closing --------------------------------------------------------------------------
     async def close(self) -> None:
-        self._events_stop.set()
-        if self._events_thread is not None:
-            await asyncio.to_thread(self._events_thread.join, EVENT_WAIT_MS / 1000 * 2)
-        if self._initialized and (self._pending is None or self._pending.done()):
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop()
+            await asyncio.to_thread(watcher.join, 2 * EVENT_WAIT_MS / 1000)
+        # Shut NVML down on the worker, and only when no thread is inside NVML: a hung call owns
+        # the library, and freeing the event set under a running wait would be a use-after-free.
+        worker_idle = self._pending is None or self._pending.done()
+        watcher_done = watcher is None or not watcher.is_alive()
+        if self._initialized and worker_idle and watcher_done:
+            event_set = watcher.event_set if watcher is not None else None
+            future = self._worker.submit(self._shutdown, event_set)
             try:
-                if self._event_set is not None:
-                    self._nvml.nvmlEventSetFree(self._event_set)
-                self._nvml.nvmlShutdown()
-            except Exception as exc:  # shutting down: nothing left to protect
-                log.debug("nvml shutdown failed", error=str(exc))
-            self._initialized = False
-        self._executor.shutdown(wait=False, cancel_futures=True)  # a hung call must not block exit
+                await asyncio.wait_for(asyncio.wrap_future(future), self._timeout)
+            except Exception as exc:  # closing: nothing left to protect
+                log.debug("nvml shutdown failed", error=repr(exc))
+        self._worker.stop()
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    def _shutdown(self, event_set: Any) -> None:
+        nvml, self._initialized = self._nvml, False
+        try:
+            if event_set is not None:
+                nvml.nvmlEventSetFree(event_set)
+        finally:
+            nvml.nvmlShutdown()

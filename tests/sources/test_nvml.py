@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator
+import ctypes
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
 
 import pynvml
 import pytest
 from structlog.testing import capture_logs
 
 from moe_watch.demo.fake_nvml import GIB, FakeGpu, FakeNvml
+from moe_watch.samples import GpuReading
+from moe_watch.sources import nvml as nvml_module
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.nvml import INIT_RETRY_SECONDS, NvmlSource
 
@@ -23,6 +28,12 @@ class Clock:
         return self.now
 
 
+@pytest.fixture(autouse=True)
+def _short_event_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Xid thread checks its stop flag between waits; short waits make close() quick."""
+    monkeypatch.setattr(nvml_module, "EVENT_WAIT_MS", 50)
+
+
 @pytest.fixture
 def fake() -> FakeNvml:
     gpus = [
@@ -32,9 +43,9 @@ def fake() -> FakeNvml:
             memory_used_bytes=72 * GIB,
             power_mw=612_500,
             temperature_c=71,
-            pids=[4242, 4243, 4242],
+            pids=[4243, 4242, 4242],
         ),
-        FakeGpu(1, utilization_percent=30, memory_used_bytes=40 * GIB),
+        FakeGpu(1, utilization_percent=30, memory_used_bytes=40 * GIB, power_mw=150_000),
     ]
     return FakeNvml(gpus)
 
@@ -47,48 +58,117 @@ async def source(fake: FakeNvml) -> AsyncIterator[NvmlSource]:
     await nvml.close()
 
 
+async def collect_until(
+    source: NvmlSource, done: Callable[[GpuReading], bool] = lambda _: True
+) -> GpuReading:
+    """Collect until a reading satisfies ``done``, a collect error counting as not yet (a stuck
+    call still draining); bounded at 5 s so a slow, shared machine does not fail it."""
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            reading = await source.collect(Problems())
+        except SourceError:
+            reading = None
+        if reading is not None and done(reading):
+            return reading
+        await asyncio.sleep(0.01)
+    raise AssertionError("no reading satisfied the condition within 5 s")
+
+
+def xid_count(reading: GpuReading) -> int:
+    return sum(reading.xid_totals.values())
+
+
 def test_the_fake_raises_the_real_pynvml_errors(fake: FakeNvml) -> None:
     with pytest.raises(pynvml.NVMLError_Uninitialized):
         fake.nvmlDeviceGetCount()
     fake.nvmlInit()
-    fake.gpus[1].lost = True
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        fake.nvmlDeviceGetHandleByIndex(2)
     handle = fake.nvmlDeviceGetHandleByIndex(0)
     fake.gpus[0].unsupported.add("power")
     with pytest.raises(pynvml.NVMLError_NotSupported):
         fake.nvmlDeviceGetPowerUsage(handle)
+    fake.gpus[0].errors["temperature"] = pynvml.NVML_ERROR_UNKNOWN
+    with pytest.raises(pynvml.NVMLError_Unknown):
+        fake.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+    fake.gpus[1].lost = True
     with pytest.raises(pynvml.NVMLError_GpuIsLost) as lost:
         fake.nvmlDeviceGetHandleByIndex(1)
     assert lost.value.value == 15
+    with pytest.raises(pynvml.NVMLError_Timeout):
+        fake.nvmlEventSetWait_v2(fake.nvmlEventSetCreate(), 1)
     assert fake.NVML_TEMPERATURE_GPU == pynvml.NVML_TEMPERATURE_GPU
+    assert fake.nvmlMemory_v2 == pynvml.nvmlMemory_v2
+    assert fake.NVMLError_GpuIsLost is pynvml.NVMLError_GpuIsLost
+    with pytest.raises(AttributeError):
+        _ = fake.nvmlDeviceGetNoSuchThing
 
 
 async def test_reads_every_gpu_with_v2_memory_and_units(source: NvmlSource, fake: FakeNvml) -> None:
     problems = Problems()
-    reading = await source.collect(problems)
-    await source.collect(problems)
-    assert fake.init_calls == 1
+    readings = [await source.collect(problems) for _ in range(3)]
+    assert fake.calls["nvmlInit"] == 1
+    assert fake.calls["nvmlDeviceGetUUID"] == 2  # identity read once per GPU, then cached
     assert not problems.reasons
+    reading = readings[-1]
     assert reading.driver_version == "570.133.20"
     hot, cold = reading.gpus
-    assert (hot.index, hot.up, hot.name) == (0, True, "NVIDIA H100 80GB HBM3")
+    assert (hot.index, hot.up, hot.uuid, hot.name) == (
+        0,
+        True,
+        "GPU-00000000-0000-4000-8000-000000000000",
+        "NVIDIA H100 80GB HBM3",
+    )
     assert hot.utilization_ratio == pytest.approx(0.95)
     assert hot.memory_used_bytes == 72 * GIB  # v2: without the 512 MiB reserved
     assert hot.memory_total_bytes == 80 * GIB
     assert hot.power_watts == pytest.approx(612.5)
     assert hot.temperature_celsius == 71
-    assert hot.pids == (4242, 4243)
+    assert hot.pids == (4242, 4243)  # sorted, unique
+    assert (cold.index, cold.up) == (1, True)
     assert cold.utilization_ratio == pytest.approx(0.30)
+    assert cold.memory_used_bytes == 40 * GIB
+    assert cold.power_watts == pytest.approx(150.0)
+    assert cold.pids == ()
 
 
-async def test_unsupported_fields_are_absent_and_v1_memory_is_the_fallback(
+async def test_an_unsupported_field_is_none_and_not_a_problem(
     source: NvmlSource, fake: FakeNvml
 ) -> None:
-    fake.gpus[0].unsupported |= {"power", "memory_v2"}
+    fake.gpus[0].unsupported |= {"power", "temperature"}
     problems = Problems()
     gpu = (await source.collect(problems)).gpus[0]
+    assert gpu.up is True
     assert gpu.power_watts is None
-    assert gpu.memory_used_bytes == 72 * GIB + 512 * 1024**2  # v1 "used" includes reserved
-    assert not problems.reasons  # not supported is not an error
+    assert gpu.temperature_celsius is None
+    assert gpu.utilization_ratio == pytest.approx(0.95)
+    assert not problems.reasons  # not supported is a property of the GPU, not an error
+
+
+async def test_without_memory_v2_it_falls_back_to_v1_and_does_not_ask_again(
+    source: NvmlSource, fake: FakeNvml
+) -> None:
+    fake.gpus[0].unsupported.add("memory_v2")
+    problems = Problems()
+    for _ in range(3):
+        reading = await source.collect(problems)
+    assert reading.gpus[0].memory_used_bytes == 72 * GIB + 512 * 1024**2  # v1 includes reserved
+    assert reading.gpus[1].memory_used_bytes == 40 * GIB  # still v2 where supported
+    assert fake.calls["nvmlDeviceGetMemoryInfo_v2"] == 1 + 3  # GPU 0 once, GPU 1 every cycle
+    assert not problems.reasons
+
+
+async def test_another_field_error_is_none_and_counted(source: NvmlSource, fake: FakeNvml) -> None:
+    # Neither "not supported" nor "lost":
+    fake.gpus[1].errors["temperature"] = pynvml.NVML_ERROR_NO_PERMISSION
+    problems = Problems()
+    reading = await source.collect(problems)
+    assert problems.reasons == {"gpu_read": 1}
+    assert reading.gpus[1].up is True
+    assert reading.gpus[1].temperature_celsius is None
+    assert reading.gpus[1].power_watts == pytest.approx(150.0)
+    assert reading.gpus[0].temperature_celsius == 71
 
 
 async def test_a_lost_gpu_is_down_the_others_report_and_it_logs_once(
@@ -96,21 +176,43 @@ async def test_a_lost_gpu_is_down_the_others_report_and_it_logs_once(
 ) -> None:
     await source.collect(Problems())
     fake.gpus[1].lost = True
-    problems = Problems()
     with capture_logs() as lost_logs:
         for _ in range(3):
+            problems = Problems()
             reading = await source.collect(problems)
-    assert problems.reasons == {"gpu_lost": 3}
+            assert problems.reasons == {"gpu_lost": 1}
     assert reading.gpus[1].up is False
     assert reading.gpus[1].uuid == fake.gpus[1].uuid  # identity remembered from before
+    assert reading.gpus[1].utilization_ratio is None
     assert reading.gpus[0].up is True
-    assert [e["event"] for e in lost_logs] == ["gpu lost"]
+    assert reading.gpus[0].utilization_ratio == pytest.approx(0.95)
+    lost_events = [e for e in lost_logs if e["event"].startswith("gpu ")]
+    assert [(e["event"], e["gpu"], e["log_level"]) for e in lost_events] == [
+        ("gpu lost", 1, "warning")
+    ]
+    assert lost_events[0]["uuid"] == fake.gpus[1].uuid
     fake.gpus[1].lost = False
     with capture_logs() as back_logs:
-        back = await source.collect(Problems())
-        await source.collect(Problems())
+        problems = Problems()
+        back = await source.collect(problems)
+        await source.collect(problems)
     assert back.gpus[1].up is True
-    assert [e["event"] for e in back_logs] == ["gpu back"]
+    assert back.gpus[1].utilization_ratio == pytest.approx(0.30)
+    assert not problems.reasons
+    assert [(e["event"], e["gpu"]) for e in back_logs if e["event"].startswith("gpu ")] == [
+        ("gpu back", 1)
+    ]
+
+
+async def test_an_unknown_error_on_the_handle_counts_as_a_lost_gpu(
+    source: NvmlSource, fake: FakeNvml
+) -> None:
+    fake.gpus[0].errors["handle"] = pynvml.NVML_ERROR_UNKNOWN
+    problems = Problems()
+    reading = await source.collect(problems)
+    assert problems.reasons == {"gpu_lost": 1}
+    assert (reading.gpus[0].up, reading.gpus[0].uuid) == (False, "")  # never read: no identity
+    assert reading.gpus[1].up is True
 
 
 async def test_a_missing_library_fails_clearly_and_init_retries_are_throttled() -> None:
@@ -121,72 +223,195 @@ async def test_a_missing_library_fails_clearly_and_init_retries_are_throttled() 
         with pytest.raises(SourceError) as err:
             await source.collect(Problems())
         assert err.value.reason == "library_missing"
+        assert "libnvidia-ml.so" in err.value.message
         assert "nvidia runtime" in err.value.message
-        with pytest.raises(SourceError):
+        clock.now += INIT_RETRY_SECONDS - 1
+        with pytest.raises(SourceError) as again:
             await source.collect(Problems())
-        assert fake.init_calls == 1  # not retried within INIT_RETRY_SECONDS
+        assert again.value.reason == "library_missing"
+        assert fake.calls["nvmlInit"] == 1  # not retried within INIT_RETRY_SECONDS
         fake.library_missing = False  # the driver got installed
-        clock.now += INIT_RETRY_SECONDS
+        clock.now += 1
         reading = await source.collect(Problems())
-        assert fake.init_calls == 2
+        assert fake.calls["nvmlInit"] == 2
         assert len(reading.gpus) == 1
+        assert reading.gpus[0].up is True
     finally:
         await source.close()
 
 
+async def test_pynvml_not_installed_is_a_missing_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
+    source = NvmlSource(call_timeout=0.5)
+    with pytest.raises(SourceError) as err:
+        await source.collect(Problems())
+    await source.close()
+    assert err.value.reason == "library_missing"
+    assert "nvidia-ml-py" in err.value.message
+
+
 async def test_a_driver_not_loaded_is_reported_as_such() -> None:
-    source = NvmlSource(FakeNvml.with_gpus(1, driver_missing=True), call_timeout=0.5)
+    fake = FakeNvml.with_gpus(1, driver_missing=True)
+    source = NvmlSource(fake, call_timeout=0.5)
     with pytest.raises(SourceError) as err:
         await source.collect(Problems())
     await source.close()
     assert err.value.reason == "driver_missing"
+    assert "nvidia-smi" in err.value.message
 
 
 async def test_a_hung_driver_call_times_out_then_reports_busy_then_recovers(
-    source: NvmlSource, fake: FakeNvml
+    fake: FakeNvml,
 ) -> None:
-    await source.collect(Problems())
-    fake.hang(30.0)
-    with pytest.raises(SourceError) as timeout:
+    source = NvmlSource(fake, call_timeout=0.2)
+    try:
         await source.collect(Problems())
-    assert timeout.value.reason == "timeout"
-    with pytest.raises(SourceError) as busy:
-        await source.collect(Problems())
-    assert busy.value.reason == "busy"
-    fake.release()
-    for _ in range(100):  # bounded: the stuck call returns once released
-        try:
-            reading = await source.collect(Problems())
-            break
-        except SourceError:
-            await asyncio.sleep(0.01)
-    assert reading.gpus[0].up is True
+        fake.hang(30.0)
+        started = time.monotonic()
+        with pytest.raises(SourceError) as timeout:
+            await source.collect(Problems())
+        assert timeout.value.reason == "timeout"
+        assert time.monotonic() - started < 2.0  # bounded by call_timeout, not by the hang
+        with pytest.raises(SourceError) as busy:
+            await source.collect(Problems())
+        assert busy.value.reason == "busy"
+        assert "still running" in busy.value.message
+        fake.release()
+        reading = await collect_until(source)
+        assert [gpu.up for gpu in reading.gpus] == [True, True]
+        assert fake.calls["nvmlInit"] == 1
+    finally:
+        fake.release()
+        await source.close()
 
 
 async def test_uninitialized_mid_run_reinitializes_on_the_next_cycle(
     source: NvmlSource, fake: FakeNvml
 ) -> None:
     await source.collect(Problems())
-    fake.initialized = False  # the driver was reloaded under us
+    fake.initialized = False  # nvmlShutdown called elsewhere in the process
     with pytest.raises(SourceError) as err:
         await source.collect(Problems())
     assert err.value.reason == "uninitialized"
     assert len((await source.collect(Problems())).gpus) == 2
-    assert fake.init_calls == 2
+    assert fake.calls["nvmlInit"] == 2
+
+
+async def test_uninitialized_during_a_gpu_read_is_not_a_field_error(
+    source: NvmlSource, fake: FakeNvml
+) -> None:
+    await source.collect(Problems())
+    fake.gpus[1].errors["power"] = pynvml.NVML_ERROR_UNINITIALIZED
+    with pytest.raises(SourceError) as err:
+        await source.collect(Problems())
+    assert err.value.reason == "uninitialized"
+    del fake.gpus[1].errors["power"]
+    problems = Problems()
+    reading = await source.collect(problems)
+    assert fake.calls["nvmlInit"] == 2
+    assert reading.gpus[1].power_watts == pytest.approx(150.0)
+    assert not problems.reasons
 
 
 async def test_xid_events_are_counted_per_gpu_and_code(source: NvmlSource, fake: FakeNvml) -> None:
-    await source.collect(Problems())  # init registers the event set
+    fake.gpus[1].unsupported.add("events")  # no Xid events from this GPU, quietly
+    with capture_logs() as logs:
+        first = await source.collect(Problems())  # init registers the event set
+        assert dict(first.xid_totals) == {}
+        fake.inject_xid(0, 79)
+        fake.inject_xid(0, 79)
+        fake.inject_xid(1, 48)  # not registered: never delivered
+        fake.inject_xid(0, 48)
+        reading = await collect_until(source, lambda r: xid_count(r) >= 3)
+        totals = dict(reading.xid_totals)
+    assert totals == {(0, 79): 2, (0, 48): 1}
+    assert [(e["gpu"], e["xid"]) for e in logs if e["event"] == "xid event"] == [
+        (0, 79),
+        (0, 79),
+        (0, 48),
+    ]
+    assert not [e for e in logs if e["log_level"] == "warning" and e["event"] != "xid event"]
+
+
+async def test_xid_events_resume_after_a_reinit(source: NvmlSource, fake: FakeNvml) -> None:
+    await source.collect(Problems())
+    fake.initialized = False  # the event wait fails too, and that watcher stops
+    with pytest.raises(SourceError):
+        await source.collect(Problems())
+    await source.collect(Problems())  # init again: a new event set and watcher
+    fake.inject_xid(1, 31)
+    reading = await collect_until(source, lambda r: xid_count(r) >= 1)
+    assert dict(reading.xid_totals) == {(1, 31): 1}
+
+
+def test_real_device_handles_are_matched_by_address() -> None:
+    """pynvml hands out a new ctypes pointer per call (the event's ``device`` too), and two
+    pointers to one device do not compare equal: the Xid watcher maps them by address."""
+    handle = ctypes.cast(ctypes.c_void_p(0x7F00_1234), pynvml.c_nvmlDevice_t)
+    event = pynvml.c_nvmlEventData_t()
+    event.device = handle
+    assert event.device != handle
+    assert nvml_module._handle_key(event.device) == nvml_module._handle_key(handle) == 0x7F00_1234
+
+
+async def test_xid_events_are_attributed_to_a_gpu_that_can_no_longer_be_asked(
+    source: NvmlSource, fake: FakeNvml
+) -> None:
+    await source.collect(Problems())
+    fake.gpus[1].lost = True  # Xid 79: fallen off the bus, nvmlDeviceGetIndex fails now
     fake.inject_xid(1, 79)
-    fake.inject_xid(1, 79)
-    fake.inject_xid(0, 48)
-    totals: dict[tuple[int, int], int] = {}
-    for _ in range(200):  # bounded: the event thread picks them up within its 0.5 s waits
-        totals = dict((await source.collect(Problems())).xid_totals)
-        if sum(totals.values()) == 3:
-            break
-        await asyncio.sleep(0.01)
-    assert totals == {(1, 79): 2, (0, 48): 1}
+    reading = await collect_until(source, lambda r: xid_count(r) >= 1)
+    assert dict(reading.xid_totals) == {(1, 79): 1}
+    assert fake.calls["nvmlDeviceGetIndex"] == 0  # known from registration
+
+
+async def test_a_driver_without_the_v3_process_call_falls_back_to_v2() -> None:
+    fake = FakeNvml.with_gpus(1, processes_v3_missing=True)
+    fake.gpus[0].pids = [7, 5]
+    source = NvmlSource(fake, call_timeout=0.5)
+    try:
+        problems = Problems()
+        reading = await source.collect(problems)
+        await source.collect(problems)
+    finally:
+        await source.close()
+    assert reading.gpus[0].pids == (5, 7)
+    assert fake.calls["nvmlDeviceGetComputeRunningProcesses"] == 1  # v3 tried once only
+    assert fake.calls["nvmlDeviceGetComputeRunningProcesses_v2"] == 2
+    assert not problems.reasons
+
+
+async def test_a_call_the_driver_lacks_is_an_absent_field_not_an_error(
+    source: NvmlSource, fake: FakeNvml
+) -> None:
+    # nvidia-ml-py 12.535 on a driver without the v3 process call: FUNCTION_NOT_FOUND, no _v2.
+    fake.gpus[0].errors["processes"] = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
+    problems = Problems()
+    reading = await source.collect(problems)
+    assert reading.gpus[0].up is True
+    assert reading.gpus[0].pids == ()
+    assert not problems.reasons
+
+
+async def test_a_new_nvml_session_reads_the_gpu_identities_again(
+    source: NvmlSource, fake: FakeNvml
+) -> None:
+    await source.collect(Problems())
+    fake.initialized = False
+    fake.gpus[1].uuid = "GPU-11111111-0000-4000-8000-000000000001"
+    with pytest.raises(SourceError):
+        await source.collect(Problems())
+    reading = await source.collect(Problems())
+    assert reading.gpus[1].uuid == "GPU-11111111-0000-4000-8000-000000000001"
+
+
+async def test_close_frees_the_event_set_and_shuts_nvml_down(fake: FakeNvml) -> None:
+    source = NvmlSource(fake, call_timeout=0.5)
+    await source.collect(Problems())
+    await source.close()
+    assert fake.calls["nvmlEventSetFree"] == 1
+    assert fake.calls["nvmlShutdown"] == 1
+    assert fake.initialized is False
 
 
 async def test_close_returns_promptly_while_a_call_hangs(fake: FakeNvml) -> None:
@@ -195,12 +420,57 @@ async def test_close_returns_promptly_while_a_call_hangs(fake: FakeNvml) -> None
     fake.hang(30.0)
     with pytest.raises(SourceError):
         await source.collect(Problems())
-    done = threading.Event()
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(source.close(), timeout=5)
+        assert time.monotonic() - started < 2.0
+        assert fake.calls["nvmlShutdown"] == 0  # the hung call still owns the library
+    finally:
+        fake.release()  # let the stuck worker thread finish
 
-    async def close() -> None:
-        await source.close()
-        done.set()
 
-    await asyncio.wait_for(close(), timeout=5)
-    fake.release()
-    assert done.is_set()
+WEDGED_AGENT = """
+import asyncio, threading
+from moe_watch.config import load_settings
+from moe_watch.demo.fake_nvml import FakeNvml
+from moe_watch.service import install_stop_signals, serve
+
+class Wedged(FakeNvml):
+    def nvmlDeviceGetCount(self) -> int:
+        print("wedged", flush=True)
+        threading.Event().wait()  # a driver call that never returns
+        return 0
+
+async def main() -> None:
+    stop = asyncio.Event()
+    install_stop_signals(stop)  # what `moe-watch run` does
+    settings = load_settings(None, listen="127.0.0.1:0", nvml_timeout_seconds=0.2)
+    await serve(settings, stop=stop, nvml=Wedged.with_gpus(1))
+
+asyncio.run(main())
+"""
+
+
+async def test_the_agent_exits_on_sigterm_while_an_nvml_call_hangs_forever() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WEDGED_AGENT, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+
+        async def wedged() -> None:
+            while line := await proc.stdout.readline():  # the agent logs to stdout too
+                if line.strip() == b"wedged":
+                    return
+            raise AssertionError("the agent ended before its NVML call hung")
+
+        await asyncio.wait_for(wedged(), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        # Bounded: one NVML timeout for the cycle in flight, then close() and interpreter exit,
+        # which must not join the thread still stuck in the driver.
+        code = await asyncio.wait_for(proc.wait(), timeout=10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0
