@@ -64,7 +64,7 @@ async def test_soak_with_faults(tmp_path: Path) -> None:
         {"name": "flappy", "url": servers["flappy"].url, "gpus": [2]},
         {"name": "restarts", "url": servers["restarts"].url, "gpus": [3]},
     ]
-    config = load_settings(None, targets=targets, scrape_timeout_seconds=0.2, window_seconds=120)
+    config = load_settings(None, targets=targets, scrape_timeout_seconds=1.0, window_seconds=120)
     injected: dict[str, int] = {"http_status": 0, "encoding": 0, "timeout": 0, "truncated": 0}
     started = 1.0
     rss_mid = 0.0
