@@ -81,7 +81,8 @@ class FakeNvml:
     ``initialized`` (set False and calls raise UNINITIALIZED, as after an nvmlShutdown
     elsewhere in the process), ``processes_v3_missing`` (the plain process call raises
     NVMLLibraryMismatchError, as nvidia-ml-py does with a driver that lacks the v3 call) and
-    ``inject_xid()``. ``calls`` counts what the code under test called, per function name.
+    ``inject_xid()`` and ``event_wait_error`` (every nvmlEventSetWait fails with that code, as
+    after a GPU fell off the bus). ``calls`` counts what the code under test called, per function name.
     """
 
     NVMLError = pynvml.NVMLError
@@ -101,11 +102,12 @@ class FakeNvml:
         self.driver_missing = driver_missing
         self.processes_v3_missing = processes_v3_missing
         self.calls: Counter[str] = Counter()
-        self._calls_lock = threading.Lock()  # the worker and the Xid thread both call in
+        self._calls_changed = threading.Condition()  # the worker and the Xid thread both call in
         self.initialized = False
         self.hang_seconds = 0.0
         self._unhang = threading.Event()
         self._events: queue.Queue[tuple[int, int]] = queue.Queue()
+        self.event_wait_error: int | None = None  # an NVML code every event wait fails with
 
     @classmethod
     def with_gpus(cls, count: int, **kwargs: Any) -> FakeNvml:
@@ -246,6 +248,8 @@ class FakeNvml:
         self._enter("nvmlEventSetWait_v2")
         if event_set.freed:
             raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        if self.event_wait_error is not None:
+            raise pynvml.NVMLError(self.event_wait_error)
         deadline = time.monotonic() + timeoutms / 1000
         while True:
             try:
@@ -266,9 +270,15 @@ class FakeNvml:
         event_set.freed = True
 
     # -- helpers --------------------------------------------------------------------------
+    def wait_for_calls(self, call: str, count: int, timeout: float) -> bool:
+        """Block until ``call`` has been made ``count`` times in all; False after ``timeout``."""
+        with self._calls_changed:
+            return self._calls_changed.wait_for(lambda: self.calls[call] >= count, timeout)
+
     def _count(self, call: str) -> None:
-        with self._calls_lock:
+        with self._calls_changed:
             self.calls[call] += 1
+            self._calls_changed.notify_all()
 
     def _enter(self, call: str) -> None:
         self._count(call)

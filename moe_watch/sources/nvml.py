@@ -39,10 +39,13 @@ INIT_RETRY_SECONDS = 30.0
 EVENT_WAIT_MS = 500  # one nvmlEventSetWait; also how long closing may wait for the Xid thread
 
 # NVML return codes (nvml.h) this source tells apart.
-UNINITIALIZED, NOT_SUPPORTED, DRIVER_NOT_LOADED, TIMEOUT = 1, 3, 9, 10
+UNINITIALIZED, INVALID_ARGUMENT, NOT_SUPPORTED, DRIVER_NOT_LOADED, TIMEOUT = 1, 2, 3, 9, 10
 LIBRARY_NOT_FOUND, FUNCTION_NOT_FOUND, GPU_IS_LOST = 12, 13, 15
 ARGUMENT_VERSION_MISMATCH, UNKNOWN = 25, 999
 
+# Codes after which an event set is useless: NVML was shut down, or the set was freed.
+_WATCHER_ENDS = (UNINITIALIZED, INVALID_ARGUMENT)
+WATCHER_RETRY_SECONDS = 1.0
 # Codes after which nothing more can be read from a GPU this cycle.
 _GPU_GONE = (GPU_IS_LOST, UNKNOWN)
 # The GPU or the driver does not have it: a property of the node, not a fault.
@@ -149,16 +152,29 @@ class _XidWatcher:
 
     def _run(self) -> None:
         nvml = self._nvml
+        failing: int | None = None  # the error code the waits currently fail with
         try:
             while not self._stop.is_set():
                 try:
                     data = nvml.nvmlEventSetWait_v2(self.event_set, self._wait_ms)
                 except nvml.NVMLError as exc:
-                    if _code(exc) == TIMEOUT:
+                    code = _code(exc)
+                    if code == TIMEOUT:
                         continue  # no event within the wait: the normal case
-                    raise
+                    if code in _WATCHER_ENDS:
+                        raise
+                    # GPU_IS_LOST and the like: one GPU's trouble must not end Xid counting for
+                    # the others (nor miss the next Xid), so keep waiting, a little slower.
+                    if code != failing:
+                        log.warning("xid event wait failed; still watching", error=repr(exc))
+                        failing = code
+                    self._stop.wait(WATCHER_RETRY_SECONDS)
+                    continue
+                if failing is not None:
+                    log.info("xid event wait works again")
+                    failing = None
                 self._record(self._index(data.device), int(data.eventData))
-        except Exception as exc:  # whatever it is, Xid counting ends here, the agent goes on
+        except Exception as exc:  # the session is gone: the source starts a new watcher on re-init
             if not self._stop.is_set():
                 log.warning("xid event watcher stopped", error=repr(exc))
 

@@ -333,6 +333,26 @@ async def test_xid_events_are_counted_per_gpu_and_code(source: NvmlSource, fake:
     assert not [e for e in logs if e["log_level"] == "warning" and e["event"] != "xid event"]
 
 
+async def test_a_failing_event_wait_does_not_end_xid_counting(
+    source: NvmlSource, fake: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an Xid 79 the waits can fail with GPU_IS_LOST; the other GPUs' Xids still count."""
+    monkeypatch.setattr(nvml_module, "WATCHER_RETRY_SECONDS", 0.01)
+    with capture_logs() as logs:
+        await source.collect(Problems())
+        fake.event_wait_error = nvml_module.GPU_IS_LOST
+        failed_waits = fake.calls["nvmlEventSetWait_v2"] + 3  # it keeps waiting
+        assert await asyncio.to_thread(fake.wait_for_calls, "nvmlEventSetWait_v2", failed_waits, 5)
+        fake.event_wait_error = None
+        fake.inject_xid(1, 48)
+        reading = await collect_until(source, lambda r: xid_count(r) >= 1)
+    assert dict(reading.xid_totals) == {(1, 48): 1}
+    assert [e["event"] for e in logs if e["event"].startswith("xid event wait")] == [
+        "xid event wait failed; still watching",  # once, not once per failed wait
+        "xid event wait works again",
+    ]
+
+
 async def test_xid_events_resume_after_a_reinit(source: NvmlSource, fake: FakeNvml) -> None:
     await source.collect(Problems())
     fake.initialized = False  # the event wait fails too, and that watcher stops
