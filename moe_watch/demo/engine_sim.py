@@ -225,22 +225,6 @@ class SimHistogram:
         out.append(("+Inf", float(self.count)))
         return out
 
-    def quantile(self, q: float) -> float:
-        """Upper bound of the first-layout bucket holding the q-quantile (inf past the last)."""
-        rank, running = q * self.count, 0
-        for bound, count in zip(self.layouts[0], self.counts[0], strict=True):
-            running += count
-            if running >= rank and running > 0:
-                return bound
-        return math.inf
-
-    def fraction_at_most(self, bound: float) -> float:
-        """Share of observations <= ``bound`` (a bound of the first layout); 0 when empty."""
-        if not self.count:
-            return 0.0
-        index = self.layouts[0].index(bound)
-        return sum(self.counts[0][: index + 1]) / self.count
-
 
 class EngineSim:
     """One simulated engine (one data-parallel replica) serving one model."""
