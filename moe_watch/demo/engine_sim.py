@@ -208,13 +208,14 @@ class SimHistogram:
         self.count = 0
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.count += 1
-        self.sum += value
+    def observe(self, value: float, times: int = 1) -> None:
+        """``times`` observations of ``value`` (a request's tokens share one mean gap)."""
+        self.count += times
+        self.sum += value * times
         for bounds, counts in zip(self.layouts, self.counts, strict=True):
             index = bisect.bisect_left(bounds, value)  # first bound >= value: Prometheus' `le`
             if index < len(bounds):
-                counts[index] += 1
+                counts[index] += times
 
     def cumulative(self, layout: int = 0) -> list[tuple[str, float]]:
         """``(le, count)`` pairs ending with ``+Inf`` == count, as the exposition wants them."""
@@ -447,8 +448,12 @@ class EngineSim:
     def _finish(self, request: _Request, *, finished_at: float) -> None:
         self.finished_total[request.finished_reason] += 1
         self.e2e.observe(finished_at - request.arrived)
-        # One observation per request (its mean gap), not one per token: cheap, same shape.
-        self.itl.observe((finished_at - request.first_token) / max(1, request.target - 1))
+        # vLLM observes every gap between two output tokens: target - 1 per request, so _count
+        # is generated tokens - requests and _sum the decode time. They share the request's mean
+        # gap here, observed when it finishes (O(1) per request, not per token).
+        gaps = request.target - 1
+        if gaps > 0:
+            self.itl.observe((finished_at - request.first_token) / gaps, times=gaps)
         self.request_generation_tokens.observe(request.target)
 
     def _preempt(self) -> None:

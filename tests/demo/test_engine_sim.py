@@ -222,6 +222,31 @@ def test_time_going_back_changes_nothing_and_a_long_gap_is_skipped_not_replayed(
     assert 0.5 * 600 * 2.0 < replayed < 1.5 * 600 * 2.0  # arrivals at 2/s for 600 s
 
 
+def test_latency_histograms_add_up_like_the_after_load_capture() -> None:
+    """Once the load drains, as in after-load.prom: every request has one TTFT, queue and e2e
+    observation; ITL has one per token after the first (19185 + 95 == 19280 there); e2e is TTFT +
+    decode (the ITL sum); TTFT includes the queue time."""
+    sim = run("normal", 120)
+    sim.scenario = replace(sim.scenario, arrival_rate=1e-9)  # no new arrivals: the batch drains
+    sim.advance(240.0)
+    assert sim.running == sim.waiting == 0
+    finished = sim.requests_finished_total
+    assert finished > 100
+    assert sim.e2e.count == sim.ttft.count == sim.queue.count == finished
+    assert (
+        sim.itl.count + finished == sim.generation_tokens_total == sim.request_generation_tokens.sum
+    )
+    assert sim.e2e.sum == pytest.approx(sim.ttft.sum + sim.itl.sum)
+    prefill_floor = finished * SCENARIOS["normal"].ttft_seconds * 0.8  # the shortest prefill
+    assert sim.ttft.sum > sim.queue.sum + prefill_floor
+
+
+def test_a_long_queue_shows_in_ttft_not_only_in_queue_time() -> None:
+    sim = run("kv_pressure", 120)
+    assert quantile(sim.queue, 0.5) > 30
+    assert quantile(sim.ttft, 0.5) > 30  # a prefill alone takes < 1 s
+
+
 # -- scenarios -------------------------------------------------------------------------------
 def test_normal_is_healthy() -> None:
     sim = EngineSim(SCENARIOS["normal"], start_time=0.0)
