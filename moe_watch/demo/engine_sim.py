@@ -140,7 +140,7 @@ SCENARIOS: dict[str, Scenario] = {
     "hot_expert": replace(
         _NORMAL,
         name="hot_expert",
-        description="layer 3 skewed > 50 %, expert 2 of layer 17 collapsed (> 40 % share); the GPU hosting the hot expert runs at ~95 %, the other at ~30 %",
+        description="layer 3 skewed > 50 %, expert 2 of layer 17 collapsed (> 40 % share); the GPU hosting the hot expert runs at ~90 %, the other at ~30 %",
         hot_expert=(3, 5),
         collapsed_expert=(17, 2),
     ),
