@@ -70,15 +70,15 @@ class Scenario:
     description: str
     # Traffic: Poisson arrivals; token counts uniform in [low, high].
     arrival_rate: float = 2.0  # requests/s
-    prompt_tokens: tuple[int, int] = (200, 1200)
+    prompt_tokens: tuple[int, int] = (400, 2000)
     generation_tokens: tuple[int, int] = (50, 300)
     stop_ratio: float = 0.8  # requests that end on a stop token; the rest hit max_tokens
     prefix_hit_ratio: float = 0.5  # share of prompt tokens found in the prefix cache
     # Scheduler and KV cache (vLLM: max_num_seqs, num_gpu_blocks x block_size tokens).
     max_num_seqs: int = 16
-    max_model_len: int = 16384  # the KV cache must hold one full-length request (vLLM checks)
+    max_model_len: int = 32768  # Mixtral's context; the demo's plan (demo/run.py) says the same
     max_waiting: int = 2000  # past this the engine rejects arrivals (max_num_queued_reqs)
-    num_gpu_blocks: int = 1280
+    num_gpu_blocks: int = 2048  # 32768 tokens: vLLM refuses to start below one max_model_len
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     admit_below_kv_usage: float = 0.9  # the scheduler stops admitting above this
@@ -120,6 +120,10 @@ class Scenario:
             low, high = getattr(self, name)
             if not 1 <= low <= high:
                 problems.append(f"{name} must be 1 <= low <= high")
+        if self.num_gpu_blocks * self.block_size < self.max_model_len:
+            problems.append("the KV cache must hold max_model_len tokens (vLLM checks at start)")
+        if self.prompt_tokens[1] + self.generation_tokens[1] > self.max_model_len:
+            problems.append("the longest prompt + generation must fit in max_model_len")
         if self.top_k > self.num_experts or self.num_experts % max(1, self.gpu_count):
             problems.append("need top_k <= num_experts and num_experts divisible by gpu_count")
         for name in ("hot_expert", "collapsed_expert"):
@@ -151,7 +155,6 @@ SCENARIOS: dict[str, Scenario] = {
         arrival_rate=3.0,
         generation_tokens=(800, 1600),
         max_num_seqs=64,
-        num_gpu_blocks=1024,
         admit_below_kv_usage=0.985,
         preempt_above_kv_usage=0.995,
         kv_bytes_per_gpu=29 * GIB,

@@ -106,9 +106,10 @@ def test_every_flavor_parses_with_prometheus_and_the_agent(flavor: Flavor) -> No
     assert model.counters[s.COUNTER_REQUESTS_FINISHED] == sim.requests_finished_total > 0
     assert model.gauges[s.GAUGE_KV_CACHE_USAGE] == pytest.approx(sim.kv_usage)
     assert model.gauges[s.GAUGE_REQUESTS_RUNNING] == sim.running
-    assert model.gauges[s.GAUGE_KV_CACHE_CAPACITY_TOKENS] == 1280 * 16
+    scenario = SCENARIOS["normal"]
+    assert model.gauges[s.GAUGE_KV_CACHE_CAPACITY_TOKENS] == sim.capacity_tokens == 2048 * 16
     if flavor != "sglang":
-        assert parsed.info["num_gpu_blocks"] == "1280"
+        assert parsed.info["num_gpu_blocks"] == str(scenario.num_gpu_blocks)
         assert parsed.info["gpu_memory_utilization"] == "0.9"
         assert parsed.info["enable_prefix_caching"] == "True"
 
@@ -130,7 +131,7 @@ def test_vllm_exposition_has_the_names_help_labels_and_buckets_of_the_real_captu
         bounds = [x.labels["le"] for x in sim[name].samples if x.name.endswith("_bucket")]
         assert bounds == [x.labels["le"] for x in real[name].samples if x.name.endswith("_bucket")]
     # Token-count layouts follow max_model_len, as vLLM's do: the capture ran with 1024.
-    short = run(replace(SCENARIOS["normal"], max_model_len=1024), 30)
+    short = run(replace(SCENARIOS["normal"], max_model_len=1024, prompt_tokens=(100, 600)), 30)
     ours = {f.name: f for f in text_string_to_metric_families(short.render())}
     for name in ("vllm:request_prompt_tokens", "vllm:request_generation_tokens"):
         assert [x.labels.get("le") for x in ours[name].samples] == [
@@ -347,6 +348,10 @@ def test_a_scenario_outside_the_model_shape_is_refused() -> None:
         replace(SCENARIOS["normal"], hot_expert=(3, 8))
     with pytest.raises(ValueError, match="prompt_tokens"):
         replace(SCENARIOS["normal"], prompt_tokens=(10, 5))
+    with pytest.raises(ValueError, match="KV cache must hold max_model_len"):
+        replace(SCENARIOS["normal"], num_gpu_blocks=1024)  # 16384 tokens < 32768
+    with pytest.raises(ValueError, match="fit in max_model_len"):
+        replace(SCENARIOS["normal"], max_model_len=2048)
     with pytest.raises(IndexError):
         run("normal", 1).gpu_utilization(2)
 
@@ -357,7 +362,7 @@ def test_models_json_has_the_shape_of_vllm_v1_models() -> None:
     assert set(ours) == set(real)
     entry = ours["data"][0]  # type: ignore[index]
     assert set(entry) == set(real["data"][0])
-    assert (entry["id"], entry["max_model_len"], entry["created"]) == ("m", 16384, 1_700_000_000)
+    assert (entry["id"], entry["max_model_len"], entry["created"]) == ("m", 32768, 1_700_000_000)
     assert set(entry["permission"][0]) == set(real["data"][0]["permission"][0])
 
 
