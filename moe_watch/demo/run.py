@@ -32,8 +32,9 @@ from moe_watch.service import ListenError, install_stop_signals, serve
 
 ENGINE_ID = "demo-mixtral"
 ENGINE_PID = os.getpid()  # a real process, so /status shows a PID (not a vLLM command line)
-# What the demo engine was sized for: 2 x H100 for Mixtral 8x7B; the simulated engine runs with
-# gpu_memory_utilization 0.9 against a planned 0.85, so drift and the budget have something to show.
+# What the demo engine was sized for: 2 x H100 for Mixtral 8x7B. max_num_seqs and max_model_len are
+# the simulated engine's (engine_sim.Scenario); it runs with gpu_memory_utilization 0.9 against a
+# planned 0.85, so drift and the budget have something to show.
 DEMO_PLAN = """\
 model: mixtral-8x7b
 dtype: bf16

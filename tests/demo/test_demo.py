@@ -7,11 +7,16 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from moe_watch.agent import Agent
 from moe_watch.config import load_settings
 from moe_watch.demo.engine_server import SimServer, start_engine_server
 from moe_watch.demo.engine_sim import SCENARIOS, EngineSim
+from moe_watch.demo.run import DEMO_PLAN
+from moe_watch.drift import find_drift, running_from
+from moe_watch.sizing.plan import PlanFile
+from moe_watch.sources.exposition import parse_engine_exposition
 
 
 async def scrape_once(server: SimServer, **settings: object) -> tuple[bool, dict[str, int]]:
@@ -92,3 +97,18 @@ def test_the_demo_prints_its_url_and_every_agent_core_family() -> None:
         "moe_watch_expert_rank_load_ratio",
     ):
         assert family in families, family
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_the_demo_plan_drifts_only_where_the_demo_means_it_to(name: str) -> None:
+    """Every scenario runs with the plan's max_model_len and max_num_seqs; gpu_memory_utilization
+    (0.9 running, 0.85 planned) is the one drift the demo shows on purpose."""
+    sim = EngineSim(SCENARIOS[name], start_time=0.0)
+    sim.advance(30.0)
+    info = parse_engine_exposition(sim.render(), "vllm").info
+    (model,) = sim.models_json()["data"]  # type: ignore[misc]
+    running = running_from(info, None, model["max_model_len"], SCENARIOS[name].gpu_count)
+    plan = PlanFile.model_validate(yaml.safe_load(DEMO_PLAN))
+    assert plan.vllm.max_model_len == running.max_model_len == SCENARIOS[name].max_model_len
+    assert plan.vllm.max_num_seqs == SCENARIOS["normal"].max_num_seqs
+    assert [d.setting for d in find_drift(running, plan)] == ["gpu_memory_utilization"]
