@@ -162,6 +162,20 @@ def test_publisher_writes_retries_a_failing_directory_and_removes_its_file(
     assert not path.exists()
 
 
+def test_publisher_stops_on_an_unexpected_write_error_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = counts_file(1)
+    object.__setattr__(bad, "model", object())  # json cannot encode it: a bug, not the volume
+    publisher = Publisher(tmp_path / "w.experts.json", 60.0, lambda: bad)
+    assert not publisher.publish_once()  # stop: no retrying every interval
+    assert (
+        len([r for r in caplog.records if "writing the expert counts failed" in r.getMessage()])
+        == 1
+    )
+    assert not list(tmp_path.iterdir())  # the temporary file is cleaned up
+
+
 def test_publisher_thread_stops_and_cleans_up_when_counting_stops(tmp_path: Path) -> None:
     path = tmp_path / "w.experts.json"
     written = threading.Event()

@@ -227,6 +227,24 @@ def a_failure_inside_a_step_stops_counting_but_not_the_chain() -> None:
 
 
 @check
+def a_publisher_that_cannot_start_stops_counting_without_raising_into_vllm() -> None:
+    counter, routers = make_counter()
+
+    def refuse() -> None:
+        raise RuntimeError("can't start new thread")
+
+    counter.publisher.start = refuse  # type: ignore[method-assign]
+    counter.warm_up_begins()
+    counter.warm_up_ends(succeeded=True)  # inside vLLM's compile_or_warm_up_model: no raise
+    assert counter.failed
+    assert not counter.counting
+    counter.begin_step(SimpleNamespace(total_num_scheduled_tokens=2))  # no raise, no retry
+    routers[0].route(ids([[0, 1], [2, 3]]))
+    assert counter.limit == 0
+    assert counter.snapshot() is None
+
+
+@check
 def more_tokens_than_the_weights_cover_count_the_covered_ones() -> None:
     counter, routers = make_counter(cap_tokens=2)
     counter.set_limit(5)  # clipped to 2

@@ -168,7 +168,10 @@ def _wrap_dummy_batch(original: Callable[..., Any]) -> Callable[..., Any]:
         if counter is None:
             return original(self, *args, **kwargs)
         with counter.lock:
-            counter.set_limit(0)  # an idle DP rank's filler step is not traffic
+            try:
+                counter.set_limit(0)  # an idle DP rank's filler step is not traffic
+            except Exception:
+                counter.fail("preparing a dummy batch failed")
             return original(self, *args, **kwargs)
 
     return execute_dummy_batch
@@ -581,6 +584,8 @@ class ExpertCounter:
 
     def begin_step(self, scheduler_output: Any) -> None:
         """Before a real step: weight its tokens (and only them) with 1."""
+        if self.failed:
+            return
         try:
             if not self.counting:
                 if self._warming:
@@ -607,14 +612,18 @@ class ExpertCounter:
     def start_counting(self) -> None:
         if self.counting or self.failed:
             return
-        if self._cuda:  # set up the copy path here, on the worker thread, outside any capture
-            torch = self._torch
-            self._host = torch.zeros(self.accumulator.shape, dtype=torch.int64, pin_memory=True)
-            self._side_stream = torch.cuda.Stream(device=self.device)
-            self._copied = torch.cuda.Event()
-        self.started = time.time()
+        try:
+            if self._cuda:  # the copy path: made here, on the worker thread, outside any capture
+                torch = self._torch
+                self._host = torch.zeros(self.accumulator.shape, dtype=torch.int64, pin_memory=True)
+                self._side_stream = torch.cuda.Stream(device=self.device)
+                self._copied = torch.cuda.Event()
+            self.started = time.time()
+            self.publisher.start()
+        except Exception:  # called from vLLM's warm-up and step: must not raise into them
+            self.fail("starting the publisher failed")
+            return
         self.counting = True
-        self.publisher.start()
 
     def fail(self, what: str) -> None:
         """Stop counting for good (serving goes on); the publisher removes the file."""

@@ -70,6 +70,11 @@ class Publisher:
                 )
             self._failing = True
             return True
+        except Exception:  # not the volume: a bug; stop rather than fail every interval
+            log.warning(
+                "moe-watch plugin: writing the expert counts failed; stopping", exc_info=True
+            )
+            return False
         if self._failing:
             log.info("moe-watch plugin: writing %s again", self.path)
             self._failing = False
