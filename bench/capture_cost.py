@@ -1,8 +1,9 @@
 """Per-call cost of the plugin's counting hook, measured directly (needs torch).
 
 The end-to-end benchmark (plugin_overhead.py) cannot resolve 1 % on a noisy 2-core VM, so this
-times the work the plugin adds to every MoE layer of every step: one ``index_add_`` of the
-step's top-k ids into the device accumulator. Compare it with the step time of the server.
+times the work the plugin adds to every MoE layer of every step: the capture callback the
+router calls (one ``index_add_`` of the step's top-k ids, weighted, into the accumulator), and
+the per-step weight update when the batch size changes. Compare with the server's step time.
 
     <vllm venv>/bin/python bench/capture_cost.py
 """
@@ -11,38 +12,70 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 import time
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+class Router:
+    def __init__(self) -> None:
+        self.capture_fn: Callable[[Any], None] | None = None
+
+    def set_capture_fn(self, fn: Callable[[Any], None] | None) -> None:
+        self.capture_fn = fn
+
+
+def median_us(fn: Callable[[], None], repeat: int = 3000) -> float:
+    for _ in range(200):
+        fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
 def main() -> int:
     import torch
 
-    from moe_watch.vllm_plugin.counter import ExpertCounter
+    from moe_watch.vllm_plugin.counter import ExpertCounter, Hook, Layout
 
     torch.set_num_threads(1)
-    print("| experts, top-k | tokens in the step | capture per layer (median) |")
-    print("|---|---|---|")
+    print(f"torch {torch.__version__}, 1 thread, CPU tensors")
+    print()
+    print("| experts, top-k | tokens in the step | capture per layer (median) | weight update |")
+    print("|---|---|---|---|")
     for experts, top_k in ((8, 2), (256, 8)):
-        counter = SimpleNamespace(accumulator=torch.zeros((4, experts), dtype=torch.int64))
-        capture = partial(ExpertCounter.capture, counter, 0, None)
+        router = Router()
+        counter = ExpertCounter(
+            [Hook(0, router, "router", clamp=False)],
+            device="cpu",
+            top_k=top_k,
+            num_experts=experts,
+            cap_tokens=4096,
+            layout=Layout(),
+            path=Path(tempfile.mkdtemp()) / "bench.experts.json",
+        )
+        counter.bind()
+        capture = router.capture_fn
+        assert capture is not None
         for tokens in (1, 8, 64, 512):
             ids = torch.randint(0, experts, (tokens, top_k), dtype=torch.int32)
-            for _ in range(200):
-                capture(ids)
-            times = []
-            for _ in range(2000):
-                started = time.perf_counter()
-                capture(ids)
-                times.append(time.perf_counter() - started)
-            print(
-                f"| {experts}, top-{top_k} | {tokens} | {statistics.median(times) * 1e6:.1f} µs |"
-            )
+            counter.set_limit(tokens)
+            per_layer = median_us(lambda ids=ids, capture=capture: capture(ids))
+
+            def resize(tokens: int = tokens, counter: ExpertCounter = counter) -> None:
+                counter.set_limit(tokens + 1)  # the batch size changes every step
+                counter.set_limit(tokens)
+
+            update = median_us(resize) / 2
+            print(f"| {experts}, top-{top_k} | {tokens} | {per_layer:.1f} µs | {update:.1f} µs |")
     return 0
 
 

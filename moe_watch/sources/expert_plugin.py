@@ -1,9 +1,14 @@
 """Per-expert counts from the moe-watch vLLM plugin: the files its workers write (docs/vllm-plugin.md).
 
-Each vLLM worker process that holds MoE layers writes one file. Combining them without double
-counting: under tensor parallelism every TP rank routes the same tokens, so only tp_rank 0
-counts; data-parallel ranks route different tokens, so they add up; pipeline stages hold
-different layers, so their layers are joined.
+Each counting vLLM worker writes one file into the engine's directory. Combining them without
+double counting:
+- tensor parallelism: every TP rank routes the same tokens, so only tp_rank 0's file counts —
+  unless the file says ``sequence_parallel`` (DP + EP + TP MoE), where each TP rank routes its
+  own shard and every TP rank's file counts;
+- data parallelism: the plugin counts only its own DP rank's tokens, so DP ranks add up;
+- pipeline parallelism: stages hold different layers, so their layers are joined;
+- restarts: a worker killed without cleaning up leaves its file until it goes stale; of two
+  files for the same (DP, PP, TP) rank only the newer worker's counts.
 """
 
 from __future__ import annotations
@@ -15,30 +20,44 @@ from collections.abc import Callable
 from operator import add
 from pathlib import Path
 
-from moe_watch.expert_file import SUFFIX, CountsFile, read_counts_file
+from moe_watch.expert_file import SUFFIX, TEMP_PREFIX, CountsFile, read_counts_file
 from moe_watch.samples import ExpertCounts
 from moe_watch.sources.base import Problems, SourceError
 
 
+def usable(files: list[CountsFile]) -> list[CountsFile]:
+    """The files that count: tp_rank 0 (or sequence-parallel), the newest worker per rank."""
+    newest: dict[tuple[int, int, int], CountsFile] = {}
+    for item in files:
+        if item.tp_rank != 0 and not item.sequence_parallel:
+            continue  # the same tokens as its TP rank 0
+        key = (item.dp_rank, item.pp_rank, item.tp_rank)
+        other = newest.get(key)
+        if other is None or (item.started, item.updated) > (other.started, other.updated):
+            newest[key] = item
+    return list(newest.values())
+
+
 def combine(engine: str, files: list[CountsFile]) -> ExpertCounts:
-    """One engine's counts from its workers' files (all tp_rank 0, one model shape)."""
-    first = files[0]
+    """One engine's counts from its workers' usable files (one model shape)."""
     rows: dict[int, array[float]] = {}
     for item in files:
         for layer, row in zip(item.layers, item.counts, strict=True):
             total = rows.get(layer)
             rows[layer] = array("d", row) if total is None else array("d", map(add, total, row))
     layers = tuple(sorted(rows))
+    latest = max(files, key=lambda item: item.updated)
+    placement = next((item.placement for item in files if item.placement), [])
     return ExpertCounts(
         engine=engine,
-        model=first.model,
-        top_k=first.top_k,
-        num_experts=first.num_experts,
+        model=latest.model,
+        top_k=latest.top_k,
+        num_experts=latest.num_experts,
         layers=layers,
         counts=tuple(rows[layer] for layer in layers),
         started=max(item.started for item in files),  # any worker restarting resets the set
         ep_size=max(item.ep_size for item in files),
-        placement=tuple(first.placement),
+        placement=tuple(placement),
         source="plugin",
     )
 
@@ -62,36 +81,45 @@ class PluginExpertSource:
         return f"experts:{self.engine}"
 
     async def collect(self, problems: Problems) -> ExpertCounts:
-        files = await asyncio.to_thread(self._read, problems)
+        files = usable(await asyncio.to_thread(self._read, problems))
         if not files:
             raise SourceError(
                 "no_data",
-                f"no fresh plugin files in {self._directory}: is moe-watch installed in the vLLM "
-                "image (its vllm.general_plugins entry point) and MOE_WATCH_EXPERTS_DIR this directory?",
+                f"no fresh moe-watch plugin files (*{SUFFIX}, rewritten every few seconds) in "
+                f"{self._directory}: check that moe-watch is installed in the vLLM image (its "
+                "vllm.general_plugins entry point), that MOE_WATCH_PLUGIN is not 0, that the "
+                "engine's MOE_WATCH_EXPERTS_DIR is this directory (the same volume), and the "
+                "vLLM log for 'moe-watch plugin' lines",
             )
-        shape = (files[0].top_k, files[0].num_experts)
-        same = [f for f in files if (f.top_k, f.num_experts) == shape]
+        # One engine per directory; if files of another model shape are here, keep the shape of
+        # the most recently written file and say so.
+        latest = max(files, key=lambda item: item.updated)
+        shape = (latest.model, latest.top_k, latest.num_experts)
+        same = [f for f in files if (f.model, f.top_k, f.num_experts) == shape]
         if len(same) != len(files):
             problems.add("mixed_models")
         return combine(self.engine, same)
 
     def _read(self, problems: Problems) -> list[CountsFile]:
-        if not self._directory.is_dir():
+        try:
+            paths = sorted(self._directory.glob("*" + SUFFIX))
+        except OSError:
             return []
         now = self._clock()
         files: list[CountsFile] = []
-        for path in sorted(self._directory.glob("*" + SUFFIX)):
-            if path.name.startswith(".tmp-"):
+        for path in paths:
+            if path.name.startswith(TEMP_PREFIX):
                 continue
             try:
                 item = read_counts_file(path)
+            except FileNotFoundError:
+                continue  # removed between listing and reading (a worker exiting)
             except ValueError:
                 problems.add("bad_file")
                 continue
             if now - item.updated > self._stale_after:
                 continue  # a worker that died without cleaning up
-            if item.tp_rank == 0:
-                files.append(item)
+            files.append(item)
         return files
 
     async def close(self) -> None:

