@@ -37,6 +37,7 @@ from moe_watch.demo.fake_nvml import FakeNvml  # noqa: E402
 from moe_watch.expert_file import CountsFile, write_counts_file  # noqa: E402
 from moe_watch.exporter import build_registry  # noqa: E402
 from moe_watch.server import make_app, start_server  # noqa: E402
+from moe_watch.service import freeze_startup_heap  # noqa: E402
 from tests.conftest import EngineStub, read_capture  # noqa: E402
 
 LAYERS, EXPERTS, TOP_K = 58, 256, 8
@@ -77,7 +78,7 @@ async def main() -> int:
     clock = [time.time()]
     async with Agent(settings, nvml=nvml, clock=lambda: clock[0]) as agent:
         cpu, wall = [], []
-        gc.collect()
+        freeze_startup_heap()  # as serve() does once the agent is up
         rss_start = rss_mb()  # the interpreter, its libraries and the agent, before any data
         rss_after_warmup = 0.0
         for cycle in range(args.cycles):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,12 +48,22 @@ async def serve(
                 f"cannot listen on {settings.listen}: {exc.strerror or exc}"
             ) from None
         log.info("serving", url=url + "/metrics")
+        freeze_startup_heap()
         try:
             if on_started is not None:
                 await on_started(url, agent)
             await agent.run_forever(stop)
         finally:
             await runner.cleanup()
+
+
+def freeze_startup_heap() -> None:
+    """Take what lives for the whole process (modules, settings, the agent) out of the garbage
+    collector's reach. A full collection otherwise walks every object of pydantic, aiohttp and
+    prometheus_client each time: ~22 ms on the node benchmark, every ~70 cycles, and those
+    cycles were its p99."""
+    gc.collect()  # garbage made during start-up goes now, not frozen for ever
+    gc.freeze()
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
