@@ -20,6 +20,7 @@ import pytest
 from moe_watch.expert_file import CountsFile, read_counts_file
 from moe_watch.vllm_plugin.counter import placement
 from moe_watch.vllm_plugin.publisher import Publisher
+from tests.integration.vllm_env import torch_python
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS_SCRIPT = Path(__file__).with_name("vllm_plugin_checks.py")
@@ -200,22 +201,11 @@ def test_publisher_thread_stops_and_cleans_up_when_counting_stops(tmp_path: Path
 # --- the counter, with torch -------------------------------------------------------------------
 
 
-def torch_python() -> str:
-    try:
-        import torch  # noqa: F401
-
-        return sys.executable
-    except ImportError:
-        from tests.integration.vllm_env import ensure_vllm_venv
-
-        return str(ensure_vllm_venv())
-
-
 @pytest.fixture(scope="module")
 def check_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("plugin-checks") / "results.json"
     result = subprocess.run(
-        [torch_python(), str(CHECKS_SCRIPT), str(out)],
+        [str(torch_python()), str(CHECKS_SCRIPT), str(out)],
         capture_output=True,
         text=True,
         timeout=600,

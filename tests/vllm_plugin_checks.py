@@ -89,6 +89,7 @@ def make_counter(
     experts: int = 4,
     top_k: int = 2,
     layout: Layout | None = None,
+    bind: bool = True,
     **kwargs: Any,
 ) -> tuple[ExpertCounter, list[FusedTopKRouter]]:
     router_cls = kwargs.pop("router_cls", FusedTopKRouter)
@@ -106,7 +107,8 @@ def make_counter(
         path=Path(tempfile.mkdtemp()) / "w.experts.json",
         **kwargs,
     )
-    counter.bind()
+    if bind:
+        counter.bind()
     return counter, routers
 
 
@@ -173,18 +175,9 @@ def extra_id_columns_beyond_top_k_are_ignored() -> None:
 
 @check
 def chains_to_a_capture_function_already_set_and_binds_once() -> None:
-    router = FusedTopKRouter()
+    counter, (router,) = make_counter(layers=1, cap_tokens=8, bind=False)
     seen: list[torch.Tensor] = []
     router.set_capture_fn(seen.append)  # e.g. vLLM's --enable-return-routed-experts capturer
-    counter = ExpertCounter(
-        [Hook(0, router, "router", clamp=False)],
-        device="cpu",
-        top_k=2,
-        num_experts=4,
-        cap_tokens=8,
-        layout=Layout(),
-        path=Path(tempfile.mkdtemp()) / "w.experts.json",
-    )
     counter.bind()
     counter.bind()  # idempotent: not wrapped twice
     counter.set_limit(1)
@@ -204,18 +197,9 @@ def chains_to_a_capture_function_already_set_and_binds_once() -> None:
 
 @check
 def a_failure_inside_a_step_stops_counting_but_not_the_chain() -> None:
-    router = FusedTopKRouter()
+    counter, (router,) = make_counter(layers=1, cap_tokens=8, bind=False)
     seen: list[torch.Tensor] = []
     router.set_capture_fn(seen.append)
-    counter = ExpertCounter(
-        [Hook(0, router, "router", clamp=False)],
-        device="cpu",
-        top_k=2,
-        num_experts=4,
-        cap_tokens=8,
-        layout=Layout(),
-        path=Path(tempfile.mkdtemp()) / "w.experts.json",
-    )
     counter.bind()
     counter.set_limit(1)
     router.route(ids([[1]]))  # one column for top-2: cannot be counted

@@ -192,3 +192,12 @@ if __name__ == "__main__":  # python tests/integration/vllm_env.py: build both, 
     py = ensure_vllm_venv()
     print(py)
     print(ensure_tiny_mixtral(py))
+
+
+def torch_python() -> Path:
+    """An interpreter with torch: this one, or the cached vLLM venv (built on first use)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return ensure_vllm_venv()
+    return Path(sys.executable)

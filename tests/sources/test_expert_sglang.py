@@ -7,7 +7,6 @@ import json
 import pickle
 import shutil
 import subprocess
-import sys
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from moe_watch.server import start_server
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_sglang import SGLangExpertSource, read_recorder_file
 from moe_watch.sources.torch_file import TorchFileError, load_torch_file
+from tests.integration.vllm_env import torch_python
 
 # Written with real torch, exactly as SGLang's _StatAccumulator.dump does:
 # torch.save(dict(rank=0, logical_count=<int32 [passes, layers, experts]>, average_utilization_rate_over_window=None))
@@ -42,22 +42,10 @@ json.dump(expected, open(f"{out}/expected.json", "w"))
 """
 
 
-def torch_python() -> str:
-    """An interpreter with torch: this one, or the cached vLLM venv the integration tests build."""
-    try:
-        import torch  # noqa: F401
-
-        return sys.executable
-    except ImportError:
-        from tests.integration.vllm_env import ensure_vllm_venv
-
-        return str(ensure_vllm_venv())
-
-
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[list[float]]]]:
     out = tmp_path_factory.mktemp("sglang-dumps")
-    subprocess.run([torch_python(), "-c", WRITE_DUMPS, str(out)], check=True, timeout=600)
+    subprocess.run([str(torch_python()), "-c", WRITE_DUMPS, str(out)], check=True, timeout=600)
     return out, json.loads((out / "expected.json").read_text())
 
 
