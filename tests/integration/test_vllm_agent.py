@@ -33,6 +33,7 @@ INTERVAL = 0.5
 # vLLM starves the agent of CPU; a 3 s load once gave only two cycles, both outside the batch.
 N_REQUESTS, CONCURRENCY, MAX_TOKENS = 64, 8, 256
 LOAD_TIMEOUT = 180.0  # seconds; the load takes a few
+SCRAPE_TIMEOUT = 15.0
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
@@ -44,6 +45,10 @@ async def running_agent(engine_url: str) -> AsyncIterator[tuple[str, Agent]]:
         targets=[f"{ENGINE}={engine_url}"],
         nvml="off",
         interval_seconds=INTERVAL,
+        # vLLM answers /metrics from the same 2 cores it decodes on: at the start of a load it
+        # once took over 3 s (the default), and that cycle reported the target down. Timeouts
+        # have their own tests; this one checks the numbers, so it waits for them.
+        scrape_timeout_seconds=SCRAPE_TIMEOUT,
         listen="127.0.0.1:0",
     )
     stop = asyncio.Event()
@@ -76,7 +81,7 @@ async def wait_snapshot(
     *,
     after_cycle: int = 0,
     until: Callable[[Snapshot], bool] = lambda _: True,
-    timeout: float = 15.0,
+    timeout: float = 2 * SCRAPE_TIMEOUT + 10.0,  # a slow scrape or two must not end the wait
 ) -> Snapshot:
     """The first snapshot newer than ``after_cycle`` for which ``until`` holds (bounded poll)."""
     loop = asyncio.get_running_loop()
