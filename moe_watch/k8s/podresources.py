@@ -59,36 +59,32 @@ async def gpu_owners(socket: Path = DEFAULT_SOCKET, timeout: float = 2.0) -> dic
 
 def owners_from_response(data: bytes) -> dict[str, DeviceOwner]:
     owners: dict[str, DeviceOwner] = {}
-    for field, value in _fields(data):
-        if field != 1 or not isinstance(value, bytes):
-            continue
-        name = namespace = ""
-        containers: list[bytes] = []
-        for pf, pv in _fields(value):
-            if pf == 1 and isinstance(pv, bytes):
-                name = pv.decode()
-            elif pf == 2 and isinstance(pv, bytes):
-                namespace = pv.decode()
-            elif pf == 3 and isinstance(pv, bytes):
-                containers.append(pv)
-        for container in containers:
-            cname, devices = "", []
-            for cf, cv in _fields(container):
-                if cf == 1 and isinstance(cv, bytes):
-                    cname = cv.decode()
-                elif cf == 2 and isinstance(cv, bytes):
-                    devices.append(cv)
-            for device in devices:
-                resource, ids = "", []
-                for df, dv in _fields(device):
-                    if df == 1 and isinstance(dv, bytes):
-                        resource = dv.decode()
-                    elif df == 2 and isinstance(dv, bytes):
-                        ids.append(dv.decode())
-                if "gpu" in resource:
-                    for device_id in ids:
-                        owners[device_id] = DeviceOwner(namespace, name, cname)
+    for pod in _message(data).get(1, []):
+        pod_fields = _message(pod)
+        name, namespace = _text(pod_fields, 1), _text(pod_fields, 2)
+        for container in pod_fields.get(3, []):
+            container_fields = _message(container)
+            container_name = _text(container_fields, 1)
+            for device in container_fields.get(2, []):
+                device_fields = _message(device)
+                if "gpu" in _text(device_fields, 1):
+                    for device_id in device_fields.get(2, []):
+                        owners[device_id.decode()] = DeviceOwner(namespace, name, container_name)
     return owners
+
+
+def _message(data: bytes) -> dict[int, list[bytes]]:
+    """The length-delimited fields (strings, sub-messages) of one message, by field number."""
+    fields: dict[int, list[bytes]] = {}
+    for number, value in _fields(data):
+        if isinstance(value, bytes):
+            fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _text(fields: dict[int, list[bytes]], number: int) -> str:
+    values = fields.get(number)
+    return values[-1].decode() if values else ""  # proto3: the last value of a field wins
 
 
 def encode_response(
