@@ -55,11 +55,12 @@ def _read_csv(path: Path, num_experts: int | None) -> Matrix:
             if reader.fieldnames != ["layer_id", "expert_id", "count"]:
                 raise ValueError(f"{path}: expected the header layer_id,expert_id,count")
             for row in reader:
-                key, count = _csv_cell(row)
-                if key is None:
+                cell = _csv_cell(row)
+                if cell is None:
                     raise ValueError(
                         f"{path}:{reader.line_num}: not a layer_id,expert_id,count row"
                     )
+                key, count = cell
                 cells[key] = cells.get(key, 0.0) + count
         except csv.Error as exc:  # e.g. a NUL byte: not a CSV at all
             raise ValueError(f"{path}:{reader.line_num}: {exc}") from None
@@ -77,14 +78,14 @@ def _read_csv(path: Path, num_experts: int | None) -> Matrix:
     return rows
 
 
-def _csv_cell(row: dict[str | Any, str | Any]) -> tuple[tuple[int, int] | None, float]:
-    """((layer, expert), count) of one row, or (None, 0) when it is not a valid row."""
+def _csv_cell(row: dict[str | Any, str | Any]) -> tuple[tuple[int, int], float] | None:
+    """((layer, expert), count) of one row, or None when it is not a valid row."""
     try:
         layer, expert, count = int(row["layer_id"]), int(row["expert_id"]), float(row["count"])
     except (TypeError, ValueError):
-        return None, 0.0
+        return None
     if None in row or layer < 0 or expert < 0 or not (math.isfinite(count) and count >= 0):
-        return None, 0.0  # a None key holds extra columns
+        return None  # a None key holds extra columns
     return (layer, expert), count
 
 
