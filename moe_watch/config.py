@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     # The kubelet pod-resources socket: GPU UUID -> pod/container without hostPID.
     pod_resources_socket: Path | None = None
     # Hot experts exported per engine (moe_watch_expert_hot_token_share), hottest first.
-    expert_top_n: int = Field(default=10, ge=0, le=100)
+    expert_top_n: int = Field(default=4, ge=1, le=64)
     # Export every (layer, expert) counter (moe_watch_expert_tokens_total): 14,848 series for a
     # DeepSeek-V3 replica. Off by default; /experts always has the full matrix as JSON.
     expert_full_detail: bool = False

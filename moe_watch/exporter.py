@@ -13,9 +13,14 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from moe_watch import __version__
 from moe_watch.snapshot import Snapshot
+from moe_watch.thresholds import DEFAULT as T
 
 PREFIX = "moe_watch_"
 ENGINE_LABELS = ["engine", "model"]
+# The Kubernetes owner of a GPU or engine, under OpenTelemetry's names for them. Not `namespace`,
+# `pod`, `container`: the Prometheus Operator sets those to the agent's own pod on every series it
+# scrapes, so ours would arrive renamed to `exported_*` (docs/metrics.md, "Labels and the scrape").
+K8S_LABELS = ["k8s_namespace_name", "k8s_pod_name", "k8s_container_name"]
 
 # (metric suffix, EngineSignals attribute, help). One gauge each, labelled by engine and model.
 ENGINE_GAUGES: tuple[tuple[str, str, str], ...] = (
@@ -90,7 +95,7 @@ def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
     info = gauge(
         "gpu_info",
         "GPU identity; value is always 1.",
-        ["gpu", "uuid", "name", "driver_version", "engine", "namespace", "pod", "container"],
+        ["gpu", "uuid", "name", "driver_version", "engine", *K8S_LABELS],
     )
     up = gauge("gpu_up", "1 if NVML could read the GPU, 0 if it is lost.", labels)
     util = gauge("gpu_utilization_ratio", "GPU utilization, 0-1.", labels)
@@ -155,15 +160,16 @@ def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
     info = gauge(
         "engine_info",
         "Serving engine identity; value is always 1.",
-        ["engine", "model", "kind", "version", "namespace", "pod"],
+        ["engine", "model", "kind", "version", *K8S_LABELS[:2]],
     )
     max_len = gauge("engine_max_model_len_tokens", "The engine's max_model_len.", ENGINE_LABELS)
     families = {attr: gauge(name, doc, ENGINE_LABELS) for name, attr, doc in ENGINE_GAUGES}
-    latency = gauge(
-        "latency_seconds",
+    # A summary of quantiles only: the window's quantiles are not counters, so no _sum/_count.
+    latency = Metric(
+        PREFIX + "latency_seconds",
         "Request latency quantiles over the window, from histogram bucket deltas "
         "(kind: e2e, ttft, itl, queue).",
-        [*ENGINE_LABELS, "kind", "quantile"],
+        "summary",
     )
     for view in snap.engines:
         key = [view.engine, view.model]
@@ -176,7 +182,11 @@ def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
             if value is not None:
                 family.add_metric(key, value)
         for (kind, q), seconds in sorted(view.signals.latency_seconds.items()):
-            latency.add_metric([*key, kind, f"{q:g}"], seconds)
+            labels = dict(zip(ENGINE_LABELS, key, strict=True)) | {
+                "kind": kind,
+                "quantile": f"{q:g}",
+            }
+            latency.add_sample(PREFIX + "latency_seconds", labels, seconds)
     yield info
     yield max_len
     yield from families.values()
@@ -184,14 +194,19 @@ def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
 
 
 def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
-    """Per-layer skew and top-N hot experts by default: <= ~250 series for a DeepSeek-V3 engine."""
+    """Per-layer skew and the layer x load-rank grid by default: ~470 series for DeepSeek-V3.
+
+    No series is keyed by a value that moves: which expert is hottest is the *value* of
+    expert_load_rank_expert_id, so skew, share and rank series keep their identity (and alerts
+    their `for:` timers) while two experts trade places.
+    """
     layer_labels = ["engine", "layer"]
-    hottest_labels = ["engine", "layer", "expert"]  # expert: the layer's hottest, for the page
+    rank_labels = ["engine", "layer", "load_rank"]
     skew = gauge(
         "expert_skew_ratio",
-        "max/mean - 1 of tokens per expert in the layer over the window (0.5 = 50 % skew); "
-        "expert = the layer's hottest.",
-        hottest_labels,
+        "max/mean - 1 of tokens per expert in the layer over the window "
+        f"(0.5 = 50 % skew; alert above {T.expert_skew:g}).",
+        layer_labels,
     )
     balance = gauge(
         "expert_balancedness_ratio",
@@ -200,9 +215,21 @@ def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
     )
     share = gauge(
         "expert_max_token_share",
-        "Fraction of the layer's tokens that visited its hottest expert (> 0.40 = collapse); "
-        "expert = that expert.",
-        hottest_labels,
+        "Fraction of the layer's tokens that visited its most loaded expert over the window "
+        f"(collapse above {T.expert_collapse_share:g}).",
+        layer_labels,
+    )
+    ranked_share = gauge(
+        "expert_load_rank_token_share",
+        "Token share of the layer's load_rank-th most loaded expert over the window "
+        "(load_rank 1 = the hottest; top N per layer).",
+        rank_labels,
+    )
+    ranked_id = gauge(
+        "expert_load_rank_expert_id",
+        "Logical id of the layer's load_rank-th most loaded expert over the window "
+        "(the value is the expert id: join it to the share, never key alerts on it).",
+        rank_labels,
     )
     max_skew = gauge(
         "expert_max_skew_ratio",
@@ -211,13 +238,8 @@ def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
     )
     collapsed = gauge(
         "expert_collapsed_layers",
-        "Layers whose hottest expert took > 40 % of the tokens over the window.",
+        f"Layers whose hottest expert took > {T.expert_collapse_share:g} of the tokens over the window.",
         ["engine"],
-    )
-    hot = gauge(
-        "expert_hot_token_share",
-        "Token share of the engine's top-N hottest (layer, expert) pairs over the window.",
-        ["engine", "layer", "expert"],
     )
     rank = gauge(
         "expert_rank_load_ratio",
@@ -238,15 +260,16 @@ def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
         signals = view.signals
         for layer in signals.layers:
             key = [view.engine, str(layer.layer)]
-            hottest = [*key, str(layer.hottest_expert)]
-            skew.add_metric(hottest, layer.skew)
+            skew.add_metric(key, layer.skew)
             balance.add_metric(key, layer.balancedness)
-            share.add_metric(hottest, layer.max_share)
+            share.add_metric(key, layer.max_share)
+            for load_rank, (expert, token_share) in enumerate(layer.ranked, start=1):
+                cell = [*key, str(load_rank)]
+                ranked_share.add_metric(cell, token_share)
+                ranked_id.add_metric(cell, expert)
         if signals.max_skew is not None:
             max_skew.add_metric([view.engine], signals.max_skew)
             collapsed.add_metric([view.engine], len(signals.collapsed_layers))
-        for item in signals.hot:
-            hot.add_metric([view.engine, str(item.layer), str(item.expert)], item.share)
         for ep_rank, load in sorted(signals.rank_load.items()):
             rank.add_metric([view.engine, str(ep_rank)], load)
         if full_detail:
@@ -255,7 +278,7 @@ def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
                     tokens.add_metric([view.engine, str(layer_index), str(expert)], count)
     for (engine, model), value in sorted(snap.eplb_balancedness.items()):
         eplb.add_metric([engine, model], value)
-    yield from (skew, balance, share, max_skew, collapsed, hot, rank, eplb)
+    yield from (skew, balance, share, ranked_share, ranked_id, max_skew, collapsed, rank, eplb)
     if full_detail:
         yield tokens
 

@@ -154,12 +154,16 @@ def experts_document(snapshot: Snapshot | None) -> dict[str, Any]:
                         "balancedness": layer.balancedness,
                         "max_token_share": layer.max_share,
                         "hottest_expert": layer.hottest_expert,
+                        "load_ranks": [
+                            {"expert": expert, "token_share": share}
+                            for expert, share in layer.ranked
+                        ],
                     }
                     for layer in signals.layers
                 ],
                 "hot": [
                     {"layer": h.layer, "expert": h.expert, "token_share": h.share}
-                    for h in signals.hot
+                    for h in signals.hot()
                 ],
                 "rank_load": {str(rank): load for rank, load in signals.rank_load.items()},
             }

@@ -279,21 +279,23 @@ async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
         snap = await agent.run_cycle()
     metrics = exposition(snap)
     assert value(
-        metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="0", expert="0"
+        metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="0"
     ) == pytest.approx(2.2)
     assert value(
-        metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="1", expert="0"
+        metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="1"
     ) == pytest.approx(0.0)
     assert value(
-        metrics, "moe_watch_expert_max_token_share", engine="qwen3", layer="0", expert="0"
+        metrics, "moe_watch_expert_max_token_share", engine="qwen3", layer="0"
     ) == pytest.approx(0.8)
     assert value(metrics, "moe_watch_expert_max_skew_ratio", engine="qwen3") == pytest.approx(2.2)
     assert value(metrics, "moe_watch_expert_collapsed_layers", engine="qwen3") == 1
-    assert value(
-        metrics, "moe_watch_expert_hot_token_share", engine="qwen3", layer="0", expert="0"
-    ) == pytest.approx(0.8)
+    cell = {"engine": "qwen3", "layer": "0", "load_rank": "1"}
+    assert value(metrics, "moe_watch_expert_load_rank_token_share", **cell) == pytest.approx(0.8)
+    assert value(metrics, "moe_watch_expert_load_rank_expert_id", **cell) == 0
     assert value(metrics, "moe_watch_source_up", source="experts:qwen3") == 1
-    hot_series = [labels for name, labels in metrics if name == "moe_watch_expert_hot_token_share"]
-    assert len(hot_series) == 3  # expert_top_n
+    ranked = [
+        labels for name, labels in metrics if name == "moe_watch_expert_load_rank_token_share"
+    ]
+    assert len(ranked) == 3 * 2  # expert_top_n load ranks x 2 layers
     document = experts_document(snap)
     assert document["engines"][0]["counts_window"][0] == [40, 10, 10, 10, 10, 10, 5, 5]

@@ -4,22 +4,27 @@ Definitions (docs/experts.md), for one layer with window counts c_e over E exper
 - skew          = max(c) / mean(c) - 1      0 = perfectly even; 0.5 = "50 % skew"
 - balancedness  = mean(c) / max(c)          what vLLM EPLB and SGLang report; = 1 / (1 + skew)
 - token share_e = c_e * k / sum(c)          fraction of the layer's tokens that visited e
-- collapse      = max token share > 0.40    one expert takes the layer
+- collapse      = max token share > 0.40    one expert takes the layer (thresholds.py)
 - EP-rank load_r = sum of c over the experts on rank r / mean over ranks (1 = even)
-All functions are pure; None means "no traffic in the window", never a fake 0.
+- load rank     = 1 for a layer's most loaded expert, 2 for the next ...: the per-layer top N are
+                  published by rank, so series keep their identity when the hottest expert changes
+All functions are pure; None means "no traffic in the window", never a fake 0. A layer whose
+window counts are not finite (a corrupt source) is skipped, never raised.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import operator
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from moe_watch.samples import ExpertCounts, Matrix
+from moe_watch.thresholds import DEFAULT
 
-COLLAPSE_SHARE = 0.40
+COLLAPSE_SHARE = DEFAULT.expert_collapse_share
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +35,8 @@ class LayerLoad:
     balancedness: float
     max_share: float
     hottest_expert: int
+    # The layer's top-N experts by load, most loaded first: (expert, token share).
+    ranked: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +49,6 @@ class HotExpert:
 @dataclass(frozen=True, slots=True)
 class ExpertSignals:
     layers: tuple[LayerLoad, ...] = ()
-    hot: tuple[HotExpert, ...] = ()  # top-N (layer, expert) by token share, hottest first
     rank_load: dict[int, float] = field(default_factory=dict)  # EP rank -> load ratio
     window_counts: Matrix = ()  # [layer][expert] assignments in the window (for /experts)
 
@@ -53,6 +59,15 @@ class ExpertSignals:
     @property
     def collapsed_layers(self) -> tuple[int, ...]:
         return tuple(layer.layer for layer in self.layers if layer.max_share > COLLAPSE_SHARE)
+
+    def hot(self, n: int = 10) -> tuple[HotExpert, ...]:
+        """The engine's n hottest (layer, expert) pairs by token share (for /experts, humans)."""
+        pairs = (
+            HotExpert(layer.layer, expert, share)
+            for layer in self.layers
+            for expert, share in layer.ranked
+        )
+        return tuple(heapq.nsmallest(n, pairs, key=lambda h: (-h.share, h.layer, h.expert)))
 
 
 def skew(counts: Sequence[float]) -> float | None:
@@ -127,7 +142,8 @@ def window_increase(window: Sequence[ExpertCounts]) -> Matrix:
     return tuple(delta)
 
 
-def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 10) -> ExpertSignals:
+def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 4) -> ExpertSignals:
+    """Per-layer load over the window; ``top_n`` experts of each layer are ranked by load."""
     if not window:
         return ExpertSignals()
     latest = window[-1]
@@ -135,34 +151,32 @@ def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 10) ->
     if not delta:
         return ExpertSignals()
     layers: list[LayerLoad] = []
-    hot: list[HotExpert] = []
     per_expert = array("d", bytes(8 * latest.num_experts))
     experts = range(latest.num_experts)
     for layer, row in zip(latest.layers, delta, strict=True):
+        total = sum(row)
+        if not math.isfinite(total) or min(row, default=0.0) < 0:
+            continue  # corrupt input (NaN, inf, a negative increase): no number beats a wrong one
         layer_skew, layer_balance = skew(row), balancedness(row)
         if layer_skew is None or layer_balance is None:
             continue  # no traffic through this layer in the window
-        total = sum(row)
         share = latest.top_k / total  # an expert's token share is its count times this
-        hottest = row.index(max(row))
+        # Ties go to the lower expert id, so the ranking is stable while loads are equal.
+        top = heapq.nlargest(max(1, top_n), experts, key=row.__getitem__)  # C-level key
         layers.append(
             LayerLoad(
                 layer,
                 total / latest.top_k,
                 layer_skew,
                 layer_balance,
-                row[hottest] * share,
-                hottest,
+                row[top[0]] * share,
+                top[0],
+                tuple((e, row[e] * share) for e in top[:top_n]),
             )
         )
-        # Only this layer's top N can be in the global top N; C-level key, no object per cell.
-        for e in heapq.nlargest(top_n, experts, key=row.__getitem__):
-            hot.append(HotExpert(layer, e, row[e] * share))
         per_expert = array("d", map(operator.add, per_expert, row))
-    hot.sort(key=lambda h: (-h.share, h.layer, h.expert))
     return ExpertSignals(
         layers=tuple(layers),
-        hot=tuple(hot[:top_n]),
         rank_load=rank_loads(per_expert, latest.ep_size, latest.placement)
         if latest.ep_size > 1
         else {},

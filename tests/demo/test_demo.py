@@ -93,7 +93,8 @@ def test_the_demo_prints_its_url_and_every_agent_core_family() -> None:
         "moe_watch_engine_gpu_utilization_spread_ratio",
         "moe_watch_expert_skew_ratio",
         "moe_watch_expert_max_token_share",
-        "moe_watch_expert_hot_token_share",
+        "moe_watch_expert_load_rank_token_share",
+        "moe_watch_expert_load_rank_expert_id",
         "moe_watch_expert_rank_load_ratio",
     ):
         assert family in families, family

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -51,7 +52,8 @@ def test_mixtral_top2_of_8_collapsed_layer() -> None:
     assert (layer.tokens, layer.hottest_expert) == (50, 0)
     assert layer.max_share == pytest.approx(0.8)
     assert signals.collapsed_layers == (0,)
-    assert signals.hot[0].expert == 0
+    assert signals.hot()[0].expert == 0
+    assert layer.ranked[0] == (0, pytest.approx(0.8))
 
 
 def test_llama4_maverick_top1_of_128() -> None:
@@ -65,7 +67,12 @@ def test_llama4_maverick_top1_of_128() -> None:
         [counts([[0.0] * 128], top_k=1), counts([row], top_k=1)], top_n=3
     )
     assert signals.collapsed_layers == ()
-    assert [(h.layer, h.expert) for h in signals.hot] == [(0, 7), (0, 0), (0, 1)]  # ties: by index
+    assert [(h.layer, h.expert) for h in signals.hot()] == [
+        (0, 7),
+        (0, 0),
+        (0, 1),
+    ]  # ties: by index
+    assert [e for e, _ in signals.layers[0].ranked] == [7, 0, 1]  # the layer's load ranks 1..3
 
 
 def test_deepseek_v3_top8_of_256_with_58_layers() -> None:
@@ -82,10 +89,13 @@ def test_deepseek_v3_top8_of_256_with_58_layers() -> None:
     assert signals.layers[57].skew == pytest.approx(18 / (2568 / 256) - 1)  # 0.79439
     assert signals.layers[57].tokens == pytest.approx(321)
     assert signals.max_skew == pytest.approx(18 / (2568 / 256) - 1)
-    assert signals.hot[0].layer == 57
-    assert signals.hot[0].expert == 255
-    assert signals.hot[0].share == pytest.approx(18 * 8 / 2568)
-    assert len(signals.hot) == 10  # top-N only: 10 series, not 14,848
+    hot = signals.hot()
+    assert hot[0].layer == 57
+    assert hot[0].expert == 255
+    assert hot[0].share == pytest.approx(18 * 8 / 2568)
+    assert len(hot) == 10
+    # top-N load ranks per layer: 58 x 10 cells to publish, not 14,848
+    assert {len(layer.ranked) for layer in signals.layers} == {10}
 
 
 def test_ep_rank_load_contiguous_and_with_a_placement() -> None:
@@ -132,7 +142,7 @@ def test_empty_and_all_zero_windows_give_no_signals_not_zeros() -> None:
     assert single.max_skew is None
     idle = derive_expert_signals([counts([[5, 5]], top_k=1), counts([[5, 5]], top_k=1)])
     assert idle.layers == ()
-    assert idle.hot == ()
+    assert idle.hot() == ()
 
 
 def test_a_different_model_shape_restarts_the_window() -> None:
@@ -152,3 +162,20 @@ def test_a_deepseek_v3_matrix_is_held_as_c_doubles_with_its_total() -> None:
     assert sum(sys.getsizeof(row) for row in sample.counts) < 58 * 256 * 8 * 1.05
     assert sample.total == sum(map(sum, rows))
     assert [list(row) for row in sample.counts] == rows
+
+
+def test_load_ranks_keep_their_identity_when_the_hottest_expert_changes() -> None:
+    """Expert 5 then expert 2 is hottest: load rank 1 is one cell whose expert id moves."""
+    zero = counts([[0.0] * 8], top_k=2)
+    five = derive_expert_signals([zero, counts([[1, 1, 1, 1, 1, 9, 1, 1]], top_k=2)], top_n=2)
+    two = derive_expert_signals([zero, counts([[1, 1, 9, 1, 1, 1, 1, 1]], top_k=2)], top_n=2)
+    assert [e for e, _ in five.layers[0].ranked] == [5, 0]
+    assert [e for e, _ in two.layers[0].ranked] == [2, 0]
+    assert five.layers[0].skew == two.layers[0].skew  # same value, same series, new expert id
+
+
+def test_a_layer_with_non_finite_or_negative_counts_is_skipped_not_raised() -> None:
+    zero = counts([[0.0] * 4] * 3, top_k=1)
+    bad = counts([[1, 2, 3, 4], [math.nan, 1, 1, 1], [math.inf, 1, 1, 1]], top_k=1)
+    signals = derive_expert_signals([zero, bad])
+    assert [layer.layer for layer in signals.layers] == [0]
