@@ -259,6 +259,7 @@ class Agent:
             engine_pods=dict(self._engine_pods),
             drift=self._drift(list(scrapes), snapshot),
             experts=self._expert_views(now, counts),
+            expert_engines=tuple(t.name for t, _ in self._engine_runners if t.experts is not None),
             eplb_balancedness={
                 (balance.engine, model): value
                 for balance in balances

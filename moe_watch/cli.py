@@ -107,7 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
     rules = commands.add_parser(
         "rules", help="write the Prometheus rules, their promtool tests and the PrometheusRule"
     )
-    rules.add_argument("--out", type=Path, default=Path("."), help="repository root (default .)")
+    rules.add_argument(
+        "--out",
+        type=Path,
+        default=Path("."),
+        help="root to write alerts/ and deploy/base/ under (default .)",
+    )
+    rules.add_argument(
+        "--config",
+        type=Path,
+        help="rules config YAML: thresholds, alerts, job_selector ... (docs/alerts.md)",
+    )
+    rules.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. thresholds.expert_skew=0.6, alerts.MoEGPUUtilizationLow.enabled=false, job_selector='job=\"gpu-agents\"' (repeatable)",
+    )
+    rules.add_argument(
+        "--print",
+        choices=("rules", "tests", "prometheusrule"),
+        dest="print_only",
+        help="print one file to stdout instead of writing them",
+    )
 
     dashboards = commands.add_parser("dashboards", help="write the Grafana dashboards (JSON)")
     dashboards.add_argument(
@@ -143,11 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"wrote {path}")
             return 0
         if args.command == "rules":
-            from moe_watch.rules import write_all
-
-            for path in write_all(args.out):
-                print(f"wrote {path}")
-            return 0
+            return _rules(args)
         if args.command == "check":
             settings = _settings_from(args)
             print(f"ok: {args.config}: {len(settings.targets)} target(s), listen {settings.listen}")
@@ -158,6 +177,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moe-watch: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _rules(args: argparse.Namespace) -> int:
+    from moe_watch.rules import OPERATOR_FILE, RULES_FILE, TESTS_FILE, generated_files, load_config
+    from moe_watch.rules import write_all as write_rules
+
+    try:
+        config = load_config(args.config, args.set)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.print_only:
+        path = {"rules": RULES_FILE, "tests": TESTS_FILE, "prometheusrule": OPERATOR_FILE}
+        sys.stdout.write(generated_files(config)[path[args.print_only]])
+        return 0
+    for written in write_rules(args.out, config):
+        print(f"wrote {written}")
+    return 0
 
 
 def _size(args: argparse.Namespace) -> int:

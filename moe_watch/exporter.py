@@ -251,13 +251,21 @@ def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
         "vLLM EPLB balancedness (mean/max EP-rank load) from its log.",
         ["engine", "model"],
     )
+    observed = gauge(
+        "expert_layers_observed",
+        "MoE layers with routed tokens in the window; 0 while an engine with an expert source "
+        "shows none (plugin missing or not writing).",
+        ["engine"],
+    )
     tokens = CounterMetricFamily(
         PREFIX + "expert_tokens",
         "Token-to-expert assignments per (layer, expert) since the counters started (opt-in).",
         labels=["engine", "layer", "expert"],
     )
+    layers_seen = dict.fromkeys(snap.expert_engines, 0)
     for view in snap.experts:
         signals = view.signals
+        layers_seen[view.engine] = len(signals.layers)
         for layer in signals.layers:
             key = [view.engine, str(layer.layer)]
             skew.add_metric(key, layer.skew)
@@ -276,9 +284,12 @@ def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
             for layer_index, row in zip(view.latest.layers, view.latest.counts, strict=True):
                 for expert, count in enumerate(row):
                     tokens.add_metric([view.engine, str(layer_index), str(expert)], count)
+    for engine, count in sorted(layers_seen.items()):
+        observed.add_metric([engine], count)
     for (engine, model), value in sorted(snap.eplb_balancedness.items()):
         eplb.add_metric([engine, model], value)
     yield from (skew, balance, share, ranked_share, ranked_id, max_skew, collapsed, rank, eplb)
+    yield observed
     if full_detail:
         yield tokens
 

@@ -1,12 +1,18 @@
-"""The one source of the alert and recording rules: thresholds, `for:` durations, texts, tests.
+"""The one source of the alert and recording rules: expressions, texts and their promtool tests.
 
-`moe-watch rules --out .` writes, from the specs below:
+`moe-watch rules --out .` writes, from the specs below and a RulesConfig (defaults or a site's
+overrides, docs/alerts.md):
 - alerts/moe-watch.rules.yml            Prometheus rule groups (recording + alerting)
 - alerts/tests/moe-watch.rules.test.yml promtool unit tests: every alert fires at its threshold
-                                        after `for:` and stays silent just below it
-- deploy/base/prometheusrule.yaml the same groups as a Prometheus Operator PrometheusRule
-A test regenerates them and fails when the committed files are stale. Thresholds trace to
-../shared/design.md; each alert's runbook is a section of docs/runbooks.md.
+                                        after `for:` and stays silent just below it, plus one test
+                                        per defect the rules once had
+- deploy/base/prometheusrule.yaml       the same groups as a Prometheus Operator PrometheusRule
+A test regenerates them and fails when the committed files are stale. Every number comes from
+moe_watch/thresholds.py; each alert's runbook is a section of docs/runbooks.md.
+
+Series identity: alert expressions never read a label whose value moves (the hottest expert, a
+replaced pod); such facts are read at notification time by `query` templates in annotations, so
+an alert's `for:` timer survives two experts trading places.
 """
 
 from __future__ import annotations
@@ -14,382 +20,628 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moe_watch.generated import write_generated
+from moe_watch.thresholds import DEFAULT, Thresholds
 
-RUNBOOK_BASE = "https://github.com/moe-watch/moe-watch/blob/main/docs/runbooks.md"
 RULES_FILE = Path("alerts/moe-watch.rules.yml")
 TESTS_FILE = Path("alerts/tests/moe-watch.rules.test.yml")
 OPERATOR_FILE = Path("deploy/base/prometheusrule.yaml")
 ENGINE = 'engine="mixtral-0"'
+Severity = Literal["critical", "warning", "info"]
+DURATION = r"^[0-9]+[smh]$"
+
+# The hottest expert of the alert's layer, read when the notification is rendered.
+HOTTEST_EXPERT = (
+    '{{ with printf "moe_watch_expert_load_rank_expert_id{engine=%q,layer=%q,load_rank=\\"1\\"}"'
+    ' $labels.engine $labels.layer | query }}{{ . | first | value | printf "%.0f" }}'
+    "{{ else }}unknown{{ end }}"
+)
+
+
+def _standard_severities() -> dict[Severity, str]:
+    return {"critical": "critical", "warning": "warning", "info": "info"}
+
+
+class AlertOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    enabled: bool = True
+    for_: str | None = Field(default=None, alias="for", pattern=DURATION)
+    severity: Severity | None = None
+
+
+class RulesConfig(BaseModel):
+    """What a site may change without editing code (`moe-watch rules --config/--set`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    alerts: dict[str, AlertOverride] = Field(default_factory=dict)
+    # Selects the agents' own scrape job (the ServiceMonitor's jobLabel makes it "moe-watch").
+    job_selector: str = 'job="moe-watch"'
+    # The label that tells clusters apart where rules run over several (Thanos/Mimir ruler).
+    cluster_label: str = Field(default="cluster", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    runbook_base_url: str = "https://github.com/moe-watch/moe-watch/blob/main/docs/runbooks.md"
+    # The `severity` label value for each of our levels (kube-prometheus-stack routes on these).
+    severity_names: dict[Severity, str] = Field(default_factory=_standard_severities)
+    additional_labels: dict[str, str] = Field(default_factory=dict)  # on every alert
+    interval: str = Field(default="30s", pattern=DURATION)
+
+    @field_validator("alerts")
+    @classmethod
+    def _known_alerts(cls, value: dict[str, AlertOverride]) -> dict[str, AlertOverride]:
+        unknown = set(value) - {a.name for a in ALERTS}
+        if unknown:
+            raise ValueError(f"unknown alert(s) {', '.join(sorted(unknown))}")
+        return value
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        DEFAULT.replaced(value)  # raises ValueError naming the bad one
+        return value
+
+    @property
+    def limits(self) -> Thresholds:
+        return DEFAULT.replaced(self.thresholds)
+
+    def severity(self, alert: Alert) -> str:
+        level = self.alerts.get(alert.name, AlertOverride()).severity or alert.severity
+        return self.severity_names.get(level, level)
+
+    def for_(self, alert: Alert) -> str:
+        return self.alerts.get(alert.name, AlertOverride()).for_ or alert.for_
+
+    def enabled(self, alert: Alert) -> bool:
+        return self.alerts.get(alert.name, AlertOverride()).enabled
 
 
 @dataclass(frozen=True)
 class Alert:
     name: str
-    expr: str  # PromQL; {t} is replaced by the threshold
-    threshold: float
+    # PromQL. $t: the threshold; $job: the agents' job selector; $by: the cluster label and engine.
+    expr: str
+    threshold: str  # a field of Thresholds
     for_: str
-    severity: str  # page (PagerDuty) | warning | info
+    severity: Severity  # critical pages (PagerDuty); warning notifies; info is only visible
     summary: str
-    description: str  # may use {{ $labels.x }} and {{ $value | printf "%.2f" }}
-    # promtool test: one series that must fire, one just below that must not
+    description: str  # may use {{ $labels.x }}, {{ $value | printf "%.2f" }}, HOTTEST_EXPERT
+    # promtool test: one series that fires and one just past the threshold that does not. A
+    # value of None derives them from the threshold (op ">" or "<"); "$t" in a value is the
+    # threshold.
     series: str
-    fire: str
-    quiet: str
+    fire: str | None = None
+    quiet: str | None = None
+    op: str = ">"
     eval_minutes: int = 0  # 0: for + 2 minutes
-    # The alert's value at eval_time (for the expected description); default: the fire series' last.
-    value_at_eval: float | None = None
-    # The alert's labels when they are not the fire series' own (absent() makes its own).
-    alert_labels: tuple[tuple[str, str], ...] | None = None
-    # quiet may be "" where the alert has no "just below" (absent()).
-
-    @property
-    def runbook_url(self) -> str:
-        return f"{RUNBOOK_BASE}#{self.name.lower()}"
+    value_at_eval: float | None = None  # the alert's value at eval time; default: fire's last
+    absent: bool = False  # absent() makes its own labels: the job selector's equality matchers
+    extra_series: tuple[tuple[str, str], ...] = ()  # (series, values) the alert also reads
+    hottest: str = ""  # what HOTTEST_EXPERT renders to in the test
+    annotations: tuple[tuple[str, str], ...] = ()  # extra annotations (the same in the test)
 
 
 def _v(value: float, minutes: int = 60) -> str:
     return f"{value:g}x{minutes}"
 
 
+def _hot_layer(layer: str, expert: str) -> tuple[tuple[str, str], ...]:
+    return (
+        (
+            f'moe_watch_expert_load_rank_expert_id{{{ENGINE},layer="{layer}",load_rank="1"}}',
+            f"{expert}x60",
+        ),
+    )
+
+
 ALERTS: tuple[Alert, ...] = (
     Alert(
         "MoEExpertSkewHigh",
-        "moe_watch_expert_skew_ratio > {t}",
-        0.5,
+        "moe_watch_expert_skew_ratio > $t",
+        "expert_skew",
         "10m",
-        "page",
-        "Expert load skewed > 50 % in one layer",
-        'Layer {{ $labels.layer }} of {{ $labels.engine }} routes {{ $value | printf "%.2f" }} above the mean to expert {{ $labels.expert }} (max/mean - 1).',
-        f'moe_watch_expert_skew_ratio{{{ENGINE},layer="3",expert="5"}}',
-        _v(0.55),
-        _v(0.45),
+        "critical",
+        "Expert load skewed > 50 % in one MoE layer",
+        'Layer {{ $labels.layer }} of {{ $labels.engine }}: its hottest expert gets {{ $value | printf "%.2f" }} above the mean (max/mean - 1); now expert '
+        + HOTTEST_EXPERT
+        + ".",
+        f'moe_watch_expert_skew_ratio{{{ENGINE},layer="3"}}',
+        extra_series=_hot_layer("3", "5"),
+        hottest="5",
+        annotations=(("hottest_expert", HOTTEST_EXPERT),),
     ),
     Alert(
         "MoEExpertCollapse",
-        "moe_watch_expert_max_token_share > {t}",
-        0.4,
+        "moe_watch_expert_max_token_share > $t",
+        "expert_collapse_share",
         "5m",
-        "page",
+        "critical",
         "Expert collapse: one expert takes > 40 % of a layer's tokens",
-        'Expert {{ $labels.expert }} of layer {{ $labels.layer }} on {{ $labels.engine }} sees {{ $value | printf "%.2f" }} of the layer\'s tokens.',
-        f'moe_watch_expert_max_token_share{{{ENGINE},layer="17",expert="2"}}',
-        _v(0.45),
-        _v(0.38),
+        'Layer {{ $labels.layer }} of {{ $labels.engine }}: {{ $value | printf "%.2f" }} of its tokens visit one expert, now expert '
+        + HOTTEST_EXPERT
+        + ".",
+        f'moe_watch_expert_max_token_share{{{ENGINE},layer="17"}}',
+        extra_series=_hot_layer("17", "2"),
+        hottest="2",
+        annotations=(("hottest_expert", HOTTEST_EXPERT),),
     ),
     Alert(
         "MoEHotEPRank",
-        "moe_watch_expert_rank_load_ratio > {t}",
-        1.5,
+        "moe_watch_expert_rank_load_ratio > $t",
+        "ep_rank_load",
         "10m",
         "warning",
         "One expert-parallel rank carries far more tokens than the others",
         'EP rank {{ $labels.rank }} of {{ $labels.engine }} carries {{ $value | printf "%.2f" }}x the mean rank load.',
         f'moe_watch_expert_rank_load_ratio{{{ENGINE},rank="1"}}',
-        _v(1.6),
-        _v(1.4),
+    ),
+    Alert(
+        "MoEExpertDataMissing",
+        "moe_watch_expert_layers_observed == 0 and on($by) (sum by ($by) (moe_watch_generation_tokens_per_second) > 0)",
+        "",
+        "10m",
+        "warning",
+        "An MoE engine generates tokens but moe-watch sees no expert load",
+        "{{ $labels.engine }} is serving, yet its expert counts show no routed token in the window: the plugin is not installed or not writing, or the counts directory is not mounted.",
+        f"moe_watch_expert_layers_observed{{{ENGINE}}}",
+        fire="0x60",
+        quiet="32x60",
+        extra_series=(
+            (f'moe_watch_generation_tokens_per_second{{{ENGINE},model="mixtral"}}', "100x60"),
+        ),
+        value_at_eval=0,
     ),
     Alert(
         "MoEGPUUtilizationSpread",
-        "moe_watch_engine_gpu_utilization_spread_ratio > {t}",
-        0.5,
+        "moe_watch_engine_gpu_utilization_spread_ratio > $t",
+        "gpu_utilization_spread",
         "10m",
         "warning",
         "GPUs of one engine are unevenly busy (hot expert signature)",
         '{{ $labels.engine }}: max - min GPU utilization is {{ $value | printf "%.2f" }} (e.g. 95 % vs 30 %).',
         f"moe_watch_engine_gpu_utilization_spread_ratio{{{ENGINE}}}",
-        _v(0.6),
-        _v(0.45),
     ),
     Alert(
         "MoEVRAMHigh",
-        "moe_watch_gpu_memory_used_ratio > {t}",
-        0.95,
+        "moe_watch_gpu_memory_used_ratio > $t",
+        "vram_used",
         "5m",
-        "page",
+        "critical",
         "GPU memory above 95 %",
         'GPU {{ $labels.gpu }} ({{ $labels.engine }}) uses {{ $value | printf "%.3f" }} of its memory: no room for KV-cache spikes.',
         f'moe_watch_gpu_memory_used_ratio{{{ENGINE},gpu="0"}}',
-        _v(0.96),
-        _v(0.94),
     ),
     Alert(
         "MoEKVCacheCritical",
-        "moe_watch_kv_cache_usage_ratio > {t}",
-        0.95,
+        "moe_watch_kv_cache_usage_ratio > $t",
+        "kv_cache_usage",
         "2m",
-        "page",
+        "critical",
         "KV cache above 95 %: requests are preempted or rejected",
         '{{ $labels.engine }} ({{ $labels.model }}) KV cache at {{ $value | printf "%.3f" }}.',
         f'moe_watch_kv_cache_usage_ratio{{{ENGINE},model="mixtral"}}',
-        _v(0.97),
-        _v(0.94),
     ),
     Alert(
         "MoEKVCacheHitRatioLow",
-        "moe_watch_kv_cache_hit_ratio < {t}",
-        0.2,
+        "moe_watch_kv_cache_hit_ratio < $t",
+        "kv_cache_hit_ratio_low",
         "30m",
         "warning",
         "Prefix-cache hit ratio below 20 %",
         '{{ $labels.engine }} ({{ $labels.model }}) prefix-cache hit ratio {{ $value | printf "%.2f" }} over the window.',
         f'moe_watch_kv_cache_hit_ratio{{{ENGINE},model="mixtral"}}',
-        _v(0.15),
-        _v(0.25),
+        op="<",
+    ),
+    Alert(
+        "MoEPreemptionsSustained",
+        "moe_watch_preemptions_per_second > $t",
+        "preemptions_per_second",
+        "15m",
+        "warning",
+        "An engine keeps preempting requests (KV-cache pressure)",
+        '{{ $labels.engine }} ({{ $labels.model }}) preempts {{ $value | printf "%.2f" }} requests/s, in every window for 15 minutes: running requests lose their KV cache and are recomputed.',
+        f'moe_watch_preemptions_per_second{{{ENGINE},model="mixtral"}}',
+        fire="0.5x60",
+        quiet="0.5x5 0x55",
     ),
     Alert(
         "MoEGPUUtilizationLow",
-        "moe_watch_gpu_utilization_ratio < {t}",
-        0.6,
+        "moe_watch_gpu_utilization_ratio < $t",
+        "gpu_utilization_low",
         "30m",
         "info",
         "GPU utilization below 60 % for 30 minutes",
         'GPU {{ $labels.gpu }} ({{ $labels.engine }}) at {{ $value | printf "%.2f" }} utilization: over-provisioned or starved.',
         f'moe_watch_gpu_utilization_ratio{{{ENGINE},gpu="1"}}',
-        _v(0.5),
-        _v(0.65),
+        op="<",
     ),
     Alert(
         "MoEGPUUtilizationSaturated",
-        "moe_watch_gpu_utilization_ratio > {t}",
-        0.98,
+        "moe_watch_gpu_utilization_ratio > $t",
+        "gpu_utilization_high",
         "15m",
         "warning",
         "GPU utilization above 98 % for 15 minutes",
         'GPU {{ $labels.gpu }} ({{ $labels.engine }}) at {{ $value | printf "%.3f" }} utilization: no headroom left.',
         f'moe_watch_gpu_utilization_ratio{{{ENGINE},gpu="0"}}',
-        _v(0.99),
-        _v(0.97),
     ),
     Alert(
         "MoEThroughputBelowBaseline",
-        "moe_watch_generation_tokens_per_second < {t} * avg_over_time(moe_watch_generation_tokens_per_second[1d])",
-        0.8,
+        "moe_watch_generation_tokens_per_second < $t * avg_over_time(moe_watch_generation_tokens_per_second[1d])",
+        "throughput_vs_baseline",
         "30m",
         "warning",
         "Generated tokens/s 20 % below the engine's own daily baseline",
         '{{ $labels.engine }} ({{ $labels.model }}) generates {{ $value | printf "%.0f" }} tokens/s, below 80 % of its 1-day average.',
         f'moe_watch_generation_tokens_per_second{{{ENGINE},model="mixtral"}}',
-        "100x240 60x60",
-        "100x240 90x60",
+        fire="100x240 60x60",
+        quiet="100x240 90x60",
         eval_minutes=290,
     ),
     Alert(
         "MoEP95LatencyHigh",
-        'moe_watch_latency_seconds{{kind="e2e",quantile="0.95"}} > {t}',
-        30,
+        'moe_watch_latency_seconds{kind="e2e",quantile="0.95"} > $t',
+        "e2e_p95_seconds",
         "5m",
         "warning",
         "P95 end-to-end latency above 30 s",
         '{{ $labels.engine }} ({{ $labels.model }}) P95 e2e latency is {{ $value | printf "%.1f" }} s.',
         f'moe_watch_latency_seconds{{{ENGINE},model="mixtral",kind="e2e",quantile="0.95"}}',
-        _v(35),
-        _v(28),
+    ),
+    Alert(
+        "MoETTFTP95High",
+        'moe_watch_latency_seconds{kind="ttft",quantile="0.95"} > $t',
+        "ttft_p95_seconds",
+        "10m",
+        "warning",
+        "P95 time to first token above 10 s",
+        '{{ $labels.engine }} ({{ $labels.model }}) P95 time to first token is {{ $value | printf "%.1f" }} s: prefill or the queue is slow.',
+        f'moe_watch_latency_seconds{{{ENGINE},model="mixtral",kind="ttft",quantile="0.95"}}',
+    ),
+    Alert(
+        "MoEITLP95High",
+        'moe_watch_latency_seconds{kind="itl",quantile="0.95"} > $t',
+        "itl_p95_seconds",
+        "10m",
+        "warning",
+        "P95 inter-token latency above 200 ms",
+        '{{ $labels.engine }} ({{ $labels.model }}) P95 inter-token latency is {{ $value | printf "%.3f" }} s: decode steps are slow (batch size, hot experts, preemption).',
+        f'moe_watch_latency_seconds{{{ENGINE},model="mixtral",kind="itl",quantile="0.95"}}',
     ),
     Alert(
         "MoEQueueLong",
-        "moe_watch_requests_waiting > {t}",
-        100,
+        "moe_watch_requests_waiting > $t",
+        "requests_waiting",
         "5m",
         "warning",
         "More than 100 requests waiting: scale out",
         '{{ $labels.engine }} ({{ $labels.model }}) has {{ $value | printf "%.0f" }} requests waiting.',
         f'moe_watch_requests_waiting{{{ENGINE},model="mixtral"}}',
-        _v(150),
-        _v(90),
     ),
     Alert(
         "MoEConfigDrift",
-        "moe_watch_config_drift == {t}",
-        1,
+        "moe_watch_config_drift == 1",
+        "",
         "15m",
         "warning",
         "An engine runs with a setting that breaks its plan or an MoE rule",
         "{{ $labels.engine }} drifted on {{ $labels.setting }}: see moe_watch_config_drift_info and /status for running vs expected.",
         f'moe_watch_config_drift{{{ENGINE},setting="gpu_memory_utilization"}}',
-        _v(1),
-        _v(0),
+        fire=_v(1),
+        quiet=_v(0),
     ),
     Alert(
         "MoEAboveSizedBudget",
-        "moe_watch_budget_used_ratio > {t}",
-        1,
+        "moe_watch_budget_used_ratio > $t",
+        "budget_used",
         "10m",
         "warning",
         "GPU memory above the engine's sized per-GPU budget",
         'GPU {{ $labels.gpu }} of {{ $labels.engine }} uses {{ $value | printf "%.2f" }}x its plan\'s per-GPU budget (moe-watch size).',
         f'moe_watch_budget_used_ratio{{{ENGINE},gpu="0"}}',
-        _v(1.05),
-        _v(0.98),
     ),
     Alert(
         "MoETargetDown",
-        "moe_watch_target_up == {t}",
-        0,
+        "moe_watch_target_up == 0",
+        "",
         "3m",
         "warning",
         "moe-watch cannot scrape a serving engine",
         "The agent's last scrapes of {{ $labels.engine }} failed: see moe_watch_collect_errors_total and /status.",
         f"moe_watch_target_up{{{ENGINE}}}",
-        _v(0),
-        _v(1),
+        fire=_v(0),
+        quiet=_v(1),
     ),
     Alert(
         "MoEWatchDown",
-        'up{{job=~".*moe-watch.*"}} == {t}',
-        0,
+        "up{$job} == 0",
+        "",
         "5m",
-        "warning",
-        "Prometheus cannot scrape a moe-watch agent",
-        "{{ $labels.instance }} is down: this node's GPUs and engines are unwatched.",
-        'up{job="moe-watch",instance="10.0.0.5:9400"}',
-        _v(0),
-        _v(1),
+        "critical",
+        "Prometheus cannot scrape a moe-watch agent: a GPU node is unwatched",
+        "{{ $labels.instance }} (node {{ $labels.node }}) is down: hot experts, lost GPUs and full KV caches on this node will not page.",
+        'up{$job,instance="10.0.0.5:9400",node="gpu-node-a"}',
+        fire=_v(0),
+        quiet=_v(1),
     ),
     Alert(
         "MoEWatchAbsent",
-        'absent(up{{job="moe-watch"}}) == {t}',
-        1,
+        "absent(up{$job}) == 1",
+        "",
         "10m",
-        "warning",
+        "critical",
         "No moe-watch agent is scraped at all",
         "Prometheus has no up series for job {{ $labels.job }}: the DaemonSet is gone or its ServiceMonitor no longer matches.",
         'up{job="node-exporter",instance="10.0.0.5:9100"}',
-        _v(1),
-        "",
-        alert_labels=(("job", "moe-watch"),),
+        fire=_v(1),
+        quiet="",
+        absent=True,
     ),
     Alert(
         "MoEWatchStale",
-        "time() - moe_watch_last_success_timestamp_seconds > {t}",
-        120,
+        "time() - moe_watch_last_success_timestamp_seconds > $t",
+        "source_stale_seconds",
         "5m",
         "warning",
         "A moe-watch source has not succeeded for over 2 minutes",
         'Source {{ $labels.source }} last succeeded {{ $value | printf "%.0f" }} s ago.',
         'moe_watch_last_success_timestamp_seconds{source="nvml"}',
-        "0x60",
-        "0+60x60",
+        fire="0x60",
+        quiet="0+60x60",
         eval_minutes=10,
         value_at_eval=600,
     ),
     Alert(
         "MoEGPULost",
-        "moe_watch_gpu_up == {t}",
-        0,
+        "moe_watch_gpu_up == 0",
+        "",
         "1m",
-        "page",
+        "critical",
         "A GPU fell off the bus",
         "NVML reports GPU {{ $labels.gpu }} ({{ $labels.engine }}) lost: the engine on it is degraded or down.",
         f'moe_watch_gpu_up{{{ENGINE},gpu="1"}}',
-        _v(0),
-        _v(1),
+        fire=_v(0),
+        quiet=_v(1),
     ),
     Alert(
         "MoEGPUXidErrors",
-        "increase(moe_watch_gpu_xid_errors_total[15m]) > {t}",
-        0,
+        # A new (gpu, xid) series starts at its first count: increase() sees nothing there, so a
+        # series that did not exist 15 minutes ago and is above 0 fires too.
+        "increase(moe_watch_gpu_xid_errors_total[15m]) > 0"
+        " or (moe_watch_gpu_xid_errors_total unless moe_watch_gpu_xid_errors_total offset 15m) > 0",
+        "",
         "0m",
         "warning",
         "GPU Xid errors",
         'GPU {{ $labels.gpu }} reported Xid {{ $labels.xid }} ({{ $value | printf "%.0f" }} in 15 minutes).',
         'moe_watch_gpu_xid_errors_total{gpu="0",xid="79"}',
-        "0x5 1x55",
-        "0x60",
-        eval_minutes=8,
+        fire="0x5 1x55",
+        quiet="3x60",  # an old count that does not grow
+        eval_minutes=20,
     ),
 )
 
-# Autoscale signals (design.md) as recording rules KEDA/HPA can read: 1 = scale, 0 = hold.
+# Autoscale signals (design.md) as recording rules KEDA/HPA can read: 1 = scale, 0 = hold. Each
+# condition is its own labelled arm so `max` sees them all: `A > bool x or B > bool y` keeps A
+# alone, because A has a 0/1 value for every engine.
 RECORDING: tuple[tuple[str, str], ...] = (
-    ("moe_watch:engine_gpu_utilization:avg", "avg by (engine) (moe_watch_gpu_utilization_ratio)"),
+    ("moe_watch:engine_gpu_utilization:avg", "avg by ($by) (moe_watch_gpu_utilization_ratio)"),
     ("moe_watch:autoscale_up:bool",
-     '(max by (engine) (moe_watch_requests_waiting) > bool 10)'
-     ' or on(engine) (max by (engine) (moe_watch_latency_seconds{kind="e2e",quantile="0.95"}) > bool 2)'
-     " or on(engine) (min_over_time(moe_watch:engine_gpu_utilization:avg[5m]) > bool 0.9)"),
-    ("moe_watch:autoscale_down:bool", "max_over_time(moe_watch:engine_gpu_utilization:avg[15m]) < bool 0.3"),
+     "max by ($by) ("
+     'label_replace(max by ($by) (moe_watch_requests_waiting) > bool $autoscale_up_waiting, "signal", "queue", "", "")'
+     ' or label_replace(max by ($by) (moe_watch_latency_seconds{kind="e2e",quantile="0.95"}) > bool $autoscale_up_p95_seconds, "signal", "p95", "", "")'
+     ' or label_replace(min_over_time(moe_watch:engine_gpu_utilization:avg[5m]) > bool $autoscale_up_gpu_utilization, "signal", "gpu", "", "")'
+     ")"),
+    ("moe_watch:autoscale_down:bool",
+     "max_over_time(moe_watch:engine_gpu_utilization:avg[15m]) < bool $autoscale_down_gpu_utilization"),
 )  # fmt: skip
 
 
-def rule_groups(for_override: str | None = None, interval: str = "30s") -> dict[str, Any]:
-    """The rule file as a dict. ``for_override`` shortens every `for:` (end-to-end tests only)."""
-    alerts = []
-    for alert in ALERTS:
-        alerts.append(
-            {
-                "alert": alert.name,
-                "expr": alert.expr.format(t=f"{alert.threshold:g}"),
-                "for": for_override or alert.for_,
-                "labels": {"severity": alert.severity},
-                "annotations": {
-                    "summary": alert.summary,
-                    "description": alert.description,
-                    "runbook_url": alert.runbook_url,
-                },
-            }
-        )
+def _expr(template: str, config: RulesConfig, threshold: str = "") -> str:
+    limits = config.limits
+    expr = template.replace("$job", config.job_selector).replace(
+        "$by", f"{config.cluster_label}, engine"
+    )
+    if threshold:
+        expr = expr.replace("$t", f"{getattr(limits, threshold):g}")
+    return re.sub(r"\$([a-z_0-9]+)", lambda m: f"{getattr(limits, m[1]):g}", expr)
+
+
+def _runbook(alert: Alert, config: RulesConfig) -> str:
+    return f"{config.runbook_base_url}#{alert.name.lower()}"
+
+
+def rule_groups(
+    config: RulesConfig | None = None,
+    *,
+    for_override: str | None = None,
+    interval: str | None = None,
+) -> dict[str, Any]:
+    """The rule file as a dict. ``for_override`` and ``interval`` shorten every `for:` and the
+    evaluation interval (end-to-end tests only)."""
+    config = config or RulesConfig()
+    if interval is not None:
+        config = config.model_copy(update={"interval": interval})
+    alerts = [
+        {
+            "alert": alert.name,
+            "expr": _expr(alert.expr, config, alert.threshold),
+            "for": for_override or config.for_(alert),
+            "labels": {"severity": config.severity(alert), **config.additional_labels},
+            "annotations": {
+                "summary": alert.summary,
+                "description": alert.description,
+                "runbook_url": _runbook(alert, config),
+                **dict(alert.annotations),
+            },
+        }
+        for alert in ALERTS
+        if config.enabled(alert)
+    ]
     return {
         "groups": [
             {
                 "name": "moe-watch.recording",
-                "interval": interval,
-                "rules": [{"record": r, "expr": e} for r, e in RECORDING],
+                "interval": config.interval,
+                "rules": [{"record": r, "expr": _expr(e, config)} for r, e in RECORDING],
             },
-            {"name": "moe-watch.alerts", "interval": interval, "rules": alerts},
+            {"name": "moe-watch.alerts", "interval": config.interval, "rules": alerts},
         ]
     }
 
 
-def promtool_tests() -> dict[str, Any]:
-    tests = []
-    for alert in ALERTS:
-        fire_labels = _labels(alert.series)
-        quiet_series = _with_label(alert.series, "case", "quiet")
-        minutes = alert.eval_minutes or _minutes(alert.for_) + 2
-        exp = dict(alert.alert_labels) if alert.alert_labels is not None else dict(fire_labels)
-        exp["severity"] = alert.severity
-        exp.pop("__name__", None)
-        value = alert.value_at_eval
-        if value is None:
-            value = float(alert.fire.split()[-1].split("x")[0].split("+")[0])
+def _fire_and_quiet(alert: Alert, config: RulesConfig) -> tuple[str, str]:
+    if alert.fire is not None and alert.quiet is not None:
+        return alert.fire, alert.quiet
+    t = getattr(config.limits, alert.threshold)
+    step = max(abs(t) * 0.1, 0.01)
+    above, below = _v(round(t + step, 6)), _v(round(t - step, 6))
+    return (above, below) if alert.op == ">" else (below, above)
+
+
+def _job_labels(config: RulesConfig) -> str:
+    """A label set the job selector matches (its equality matchers; a regex gets 'moe-watch')."""
+    matchers = re.findall(r'(\w+)="([^"]*)"', config.job_selector)
+    return ",".join(f'{k}="{v}"' for k, v in matchers) or 'job="moe-watch"'
+
+
+def _alert_test(alert: Alert, config: RulesConfig) -> dict[str, Any]:
+    fire, quiet = _fire_and_quiet(alert, config)
+    alert = replace(alert, series=alert.series.replace("$job", _job_labels(config)))
+    fire_labels = _labels(alert.series)
+    minutes = alert.eval_minutes or _minutes(config.for_(alert)) + 2
+    exp = (
+        dict(re.findall(r'(\w+)="([^"]*)"', config.job_selector))
+        if alert.absent
+        else dict(fire_labels)
+    )
+    exp["severity"] = config.severity(alert)
+    exp |= config.additional_labels
+    exp.pop("__name__", None)
+    value = alert.value_at_eval
+    if value is None:
+        value = float(fire.split()[-1].split("x")[0].split("+")[0])
+    annotations = {
+        "summary": alert.summary,
+        "description": expand(alert.description, exp, value, alert.hottest),
+        "runbook_url": _runbook(alert, config),
+    } | {k: expand(v, exp, value, alert.hottest) for k, v in alert.annotations}
+    return {
+        "interval": "1m",
+        "input_series": [
+            {"series": alert.series, "values": fire},
+            *(
+                [{"series": _with_label(alert.series, "case", "quiet"), "values": quiet}]
+                if quiet
+                else []
+            ),
+            *({"series": s, "values": v} for s, v in alert.extra_series),
+        ],
+        "alert_rule_test": [
+            {
+                "eval_time": f"{minutes}m",
+                "alertname": alert.name,
+                "exp_alerts": [{"exp_labels": exp, "exp_annotations": annotations}],
+            },
+        ],
+    }
+
+
+def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
+    """One test for each way these rules once failed to page (docs/alerts.md, "Defects")."""
+    by_name = {a.name: a for a in ALERTS}
+    skew_alert, xid_alert = by_name["MoEExpertSkewHigh"], by_name["MoEGPUXidErrors"]
+    skew = {"engine": "mixtral-0", "layer": "3", "severity": config.severity(skew_alert)}
+    skew |= config.additional_labels
+    xid = {"gpu": "2", "xid": "48", "severity": config.severity(xid_alert)}
+    xid |= config.additional_labels
+
+    def expected(
+        alert: Alert, labels: dict[str, str], value: float, hottest: str = ""
+    ) -> dict[str, Any]:
         annotations = {
             "summary": alert.summary,
-            "description": expand(alert.description, exp, value),
-            "runbook_url": alert.runbook_url,
-        }
-        tests.append(
-            {
-                "interval": "1m",
-                "input_series": [
-                    {"series": alert.series, "values": alert.fire},
-                    *([{"series": quiet_series, "values": alert.quiet}] if alert.quiet else []),
-                ],
-                "alert_rule_test": [
-                    {
-                        "eval_time": f"{minutes}m",
-                        "alertname": alert.name,
-                        "exp_alerts": [{"exp_labels": exp, "exp_annotations": annotations}],
-                    },
-                ],
-            }
+            "description": expand(alert.description, labels, value, hottest),
+            "runbook_url": _runbook(alert, config),
+        } | {k: expand(v, labels, value, hottest) for k, v in alert.annotations}
+        return {"exp_labels": labels, "exp_annotations": annotations}
+
+    flipping = " ".join(["5x3", "2x3"] * 6)  # the hottest expert alternates every 4 minutes
+    tests: list[dict[str, Any]] = [
+        {  # The hottest expert alternates while the layer stays skewed: one alert, `for:` intact.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'moe_watch_expert_skew_ratio{engine="mixtral-0",layer="3"}', "values": "0.8x48"},
+                {"series": 'moe_watch_expert_load_rank_expert_id{engine="mixtral-0",layer="3",load_rank="1"}', "values": flipping},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "12m", "alertname": "MoEExpertSkewHigh", "exp_alerts": [expected(skew_alert, skew, 0.8, "2")]},
+                {"eval_time": "40m", "alertname": "MoEExpertSkewHigh", "exp_alerts": [expected(skew_alert, skew, 0.8, "5")]},
+            ],
+        },
+        {  # A GPU's first Xid: a new series that starts at 1 (no sample before it).
+            "interval": "1m",
+            "input_series": [
+                {"series": 'moe_watch_gpu_xid_errors_total{gpu="2",xid="48"}', "values": "_x10 1x20"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "9m", "alertname": "MoEGPUXidErrors", "exp_alerts": []},
+                {"eval_time": "12m", "alertname": "MoEGPUXidErrors", "exp_alerts": [expected(xid_alert, xid, 1)]},
+                {"eval_time": "30m", "alertname": "MoEGPUXidErrors", "exp_alerts": []},
+            ],
+        },
+        {  # Autoscale up on a short queue but a high P95, and on hot GPUs; hold when all is calm.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'moe_watch_requests_waiting{engine="slow",model="m"}', "values": "2x20"},
+                {"series": 'moe_watch_latency_seconds{engine="slow",model="m",kind="e2e",quantile="0.95"}', "values": "5x20"},
+                {"series": 'moe_watch_gpu_utilization_ratio{engine="slow",gpu="0"}', "values": "0.5x20"},
+                {"series": 'moe_watch_requests_waiting{engine="hot",model="m"}', "values": "0x20"},
+                {"series": 'moe_watch_latency_seconds{engine="hot",model="m",kind="e2e",quantile="0.95"}', "values": "1x20"},
+                {"series": 'moe_watch_gpu_utilization_ratio{engine="hot",gpu="0"}', "values": "0.95x20"},
+                {"series": 'moe_watch_requests_waiting{engine="calm",model="m"}', "values": "1x20"},
+                {"series": 'moe_watch_latency_seconds{engine="calm",model="m",kind="e2e",quantile="0.95"}', "values": "1x20"},
+                {"series": 'moe_watch_gpu_utilization_ratio{engine="calm",gpu="0"}', "values": "0.5x20"},
+            ],
+            "promql_expr_test": [
+                {"expr": "moe_watch:autoscale_up:bool", "eval_time": "10m", "exp_samples": [
+                    {"labels": 'moe_watch:autoscale_up:bool{engine="calm"}', "value": 0},
+                    {"labels": 'moe_watch:autoscale_up:bool{engine="hot"}', "value": 1},
+                    {"labels": 'moe_watch:autoscale_up:bool{engine="slow"}', "value": 1},
+                ]},
+            ],
+        },
+    ]  # fmt: skip
+    return tests
+
+
+def promtool_tests(config: RulesConfig | None = None) -> dict[str, Any]:
+    config = config or RulesConfig()
+    tests = [_alert_test(alert, config) for alert in ALERTS if config.enabled(alert)]
+    tests += (
+        _defect_tests(config)
+        if all(
+            config.enabled(a) for a in ALERTS if a.name in ("MoEExpertSkewHigh", "MoEGPUXidErrors")
         )
+        else []
+    )
     return {"rule_files": ["../moe-watch.rules.yml"], "evaluation_interval": "1m", "tests": tests}
 
 
-def operator_manifest() -> dict[str, Any]:
+def operator_manifest(config: RulesConfig | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": {
             "name": "moe-watch",
-            "namespace": "monitoring",
             "labels": {"app.kubernetes.io/name": "moe-watch", "release": "prometheus"},
         },
-        "spec": rule_groups(),
+        "spec": rule_groups(config),
     }
 
 
@@ -398,24 +650,63 @@ def render(data: dict[str, Any], header: str) -> str:
     return f"# {header}\n# Generated by `moe-watch rules` from moe_watch/rules.py: edit that, not this file.\n{body}"
 
 
-def generated_files() -> dict[Path, str]:
+def generated_files(config: RulesConfig | None = None) -> dict[Path, str]:
     return {
-        RULES_FILE: render(rule_groups(), "moe-watch recording and alerting rules"),
+        RULES_FILE: render(rule_groups(config), "moe-watch recording and alerting rules"),
         TESTS_FILE: render(
-            promtool_tests(),
+            promtool_tests(config),
             "promtool unit tests: `promtool test rules alerts/tests/moe-watch.rules.test.yml`",
         ),
-        OPERATOR_FILE: render(operator_manifest(), "moe-watch rules for the Prometheus Operator"),
+        OPERATOR_FILE: render(
+            operator_manifest(config), "moe-watch rules for the Prometheus Operator"
+        ),
     }
 
 
-def write_all(root: Path) -> list[Path]:
-    return write_generated(root, generated_files())
+def write_all(root: Path, config: RulesConfig | None = None) -> list[Path]:
+    return write_generated(root, generated_files(config))
 
 
-def expand(template: str, labels: dict[str, str], value: float) -> str:
+def load_config(path: Path | None, assignments: list[str]) -> RulesConfig:
+    """A RulesConfig from a YAML file and `KEY.SUB=VALUE` assignments (later ones win).
+
+    Raises ValueError with one line naming the bad key or value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read rules config {path}: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"rules config {path} must be a mapping")
+        data = loaded or {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key:
+            raise ValueError(
+                f"--set {assignment!r}: expected KEY=VALUE (e.g. thresholds.expert_skew=0.6)"
+            )
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {assignment!r}: {part} is not a mapping")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    try:
+        return RulesConfig.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"] if part != "[key]")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ValueError(f"invalid rules config: {where}: {message}") from None
+
+
+def expand(template: str, labels: dict[str, str], value: float, hottest: str = "") -> str:
     """What Prometheus' template engine makes of our (small) annotation language."""
-    text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m[1], ""), template)
+    text = template.replace(HOTTEST_EXPERT, hottest or "unknown")
+    text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m[1], ""), text)
     return re.sub(r'\{\{ \$value \| printf "(%[.0-9]*f)" \}\}', lambda m: m[1] % value, text)
 
 
@@ -433,9 +724,4 @@ def _with_label(series: str, key: str, value: str) -> str:
 
 def _minutes(duration: str) -> int:
     number, unit = int(duration[:-1]), duration[-1]
-    return number * {"m": 1, "h": 60}[unit]
-
-
-def with_thresholds(**thresholds: float) -> tuple[Alert, ...]:
-    """ALERTS with some thresholds replaced (for site-specific generation)."""
-    return tuple(replace(a, threshold=thresholds.get(a.name, a.threshold)) for a in ALERTS)
+    return number * {"s": 0, "m": 1, "h": 60}[unit] + (1 if unit == "s" and number else 0)

@@ -63,6 +63,8 @@ class Snapshot:
     # Settings engines publish about themselves (vLLM cache_config_info, ...), by engine.
     engine_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     experts: tuple[EngineExperts, ...] = ()
+    # Engines with an expert-count source configured (exported even while it yields nothing).
+    expert_engines: tuple[str, ...] = ()
     # vLLM EPLB balancedness from its log, by (engine, model).
     eplb_balancedness: Mapping[tuple[str, str], float] = field(default_factory=dict)
     # Per-GPU memory budget of each engine's plan, bytes; and drift findings by engine.

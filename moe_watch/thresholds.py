@@ -45,11 +45,11 @@ class Thresholds:
     # Drift rules (vLLM settings for MoE)
     gpu_memory_utilization_max: float = 0.95  # 0.95+ leaves no room for KV-cache spikes
     gpu_memory_utilization_large_moe: float = 0.80  # large MoE: 0.75-0.80
-    max_num_seqs_large_moe: int = 8  # large MoE: start at 4-8
+    max_num_seqs_large_moe: float = 8  # large MoE: start at 4-8 (a count)
 
     def replaced(self, overrides: dict[str, float]) -> Thresholds:
         """A copy with ``overrides`` applied; an unknown name or a non-number is a ValueError."""
-        known = {f.name: f.type for f in fields(self)}
+        known = {f.name for f in fields(self)}
         values: dict[str, float] = {}
         for name, value in overrides.items():
             if name not in known:
@@ -60,7 +60,7 @@ class Thresholds:
                 raise ValueError(f"threshold {name!r} must be a number, got {value!r}") from None
             if number != number or number in (float("inf"), float("-inf")):
                 raise ValueError(f"threshold {name!r} must be finite, got {value!r}")
-            values[name] = int(number) if known[name] == "int" else number
+            values[name] = number
         return replace(self, **values)
 
 

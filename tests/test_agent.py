@@ -299,3 +299,32 @@ async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
     assert len(ranked) == 3 * 2  # expert_top_n load ranks x 2 layers
     document = experts_document(snap)
     assert document["engines"][0]["counts_window"][0] == [40, 10, 10, 10, 10, 10, 5, 5]
+
+
+async def test_an_engine_with_an_expert_source_but_no_counts_exports_zero_layers_observed(
+    engine_stub: EngineStub, tmp_path: Path
+) -> None:
+    """The series MoEExpertDataMissing reads: 0 while the plugin writes nothing, then the layers."""
+    from moe_watch.expert_file import CountsFile, write_counts_file
+
+    target = {"name": "mixtral", "url": engine_stub.url, "experts": {"directory": str(tmp_path)}}
+    clock = Clock()
+    config = load_settings(None, targets=[target], nvml="off")
+    async with Agent(config, clock=clock) as agent:
+        first = await agent.run_cycle()
+        assert value(exposition(first), "moe_watch_expert_layers_observed", engine="mixtral") == 0
+
+        def write(count: int) -> None:
+            write_counts_file(
+                tmp_path / "rank-0.experts.json",
+                CountsFile(pid=1, started=1.0, updated=clock.now, model="m", top_k=1, num_experts=2,
+                           layers=[0, 1], counts=[[count, count], [count, 0]]),
+            )  # fmt: skip
+
+        write(1)
+        clock.now += 5
+        await agent.run_cycle()
+        write(5)
+        clock.now += 5
+        later = await agent.run_cycle()
+    assert value(exposition(later), "moe_watch_expert_layers_observed", engine="mixtral") == 2

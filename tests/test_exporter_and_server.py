@@ -251,8 +251,8 @@ def test_default_expert_export_for_a_deepseek_v3_engine_stays_under_700_series()
         for s in family.samples
     ]
     # per layer: skew, balancedness, max share + 4 load ranks x (share, expert id); 32 EP ranks;
-    # max skew and collapsed layers: 58 x 11 + 32 + 2 = 672 (docs/metrics.md, cardinality)
-    assert len(expert_series) == 58 * (3 + 2 * 4) + 32 + 2
+    # max skew, collapsed and observed layers: 58 x 11 + 32 + 3 = 673 (docs/metrics.md)
+    assert len(expert_series) == 58 * (3 + 2 * 4) + 32 + 3
     assert not any(s.name == "moe_watch_expert_tokens_total" for s in expert_series)
     ranks = [s for s in expert_series if s.name == "moe_watch_expert_rank_load_ratio"]
     assert len(ranks) == 32

@@ -7,9 +7,22 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
-from moe_watch.rules import ALERTS, RECORDING, RULES_FILE, TESTS_FILE, generated_files
+from moe_watch.cli import main
+from moe_watch.rules import (
+    ALERTS,
+    RECORDING,
+    RULES_FILE,
+    TESTS_FILE,
+    RulesConfig,
+    generated_files,
+    load_config,
+    promtool_tests,
+    render,
+    rule_groups,
+)
 from tests.test_exporter_and_server import deepseek_v3_snapshot, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +59,8 @@ def test_promtool_accepts_the_rules_and_every_alert_fires_at_threshold_and_not_b
     )
     assert unit.returncode == 0, unit.stdout + unit.stderr
     assert "SUCCESS" in unit.stdout
-    tested = re.findall(r"alertname: (\w+)", (ROOT / TESTS_FILE).read_text())
-    assert sorted(tested) == sorted(alert.name for alert in ALERTS)  # one test per alert
+    tested = set(re.findall(r"alertname: (\w+)", (ROOT / TESTS_FILE).read_text()))
+    assert tested == {alert.name for alert in ALERTS}  # every alert has a test
 
 
 def test_amtool_accepts_the_alertmanager_example() -> None:
@@ -68,7 +81,7 @@ def test_every_alert_has_a_runbook_section_and_a_complete_description() -> None:
         section = runbooks.split(f"## {alert.name}\n", 1)[1].split("\n## ", 1)[0]
         for heading in ("Meaning", "Confirm", "Act"):
             assert f"**{heading}**" in section, f"{alert.name}: runbook section lacks **{heading}**"
-        assert alert.severity in {"page", "warning", "info"}
+        assert alert.severity in {"critical", "warning", "info"}  # kube-prometheus-stack's names
         assert "{{ $labels." in alert.description or "{{ $value" in alert.description
 
 
@@ -85,3 +98,112 @@ def test_every_metric_the_rules_read_is_one_the_agent_exports() -> None:
     for expr in expressions:
         for name in re.findall(r"\b(moe_watch[:_][a-z_:]+)", expr):
             assert name in exported or name in recorded, f"{name} is not exported by the agent"
+
+
+def promtool_test(tmp_path: Path, groups: dict[str, object], tests: dict[str, object]) -> str:
+    """Run `promtool test rules` on a rule file and tests; return its output (rc 0 or not)."""
+    (tmp_path / "rules").mkdir(exist_ok=True)
+    (tmp_path / "moe-watch.rules.yml").write_text(render(groups, "test"))
+    (tmp_path / "rules" / "t.yml").write_text(render(tests, "test"))
+    run = subprocess.run(
+        [tool("promtool"), "test", "rules", "t.yml"],
+        cwd=tmp_path / "rules",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return ("SUCCESS " if run.returncode == 0 else "FAILED ") + run.stdout + run.stderr
+
+
+# The expressions these rules had before contract v1: each defect test must fail on them.
+OLD_EXPRESSIONS = {
+    "MoEGPUXidErrors": "increase(moe_watch_gpu_xid_errors_total[15m]) > 0",
+    "moe_watch:autoscale_up:bool": '(max by (engine) (moe_watch_requests_waiting) > bool 10) or on(engine) (max by (engine) (moe_watch_latency_seconds{kind="e2e",quantile="0.95"}) > bool 2) or on(engine) (min_over_time(moe_watch:engine_gpu_utilization:avg[5m]) > bool 0.9)',
+}
+
+
+def test_the_defect_tests_fail_on_the_expressions_the_rules_used_to_have(tmp_path: Path) -> None:
+    """First Xid from a missing sample, and autoscale on a short queue with a high P95: the
+    promtool tests pass on the shipped rules and fail on the old ones, so they can fail."""
+    defects = promtool_tests()
+    defects["tests"] = [
+        t for t in defects["tests"] if 'xid="48"' in str(t) or "promql_expr_test" in t
+    ]
+    assert len(defects["tests"]) == 2
+    assert promtool_test(tmp_path, rule_groups(), defects).startswith("SUCCESS")
+    old = rule_groups()
+    for group in old["groups"]:
+        for rule in group["rules"]:
+            name = rule.get("alert") or rule.get("record")
+            rule["expr"] = OLD_EXPRESSIONS.get(name, rule["expr"])
+    output = promtool_test(tmp_path, old, defects)
+    assert output.startswith("FAILED"), output
+    assert "MoEGPUXidErrors, time: 12m" in output  # the first Xid did not alert
+    assert "moe_watch:autoscale_up:bool" in output  # high P95 with a short queue held at 0
+
+
+def test_a_site_generates_rules_for_its_stack_without_editing_code(tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        [
+            "thresholds.expert_skew=0.65",
+            "alerts.MoEGPUUtilizationLow.enabled=false",
+            "alerts.MoEQueueLong.for=15m",
+            "alerts.MoEQueueLong.severity=critical",
+            'job_selector=job="gpu-agents"',
+            "cluster_label=k8s_cluster",
+            "runbook_base_url=https://wiki.example.com/moe",
+            "severity_names.critical=page",
+            "additional_labels.team=ml-infra",
+        ],
+    )
+    rules = {
+        r.get("alert") or r["record"]: r for g in rule_groups(config)["groups"] for r in g["rules"]
+    }
+    assert rules["MoEExpertSkewHigh"]["expr"] == "moe_watch_expert_skew_ratio > 0.65"
+    assert rules["MoEExpertSkewHigh"]["labels"] == {"severity": "page", "team": "ml-infra"}
+    assert (
+        rules["MoEExpertSkewHigh"]["annotations"]["runbook_url"]
+        == "https://wiki.example.com/moe#moeexpertskewhigh"
+    )
+    assert "MoEGPUUtilizationLow" not in rules
+    assert (rules["MoEQueueLong"]["for"], rules["MoEQueueLong"]["labels"]["severity"]) == (
+        "15m",
+        "page",
+    )
+    assert rules["MoEWatchDown"]["expr"] == 'up{job="gpu-agents"} == 0'
+    assert "by (k8s_cluster, engine)" in rules["moe_watch:autoscale_up:bool"]["expr"]
+    # the generated promtool tests follow the overrides and pass against the generated rules
+    output = promtool_test(tmp_path, rule_groups(config), promtool_tests(config))
+    assert output.startswith("SUCCESS"), output
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("thresholds.expert_skw=0.6", "unknown threshold 'expert_skw'"),
+        ("thresholds.expert_skew=high", "thresholds.expert_skew: Input should be a valid number"),
+        ("alerts.MoENope.enabled=false", "unknown alert(s) MoENope"),
+        ("alerts.MoEQueueLong.for=5 minutes", "alerts.MoEQueueLong.for: String should match"),
+        ("severity_names.fatal=p1", "severity_names.fatal: Input should be 'critical'"),
+        ("novalue", "expected KEY=VALUE"),
+    ],
+)
+def test_a_bad_override_is_one_clear_line(assignment: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [assignment])
+
+
+def test_rules_cli_prints_a_prometheusrule_with_overrides_and_exits_2_on_a_bad_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["rules", "--print", "prometheusrule", "--set", "thresholds.vram_used=0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "kind: PrometheusRule" in out
+    assert "moe_watch_gpu_memory_used_ratio > 0.9\n" in out
+    assert main(["rules", "--print", "rules", "--set", "thresholds.nope=1"]) == 2
+    assert "unknown threshold 'nope'" in capsys.readouterr().err
+
+
+def test_defaults_are_the_thresholds_module() -> None:
+    assert RulesConfig().limits.expert_skew == 0.5
