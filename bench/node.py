@@ -61,6 +61,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cycles", type=int, default=10_000)
     parser.add_argument("--scrapes", type=int, default=2_000)
+    parser.add_argument("--metrics-out", type=Path, help="also write the last /metrics body here")
     args = parser.parse_args()
     capture = read_capture("after-load")
     engines = [await EngineStub(capture).start() for _ in range(2)]
@@ -128,6 +129,8 @@ async def main() -> int:
         await runner.cleanup()
     for engine in engines:
         await engine.stop()
+    if args.metrics_out is not None:
+        args.metrics_out.write_bytes(body)  # tests run `promtool check metrics` on it
     series = sum(len(f.samples) for f in text_string_to_metric_families(body.decode()))
     q = statistics.quantiles(latencies, n=100)
     print("| measurement | value | reference / target |")
