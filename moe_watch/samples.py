@@ -150,3 +150,11 @@ class EplbBalance:
     engine: str
     balancedness: Mapping[str, float]
     lines_read: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """What /proc says about one GPU process: its pod, and the vLLM server command line above it."""
+
+    pod_uid: str | None = None
+    server_cmdline: tuple[str, ...] | None = None

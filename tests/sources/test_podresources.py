@@ -11,13 +11,13 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from moe_watch.k8s.podresources import (
+from moe_watch.sources.podresources import (
     DeviceOwner,
     PodResourcesError,
-    encode_response,
     gpu_owners,
     owners_from_response,
 )
+from tests.sources.podresources_wire import encode_response
 
 GPU0 = "GPU-00000000-0000-4000-8000-000000000000"
 GPU1 = "GPU-00000000-0000-4000-8000-000000000001"
