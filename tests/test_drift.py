@@ -10,6 +10,7 @@ import pytest
 from moe_watch.drift import Running, find_drift, running_from
 from moe_watch.sizing.plan import PlanError, PlanFile, VllmSettings, load_plan
 from moe_watch.sources.exposition import parse_engine_exposition
+from moe_watch.views import status_document
 from tests.conftest import read_capture
 
 VLLM_SERVE = [
@@ -180,4 +181,4 @@ async def test_the_agent_exports_budget_headroom_and_drift(tmp_path: Path) -> No
         == 1
     )
     assert value(m, "moe_watch_config_drift", engine="mixtral-0", setting="dtype") == 0
-    assert snap.to_status()["drift"]["mixtral-0"][0]["running"]
+    assert status_document(snap)["drift"]["mixtral-0"][0]["running"]
