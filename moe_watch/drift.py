@@ -11,7 +11,7 @@ GPU count differing from the plan. No plan: only the rules apply.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moe_watch.sizing.catalog import ModelSpec, UnknownModel, find_model
 from moe_watch.sizing.plan import PlanFile
@@ -19,7 +19,7 @@ from moe_watch.sizing.plan import PlanFile
 MAX_MODEL_LEN_FACTOR = 2.0  # "far above the plan"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Running:
     """What one engine runs with; None where it could not be observed."""
 
@@ -30,13 +30,11 @@ class Running:
     enable_prefix_caching: bool | None = None
     kv_cache_dtype: str | None = None
     dtype: str | None = None
-    tensor_parallel_size: int | None = None
     expert_parallel: bool | None = None
     gpus: int | None = None
-    extra: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Drift:
     setting: str
     running: str
@@ -65,8 +63,6 @@ def running_from(
         kv_cache_dtype=_kv_dtype(cache_config.get("cache_dtype"))
         or _kv_dtype(args.get("--kv-cache-dtype")),
         dtype=_dtype(args.get("--dtype")),
-        tensor_parallel_size=_int(args.get("--tensor-parallel-size") or args.get("-tp"))
-        or (1 if cmdline else None),
         expert_parallel=("--enable-expert-parallel" in args) if cmdline else None,
         gpus=gpus,
     )

@@ -149,7 +149,6 @@ class EplbBalance:
 
     engine: str
     balancedness: Mapping[str, float]
-    lines_read: int = 0
 
 
 @dataclass(frozen=True, slots=True)

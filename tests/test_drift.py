@@ -48,7 +48,6 @@ def test_real_cache_config_info_and_a_real_looking_command_line() -> None:
     assert running.max_num_seqs == 16
     assert running.kv_cache_dtype == "fp8"
     assert running.enable_prefix_caching is True  # the capture's enable_prefix_caching="True"
-    assert running.tensor_parallel_size == 8
     assert running.expert_parallel is False
     assert running.model == "mistralai/Mixtral-8x22B-Instruct-v0.1"
     found = settings(find_drift(running))

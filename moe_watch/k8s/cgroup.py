@@ -22,7 +22,7 @@ _CONTAINER = re.compile(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodRef:
     pod_uid: str
     container_id: str | None
