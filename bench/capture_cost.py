@@ -44,7 +44,9 @@ def median_us(fn: Callable[[], None], repeat: int = 3000) -> float:
 def main() -> int:
     import torch
 
-    from moe_watch.vllm_plugin.counter import ExpertCounter, Hook, Layout
+    from moe_watch.vllm_plugin.config_readers import Layout
+    from moe_watch.vllm_plugin.counter import ExpertCounter
+    from moe_watch.vllm_plugin.hooks import Hook
 
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, CPU tensors")

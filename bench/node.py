@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import random
 import statistics
@@ -34,12 +35,13 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from moe_watch.agent import Agent  # noqa: E402
 from moe_watch.config import load_settings  # noqa: E402
 from moe_watch.demo.fake_nvml import FakeNvml  # noqa: E402
+from moe_watch.demo.replay_server import ReplayServer  # noqa: E402
 from moe_watch.expert_file import CountsFile, write_counts_file  # noqa: E402
 from moe_watch.exporter import build_registry  # noqa: E402
 from moe_watch.server import make_app, start_server  # noqa: E402
 from moe_watch.service import freeze_startup_heap  # noqa: E402
-from tests.conftest import EngineStub, read_capture  # noqa: E402
 
+CAPTURES = ROOT / "tests" / "fixtures" / "vllm"  # data files only: no pytest needed
 LAYERS, EXPERTS, TOP_K = 58, 256, 8
 
 
@@ -63,8 +65,9 @@ async def main() -> int:
     parser.add_argument("--scrapes", type=int, default=2_000)
     parser.add_argument("--metrics-out", type=Path, help="also write the last /metrics body here")
     args = parser.parse_args()
-    capture = read_capture("after-load")
-    engines = [await EngineStub(capture).start() for _ in range(2)]
+    capture = (CAPTURES / "vllm-0.32-cpu-tiny-mixtral.after-load.prom").read_text()
+    models = json.loads((CAPTURES / "v1-models.json").read_text())
+    engines = [await ReplayServer(capture, models=models).start() for _ in range(2)]
     work = Path(tempfile.mkdtemp(prefix="moe-watch-bench-node-"))
     rng = random.Random(0)
     targets = []

@@ -1,4 +1,8 @@
-"""``moe-watch``: run | demo | check. Exit status 2 means a bad setting (one line says which)."""
+"""``moe-watch``: run | demo | size | rules | dashboards | check.
+
+``run`` the agent, ``demo`` it against a simulated engine and GPUs, ``size`` an MoE model for a
+GPU, write the generated ``rules`` and ``dashboards``, ``check`` a settings file. Exit status 2
+means a bad setting (one line says which)."""
 
 from __future__ import annotations
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -26,6 +27,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+if TYPE_CHECKING:
+    from moe_watch.sizing.plan import PlanFile
 
 ENGINE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*):(?P<port>\d{1,5})$")
@@ -73,14 +77,20 @@ class TargetConfig(BaseModel):
     # What the engine was sized for (docs/sizing.md): budget, headroom and drift against it.
     plan: Path | None = None
 
-    @field_validator("plan")
-    @classmethod
-    def _check_plan(cls, value: Path | None) -> Path | None:
-        if value is not None:
+    # The plan file, read once while validating (the agent sizes the budget from it).
+    _plan_file: PlanFile | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _load_plan(self) -> TargetConfig:
+        if self.plan is not None:
             from moe_watch.sizing.plan import load_plan
 
-            load_plan(value)  # PlanError (a ValueError) names the file and line
-        return value
+            self._plan_file = load_plan(self.plan)  # PlanError (a ValueError) names file and line
+        return self
+
+    @property
+    def plan_file(self) -> PlanFile | None:
+        return self._plan_file
 
     @field_validator("url")
     @classmethod

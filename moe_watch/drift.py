@@ -1,8 +1,8 @@
 """Configuration drift: the running engine against its plan and against the MoE rules (pure).
 
 Running values come from the engine's exposition (vLLM ``cache_config_info`` labels),
-``/v1/models`` (max_model_len) and its command line (found through the NVML PIDs of its GPUs and
-``/proc/<pid>/cmdline``). Rules (../shared/design.md): gpu_memory_utilization above 0.80 on a
+``/v1/models`` (max_model_len) and its command line (read by ``sources/proc.py`` for the NVML
+PIDs of its GPUs). Rules (../shared/design.md): gpu_memory_utilization above 0.80 on a
 large MoE or >= 0.95 anywhere; max_num_seqs above 8 on a large MoE; max_model_len far above the
 plan; prefix caching with an FP8 KV cache; expert parallelism off on a multi-GPU MoE; dtype or
 GPU count differing from the plan. No plan: only the rules apply.
@@ -10,9 +10,8 @@ GPU count differing from the plan. No plan: only the rules apply.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moe_watch.sizing.catalog import ModelSpec, UnknownModel, find_model
 from moe_watch.sizing.plan import PlanFile
@@ -20,7 +19,7 @@ from moe_watch.sizing.plan import PlanFile
 MAX_MODEL_LEN_FACTOR = 2.0  # "far above the plan"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Running:
     """What one engine runs with; None where it could not be observed."""
 
@@ -31,13 +30,11 @@ class Running:
     enable_prefix_caching: bool | None = None
     kv_cache_dtype: str | None = None
     dtype: str | None = None
-    tensor_parallel_size: int | None = None
     expert_parallel: bool | None = None
     gpus: int | None = None
-    extra: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Drift:
     setting: str
     running: str
@@ -66,8 +63,6 @@ def running_from(
         kv_cache_dtype=_kv_dtype(cache_config.get("cache_dtype"))
         or _kv_dtype(args.get("--kv-cache-dtype")),
         dtype=_dtype(args.get("--dtype")),
-        tensor_parallel_size=_int(args.get("--tensor-parallel-size") or args.get("-tp"))
-        or (1 if cmdline else None),
         expert_parallel=("--enable-expert-parallel" in args) if cmdline else None,
         gpus=gpus,
     )
@@ -196,47 +191,6 @@ def _spec_for(model: str | None) -> ModelSpec | None:
     return None
 
 
-def cmdline_from_proc(pids: Sequence[int], proc: str = "/proc", depth: int = 6) -> list[str] | None:
-    """The vLLM server command line for the processes on an engine's GPUs.
-
-    GPU processes are vLLM workers (multiprocessing children whose own command line is a spawn
-    stub), so walk up the parents to the first one that names vLLM with arguments.
-    """
-    for pid in pids:
-        current = pid
-        for _ in range(depth):
-            args = _read_cmdline(proc, current)
-            if (
-                args
-                and any("vllm" in a for a in args)
-                and any(a.startswith("--") or a == "serve" for a in args)
-            ):
-                return args
-            parent = _parent(proc, current)
-            if parent is None or parent <= 1:
-                break
-            current = parent
-    return None
-
-
-def _read_cmdline(proc: str, pid: int) -> list[str]:
-    try:
-        with open(f"{proc}/{pid}/cmdline", "rb") as stream:
-            raw = stream.read()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def _parent(proc: str, pid: int) -> int | None:
-    try:
-        with open(f"{proc}/{pid}/stat", encoding="utf-8", errors="replace") as stream:
-            stat = stream.read()
-        return int(stat.rsplit(")", 1)[1].split()[1])  # the comm field may hold spaces
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _float(value: str | None) -> float | None:
     try:
         return float(value) if value not in (None, "", "None") else None
@@ -262,7 +216,3 @@ def _kv_dtype(value: str | None) -> str | None:
 def _dtype(value: str | None) -> str | None:
     aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
     return aliases.get(value, value) if value and value != "auto" else None
-
-
-def shell(cmdline: str) -> list[str]:
-    return shlex.split(cmdline)

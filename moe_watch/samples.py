@@ -131,7 +131,7 @@ class ExpertCounts:
     counts: Matrix  # build with matrix()
     started: float = 0.0
     # Expert parallelism: the EP rank each logical expert lives on; empty = no placement known
-    # (contiguous blocks of num_experts / ep_size experts per rank are assumed).
+    # (vLLM's default linear placement is assumed: moe_watch/expert_placement.py).
     ep_size: int = 1
     placement: tuple[int, ...] = ()
     source: str = "plugin"  # plugin | sglang
@@ -149,4 +149,11 @@ class EplbBalance:
 
     engine: str
     balancedness: Mapping[str, float]
-    lines_read: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """What /proc says about one GPU process: its pod, and the vLLM server command line above it."""
+
+    pod_uid: str | None = None
+    server_cmdline: tuple[str, ...] | None = None

@@ -15,7 +15,8 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from moe_watch.exporter import build_registry
-from moe_watch.snapshot import Snapshot, experts_document
+from moe_watch.snapshot import Snapshot
+from moe_watch.views import experts_document, status_document
 from moe_watch.web_config import basic_auth_middleware
 
 log = structlog.get_logger("moe_watch.server")
@@ -58,7 +59,7 @@ def make_app(
 
     async def status(request: web.Request) -> web.Response:
         snapshot = get_snapshot()
-        payload = snapshot.to_status() if snapshot else {"ready": False}
+        payload = status_document(snapshot) if snapshot else {"ready": False}
         return web.json_response(payload, dumps=lambda obj: json.dumps(obj, indent=2))
 
     async def experts(request: web.Request) -> web.Response:
@@ -83,9 +84,8 @@ async def start_server(
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
-    server = site._server  # the bound port, when port 0 asked for any free one
-    sockets = getattr(server, "sockets", None) or []
-    bound_port = sockets[0].getsockname()[1] if sockets else port
+    addresses = runner.addresses  # the bound port, when port 0 asked for any free one
+    bound_port = int(addresses[0][1]) if addresses else port
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     if ":" in shown:
         shown = f"[{shown}]"

@@ -260,7 +260,7 @@ def recorder_csv(rows: list[list[int]]) -> str:
 async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
     engine_stub: EngineStub, tmp_path: Path
 ) -> None:
-    from moe_watch.snapshot import experts_document
+    from moe_watch.views import experts_document
 
     engine_stub.recorder_dir = tmp_path
     even = [[10] * 8, [10] * 8]

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from moe_watch.expert_file import CountsFile, read_counts_file
-from moe_watch.vllm_plugin.counter import placement
 from moe_watch.vllm_plugin.publisher import Publisher
 from tests.integration.vllm_env import torch_python
 
@@ -116,15 +115,6 @@ def test_moe_watch_plugin_0_switches_it_off(tmp_path: Path) -> None:
 
 
 # --- pure parts ------------------------------------------------------------------------------
-
-
-def test_placement_matches_vllms_linear_and_round_robin_maps() -> None:
-    assert placement(8, 1, "linear") == []
-    assert placement(8, 2, "linear") == [0, 0, 0, 0, 1, 1, 1, 1]
-    # vLLM gives the remainder to the first ranks (determine_expert_map)
-    assert placement(10, 4, "linear") == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
-    assert placement(10, 4, "round_robin") == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
-    assert len(placement(256, 8, "linear")) == 256
 
 
 def counts_file(value: int) -> CountsFile:

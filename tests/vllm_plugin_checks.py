@@ -28,14 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from moe_watch.expert_file import read_counts_file
-from moe_watch.vllm_plugin import counter as counter_module
-from moe_watch.vllm_plugin.counter import (
-    ExpertCounter,
-    Hook,
-    Layout,
-    find_hooks,
-    patch_worker_class,
-)
+from moe_watch.vllm_plugin import config_readers, logs
+from moe_watch.vllm_plugin.config_readers import Layout
+from moe_watch.vllm_plugin.counter import ExpertCounter
+from moe_watch.vllm_plugin.hooks import Hook, find_hooks
+from moe_watch.vllm_plugin.worker import patch_worker_class
 
 CHECKS: dict[str, Callable[[], None]] = {}
 
@@ -296,15 +293,15 @@ def an_unexpected_dp_layout_is_skipped_with_one_warning() -> None:
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    counter_module.log.addHandler(handler)
-    counter_module._warned.discard("layout")
+    logs.log.addHandler(handler)
+    logs._warned.discard("layout")
     try:
         counter, routers, _ = dp_counter([3, 2], dp_rank=1)
         counter.set_limit(2)
         routers[0].route(ids([[0, 1]] * 7))
         routers[0].route(ids([[0, 1]] * 7))
     finally:
-        counter_module.log.removeHandler(handler)
+        logs.log.removeHandler(handler)
     assert counts(counter) == [[0, 0, 0, 0]]
     assert not counter.failed
     layout_warnings = [r for r in records if "DP layout" in r.getMessage()]
@@ -472,28 +469,23 @@ def a_dense_model_or_tp_rank_1_does_not_count() -> None:
         vllm_config=fake_vllm_config(experts=0),
     )
     assert ExpertCounter.attach(worker) is None
-    original, traced = counter_module._layout, counter_module._traced_platform
-    counter_module._layout = lambda config, module: Layout(tp_rank=1)  # type: ignore[assignment]
-    counter_module._traced_platform = lambda device: False  # type: ignore[assignment]  # a GPU
+    original, traced = config_readers.layout, config_readers.traced_platform
+    config_readers.layout = lambda config, module: Layout(tp_rank=1)  # type: ignore[assignment]
+    config_readers.traced_platform = lambda device: False  # type: ignore[assignment]  # a GPU
     try:
         worker = SimpleNamespace(
             model_runner=FakeRunner(torch.nn.ModuleList([MoEBlock(0, FusedTopKRouter())])),
             vllm_config=fake_vllm_config(),
         )
         assert ExpertCounter.attach(worker) is None  # routes what TP rank 0 routes
-        counter_module._layout = lambda config, module: Layout(tp_rank=1, sp_size=2)  # type: ignore[assignment]
+        config_readers.layout = lambda config, module: Layout(tp_rank=1, sp_size=2)  # type: ignore[assignment]
         assert ExpertCounter.attach(worker) is not None  # sequence parallel: its own shard
     finally:
-        counter_module._layout, counter_module._traced_platform = original, traced
+        config_readers.layout, config_readers.traced_platform = original, traced
 
 
 @check
 def placement_follows_vllms_expert_map() -> None:
-    from moe_watch.vllm_plugin.counter import placement
-
-    assert placement(8, 1, "linear") == []
-    assert placement(10, 4, "linear") == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
-    assert placement(8, 4, "round_robin") == [0, 1, 2, 3, 0, 1, 2, 3]
     model = torch.nn.ModuleList([MoEBlock(0, FusedTopKRouter(), experts=6, ep_size=2, ep_rank=1)])
     worker = SimpleNamespace(
         model_runner=FakeRunner(model), vllm_config=fake_vllm_config(experts=6)

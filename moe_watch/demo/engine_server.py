@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from moe_watch.demo.engine_sim import EngineSim, Flavor
+from moe_watch.demo.engine_sim import EngineSim
+from moe_watch.demo.exposition import Flavor, render_exposition
 from moe_watch.server import start_server
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -63,7 +64,7 @@ class SimServer:
             return await _stream_huge(request, self.huge_body_bytes)
         if self.garbage is not None:
             return web.Response(body=self.garbage, headers={"Content-Type": CONTENT_TYPE})
-        body = self.sim.render(self.flavor).encode()
+        body = render_exposition(self.sim, self.flavor).encode()
         if self.truncate_at is not None:
             body = body[: self.truncate_at]
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

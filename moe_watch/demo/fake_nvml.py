@@ -23,14 +23,6 @@ import pynvml
 GIB = 1024**3
 H100 = "NVIDIA H100 80GB HBM3"
 
-NVML_ERROR_UNINITIALIZED = 1
-NVML_ERROR_INVALID_ARGUMENT = 2
-NVML_ERROR_NOT_SUPPORTED = 3
-NVML_ERROR_DRIVER_NOT_LOADED = 9
-NVML_ERROR_TIMEOUT = 10
-NVML_ERROR_LIBRARY_NOT_FOUND = 12
-NVML_ERROR_GPU_IS_LOST = 15
-
 # Attribute names the fake takes from the real module: error classes and constants.
 _REAL_PREFIXES = ("NVML", "nvmlMemory", "nvmlEventType")
 
@@ -140,9 +132,9 @@ class FakeNvml:
     def nvmlInit(self) -> None:
         self._count("nvmlInit")
         if self.library_missing:
-            raise pynvml.NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
         if self.driver_missing:
-            raise pynvml.NVMLError(NVML_ERROR_DRIVER_NOT_LOADED)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
         self.initialized = True
 
     def nvmlShutdown(self) -> None:
@@ -161,7 +153,7 @@ class FakeNvml:
     def nvmlDeviceGetHandleByIndex(self, index: int) -> _Handle:
         self._enter("nvmlDeviceGetHandleByIndex")
         if not 0 <= index < len(self.gpus):
-            raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         self._gpu(_Handle(index), "handle")
         return _Handle(index)
 
@@ -208,7 +200,7 @@ class FakeNvml:
         self._enter("nvmlDeviceGetTemperature")
         gpu = self._gpu(handle, "temperature")
         if sensor != pynvml.NVML_TEMPERATURE_GPU:
-            raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return gpu.temperature_c
 
     def nvmlDeviceGetPowerUsage(self, handle: _Handle) -> int:
@@ -239,15 +231,15 @@ class FakeNvml:
         self._enter("nvmlDeviceRegisterEvents")
         gpu = self._gpu(handle, "events")
         if event_set.freed:
-            raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         if event_types & pynvml.nvmlEventTypeXidCriticalError:
             event_set.registered.add(gpu.index)
 
     def nvmlEventSetWait_v2(self, event_set: _EventSet, timeoutms: int) -> SimpleNamespace:
-        """The next Xid of a registered GPU, or NVML_ERROR_TIMEOUT after ``timeoutms``."""
+        """The next Xid of a registered GPU, or pynvml.NVML_ERROR_TIMEOUT after ``timeoutms``."""
         self._enter("nvmlEventSetWait_v2")
         if event_set.freed:
-            raise pynvml.NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         if self.event_wait_error is not None:
             raise pynvml.NVMLError(self.event_wait_error)
         deadline = time.monotonic() + timeoutms / 1000
@@ -255,7 +247,7 @@ class FakeNvml:
             try:
                 index, xid = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise pynvml.NVMLError(NVML_ERROR_TIMEOUT) from None
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT) from None
             if index in event_set.registered:  # a GPU not registered sends nothing here
                 return SimpleNamespace(
                     device=_Handle(index),
@@ -283,7 +275,7 @@ class FakeNvml:
     def _enter(self, call: str) -> None:
         self._count(call)
         if not self.initialized:
-            raise pynvml.NVMLError(NVML_ERROR_UNINITIALIZED)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_UNINITIALIZED)
 
     def _maybe_hang(self) -> None:
         if self.hang_seconds > 0:
@@ -301,12 +293,12 @@ class FakeNvml:
     def _gpu(self, handle: _Handle, call: str | None) -> FakeGpu:
         self._maybe_hang()
         if handle.index >= len(self.gpus):  # taken out of the list: gone from the bus
-            raise pynvml.NVMLError(NVML_ERROR_GPU_IS_LOST)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         gpu = self.gpus[handle.index]
         if gpu.lost:
-            raise pynvml.NVMLError(NVML_ERROR_GPU_IS_LOST)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         if call is not None and call in gpu.errors:
             raise pynvml.NVMLError(gpu.errors[call])
         if call is not None and call in gpu.unsupported:
-            raise pynvml.NVMLError(NVML_ERROR_NOT_SUPPORTED)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return gpu

@@ -23,8 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from moe_watch.agent import Agent
 from moe_watch.config import ConfigError, Settings, load_settings
 from moe_watch.demo.engine_server import start_engine_server
-from moe_watch.demo.engine_sim import SCENARIOS, EngineSim, Scenario
+from moe_watch.demo.engine_sim import EngineSim
 from moe_watch.demo.fake_nvml import FakeNvml
+from moe_watch.demo.scenarios import SCENARIOS, Scenario
 from moe_watch.expert_file import CountsFile, write_counts_file
 from moe_watch.exporter import build_registry
 from moe_watch.logs import configure_logging
@@ -33,7 +34,7 @@ from moe_watch.service import ListenError, install_stop_signals, serve
 ENGINE_ID = "demo-mixtral"
 ENGINE_PID = os.getpid()  # a real process, so /status shows a PID (not a vLLM command line)
 # What the demo engine was sized for: 2 x H100 for Mixtral 8x7B. max_num_seqs and max_model_len are
-# the simulated engine's (engine_sim.Scenario); it runs with gpu_memory_utilization 0.9 against a
+# the simulated engine's (scenarios.Scenario); it runs with gpu_memory_utilization 0.9 against a
 # planned 0.85, so drift and the budget have something to show.
 DEMO_PLAN = """\
 model: mixtral-8x7b

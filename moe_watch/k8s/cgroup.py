@@ -7,7 +7,8 @@ The spelling depends on the cgroup driver and the runtime:
     systemd:   /kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/
                cri-containerd-<id>.scope | crio-<id>.scope | docker-<id>.scope
 
-With hostPID the agent maps NVML's PIDs on each GPU to the pod holding that GPU.
+With hostPID the agent maps NVML's PIDs on each GPU to the pod holding that GPU (the reads are
+``sources/proc.py``; this module only parses).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _CONTAINER = re.compile(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodRef:
     pod_uid: str
     container_id: str | None
@@ -44,11 +45,3 @@ def parse_cgroup(text: str) -> PodRef | None:
             container = match[1]
         return PodRef(pod[1].replace("_", "-"), container)
     return None
-
-
-def pod_of_pid(pid: int, proc: str = "/proc") -> PodRef | None:
-    try:
-        with open(f"{proc}/{pid}/cgroup", encoding="utf-8", errors="replace") as stream:
-            return parse_cgroup(stream.read())
-    except OSError:
-        return None  # the process ended, or /proc is not the host's (no hostPID)

@@ -91,7 +91,6 @@ class PodWatcher:
         self._watch_timeout = watch_timeout_seconds
         self.targets: dict[str, PodTarget] = {}
         self.resource_version = ""
-        self.lists = 0
         self.synced = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -135,7 +134,6 @@ class PodWatcher:
                     response.request_info, (), status=response.status, message="pod list failed"
                 )
             body = await response.json()
-        self.lists += 1
         self.resource_version = body.get("metadata", {}).get("resourceVersion", "")
         self.targets = {
             t.uid: t for t in (target_of(p) for p in body.get("items", [])) if t is not None

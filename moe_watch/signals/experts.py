@@ -21,6 +21,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from moe_watch.expert_placement import expert_ranks
 from moe_watch.samples import ExpertCounts, Matrix
 from moe_watch.thresholds import DEFAULT
 
@@ -95,15 +96,17 @@ def token_shares(counts: Sequence[float], top_k: int) -> list[float] | None:
 def rank_loads(
     per_expert: Sequence[float], ep_size: int, placement: Sequence[int] = ()
 ) -> dict[int, float]:
-    """Load of each EP rank relative to the mean rank (1.0 = even). Contiguous placement by default."""
+    """Load of each EP rank relative to the mean rank (1.0 = even).
+
+    ``placement`` is each expert's rank; without one, vLLM's default (linear) placement.
+    """
     if ep_size < 1 or not per_expert:
         return {}
     if placement and len(placement) != len(per_expert):
         raise ValueError(f"placement names {len(placement)} experts, counts have {len(per_expert)}")
+    ranks = placement or expert_ranks(len(per_expert), ep_size)
     per_rank = [0.0] * ep_size
-    block = -(-len(per_expert) // ep_size)  # ceil: vLLM gives the first ranks the extra expert
-    for expert, count in enumerate(per_expert):
-        rank = placement[expert] if placement else min(expert // block, ep_size - 1)
+    for rank, count in zip(ranks, per_expert, strict=True):
         per_rank[rank] += count
     mean = sum(per_rank) / ep_size
     if mean <= 0:

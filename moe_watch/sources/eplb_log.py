@@ -47,7 +47,6 @@ class EplbLogSource:
         self._offset = 0
         self._partial = b""
         self._latest: dict[str, float] = {}
-        self._lines = 0
 
     @property
     def name(self) -> str:
@@ -55,9 +54,8 @@ class EplbLogSource:
 
     async def collect(self, problems: Problems) -> EplbBalance:
         text = await asyncio.to_thread(self._read_new)
-        self._lines += text.count("\n")
         self._latest.update(parse_eplb_lines(text))
-        return EplbBalance(self.engine, dict(self._latest), self._lines)
+        return EplbBalance(self.engine, dict(self._latest))
 
     def _read_new(self) -> str:
         try:

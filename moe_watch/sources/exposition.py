@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moe_watch import samples as s
 from moe_watch.samples import Histogram, ModelSample
-from moe_watch.sources.engine_names import BY_KIND, MODEL_LABEL, PREFIXES, Mapping
+from moe_watch.sources.engine_names import BY_KIND, MODEL_LABEL, PREFIXES, Route
 
 # Gauges where the fullest data-parallel replica matters more than the total.
 _MAX_AGGREGATED = frozenset({s.GAUGE_KV_CACHE_USAGE, s.GAUGE_KV_CACHE_HIT_RATE})
@@ -78,7 +78,7 @@ def parse_engine_exposition(text: str, kind: str = "auto") -> ParsedExposition:
     return builder.build(kind)
 
 
-def _wanted_line_names(names: dict[str, Mapping]) -> frozenset[str]:
+def _wanted_line_names(names: dict[str, Route]) -> frozenset[str]:
     wanted: set[str] = set()
     for name, mapping in names.items():
         wanted.add(name)
@@ -108,7 +108,7 @@ def _filter_lines(text: str, wanted: frozenset[str]) -> str:
 class _Builder:
     """Accumulates parsed samples per model, summing across data-parallel replicas."""
 
-    def __init__(self, names: dict[str, Mapping]) -> None:
+    def __init__(self, names: dict[str, Route]) -> None:
         self._names = names
         self._gauges: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
         self._counters: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
@@ -137,7 +137,7 @@ class _Builder:
         target = self._gauges if mapping.value_kind == "gauge" else self._counters
         self._accumulate(target[model], mapping, value)
 
-    def _lookup(self, name: str) -> tuple[Mapping | None, str]:
+    def _lookup(self, name: str) -> tuple[Route | None, str]:
         mapping = self._names.get(name)
         if mapping is not None:
             return mapping, ""
@@ -149,7 +149,7 @@ class _Builder:
         return None, ""
 
     def _accumulate(
-        self, values: dict[str, tuple[int, float]], mapping: Mapping, value: float
+        self, values: dict[str, tuple[int, float]], mapping: Route, value: float
     ) -> None:
         current = values.get(mapping.key)
         if current is None or mapping.priority > current[0]:
@@ -169,7 +169,7 @@ class _Builder:
             self._capacity_tokens += float(info["num_gpu_blocks"]) * float(info["block_size"])
 
     def _add_histogram(
-        self, model: str, mapping: Mapping, part: str, labels: dict[str, str], value: float
+        self, model: str, mapping: Route, part: str, labels: dict[str, str], value: float
     ) -> None:
         by_key = self._histograms[model]
         current = by_key.get(mapping.key)

@@ -38,20 +38,31 @@ T = TypeVar("T")
 INIT_RETRY_SECONDS = 30.0
 EVENT_WAIT_MS = 500  # one nvmlEventSetWait; also how long closing may wait for the Xid thread
 
-# NVML return codes (nvml.h) this source tells apart.
-UNINITIALIZED, INVALID_ARGUMENT, NOT_SUPPORTED, DRIVER_NOT_LOADED, TIMEOUT = 1, 2, 3, 9, 10
-LIBRARY_NOT_FOUND, FUNCTION_NOT_FOUND, GPU_IS_LOST = 12, 13, 15
-ARGUMENT_VERSION_MISMATCH, UNKNOWN = 25, 999
-
-# Codes after which an event set is useless: NVML was shut down, or the set was freed.
-_WATCHER_ENDS = (UNINITIALIZED, INVALID_ARGUMENT)
 WATCHER_RETRY_SECONDS = 1.0
-# Codes after which nothing more can be read from a GPU this cycle.
-_GPU_GONE = (GPU_IS_LOST, UNKNOWN)
-# The GPU or the driver does not have it: a property of the node, not a fault.
-_ABSENT = (NOT_SUPPORTED, FUNCTION_NOT_FOUND)
-# nvmlDeviceGetMemoryInfo_v2 is missing or refused: an older driver, or a GPU without it.
-_NO_MEMORY_V2 = (NOT_SUPPORTED, FUNCTION_NOT_FOUND, ARGUMENT_VERSION_MISMATCH)
+
+# NVML return codes are pynvml's NVML_ERROR_* constants, read from the module in use (pynvml
+# itself, or the fake, which hands out the real ones) so that a node without pynvml still gets
+# its "library_missing" report instead of an ImportError here.
+
+
+def _watcher_ends(nvml: Any) -> tuple[int, ...]:
+    """Codes after which an event set is useless: NVML was shut down, or the set was freed."""
+    return (nvml.NVML_ERROR_UNINITIALIZED, nvml.NVML_ERROR_INVALID_ARGUMENT)
+
+
+def _gpu_gone(nvml: Any) -> tuple[int, ...]:
+    """Codes after which nothing more can be read from a GPU this cycle."""
+    return (nvml.NVML_ERROR_GPU_IS_LOST, nvml.NVML_ERROR_UNKNOWN)
+
+
+def _absent(nvml: Any) -> tuple[int, ...]:
+    """The GPU or the driver does not have it: a property of the node, not a fault."""
+    return (nvml.NVML_ERROR_NOT_SUPPORTED, nvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+
+def _no_memory_v2(nvml: Any) -> tuple[int, ...]:
+    """nvmlDeviceGetMemoryInfo_v2 is missing or refused: an older driver, or a GPU without it."""
+    return (*_absent(nvml), nvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
 
 
 def _code(exc: BaseException) -> int | None:
@@ -68,15 +79,15 @@ def _handle_key(handle: Any) -> Hashable:
     return key
 
 
-def _init_error(exc: BaseException) -> SourceError:
+def _init_error(nvml: Any, exc: BaseException) -> SourceError:
     code = _code(exc)
-    if code == LIBRARY_NOT_FOUND:
+    if code == nvml.NVML_ERROR_LIBRARY_NOT_FOUND:
         return SourceError(
             "library_missing",
             "libnvidia-ml.so not found: is the NVIDIA driver installed and the container started "
             "with the nvidia runtime (runtimeClassName: nvidia, NVIDIA_VISIBLE_DEVICES)?",
         )
-    if code == DRIVER_NOT_LOADED:
+    if code == nvml.NVML_ERROR_DRIVER_NOT_LOADED:
         return SourceError(
             "driver_missing",
             "the NVIDIA kernel driver is not loaded on this node: does nvidia-smi work on the host?",
@@ -159,9 +170,9 @@ class _XidWatcher:
                     data = nvml.nvmlEventSetWait_v2(self.event_set, self._wait_ms)
                 except nvml.NVMLError as exc:
                     code = _code(exc)
-                    if code == TIMEOUT:
+                    if code == nvml.NVML_ERROR_TIMEOUT:
                         continue  # no event within the wait: the normal case
-                    if code in _WATCHER_ENDS:
+                    if code in _watcher_ends(nvml):
                         raise
                     # GPU_IS_LOST and the like: one GPU's trouble must not end Xid counting for
                     # the others (nor miss the next Xid), so keep waiting, a little slower.
@@ -263,7 +274,9 @@ class NvmlSource:
             count = int(nvml.nvmlDeviceGetCount())
             gpus = tuple(self._read_gpu(nvml, index, reasons) for index in range(count))
         except nvml.NVMLError as exc:
-            if _code(exc) == UNINITIALIZED:  # e.g. nvmlShutdown called elsewhere in the process
+            if (
+                _code(exc) == nvml.NVML_ERROR_UNINITIALIZED
+            ):  # e.g. nvmlShutdown called elsewhere in the process
                 self._initialized = False
                 if self._watcher is not None:
                     self._watcher.stop()  # its event set died with the old session
@@ -296,7 +309,7 @@ class NvmlSource:
                 "the Python module pynvml is not installed: install nvidia-ml-py in the agent's environment",
             )
         except Exception as exc:
-            error = _init_error(exc)
+            error = _init_error(self._nvml, exc)
         else:
             self._initialized, self._init_error = True, None
             self._identity.clear()  # a new session may enumerate the GPUs differently
@@ -324,9 +337,9 @@ class NvmlSource:
             sample = self._read_fields(nvml, index, handle, uuid, name, reasons)
         except nvml.NVMLError as exc:
             code = _code(exc)
-            if code == UNINITIALIZED:
+            if code == nvml.NVML_ERROR_UNINITIALIZED:
                 raise
-            if code not in _GPU_GONE:
+            if code not in _gpu_gone(nvml):
                 reasons.append("gpu_read")  # no handle or identity: nothing to report it under
                 return GpuSample(index=index, uuid=uuid, name=name, up=False)
             reasons.append("gpu_lost")
@@ -347,9 +360,9 @@ class NvmlSource:
                 return read()
             except nvml.NVMLError as exc:
                 code = _code(exc)
-                if code == UNINITIALIZED or code in _GPU_GONE:
+                if code == nvml.NVML_ERROR_UNINITIALIZED or code in _gpu_gone(nvml):
                     raise  # the whole GPU (or NVML) is gone, not just this field
-                if code not in _ABSENT:
+                if code not in _absent(nvml):
                     reasons.append("gpu_read")
                 return None
 
@@ -381,7 +394,7 @@ class NvmlSource:
                 info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
                 return float(info.used), float(info.total)
             except nvml.NVMLError as exc:
-                if _code(exc) not in _NO_MEMORY_V2:
+                if _code(exc) not in _no_memory_v2(nvml):
                     raise
                 self._memory_v1_only.add(index)  # remembered: not asked again every cycle
         info = nvml.nvmlDeviceGetMemoryInfo(handle)
@@ -417,7 +430,9 @@ class NvmlSource:
                     )
                     devices[_handle_key(handle)] = index
                 except nvml.NVMLError as exc:
-                    if _code(exc) != NOT_SUPPORTED:  # unsupported: quietly no events from it
+                    if (
+                        _code(exc) != nvml.NVML_ERROR_NOT_SUPPORTED
+                    ):  # unsupported: quietly no events from it
                         skipped[index] = repr(exc)
             if skipped:
                 log.info("xid events not watched on some gpus", gpus=skipped)

@@ -68,7 +68,8 @@ def _log_like_vllm() -> None:
 
 
 def _patch_module(module: ModuleType, class_name: str) -> None:
-    from moe_watch.vllm_plugin.counter import patch_worker_class, warn_once
+    from moe_watch.vllm_plugin.logs import warn_once
+    from moe_watch.vllm_plugin.worker import patch_worker_class
 
     worker = getattr(module, class_name, None)
     if worker is None:

@@ -27,254 +27,24 @@ stream into pinned memory, releases the lock and waits for the copy on its own.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moe_watch.expert_file import CountsFile, counts_file_name
+from moe_watch.expert_placement import STRATEGIES, expert_ranks
+from moe_watch.vllm_plugin import config_readers as read
+from moe_watch.vllm_plugin.config_readers import DEFAULT_INTERVAL_SECONDS, Layout
+from moe_watch.vllm_plugin.hooks import Hook, find_hooks
+from moe_watch.vllm_plugin.logs import log, vllm_version, warn_once
 from moe_watch.vllm_plugin.publisher import Publisher
 
-log = logging.getLogger("moe_watch.vllm_plugin")
-
 DEFAULT_DIR = "/tmp/moe-watch/experts"
-DEFAULT_INTERVAL_SECONDS = 2.0
 COUNTER_ATTRIBUTE = "_moe_watch_counter"
-
-# Routers whose ids are always logical experts in [0, num_experts): no clamp. Any other router
-# (zero experts, fused shared experts, custom modules) gets its ids clamped into an overflow
-# column, so an unexpected id can never index out of bounds (a device assert would kill serving).
-SAFE_ROUTERS = frozenset(
-    {
-        "FusedTopKRouter",
-        "GroupedTopKRouter",
-        "FusedTopKBiasRouter",
-        "CPURouter",
-        "CustomRoutingRouter",
-        "RoutingSimulatorRouter",
-    }
-)
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str, *args: object, exc_info: bool = False) -> None:
-    """One warning per problem per process: the plugin must not flood a serving log."""
-    if key in _warned:
-        return
-    _warned.add(key)
-    log.warning(
-        "moe-watch plugin (vLLM %s): " + message,
-        vllm_version(),
-        *args,
-        exc_info=exc_info,
-    )
-
-
-def vllm_version() -> str:
-    try:
-        import vllm
-
-        return str(vllm.__version__)
-    except Exception:
-        return "unknown"
-
-
-# --- the worker methods we wrap -------------------------------------------------------------
-
-
-def patch_worker_class(worker: Any) -> list[str]:
-    """Wrap the worker methods the counter needs; returns the names wrapped.
-
-    Only methods defined on this class itself are wrapped (a subclass that overrides one is
-    patched separately), and a class is patched once.
-    """
-    if worker.__dict__.get("_moe_watch_patched", False):
-        return []
-    wrapped = []
-    for name, make in (
-        ("load_model", _wrap_load_model),
-        ("compile_or_warm_up_model", _wrap_warm_up),
-        ("execute_model", _wrap_execute_model),
-        ("execute_dummy_batch", _wrap_dummy_batch),
-    ):
-        original = worker.__dict__.get(name)
-        if callable(original):
-            setattr(worker, name, make(original))
-            wrapped.append(name)
-    worker._moe_watch_patched = True
-    return wrapped
-
-
-def _counter_of(worker: Any) -> ExpertCounter | None:
-    counter = worker.__dict__.get(COUNTER_ATTRIBUTE)
-    return counter if isinstance(counter, ExpertCounter) and not counter.failed else None
-
-
-def _wrap_load_model(original: Callable[..., Any]) -> Callable[..., Any]:
-    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
-        try:
-            ExpertCounter.attach(self)
-        except Exception:
-            warn_once(
-                "attach",
-                "not counting experts: binding to the model failed",
-                exc_info=True,
-            )
-        return result
-
-    return load_model
-
-
-def _wrap_warm_up(original: Callable[..., Any]) -> Callable[..., Any]:
-    def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        counter = _counter_of(self)
-        if counter is None:
-            return original(self, *args, **kwargs)
-        counter.warm_up_begins()
-        try:
-            with counter.lock:
-                result = original(self, *args, **kwargs)
-        except BaseException:
-            counter.warm_up_ends(succeeded=False)
-            raise
-        counter.warm_up_ends(succeeded=True)
-        return result
-
-    return compile_or_warm_up_model
-
-
-def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
-    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        counter = self.__dict__.get(COUNTER_ATTRIBUTE)
-        if counter is None:
-            return original(self, scheduler_output, *args, **kwargs)
-        with counter.lock:
-            counter.begin_step(scheduler_output)
-            return original(self, scheduler_output, *args, **kwargs)
-
-    return execute_model
-
-
-def _wrap_dummy_batch(original: Callable[..., Any]) -> Callable[..., Any]:
-    def execute_dummy_batch(self: Any, *args: Any, **kwargs: Any) -> Any:
-        counter = self.__dict__.get(COUNTER_ATTRIBUTE)
-        if counter is None:
-            return original(self, *args, **kwargs)
-        with counter.lock:
-            try:
-                counter.set_limit(0)  # an idle DP rank's filler step is not traffic
-            except Exception:
-                counter.fail("preparing a dummy batch failed")
-            return original(self, *args, **kwargs)
-
-    return execute_dummy_batch
-
-
-# --- finding the MoE layers -----------------------------------------------------------------
-
-
-@dataclass
-class Hook:
-    """One MoE layer's capture point: where the callback lives and how to swap it."""
-
-    layer: int
-    owner: Any  # the object holding capture_fn (a router, a routing sink or a custom module)
-    kind: str  # "router" | "sink" | "module"
-    clamp: bool
-    module: Any = None
-
-    def get(self) -> Any:
-        return getattr(self.owner, "capture_fn", None)
-
-    def set(self, fn: Callable[[Any], None] | None) -> None:
-        if self.kind == "router":
-            self.owner.set_capture_fn(fn)
-        else:
-            self.owner.capture_fn = fn
-
-
-def find_hooks(model: Any) -> tuple[list[Hook], list[str]]:
-    """The capture points of ``model``'s MoE layers, and why any MoE layer has none.
-
-    Mirrors vLLM's bind_routed_experts_capturer: custom modules with their own ``capture_fn``
-    and ``layer_id``; ``MoERunner`` modules (``router`` + ``layer_id``) whose router has
-    ``set_capture_fn``; monolithic kernels (routing fused into the kernel) only where vLLM's
-    own capture already installed a routing sink, because adding one changes the kernel path.
-    """
-    hooks: list[Hook] = []
-    missing: list[str] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        router = getattr(module, "router", None)
-        if router is not None and hasattr(module, "layer_id"):
-            layer = int(module.layer_id)
-            if getattr(module, "is_monolithic", False):
-                sink = getattr(getattr(module, "routed_experts", None), "routing_sink", None)
-                if sink is not None and hasattr(sink, "capture_fn"):
-                    hook = Hook(layer, sink, "sink", clamp=True, module=module)
-                else:
-                    missing.append(f"layer {layer}: monolithic MoE kernel (routing inside it)")
-                    continue
-            elif callable(getattr(router, "set_capture_fn", None)) and hasattr(
-                router, "capture_fn"
-            ):
-                clamp = type(router).__name__ not in SAFE_ROUTERS
-                hook = Hook(layer, router, "router", clamp=clamp, module=module)
-            else:
-                missing.append(f"layer {layer}: {type(router).__name__} has no set_capture_fn")
-                continue
-        elif (
-            hasattr(module, "capture_fn")
-            and hasattr(module, "layer_id")
-            and not callable(getattr(module, "set_capture_fn", None))
-        ):
-            hook = Hook(int(module.layer_id), module, "module", clamp=True, module=module)
-        else:
-            continue
-        if hook.layer in seen:
-            missing.append(f"layer {hook.layer}: a second MoE block (only the first is counted)")
-            continue
-        seen.add(hook.layer)
-        hooks.append(hook)
-    hooks.sort(key=lambda h: h.layer)
-    return hooks, missing
-
-
-def placement(num_experts: int, ep_size: int, strategy: str) -> list[int]:
-    """Logical expert -> EP rank without EPLB, as vLLM's determine_expert_map places them."""
-    if ep_size <= 1:
-        return []
-    if strategy == "round_robin":
-        return [expert % ep_size for expert in range(num_experts)]
-    base, remainder = divmod(num_experts, ep_size)  # "linear": the first ranks take one more
-    ranks: list[int] = []
-    for rank in range(ep_size):
-        ranks += [rank] * (base + (1 if rank < remainder else 0))
-    return ranks
-
-
-# --- the counter ------------------------------------------------------------------------------
-
-
-@dataclass
-class Layout:
-    """This worker's place in the parallel layout (what it counts and what the file says)."""
-
-    dp_rank: int = 0
-    dp_size: int = 1
-    tp_rank: int = 0
-    pp_rank: int = 0
-    ep_rank: int = 0
-    ep_size: int = 1
-    sp_size: int = 1  # > 1: sequence-parallel MoE, each TP rank routes its own shard
-    pcp_size: int = 1
 
 
 class ExpertCounter:
@@ -340,7 +110,7 @@ class ExpertCounter:
         model = runner.get_model()
         vllm_config = getattr(worker, "vllm_config", None) or getattr(runner, "vllm_config", None)
         model_config = getattr(vllm_config, "model_config", None)
-        declared = _call_int(model_config, "get_num_experts")
+        declared = read.call_int(model_config, "get_num_experts")
         hooks, missing = find_hooks(model)
         if missing:
             warn_once(
@@ -359,7 +129,7 @@ class ExpertCounter:
             else:
                 log.info("moe-watch plugin: not an MoE model; nothing to count")
             return None
-        layout = _layout(vllm_config, hooks[0].module)
+        layout = read.layout(vllm_config, hooks[0].module)
         if layout.pcp_size > 1:
             warn_once("pcp", "prefill context parallelism is not supported; not counting")
             return None
@@ -368,12 +138,12 @@ class ExpertCounter:
             return None
         moe_config = getattr(hooks[0].module, "moe_config", None)
         top_k = (
-            _call_int(model_config, "get_num_experts_per_tok")
+            read.call_int(model_config, "get_num_experts_per_tok")
             or int(getattr(moe_config, "experts_per_token", 0) or 0)
             or int(getattr(hooks[0].owner, "top_k", 0) or 0)
         )
         # Logical experts: the model's, or the widest layer's (counts are [layer][expert]).
-        num_experts = max(declared, *(_logical_experts(hook.module) for hook in hooks))
+        num_experts = max(declared, *(read.logical_experts(hook.module) for hook in hooks))
         if top_k <= 0 or num_experts < top_k:
             warn_once(
                 "shape",
@@ -382,8 +152,8 @@ class ExpertCounter:
                 num_experts,
             )
             return None
-        device = _device_of(hooks[0].module)
-        if _traced_platform(device):
+        device = read.device_of(hooks[0].module)
+        if read.traced_platform(device):
             # vLLM calls the MoE layer directly on CPU: torch.compile traces our callback into
             # the model's graph. The DP slicing reads per-step host metadata a trace would
             # freeze, so DP is not counted there; and the compile cache must not hand a graph
@@ -391,7 +161,7 @@ class ExpertCounter:
             if layout.dp_size > 1 or layout.sp_size > 1:
                 warn_once("cpu-dp", "data parallelism on a CPU backend is not supported")
                 return None
-            _mark_compile_cache(vllm_config)
+            read.mark_compile_cache(vllm_config)
         eplb = bool(getattr(getattr(moe_config, "moe_parallel_config", None), "enable_eplb", False))
         strategy = str(getattr(hooks[0].module, "expert_placement_strategy", "linear"))
         counter = cls(
@@ -399,12 +169,15 @@ class ExpertCounter:
             device=device,
             top_k=top_k,
             num_experts=num_experts,
-            cap_tokens=_cap_tokens(vllm_config),
+            cap_tokens=read.cap_tokens(vllm_config),
             layout=layout,
-            model=_served_model_name(model_config),
-            placement=[] if eplb else placement(num_experts, layout.ep_size, strategy),
-            interval=_interval(),
-            forward_context=_forward_context_getter()
+            model=read.served_model_name(model_config),
+            # EPLB moves experts at run time; an unknown strategy has no placement we can name.
+            placement=expert_ranks(num_experts, layout.ep_size, strategy)
+            if not eplb and layout.ep_size > 1 and strategy in STRATEGIES
+            else [],
+            interval=read.interval_seconds(),
+            forward_context=read.forward_context_getter()
             if layout.dp_size > 1 or layout.sp_size > 1
             else None,
         )
@@ -675,118 +448,3 @@ class ExpertCounter:
             sequence_parallel=layout.sp_size > 1,
             placement=list(self.placement),
         )
-
-
-# --- reading vLLM's configuration, failing soft ------------------------------------------------
-
-
-def _call_int(obj: Any, method: str) -> int:
-    try:
-        return int(getattr(obj, method)())
-    except Exception:
-        return 0
-
-
-# In vLLM's compile-cache key (additional_config is hashed into VllmConfig.compute_hash).
-COMPILE_CACHE_MARK = ("moe_watch_expert_counts", "1")
-
-
-def _traced_platform(device: Any) -> bool:
-    """Whether vLLM calls the MoE layer directly (not its opaque custom op): CPU and TPU."""
-    try:
-        from vllm.platforms import current_platform
-
-        return bool(current_platform.is_cpu() or current_platform.is_tpu())
-    except Exception:
-        return str(getattr(device, "type", device)) == "cpu"
-
-
-def _mark_compile_cache(vllm_config: Any) -> None:
-    """Key vLLM's torch.compile cache on the plugin being on (our callback is in the graph)."""
-    extra = getattr(vllm_config, "additional_config", None)
-    if isinstance(extra, dict):
-        key, value = COMPILE_CACHE_MARK
-        extra[key] = value
-    else:
-        warn_once(
-            "cache-key",
-            "cannot mark the compile cache (additional_config is not a dict)",
-        )
-
-
-def _logical_experts(module: Any) -> int:
-    config = getattr(module, "moe_config", None)
-    return int(getattr(config, "num_logical_experts", 0) or 0)
-
-
-def _device_of(module: Any) -> Any:
-    for parameter in module.parameters():
-        return parameter.device
-    config_device = getattr(getattr(module, "moe_config", None), "device", None)
-    return config_device if config_device is not None else "cpu"
-
-
-def _served_model_name(model_config: Any) -> str:
-    name = getattr(model_config, "served_model_name", None) or getattr(model_config, "model", "")
-    if isinstance(name, (list, tuple)):
-        name = name[0] if name else ""
-    return str(name or "")
-
-
-def _cap_tokens(vllm_config: Any) -> int:
-    """Token positions the weights cover: a step's tokens on this rank, padding included."""
-    scheduled = int(
-        getattr(getattr(vllm_config, "scheduler_config", None), "max_num_batched_tokens", 0) or 0
-    )
-    graphs = int(
-        getattr(
-            getattr(vllm_config, "compilation_config", None),
-            "max_cudagraph_capture_size",
-            0,
-        )
-        or 0
-    )
-    return 2 * max(scheduled, graphs, 8192) + 64
-
-
-def _interval() -> float:
-    raw = os.environ.get("MOE_WATCH_PLUGIN_INTERVAL_SECONDS", "")
-    try:
-        value = float(raw) if raw else DEFAULT_INTERVAL_SECONDS
-    except ValueError:
-        value = DEFAULT_INTERVAL_SECONDS
-    return max(0.1, value)
-
-
-def _layout(vllm_config: Any, module: Any) -> Layout:
-    layout = Layout()
-    parallel = getattr(vllm_config, "parallel_config", None)
-    layout.dp_rank = int(getattr(parallel, "data_parallel_rank", 0) or 0)
-    layout.dp_size = int(getattr(parallel, "data_parallel_size", 1) or 1)
-    try:
-        from vllm.distributed import parallel_state as ps
-
-        layout.tp_rank = int(ps.get_tensor_model_parallel_rank())
-        layout.pp_rank = int(ps.get_pp_group().rank_in_group)
-    except Exception:  # not initialised (a single process) or renamed: rank 0
-        log.debug("moe-watch plugin: parallel ranks unavailable", exc_info=True)
-    moe_parallel = getattr(getattr(module, "moe_config", None), "moe_parallel_config", None)
-    if moe_parallel is not None:
-        if getattr(moe_parallel, "use_ep", False):
-            layout.ep_rank = int(getattr(moe_parallel, "ep_rank", 0) or 0)
-            layout.ep_size = int(getattr(moe_parallel, "ep_size", 1) or 1)
-        layout.sp_size = int(getattr(moe_parallel, "sp_size", 1) or 1)
-        layout.pcp_size = int(getattr(moe_parallel, "pcp_size", 1) or 1)
-    return layout
-
-
-def _forward_context_getter() -> Callable[[], Any]:
-    from vllm.forward_context import get_forward_context
-
-    def context() -> Any:
-        try:
-            return get_forward_context()
-        except Exception:  # no context set: not inside a model step
-            return None
-
-    return context

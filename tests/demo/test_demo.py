@@ -12,8 +12,10 @@ import yaml
 from moe_watch.agent import Agent
 from moe_watch.config import load_settings
 from moe_watch.demo.engine_server import SimServer, start_engine_server
-from moe_watch.demo.engine_sim import SCENARIOS, EngineSim
+from moe_watch.demo.engine_sim import EngineSim
+from moe_watch.demo.exposition import render_exposition
 from moe_watch.demo.run import DEMO_PLAN
+from moe_watch.demo.scenarios import SCENARIOS
 from moe_watch.drift import find_drift, running_from
 from moe_watch.sizing.plan import PlanFile
 from moe_watch.sources.exposition import parse_engine_exposition
@@ -106,7 +108,7 @@ def test_the_demo_plan_drifts_only_where_the_demo_means_it_to(name: str) -> None
     (0.9 running, 0.85 planned) is the one drift the demo shows on purpose."""
     sim = EngineSim(SCENARIOS[name], start_time=0.0)
     sim.advance(30.0)
-    info = parse_engine_exposition(sim.render(), "vllm").info
+    info = parse_engine_exposition(render_exposition(sim), "vllm").info
     (model,) = sim.models_json()["data"]  # type: ignore[misc]
     running = running_from(info, None, model["max_model_len"], SCENARIOS[name].gpu_count)
     plan = PlanFile.model_validate(yaml.safe_load(DEMO_PLAN))

@@ -16,15 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moe_watch import samples as s
 from moe_watch.demo.engine_server import SimServer, start_engine_server
-from moe_watch.demo.engine_sim import (
-    FLAVORS,
-    GIB,
-    SCENARIOS,
-    EngineSim,
-    Flavor,
-    Scenario,
-    SimHistogram,
-)
+from moe_watch.demo.engine_sim import EngineSim, SimHistogram
+from moe_watch.demo.exposition import FLAVORS, Flavor, render_exposition
+from moe_watch.demo.scenarios import GIB, SCENARIOS, Scenario
 from moe_watch.signals.experts import skew, token_shares
 from moe_watch.sources.exposition import parse_engine_exposition
 from tests.conftest import FIXTURES, read_capture
@@ -79,14 +73,18 @@ def counter_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 # -- the exposition --------------------------------------------------------------------------
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_same_seed_and_times_render_the_same_text(flavor: Flavor) -> None:
-    assert run("normal", 30).render(flavor) == run("normal", 30).render(flavor)
-    assert run("normal", 30, seed=1).render(flavor) != run("normal", 30).render(flavor)
+    assert render_exposition(run("normal", 30), flavor) == render_exposition(
+        run("normal", 30), flavor
+    )
+    assert render_exposition(run("normal", 30, seed=1), flavor) != render_exposition(
+        run("normal", 30), flavor
+    )
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_every_flavor_parses_with_prometheus_and_the_agent(flavor: Flavor) -> None:
     sim = run("normal", 60)
-    text = sim.render(flavor)
+    text = render_exposition(sim, flavor)
     families = list(text_string_to_metric_families(text))
     histograms = [f for f in families if f.type == "histogram"]
     assert len(histograms) >= 4
@@ -116,7 +114,7 @@ def test_every_flavor_parses_with_prometheus_and_the_agent(flavor: Flavor) -> No
 
 def test_vllm_exposition_has_the_names_help_labels_and_buckets_of_the_real_capture() -> None:
     real = {f.name: f for f in text_string_to_metric_families(read_capture("busy"))}
-    sim = {f.name: f for f in text_string_to_metric_families(run("normal", 60).render())}
+    sim = {f.name: f for f in text_string_to_metric_families(render_exposition(run("normal", 60)))}
     for name, family in sim.items():
         assert name in real, name
         assert (family.type, family.documentation) == (real[name].type, real[name].documentation)
@@ -132,7 +130,7 @@ def test_vllm_exposition_has_the_names_help_labels_and_buckets_of_the_real_captu
         assert bounds == [x.labels["le"] for x in real[name].samples if x.name.endswith("_bucket")]
     # Token-count layouts follow max_model_len, as vLLM's do: the capture ran with 1024.
     short = run(replace(SCENARIOS["normal"], max_model_len=1024, prompt_tokens=(100, 600)), 30)
-    ours = {f.name: f for f in text_string_to_metric_families(short.render())}
+    ours = {f.name: f for f in text_string_to_metric_families(render_exposition(short))}
     for name in ("vllm:request_prompt_tokens", "vllm:request_generation_tokens"):
         assert [x.labels.get("le") for x in ours[name].samples] == [
             x.labels.get("le") for x in real[name].samples
@@ -140,7 +138,7 @@ def test_vllm_exposition_has_the_names_help_labels_and_buckets_of_the_real_captu
 
 
 def test_legacy_flavor_uses_the_pre_rename_names() -> None:
-    names = set(samples_by_name(run("normal", 30).render("vllm_legacy")))
+    names = set(samples_by_name(render_exposition(run("normal", 30), "vllm_legacy")))
     for old in (
         "vllm:gpu_cache_usage_perc",
         "vllm:gpu_prefix_cache_queries_total",
@@ -157,7 +155,7 @@ def test_legacy_flavor_uses_the_pre_rename_names() -> None:
 
 
 def test_sglang_flavor_uses_sglang_bucket_layouts_and_no_vllm_names() -> None:
-    text = run("normal", 60).render("sglang")
+    text = render_exposition(run("normal", 60), "sglang")
     assert "vllm:" not in text
     ttft = [
         labels["le"]
@@ -169,18 +167,18 @@ def test_sglang_flavor_uses_sglang_bucket_layouts_and_no_vllm_names() -> None:
 
 def test_render_rejects_an_unknown_flavor() -> None:
     with pytest.raises(ValueError, match="unknown flavor"):
-        run("normal", 1).render("tgi")  # type: ignore[arg-type]
+        render_exposition(run("normal", 1), "tgi")  # type: ignore[arg-type]
 
 
 # -- counters and time -----------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["normal", "kv_pressure"])
 def test_counters_and_histograms_never_drop_without_a_restart(name: str) -> None:
     sim = EngineSim(SCENARIOS[name], start_time=0.0)
-    previous = counter_values(sim.render())
+    previous = counter_values(render_exposition(sim))
     rose = 0
     for t in range(5, 181, 5):
         sim.advance(float(t))
-        current = counter_values(sim.render())
+        current = counter_values(render_exposition(sim))
         assert all(current[key] >= value for key, value in previous.items()), t
         rose += current != previous
         previous = current
@@ -204,7 +202,7 @@ def test_reset_counters_zeroes_counters_and_histograms_like_an_engine_restart() 
     sim = run("normal", 60)
     assert sim.generation_tokens_total > 0
     sim.reset_counters()
-    values = counter_values(sim.render())
+    values = counter_values(render_exposition(sim))
     assert values
     assert set(values.values()) == {0.0}
     sim.advance(120.0)  # and it serves again
@@ -213,9 +211,9 @@ def test_reset_counters_zeroes_counters_and_histograms_like_an_engine_restart() 
 
 def test_time_going_back_changes_nothing_and_a_long_gap_is_skipped_not_replayed() -> None:
     sim = run("normal", 30)
-    before = sim.render()
+    before = render_exposition(sim)
     sim.advance(10.0)
-    assert sim.render() == before
+    assert render_exposition(sim) == before
     finished = sim.requests_finished_total
     sim.advance(1e7)  # ~4 months: the clock catches up, but only the last 10 minutes are run
     assert sim.now == pytest.approx(1e7, abs=0.25)
@@ -287,7 +285,7 @@ def test_the_waiting_queue_is_capped_and_rejections_are_exported() -> None:
     sim = run(scenario, 120)
     assert sim.rejected_total > 0
     assert sim.waiting <= 50 + scenario.max_num_seqs  # preempted requests go back in front
-    rejected = samples_by_name(sim.render())["vllm:admission_rejections_total"]
+    rejected = samples_by_name(render_exposition(sim))["vllm:admission_rejections_total"]
     assert (
         {"model_name": "mixtral-8x7b", "reason": "max_num_queued_reqs"},
         sim.rejected_total,
@@ -330,7 +328,7 @@ def test_gpu_lost_is_normal_traffic_plus_a_gpu_1_loss_time() -> None:
     assert SCENARIOS["gpu_lost"].gpu_lost_after_seconds == 10.0
     others = [x for name, x in SCENARIOS.items() if name != "gpu_lost"]
     assert all(x.gpu_lost_after_seconds is None for x in others)
-    assert run("gpu_lost", 60).render() == run("normal", 60).render()
+    assert render_exposition(run("gpu_lost", 60)) == render_exposition(run("normal", 60))
 
 
 def test_every_scenario_is_named_after_its_key_and_described() -> None:
@@ -435,10 +433,10 @@ async def test_fail_status_garbage_and_truncation(served: tuple[SimServer, list[
 
     server.truncate_at = 700
     body = (await get(server.url + "/metrics"))[2]
-    assert body == server.sim.render().encode()[:700]  # the clock stood still: same state
+    assert body == render_exposition(server.sim).encode()[:700]  # the clock stood still: same state
     assert not body.endswith(b"\n")
     server.truncate_at = None
-    assert (await get(server.url + "/metrics"))[2] == server.sim.render().encode()
+    assert (await get(server.url + "/metrics"))[2] == render_exposition(server.sim).encode()
 
 
 async def test_a_huge_body_is_streamed_chunked_without_a_length(

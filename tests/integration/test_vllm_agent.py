@@ -22,6 +22,7 @@ from moe_watch.agent import Agent
 from moe_watch.config import load_settings
 from moe_watch.service import serve
 from moe_watch.snapshot import EngineView, Snapshot
+from moe_watch.views import status_document
 from tests.integration.vllm_server import MAX_MODEL_LEN, MAX_NUM_SEQS, VllmServer, drive_load
 
 pytestmark = pytest.mark.vllm
@@ -96,7 +97,7 @@ async def wait_snapshot(
         await asyncio.sleep(0.05)
     raise AssertionError(
         f"no snapshot after cycle {after_cycle} met the condition within {timeout:g}s; "
-        f"last: {last.to_status() if last else None}"
+        f"last: {status_document(last) if last else None}"
     )
 
 

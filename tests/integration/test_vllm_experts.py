@@ -161,8 +161,8 @@ async def test_plugin_counts_match_transformers_routing_and_the_agent_names_the_
     assert by_layer[HOT_LAYER].skew > 0.5
     assert by_layer[HOT_LAYER].hottest_expert == HOT_EXPERT
     assert by_layer[HOT_LAYER].max_share > 0.75  # the crafted expert saw > 75 % of the tokens
-    assert signals.hot[0].layer == HOT_LAYER
-    assert signals.hot[0].expert == HOT_EXPERT
+    assert signals.hot()[0].layer == HOT_LAYER
+    assert signals.hot()[0].expert == HOT_EXPERT
     assert (
         max(load.skew for layer, load in by_layer.items() if layer != HOT_LAYER)
         < by_layer[HOT_LAYER].skew

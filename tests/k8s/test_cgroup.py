@@ -3,11 +3,9 @@ CRI-O and Docker."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from moe_watch.k8s.cgroup import PodRef, parse_cgroup, pod_of_pid
+from moe_watch.k8s.cgroup import PodRef, parse_cgroup
 
 UID = "3f2a1b7c-1234-4d5e-8f90-abcdef012345"
 CID = "8b1a9953c4611296a827abf8c47804d7e6c49c6b3f0c7b0d7d5c1e0a9f8e7d6c"
@@ -60,10 +58,3 @@ def test_real_cgroup_paths_name_the_pod_and_container(content: str, container: s
 )
 def test_processes_outside_kubernetes_have_no_pod(content: str) -> None:
     assert parse_cgroup(content) is None
-
-
-def test_pod_of_pid_reads_proc_and_survives_a_vanished_process(tmp_path: Path) -> None:
-    (tmp_path / "42").mkdir()
-    (tmp_path / "42" / "cgroup").write_text(f"0::/kubepods/burstable/pod{UID}/{CID}\n")
-    assert pod_of_pid(42, str(tmp_path)) == PodRef(UID, CID)
-    assert pod_of_pid(43, str(tmp_path)) is None

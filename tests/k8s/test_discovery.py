@@ -201,8 +201,7 @@ async def test_the_agent_scrapes_discovered_pods_and_attributes_gpus_by_cgroup(
     nvml.gpus[1].pids = [777]
     try:
         config = load_settings(None, discovery=True, node_name="gpu-node-1", kube_api=url)
-        async with Agent(config, nvml=nvml) as agent:
-            agent.proc_root = str(tmp_path)
+        async with Agent(config, nvml=nvml, proc_root=str(tmp_path)) as agent:
             assert agent.discovery is not None
             await asyncio.wait_for(agent.discovery.synced.wait(), 5)
             snap = await agent.run_cycle()
@@ -220,4 +219,4 @@ async def test_the_agent_scrapes_discovered_pods_and_attributes_gpus_by_cgroup(
     assert owners == {0: None, 1: "llm/mixtral-0"}
     assert dict(after.targets_up) == {}
     info = [dict(labels) for name, labels in exposition(snap) if name == "moe_watch_engine_info"]
-    assert (info[0]["namespace"], info[0]["pod"]) == ("llm", "mixtral-0")
+    assert (info[0]["k8s_namespace_name"], info[0]["k8s_pod_name"]) == ("llm", "mixtral-0")

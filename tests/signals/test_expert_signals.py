@@ -103,8 +103,8 @@ def test_ep_rank_load_contiguous_and_with_a_placement() -> None:
     assert rank_loads(per_expert, 4) == pytest.approx({0: 2.0, 1: 0.8, 2: 0.8, 3: 0.4})
     placement = (3, 0, 1, 2, 0, 1, 2, 3)  # rank 3 hosts experts 0 and 7: 45
     assert rank_loads(per_expert, 4, placement) == pytest.approx({0: 0.8, 1: 0.8, 2: 0.6, 3: 1.8})
-    # 10 experts on 4 ranks: the first ranks take 3 (vLLM's layout), the last one 1
-    assert rank_loads([1.0] * 10, 4) == pytest.approx({0: 1.2, 1: 1.2, 2: 1.2, 3: 0.4})
+    # 10 experts on 4 ranks: 3, 3, 2, 2 (vLLM's determine_expert_map: the first ranks take one more)
+    assert rank_loads([1.0] * 10, 4) == pytest.approx({0: 1.2, 1: 1.2, 2: 0.8, 3: 0.8})
     with pytest.raises(ValueError, match="placement names 2 experts"):
         rank_loads(per_expert, 4, (0, 1))
 

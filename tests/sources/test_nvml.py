@@ -340,7 +340,7 @@ async def test_a_failing_event_wait_does_not_end_xid_counting(
     monkeypatch.setattr(nvml_module, "WATCHER_RETRY_SECONDS", 0.01)
     with capture_logs() as logs:
         await source.collect(Problems())
-        fake.event_wait_error = nvml_module.GPU_IS_LOST
+        fake.event_wait_error = pynvml.NVML_ERROR_GPU_IS_LOST
         failed_waits = fake.calls["nvmlEventSetWait_v2"] + 3  # it keeps waiting
         assert await asyncio.to_thread(fake.wait_for_calls, "nvmlEventSetWait_v2", failed_waits, 5)
         fake.event_wait_error = None

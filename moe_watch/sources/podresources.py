@@ -6,8 +6,8 @@ the GPU UUIDs NVML reports. Unlike the PID -> cgroup route it needs no hostPID a
 GPU whose pod has no process on it yet. The socket is
 ``/var/lib/kubelet/pod-resources/kubelet.sock`` (mounted read-only into the DaemonSet).
 
-The messages are decoded with a small protobuf wire reader for the fields used here (and encoded
-by the same module for the fake server in the tests), so no generated code is needed:
+The messages are decoded with a small protobuf wire reader for the fields used here, so no
+generated code is needed (tests/sources/podresources_wire.py encodes them for the fake kubelet):
 
     ListPodResourcesResponse { repeated PodResources pod_resources = 1; }
     PodResources       { string name = 1; string namespace = 2; repeated ContainerResources containers = 3; }
@@ -21,11 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe_watch.sources.base import Problems, SourceError
+
 METHOD = "/v1.PodResourcesLister/List"
 DEFAULT_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceOwner:
     namespace: str
     pod: str
@@ -87,24 +89,6 @@ def _text(fields: dict[int, list[bytes]], number: int) -> str:
     return values[-1].decode() if values else ""  # proto3: the last value of a field wins
 
 
-def encode_response(
-    pods: list[tuple[str, str, list[tuple[str, list[tuple[str, list[str]]]]]]],
-) -> bytes:
-    """ListPodResourcesResponse bytes: [(namespace, pod, [(container, [(resource, [ids])])])]."""
-    out = b""
-    for namespace, pod, containers in pods:
-        body = _field(1, pod.encode()) + _field(2, namespace.encode())
-        for cname, devices in containers:
-            cbody = _field(1, cname.encode())
-            for resource, ids in devices:
-                cbody += _field(
-                    2, _field(1, resource.encode()) + b"".join(_field(2, i.encode()) for i in ids)
-                )
-            body += _field(3, cbody)
-        out += _field(1, body)
-    return out
-
-
 def _fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
     """(field number, value) of one message; skips what it does not use, rejects truncation."""
     i = 0
@@ -141,20 +125,6 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 class PodResourcesSource:
     """The agent's source: GPU UUID -> owner, every cycle (one local gRPC call)."""
 
@@ -166,9 +136,7 @@ class PodResourcesSource:
     def name(self) -> str:
         return "pod_resources"
 
-    async def collect(self, problems: object) -> dict[str, DeviceOwner]:
-        from moe_watch.sources.base import SourceError
-
+    async def collect(self, problems: Problems) -> dict[str, DeviceOwner]:
         try:
             return await gpu_owners(self._socket, self._timeout)
         except PodResourcesError as exc:

@@ -11,13 +11,13 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from moe_watch.k8s.podresources import (
+from moe_watch.sources.podresources import (
     DeviceOwner,
     PodResourcesError,
-    encode_response,
     gpu_owners,
     owners_from_response,
 )
+from tests.sources.podresources_wire import encode_response
 
 GPU0 = "GPU-00000000-0000-4000-8000-000000000000"
 GPU1 = "GPU-00000000-0000-4000-8000-000000000001"
@@ -149,5 +149,9 @@ async def test_the_agent_labels_gpus_with_the_pod_the_kubelet_allocated_them_to(
     assert owners == {0: "llm/mixtral-0", 1: "llm/mixtral-0", 2: None}
     info = [dict(labels) for name, labels in exposition(snap) if name == "moe_watch_gpu_info"]
     gpu1 = next(labels for labels in info if labels["gpu"] == "1")
-    assert (gpu1["namespace"], gpu1["pod"], gpu1["container"]) == ("llm", "mixtral-0", "vllm")
+    assert (gpu1["k8s_namespace_name"], gpu1["k8s_pod_name"], gpu1["k8s_container_name"]) == (
+        "llm",
+        "mixtral-0",
+        "vllm",
+    )
     assert next(s for s in snap.sources if s.name == "pod_resources").up

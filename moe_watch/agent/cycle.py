@@ -1,0 +1,240 @@
+"""The Agent: owns the targets, the node sources and the latest Snapshot; runs the cycle on a
+fixed schedule. Use as an async context manager."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+import structlog
+
+from moe_watch.agent.assemble import assemble_snapshot, gpu_views
+from moe_watch.agent.engine_target import EngineTarget, nothing
+from moe_watch.config import Settings, TargetConfig
+from moe_watch.k8s.discovery import PodTarget, PodWatcher
+from moe_watch.runner import SourceRunner
+from moe_watch.samples import GpuReading, ProcessInfo
+from moe_watch.snapshot import Snapshot
+from moe_watch.sources.podresources import DeviceOwner, PodResourcesSource
+from moe_watch.sources.proc import ProcSource
+
+log = structlog.get_logger("moe_watch.agent")
+
+POD_RESOURCES_TIMEOUT_SECONDS = 5.0
+PROC_TIMEOUT_SECONDS = 2.0
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        nvml: Any | None = None,
+        clock: Callable[[], float] = time.time,
+        proc_root: str = "/proc",  # hostPID in Kubernetes: the engines' processes are visible here
+    ) -> None:
+        self.settings = settings
+        self._nvml_module = nvml
+        self._clock = clock
+        self._proc_root = proc_root
+        self._session: aiohttp.ClientSession | None = None
+        self._targets: dict[str, EngineTarget] = {}
+        self._static: set[str] = {t.name for t in settings.targets}
+        self._nvml_runner: SourceRunner[GpuReading] | None = None
+        self._proc_runner: SourceRunner[dict[int, ProcessInfo]] | None = None
+        self._pod_resources_runner: SourceRunner[dict[str, DeviceOwner]] | None = None
+        self._pids: tuple[int, ...] = ()  # on the GPUs in the latest NVML reading
+        self._kubelet: dict[str, DeviceOwner] = {}  # GPU UUID -> owner, from pod-resources
+        self.discovery: PodWatcher | None = None
+        self._discovery_task: asyncio.Task[None] | None = None
+        self._discovery_stop = asyncio.Event()
+        self._pending_pods: dict[str, PodTarget] | None = None
+        self._pod_engines: dict[str, str] = {}  # pod uid -> engine (discovery)
+        self._engine_pods: dict[str, tuple[str, str]] = {}  # engine -> (namespace, pod)
+        self._snapshot: Snapshot | None = None
+        self._cycle = 0
+        self.first_cycle_done = asyncio.Event()
+        self._cycle_done = asyncio.Event()  # replaced every cycle: waiters wake once per cycle
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    async def __aenter__(self) -> Agent:
+        s = self.settings
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(4, len(s.targets) * 2)),
+            auto_decompress=True,
+        )
+        for target in s.targets:
+            self._add_target(target)
+        if s.discovery:
+            self._start_discovery()
+        if s.pod_resources_socket is not None:
+            self._pod_resources_runner = SourceRunner(
+                PodResourcesSource(s.pod_resources_socket),
+                timeout_seconds=POD_RESOURCES_TIMEOUT_SECONDS,
+                clock=self._clock,
+            )
+        if s.nvml != "off":
+            from moe_watch.sources.nvml import NvmlSource  # pynvml only where GPUs are read
+
+            nvml_source = NvmlSource(self._nvml_module, call_timeout=s.nvml_timeout_seconds)
+            self._nvml_runner = SourceRunner(
+                nvml_source, timeout_seconds=s.nvml_timeout_seconds + 1, clock=self._clock
+            )
+            self._proc_runner = SourceRunner(
+                ProcSource(lambda: self._pids, self._proc_root),
+                timeout_seconds=PROC_TIMEOUT_SECONDS,
+                clock=self._clock,
+            )
+        log.info(
+            "agent configured",
+            targets=[f"{t.name}={t.url}" for t in s.targets],
+            nvml=s.nvml,
+            interval_seconds=s.interval_seconds,
+            window_seconds=s.window_seconds,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._discovery_task is not None:
+            self._discovery_stop.set()
+            self._discovery_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._discovery_task
+        for runner in self._runners():
+            await runner.source.close()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- targets
+
+    def _add_target(self, config: TargetConfig) -> None:
+        assert self._session is not None
+        self._targets[config.name] = EngineTarget(config, self.settings, self._session, self._clock)
+
+    def _start_discovery(self) -> None:
+        from moe_watch.k8s.client import in_cluster
+
+        assert self._session is not None
+        assert self.settings.node_name is not None
+        headers, tls = in_cluster()
+        watcher = PodWatcher(
+            self._session,
+            self.settings.kube_api,
+            self.settings.node_name,
+            headers=headers,
+            ssl=tls,
+            on_change=self.set_discovered,
+        )
+        self.discovery = watcher
+        self._discovery_stop = asyncio.Event()
+        self._discovery_task = asyncio.get_running_loop().create_task(
+            watcher.run(self._discovery_stop)
+        )
+
+    def set_discovered(self, pods: Mapping[str, PodTarget]) -> None:
+        """Discovery's current targets (pod uid -> target); applied at the next cycle's start."""
+        self._pending_pods = dict(pods)
+
+    def _apply_discovered(self) -> None:
+        pods, self._pending_pods = self._pending_pods, None
+        if pods is None:
+            return
+        wanted = {p.engine: p for p in pods.values()}
+        for name in self._targets.keys() - wanted.keys() - self._static:
+            log.info("target removed", engine=name)
+            del self._targets[name]
+        for name in wanted.keys() - self._targets.keys():
+            pod = wanted[name]
+            log.info("target discovered", engine=name, url=pod.url + pod.metrics_path)
+            self._add_target(TargetConfig(name=name, url=pod.url, metrics_path=pod.metrics_path))
+        self._pod_engines = {uid: p.engine for uid, p in pods.items()}
+        self._engine_pods = {p.engine: (p.namespace, p.pod) for p in pods.values()}
+
+    # -- the cycle and its schedule
+
+    async def run_cycle(self) -> Snapshot:
+        """Collect all sources once (concurrently) and publish a new Snapshot."""
+        started = time.perf_counter()
+        self._apply_discovered()  # between cycles: the target list is fixed within one
+        targets = list(self._targets.values())
+        readings, reading, _ = await asyncio.gather(
+            asyncio.gather(*(target.collect() for target in targets)),
+            self._nvml_runner.run() if self._nvml_runner else nothing(),
+            self._refresh_kubelet(),
+        )
+        # /proc after NVML: it reads the processes NVML saw on the GPUs.
+        self._pids = tuple(pid for gpu in reading.gpus for pid in gpu.pids) if reading else ()
+        processes = (await self._proc_runner.run() if self._proc_runner else None) or {}
+        now = self._clock()
+        parts = [(t, t.advance(r, now)) for t, r in zip(targets, readings, strict=True)]
+        self._cycle += 1
+        gpus = gpu_views(
+            reading,
+            targets,
+            kubelet=self._kubelet,
+            pod_engines=self._pod_engines,
+            processes=processes,
+        )
+        snapshot = assemble_snapshot(
+            timestamp=now,
+            cycle=self._cycle,
+            duration_seconds=time.perf_counter() - started,
+            sources=[runner.status() for runner in self._runners()],
+            targets=parts,
+            reading=reading,
+            gpus=gpus,
+            processes=processes,
+            engine_pods=self._engine_pods,
+        )
+        self._snapshot = snapshot
+        self.first_cycle_done.set()
+        self._cycle_done.set()
+        self._cycle_done = asyncio.Event()
+        return snapshot
+
+    async def wait_for_cycle(self, cycle: int) -> Snapshot:
+        """Wait until the snapshot of cycle number ``cycle`` (1 = the first) is published."""
+        while self._snapshot is None or self._snapshot.cycle < cycle:
+            await self._cycle_done.wait()
+        return self._snapshot
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """Cycle every ``interval_seconds`` on a fixed schedule until ``stop`` is set."""
+        interval = self.settings.interval_seconds
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while not stop.is_set():
+            await self.run_cycle()
+            next_at += interval
+            if next_at < loop.time():  # a slow cycle: skip the missed ticks, don't burst
+                skipped = int((loop.time() - next_at) // interval) + 1
+                next_at += skipped * interval
+                log.warning("cycle overran its interval", skipped_cycles=skipped)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - loop.time()))
+
+    async def _refresh_kubelet(self) -> None:
+        if self._pod_resources_runner is not None:
+            owners = await self._pod_resources_runner.run()
+            if owners is not None:  # on failure keep the last known allocation
+                self._kubelet = owners
+
+    def _runners(self) -> list[SourceRunner[Any]]:
+        """Every runner, in the order their self-metrics are exported."""
+        targets = list(self._targets.values())
+        runners: list[SourceRunner[Any]] = [self._nvml_runner] if self._nvml_runner else []
+        runners += [target.scrape_runner for target in targets]
+        runners += [t.experts_runner for t in targets if t.experts_runner is not None]
+        runners += [t.eplb_runner for t in targets if t.eplb_runner is not None]
+        if self._pod_resources_runner is not None:
+            runners.append(self._pod_resources_runner)
+        if self._proc_runner is not None:
+            runners.append(self._proc_runner)
+        return runners

@@ -1,0 +1,197 @@
+"""One engine target and everything the agent keeps for it.
+
+Its runners (/metrics, expert counts, EPLB log), its sliding windows, its plan and budget live
+here, so discovering or losing an engine adds or drops one object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from moe_watch.config import Settings, TargetConfig
+from moe_watch.drift import Drift, find_drift, running_from
+from moe_watch.runner import SourceRunner
+from moe_watch.samples import EngineScrape, EplbBalance, ExpertCounts, ModelSample, ProcessInfo
+from moe_watch.signals.engine import derive_engine_signals
+from moe_watch.signals.experts import derive_expert_signals
+from moe_watch.signals.window import SlidingWindow
+from moe_watch.sizing.plan import PlanFile
+from moe_watch.snapshot import EngineExperts, EngineView, GpuView
+from moe_watch.sources.base import Source
+from moe_watch.sources.engine import EngineSource
+from moe_watch.sources.eplb_log import EplbLogSource
+
+
+@dataclass(frozen=True, slots=True)
+class TargetReading:
+    """What one target's sources returned this cycle (None: that source failed)."""
+
+    scrape: EngineScrape | None
+    counts: ExpertCounts | None
+    balance: EplbBalance | None
+
+
+@dataclass(frozen=True, slots=True)
+class TargetCycle:
+    """One target's part of a Snapshot."""
+
+    name: str
+    scrape: EngineScrape | None  # None: the target is down (it exports only target_up 0)
+    engines: tuple[EngineView, ...] = ()
+    experts: EngineExperts | None = None
+    eplb: Mapping[str, float] = field(default_factory=dict)  # model -> balancedness
+
+
+class EngineTarget:
+    def __init__(
+        self,
+        config: TargetConfig,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._window_seconds = settings.window_seconds
+        self._top_n = settings.expert_top_n
+        timeout = settings.scrape_timeout_seconds
+        fields = {"engine": config.name}
+        source = EngineSource(
+            config,
+            session,
+            timeout_seconds=timeout,
+            max_body_bytes=settings.max_body_bytes,
+            clock=clock,
+        )
+        # Three timeouts: /metrics plus the metadata calls.
+        self.scrape_runner = SourceRunner(
+            source, timeout_seconds=timeout * 3, clock=clock, log_fields=fields
+        )
+        self.experts_runner: SourceRunner[ExpertCounts] | None = None
+        if config.experts is not None:
+            experts = _expert_source(config, session, timeout, clock)
+            self.experts_runner = SourceRunner(
+                experts, timeout_seconds=timeout * 3, clock=clock, log_fields=fields
+            )
+        self.eplb_runner: SourceRunner[EplbBalance] | None = None
+        if config.eplb_log is not None:
+            eplb = EplbLogSource(config.name, config.eplb_log)
+            self.eplb_runner = SourceRunner(
+                eplb, timeout_seconds=timeout, clock=clock, log_fields=fields
+            )
+        self.plan: PlanFile | None = config.plan_file
+        self.budget_bytes: float | None = None
+        if self.plan is not None and config.plan is not None:
+            self.budget_bytes = self.plan.sized(config.plan.parent).itemised.total_gb * 1e9
+        self._model_windows: dict[str, SlidingWindow[ModelSample]] = {}
+        self._expert_window = SlidingWindow[ExpertCounts](settings.window_seconds)
+
+    async def collect(self) -> TargetReading:
+        scrape, counts, balance = await asyncio.gather(
+            self.scrape_runner.run(),
+            self.experts_runner.run() if self.experts_runner else nothing(),
+            self.eplb_runner.run() if self.eplb_runner else nothing(),
+        )
+        return TargetReading(scrape, counts, balance)
+
+    def advance(self, reading: TargetReading, now: float) -> TargetCycle:
+        """Add this cycle's samples to the windows, expire old ones, derive the signals."""
+        scrape = reading.scrape
+        engines = tuple(self._engine_views(scrape)) if scrape is not None else ()
+        for window in self._model_windows.values():
+            window.expire(now)
+        if reading.counts is not None:  # on failure the window keeps what it had, and expires
+            self._expert_window.append(now, reading.counts)
+        self._expert_window.expire(now)
+        latest = self._expert_window.latest()
+        experts = None
+        if latest is not None:
+            signals = derive_expert_signals([c for _, c in self._expert_window], top_n=self._top_n)
+            experts = EngineExperts(engine=latest.engine, latest=latest, signals=signals)
+        balance = reading.balance
+        return TargetCycle(
+            name=self.name,
+            scrape=scrape,
+            engines=engines,
+            experts=experts,
+            eplb=dict(balance.balancedness) if balance is not None else {},
+        )
+
+    def _engine_views(self, scrape: EngineScrape) -> list[EngineView]:
+        views = []
+        for model in scrape.models:
+            window = self._model_windows.get(model.model)
+            if window is None:
+                window = SlidingWindow[ModelSample](self._window_seconds)
+                self._model_windows[model.model] = window
+            window.append(scrape.timestamp, model)
+            views.append(
+                EngineView(
+                    engine=scrape.engine,
+                    model=model.model,
+                    kind=scrape.kind,
+                    version=scrape.info.get("version", ""),
+                    signals=derive_engine_signals(list(window)),
+                    max_model_len=scrape.max_model_len,
+                )
+            )
+        return views
+
+    def drift(
+        self,
+        scrape: EngineScrape,
+        gpus: Sequence[GpuView],
+        processes: Mapping[int, ProcessInfo],
+    ) -> tuple[Drift, ...]:
+        """The rules (and the plan, where there is one) against what the engine runs with."""
+        mine = [view.sample for view in gpus if view.engine == self.name]
+        cmdline = next(
+            (
+                info.server_cmdline
+                for pid in sorted({pid for gpu in mine for pid in gpu.pids})
+                if (info := processes.get(pid)) is not None and info.server_cmdline is not None
+            ),
+            None,
+        )
+        running = running_from(scrape.info, cmdline, scrape.max_model_len, len(mine) or None)
+        return tuple(find_drift(running, self.plan))
+
+    def runners(self) -> list[SourceRunner[Any]]:
+        optional = (self.experts_runner, self.eplb_runner)
+        return [self.scrape_runner, *(runner for runner in optional if runner is not None)]
+
+
+def _expert_source(
+    config: TargetConfig,
+    session: aiohttp.ClientSession,
+    timeout: float,
+    clock: Callable[[], float],
+) -> Source[ExpertCounts]:
+    experts = config.experts
+    assert experts is not None
+    if experts.source == "sglang":
+        from moe_watch.sources.expert_sglang import SGLangExpertSource
+
+        return SGLangExpertSource(
+            config.name,
+            config.url,
+            experts.directory,
+            session,
+            top_k=experts.top_k or 1,
+            num_experts=experts.num_experts,
+            ep_size=experts.ep_size,
+            timeout_seconds=timeout,
+            clock=clock,
+        )
+    from moe_watch.sources.expert_plugin import PluginExpertSource
+
+    return PluginExpertSource(config.name, experts.directory, clock=clock)
+
+
+async def nothing() -> None:
+    return None
