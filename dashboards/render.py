@@ -46,6 +46,14 @@ def legend(template: str, labels: dict[str, str]) -> str:
     return text or ", ".join(f"{k}={v}" for k, v in labels.items() if k != "__name__")
 
 
+def _pivot(panel: dict[str, Any]) -> dict[str, Any] | None:
+    """The groupingToMatrix options of a table panel, or None."""
+    for transformation in panel.get("transformations", []):
+        if transformation["id"] == "groupingToMatrix":
+            return transformation["options"]  # type: ignore[no-any-return]
+    return None
+
+
 def draw(board: dict[str, Any], base: str, start: float, end: float, out: Path) -> None:
     import matplotlib
 
@@ -58,6 +66,8 @@ def draw(board: dict[str, Any], base: str, start: float, end: float, out: Path) 
     grid = fig.add_gridspec(rows, 24, hspace=2.5, wspace=1.2)
     for panel in board["panels"]:
         g = panel["gridPos"]
+        if panel["type"] == "row":  # a row header (repeated per engine in Grafana): no data
+            continue
         ax = fig.add_subplot(grid[g["y"] : g["y"] + g["h"] - 1, g["x"] : g["x"] + g["w"]])
         ax.set_title(panel["title"], fontsize=9, loc="left")
         ax.tick_params(labelsize=7)
@@ -96,21 +106,49 @@ def draw(board: dict[str, Any], base: str, start: float, end: float, out: Path) 
                 )
             ax.set_xlabel("seconds", fontsize=7)
             ax.legend(fontsize=6, loc="upper left", ncol=2)
-        elif panel["type"] == "heatmap":
+        elif (pivot := _pivot(panel)) is not None:  # a groupingToMatrix table: draw the grid
             series = query(base, "query", query=substitute_all(panel["targets"][0]["expr"]))
-            layers = sorted({int(s["metric"]["layer"]) for s in series})
-            experts = sorted({int(s["metric"]["expert"]) for s in series})
-            matrix = [[0.0] * len(experts) for _ in layers]
+            row_field, column_field = pivot["rowField"], pivot["columnField"]
+            rows_ = sorted({int(s["metric"][row_field]) for s in series})
+            columns = sorted({int(s["metric"][column_field]) for s in series})
+            cells = [[float("nan")] * len(columns) for _ in rows_]
             for s in series:
-                matrix[layers.index(int(s["metric"]["layer"]))][
-                    experts.index(int(s["metric"]["expert"]))
+                cells[rows_.index(int(s["metric"][row_field]))][
+                    columns.index(int(s["metric"][column_field]))
                 ] = float(s["value"][1])
+            ids = panel["fieldConfig"]["defaults"]["unit"] == "none"
             image = ax.imshow(
-                list(zip(*matrix, strict=True)), aspect="auto", cmap="inferno", origin="lower"
+                cells, aspect="auto", cmap="tab20" if ids else "inferno", origin="upper",
+                interpolation="nearest",
+            )  # fmt: skip
+            small = len(rows_) * len(columns) <= 512
+            if small:  # write each cell's value, as the Grafana table does
+                for r, line in enumerate(cells):
+                    for c, value in enumerate(line):
+                        if value == value:
+                            label = f"{value:.0f}" if ids else f"{value:.0%}"
+                            ax.text(c, r, label, ha="center", va="center", fontsize=5, color="grey")
+            ax.set_xticks(range(len(columns)), [str(c) for c in columns], fontsize=6)
+            ax.set_xlabel(column_field.replace("_", " "), fontsize=7)
+            ax.set_ylabel(row_field, fontsize=7)
+            if not ids and not small:
+                fig.colorbar(image, ax=ax, fraction=0.02)
+        elif any(t["id"] == "merge" for t in panel.get("transformations", [])):
+            # instant queries joined on their common labels, as Grafana's merge does
+            keys = ("engine", "layer", "load_rank")
+            joined: dict[tuple[str, ...], list[float]] = {}
+            for index, target in enumerate(panel["targets"]):
+                for s in query(base, "query", query=substitute_all(target["expr"])):
+                    key = tuple(s["metric"].get(k, "") for k in keys)
+                    joined.setdefault(key, [float("nan")] * len(panel["targets"]))[index] = float(
+                        s["value"][1]
+                    )
+            ax.axis("off")
+            ordered = sorted(joined.items(), key=lambda item: -item[1][0])[:10]
+            text = "  share  engine / layer / load rank -> expert\n" + "\n".join(
+                f"{v[0]:7.3f}  {' / '.join(k)} -> {v[1]:.0f}" for k, v in ordered
             )
-            ax.set_xlabel("layer", fontsize=7)
-            ax.set_ylabel("expert", fontsize=7)
-            fig.colorbar(image, ax=ax, fraction=0.02)
+            ax.text(0, 1, text, va="top", family="monospace", fontsize=7)
         else:  # table, bargauge: the instant values, worst first
             results = []
             for target in panel["targets"]:
@@ -146,6 +184,7 @@ def draw(board: dict[str, Any], base: str, start: float, end: float, out: Path) 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=150)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboards")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moe-watch-render-"))
     demo_port, prom_port = free_port(), free_port()
@@ -162,7 +201,7 @@ def main() -> int:
     try:
         start = time.time()
         time.sleep(args.seconds)  # a script, not a test: let the series grow
-        out_dir = ROOT / "docs" / "dashboards"
+        out_dir = args.out
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, make in DASHBOARDS.items():
             path = out_dir / f"{name}.png"

@@ -13,6 +13,14 @@ if ! command -v promtool >/dev/null || ! command -v amtool >/dev/null || ! comma
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
 fi
 
+# node + npm for the Grafana schema check (tests/grafana_schema.py npm-installs the pinned
+# @grafana/schema and typescript into ~/.cache/moe-watch on first use).
+if ! command -v npm >/dev/null; then
+    echo "== apt-get install nodejs npm"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+
 python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
 
 echo "== ruff" && python3 -m ruff check . && python3 -m ruff format --check .

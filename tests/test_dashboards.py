@@ -3,6 +3,7 @@ real Prometheus scraping `moe-watch demo`."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
@@ -19,6 +20,7 @@ import yaml
 from moe_watch.dashboards.build import substitute_all
 from moe_watch.dashboards.definitions import DASHBOARDS, generated_files
 from moe_watch.rules import RECORDING, render, rule_groups
+from moe_watch.thresholds import DEFAULT
 from tests.conftest import free_port
 from tests.test_alerts_e2e import binary
 
@@ -29,10 +31,26 @@ def all_dashboards() -> list[dict[str, Any]]:
     return [make() for make in DASHBOARDS.values()]
 
 
+def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
+    """The panels that draw data (row headers left out)."""
+    return [panel for panel in board["panels"] if panel["type"] != "row"]
+
+
 def queries(board: dict[str, Any]) -> list[tuple[str, str]]:
     return [
-        (panel["title"], target["expr"]) for panel in board["panels"] for target in panel["targets"]
+        (panel["title"], target["expr"]) for panel in panels(board) for target in panel["targets"]
     ]
+
+
+def variable_queries(board: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(variable, selector, label) of each `label_values(selector, label)` variable."""
+    out = []
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            found = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]["query"])
+            assert found, f"{variable['name']}: not a label_values() query"
+            out.append((variable["name"], found.group(1), found.group(2)))
+    return out
 
 
 def test_committed_dashboards_are_what_the_code_generates() -> None:
@@ -50,6 +68,11 @@ def test_structure(board: dict[str, Any]) -> None:
     cells: set[tuple[int, int]] = set()
     for panel in panels:
         grid = panel["gridPos"]
+        if panel["type"] == "row":  # an open row: full width, its panels follow it
+            assert (grid["x"], grid["w"], grid["h"], panel["panels"]) == (0, 24, 1, [])
+            assert panel.get("repeat", "engine") in [v["name"] for v in board["templating"]["list"]]
+            cells |= {(x, grid["y"]) for x in range(24)}
+            continue
         assert grid["x"] + grid["w"] <= 24
         area = {
             (x, y)
@@ -67,6 +90,83 @@ def test_structure(board: dict[str, Any]) -> None:
     for name in names:
         assert f"${name}" in text or f"${{{name}}}" in text, f"variable {name} is never used"
     assert board["schemaVersion"] >= 39
+
+
+def test_selectors_pick_the_node_by_its_node_label_and_rates_use_rate_interval() -> None:
+    for board in all_dashboards():
+        selectors = [(v, sel) for v, sel, _ in variable_queries(board)] + [
+            (title, sel)
+            for title, expr in queries(board)
+            for sel in re.findall(r"moe_watch_\w+\{[^}]*\}", expr)
+        ]
+        assert selectors
+        for where, selector in selectors:
+            assert "instance" not in selector, f"{board['uid']} / {where}: {selector}"
+            if where not in ("cluster", "node"):  # the variables that choose the node
+                assert 'node=~"$node"' in selector, f"{board['uid']} / {where}: {selector}"
+        assert ("node", 'moe_watch_build_info{cluster=~"$cluster"}', "node") in variable_queries(
+            board
+        )
+        for title, expr in queries(board):
+            windows = re.findall(r"\b(?:rate|increase|irate)\([^()]*\[([^\]]+)\]", expr)
+            assert all(w == "$__rate_interval" for w in windows), f"{title}: {windows}"
+            assert not re.search(r"\[\d+[smhd]\]", expr), f"{title}: a fixed range in {expr}"
+
+
+def test_no_panel_keys_a_series_by_a_moving_expert_label() -> None:
+    """Contract v1: skew and max share have no `expert` label; hot experts come from load ranks."""
+    for board in all_dashboards():
+        for panel in panels(board):
+            for target in panel["targets"]:
+                if re.search(r"expert_(skew|max_token_share|load_rank)", target["expr"]):
+                    assert "expert" not in re.findall(r"\{\{(\w+)\}\}", target["legendFormat"])
+
+
+def test_every_threshold_comes_from_thresholds_py() -> None:
+    tree = ast.parse((ROOT / "moe_watch/dashboards/definitions.py").read_text())
+    floats = [
+        n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) is float
+    ]
+    assert not floats, f"threshold literals in definitions.py: {floats} (use moe_watch.thresholds)"
+    known = {float(getattr(DEFAULT, name)) for name in DEFAULT.__dataclass_fields__}
+    known |= {1 + DEFAULT.expert_skew_healthy}  # EP-rank load: 20 % above the mean rank
+    steps = [
+        (board["uid"], panel["title"], step["value"])
+        for board in all_dashboards()
+        for panel in panels(board)
+        for step in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        if step["value"] is not None
+    ]
+    assert steps
+    assert [s for s in steps if s[2] not in known] == []
+
+
+def test_the_layer_grid_is_a_coloured_layer_x_load_rank_table_per_engine() -> None:
+    """Grafana's heatmap puts time on x: the layer x expert view is a table pivoted by
+    groupingToMatrix with colour-background cells, one per engine (a repeated row)."""
+    board = DASHBOARDS["experts"]()
+    by_title = {panel["title"]: panel for panel in board["panels"]}
+    grid = by_title["Token share, layer x load rank"]
+    assert grid["type"] == "table"
+    [target] = grid["targets"]  # groupingToMatrix takes exactly one frame
+    assert target["instant"]
+    assert target["format"] == "table"
+    assert "moe_watch_expert_load_rank_token_share" in target["expr"]
+    assert "by (layer, load_rank)" in target["expr"]  # one value per cell
+    ids = [t["id"] for t in grid["transformations"]]
+    matrix = grid["transformations"][ids.index("groupingToMatrix")]["options"]
+    assert matrix == {"rowField": "layer", "columnField": "load_rank", "valueField": "Value"}
+    assert ids.index("sortBy") < ids.index("groupingToMatrix") < ids.index("organize")
+    defaults = grid["fieldConfig"]["defaults"]
+    assert defaults["custom"]["cellOptions"] == {"type": "color-background"}
+    assert {"color": "red", "value": DEFAULT.expert_collapse_share} in defaults["thresholds"][
+        "steps"
+    ]
+    row = board["panels"][board["panels"].index(grid) - 1]
+    assert (row["type"], row["repeat"]) == ("row", "engine")
+    beside = board["panels"][board["panels"].index(grid) + 1]
+    assert "moe_watch_expert_load_rank_expert_id" in beside["targets"][0]["expr"]
+    assert beside["gridPos"]["y"] == grid["gridPos"]["y"]
 
 
 def test_every_metric_a_panel_reads_is_exported_or_recorded() -> None:
@@ -98,7 +198,8 @@ def stack(tmp_path: Path) -> Iterator[str]:
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rules)],
-        "scrape_configs": [{"job_name": "moe-watch", "static_configs": [{"targets": [f"127.0.0.1:{demo_port}"]}]}],
+        # `node` as the ServiceMonitor's relabeling from __meta_kubernetes_pod_node_name sets it
+        "scrape_configs": [{"job_name": "moe-watch", "static_configs": [{"targets": [f"127.0.0.1:{demo_port}"], "labels": {"node": "gpu-node-1"}}]}],
     }))  # fmt: skip
     logs = [(tmp_path / n).open("wb") for n in ("demo.log", "prometheus.log")]
     procs = [
@@ -112,15 +213,20 @@ def stack(tmp_path: Path) -> Iterator[str]:
 
 
 async def test_every_panel_query_returns_data_from_a_real_prometheus(stack: str) -> None:
-    pending = {
-        (b["uid"], title): substitute_all(expr)
+    pending: dict[tuple[str, str], tuple[str, str | None]] = {
+        (b["uid"], title): (substitute_all(expr), None)
         for b in all_dashboards()
         for title, expr in queries(b)
+    } | {  # each variable has values: its selector returns series that carry its label
+        (b["uid"], f"${name}"): (substitute_all(sel), label)
+        for b in all_dashboards()
+        for name, sel, label in variable_queries(b)
+        if label != "cluster"  # an external label of a multi-cluster setup; absent here
     }
     errors: dict[tuple[str, str], str] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for _ in range(90):  # bounded: about a minute and a half for scrapes, windows and rules
-            for key, expr in list(pending.items()):
+            for key, (expr, label) in list(pending.items()):
                 try:
                     async with session.get(
                         stack + "/api/v1/query", params={"query": expr}
@@ -134,7 +240,7 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(stack: str)
                     assert body.get("errorType") != "bad_data", (
                         f"{key}: PromQL does not parse: {errors[key]}"
                     )
-                elif body["data"]["result"]:
+                elif any(label is None or r["metric"].get(label) for r in body["data"]["result"]):
                     del pending[key]
             if not pending:
                 break

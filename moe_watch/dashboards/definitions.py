@@ -1,4 +1,8 @@
-"""The four dashboards an SRE opens first in an MoE incident. Thresholds trace to design.md."""
+"""The four dashboards an SRE opens first in an MoE incident.
+
+Every threshold (panel steps and the numbers in descriptions) comes from moe_watch.thresholds;
+none is spelled here.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +10,45 @@ from pathlib import Path
 from typing import Any
 
 from moe_watch.dashboards.build import (
+    RATE,
     RED,
     SEL,
     SEL_MODEL,
     YELLOW,
     Panel,
+    Row,
     Target,
+    by_name,
     dashboard,
+    matrix,
     to_json,
 )
 from moe_watch.generated import write_generated
+from moe_watch.thresholds import DEFAULT as D
 
 T = Target
+MAX_LOAD_RANKS = 64  # expert_top_n's upper bound (moe_watch.config): grid columns put in order
+MAX_EXPERTS = 256  # DeepSeek-V3 / Kimi K2 class: columns of the opt-in layer x expert grid
+COLOUR_CELLS = {"cellOptions": {"type": "color-background"}}
 
 
 def fleet() -> dict[str, Any]:
     rank = {"showHeader": True, "sortBy": [{"displayName": "Value", "desc": True}]}
     return dashboard("moe-watch-fleet", "MoE fleet", "Every MoE engine of the fleet, worst first.", [
-        Panel("bargauge", "Engines by expert skew", "Worst layer's skew per engine (max/mean - 1). Healthy within 0.2; alert above 0.5.",
-              (T(f"sort_desc(moe_watch_expert_max_skew_ratio{{{SEL}}})", "{{engine}}", True),), "percentunit", ((0.2, YELLOW), (0.5, RED)), 8),
-        Panel("bargauge", "Engines by VRAM used", "Fullest GPU per engine. Healthy 0.85-0.92; alert above 0.95.",
-              (T(f"sort_desc(max by (engine) (moe_watch_gpu_memory_used_ratio{{{SEL}}}))", "{{engine}}", True),), "percentunit", ((0.92, YELLOW), (0.95, RED)), 8, max_value=1),
-        Panel("bargauge", "Engines by KV-cache usage", "Above 0.95 requests are preempted or rejected (critical).",
-              (T(f"sort_desc(max by (engine) (moe_watch_kv_cache_usage_ratio{{{SEL}}}))", "{{engine}}", True),), "percentunit", ((0.8, YELLOW), (0.95, RED)), 8, max_value=1),
-        Panel("timeseries", "P95 / P99 end-to-end latency", "MoE bleeds in the tail while P50 looks fine. P95 above 30 s warns.",
+        Panel("bargauge", "Engines by expert skew", f"Worst layer's skew per engine (max/mean - 1). Healthy within {D.expert_skew_healthy:g}; alert above {D.expert_skew:g}.",
+              (T(f"sort_desc(moe_watch_expert_max_skew_ratio{{{SEL}}})", "{{engine}}", True),), "percentunit", ((D.expert_skew_healthy, YELLOW), (D.expert_skew, RED)), 8),
+        Panel("bargauge", "Engines by VRAM used", f"Fullest GPU per engine. Healthy up to {D.vram_used_healthy:g}; alert above {D.vram_used:g}.",
+              (T(f"sort_desc(max by (engine) (moe_watch_gpu_memory_used_ratio{{{SEL}}}))", "{{engine}}", True),), "percentunit", ((D.vram_used_healthy, YELLOW), (D.vram_used, RED)), 8, max_value=1),
+        Panel("bargauge", "Engines by KV-cache usage", f"Above {D.kv_cache_usage:g} requests are preempted or rejected (critical).",
+              (T(f"sort_desc(max by (engine) (moe_watch_kv_cache_usage_ratio{{{SEL}}}))", "{{engine}}", True),), "percentunit", ((D.kv_cache_usage, RED),), 8, max_value=1),
+        Panel("timeseries", "P95 / P99 end-to-end latency", f"MoE bleeds in the tail while P50 looks fine. P95 above {D.e2e_p95_seconds:g} s warns.",
               (T(f'max by (engine) (moe_watch_latency_seconds{{{SEL},kind="e2e",quantile="0.95"}})', "{{engine}} p95"),
-               T(f'max by (engine) (moe_watch_latency_seconds{{{SEL},kind="e2e",quantile="0.99"}})', "{{engine}} p99")), "s", ((30, RED),), 12),
-        Panel("timeseries", "Generated tokens/s per GPU", "Per engine, over its live GPUs. Alert 20 % below the engine's own daily baseline.",
+               T(f'max by (engine) (moe_watch_latency_seconds{{{SEL},kind="e2e",quantile="0.99"}})', "{{engine}} p99")), "s", ((D.e2e_p95_seconds, RED),), 12),
+        Panel("timeseries", "Generated tokens/s per GPU", f"Per engine, over its live GPUs. Alert below {D.throughput_vs_baseline:g} x the engine's own daily baseline.",
               (T(f"sum by (engine) (moe_watch_generation_tokens_per_second{{{SEL}}}) / on(engine) count by (engine) (moe_watch_gpu_up{{{SEL}}} == 1)", "{{engine}}"),), "short", (), 12),
         Panel("table", "Configuration drift", "Settings that break the plan or an MoE rule (running vs expected). Empty is healthy.",
               (T(f"moe_watch_config_drift_info{{{SEL}}}", "", True),), "short", (), 12, options=rank),
-        Panel("table", "MoE alerts", "moe-watch alerts pending or firing now, by name and state.",
+        Panel("table", "MoE alerts", "moe-watch alerts pending or firing now, by name, state and severity (critical, warning, info).",
               (T('count by (alertname, alertstate, severity) (ALERTS{alertname=~"MoE.*"})', "", True),), "short", (), 12, options=rank),
     ], ("fleet",))  # fmt: skip
 
@@ -52,47 +64,77 @@ def engine() -> dict[str, Any]:
         )
 
     return dashboard("moe-watch-engine", "MoE engine", "One serving engine: latency distribution, queue, KV cache, throughput.", [
-        Panel("timeseries", "End-to-end latency P50 / P95 / P99", "Side by side: a widening gap between P50 and P95/P99 is the MoE tail (hot experts, preemption). P95 above 30 s warns.", quantiles("e2e"), "s", ((30, RED),), 12),
-        Panel("timeseries", "Time to first token P50 / P95 / P99", "Prefill time: grows with long prompts and queueing.", quantiles("ttft"), "s", (), 12),
-        Panel("timeseries", "Inter-token latency P50 / P95 / P99", "Decode time per token: grows with batch size, hot experts and preemption.", quantiles("itl"), "s", (), 12),
-        Panel("timeseries", "Running and waiting requests", "Waiting above 10 is an autoscale signal; above 100 warns (scale out).",
-              (T(f"moe_watch_requests_running{{{SEL_MODEL}}}", "{{engine}} running"), T(f"moe_watch_requests_waiting{{{SEL_MODEL}}}", "{{engine}} waiting")), "short", ((10, YELLOW), (100, RED)), 12),
-        Panel("timeseries", "KV-cache usage and prefix hit ratio", "Usage above 0.95 is critical; a chat hit ratio is healthy above 0.40, alert below 0.20.",
-              (T(f"moe_watch_kv_cache_usage_ratio{{{SEL_MODEL}}}", "{{engine}} usage"), T(f"moe_watch_kv_cache_hit_ratio{{{SEL_MODEL}}}", "{{engine}} hit ratio")), "percentunit", ((0.95, RED),), 12, max_value=1),
-        Panel("timeseries", "Preemptions per second", "Above 0: KV pressure is evicting running requests.", (T(f"moe_watch_preemptions_per_second{{{SEL_MODEL}}}", "{{engine}}"),), "short", ((0.01, RED),), 12),
+        Panel("timeseries", "End-to-end latency P50 / P95 / P99", f"Side by side: a widening gap between P50 and P95/P99 is the MoE tail (hot experts, preemption). P95 above {D.e2e_p95_seconds:g} s warns.", quantiles("e2e"), "s", ((D.e2e_p95_seconds, RED),), 12),
+        Panel("timeseries", "Time to first token P50 / P95 / P99", f"Prefill time: grows with long prompts and queueing. P95 above {D.ttft_p95_seconds:g} s warns.", quantiles("ttft"), "s", ((D.ttft_p95_seconds, RED),), 12),
+        Panel("timeseries", "Inter-token latency P50 / P95 / P99", f"Decode time per token: grows with batch size, hot experts and preemption. P95 above {D.itl_p95_seconds:g} s warns.", quantiles("itl"), "s", ((D.itl_p95_seconds, RED),), 12),
+        Panel("timeseries", "Running and waiting requests", f"Waiting above {D.autoscale_up_waiting:g} is an autoscale signal; above {D.requests_waiting:g} warns (scale out).",
+              (T(f"moe_watch_requests_running{{{SEL_MODEL}}}", "{{engine}} running"), T(f"moe_watch_requests_waiting{{{SEL_MODEL}}}", "{{engine}} waiting")), "short", ((D.autoscale_up_waiting, YELLOW), (D.requests_waiting, RED)), 12),
+        Panel("timeseries", "KV-cache usage and prefix hit ratio", f"Usage above {D.kv_cache_usage:g} is critical; a chat hit ratio is healthy above {D.kv_cache_hit_ratio_healthy:g}, alert below {D.kv_cache_hit_ratio_low:g}.",
+              (T(f"moe_watch_kv_cache_usage_ratio{{{SEL_MODEL}}}", "{{engine}} usage"), T(f"moe_watch_kv_cache_hit_ratio{{{SEL_MODEL}}}", "{{engine}} hit ratio")), "percentunit", ((D.kv_cache_usage, RED),), 12, max_value=1),
+        Panel("timeseries", "Preemptions per second", f"Above {D.preemptions_per_second:g}: KV pressure is evicting running requests.", (T(f"moe_watch_preemptions_per_second{{{SEL_MODEL}}}", "{{engine}}"),), "short", ((D.preemptions_per_second, RED),), 12),
         Panel("timeseries", "Throughput", "Generated and prompt tokens per second over the window.",
               (T(f"moe_watch_generation_tokens_per_second{{{SEL_MODEL}}}", "{{engine}} generated"), T(f"moe_watch_prompt_tokens_per_second{{{SEL_MODEL}}}", "{{engine}} prompt")), "short", (), 12),
     ], ("engine",), with_model=True)  # fmt: skip
 
 
 def experts() -> dict[str, Any]:
-    assignments = f"sum by (layer, expert) (rate(moe_watch_expert_tokens_total{{{SEL}}}[2m]))"
-    share = f"{assignments} / on(layer) group_left() sum by (layer) (rate(moe_watch_expert_tokens_total{{{SEL}}}[2m]))"
+    cells = ("engine", "node", "layer", "load_rank")
+    by = f"max by ({', '.join(cells)})"
+    top = f"topk(10, {by} (moe_watch_expert_load_rank_token_share{{{SEL}}}))"
+    hottest_ids = f"{by} (moe_watch_expert_load_rank_expert_id{{{SEL}}}) and on(engine, layer, load_rank) {top}"
+    hottest = (
+        {"id": "merge", "options": {}},  # one row per (engine, layer, load_rank): share and id
+        {"id": "organize", "options": {
+            "excludeByName": {"Time": True},
+            "indexByName": {"engine": 0, "node": 1, "layer": 2, "load_rank": 3, "Value #B": 4, "Value #A": 5},
+            "renameByName": {"load_rank": "load rank", "Value #A": "token share", "Value #B": "expert"},
+        }},
+    )  # fmt: skip
+    tokens = f"sum by (layer, expert) (rate(moe_watch_expert_tokens_total{{{SEL}}}[{RATE}]))"
+    full_share = f"{tokens} / on(layer) group_left() sum by (layer) (rate(moe_watch_expert_tokens_total{{{SEL}}}[{RATE}]))"
+    corner = "layer\\load_rank"
+    plain_corner = by_name(
+        corner, **{"custom.cellOptions": {"type": "auto"}, "displayName": "layer"}
+    )
+    grid = {"showHeader": True, "cellHeight": "sm"}
     return dashboard("moe-watch-experts", "MoE experts", "Expert load: which expert of which layer is hot.", [
-        Panel("timeseries", "Skew per layer", "max/mean - 1 of tokens per expert, per layer. Healthy within 0.2; alert above 0.5 for 10 minutes.",
-              (T(f"moe_watch_expert_skew_ratio{{{SEL}}}", "layer {{layer}} (expert {{expert}})"),), "percentunit", ((0.2, YELLOW), (0.5, RED)), 12),
-        Panel("timeseries", "Max token share per layer", "Share of a layer's tokens through its hottest expert. Collapse above 0.40.",
-              (T(f"moe_watch_expert_max_token_share{{{SEL}}}", "layer {{layer}} (expert {{expert}})"),), "percentunit", ((0.4, RED),), 12, max_value=1),
-        Panel("heatmap", "Token share, layer x expert", "Share of each layer's routed assignments per expert (needs expert_full_detail: true). Even is 1/E; one bright cell is a hot expert.",
-              (T(share, "{{layer}}/{{expert}}", True),), "percentunit", (), 24, 10),
-        Panel("table", "Hottest experts", "The top-N (layer, expert) pairs by token share over the window.",
-              (T(f"sort_desc(moe_watch_expert_hot_token_share{{{SEL}}})", "", True),), "percentunit", ((0.4, RED),), 12),
-        Panel("bargauge", "EP-rank load", "Tokens to the experts on each expert-parallel rank / the mean rank (1 = even).",
-              (T(f"moe_watch_expert_rank_load_ratio{{{SEL}}}", "rank {{rank}}", True),), "short", ((1.2, YELLOW), (1.5, RED)), 12),
+        Panel("timeseries", "Skew per layer", f"max/mean - 1 of tokens per expert, per layer. Healthy within {D.expert_skew_healthy:g}; alert above {D.expert_skew:g}.",
+              (T(f"moe_watch_expert_skew_ratio{{{SEL}}}", "{{engine}} layer {{layer}}"),), "percentunit", ((D.expert_skew_healthy, YELLOW), (D.expert_skew, RED)), 12),
+        Panel("timeseries", "Max token share per layer", f"Share of a layer's tokens through its hottest expert (which one: the grids below). Collapse above {D.expert_collapse_share:g}.",
+              (T(f"moe_watch_expert_max_token_share{{{SEL}}}", "{{engine}} layer {{layer}}"),), "percentunit", ((D.expert_collapse_share, RED),), 12, max_value=1),
+        Panel("table", "Hottest experts", f"The 10 hottest (layer, load rank) cells by token share over the window, with the logical expert id in that cell. Collapse above {D.expert_collapse_share:g}.",
+              (T(top, "", True), T(hottest_ids, "", True)), "percentunit", ((D.expert_collapse_share, RED),), 12,
+              options={"showHeader": True, "sortBy": [{"displayName": "token share", "desc": True}]},
+              overrides=(by_name("token share", **{"custom.cellOptions": {"type": "color-background"}}),
+                         by_name("expert", unit="none", decimals=0)),
+              transformations=hottest),
+        Panel("bargauge", "EP-rank load", f"Tokens to the experts on each expert-parallel rank / the mean rank (1 = even). Alert above {D.ep_rank_load:g}.",
+              (T(f"moe_watch_expert_rank_load_ratio{{{SEL}}}", "{{engine}} rank {{rank}}", True),), "short", ((1 + D.expert_skew_healthy, YELLOW), (D.ep_rank_load, RED)), 12),
+        Row("Layer x load rank: $engine", repeat="engine"),
+        Panel("table", "Token share, layer x load rank", f"One row per MoE layer; column N is the share of the layer's tokens through its N-th most loaded expert (1 = hottest). Even is top-k / experts; a red cell (above {D.expert_collapse_share:g}) is a collapsing expert. Stable series for any model size: the full layer x expert id grid is opt-in (below).",
+              (T(f"max by (layer, load_rank) (moe_watch_expert_load_rank_token_share{{{SEL}}})", "", True),), "percentunit", ((D.expert_collapse_share, RED),), 12, 12,
+              options=grid, custom=COLOUR_CELLS, overrides=(plain_corner,), transformations=matrix("layer", "load_rank", MAX_LOAD_RANKS)),
+        Panel("table", "Expert id, layer x load rank", "Which logical expert sits in each cell of the token-share grid beside it (same layer, same load rank).",
+              (T(f"max by (layer, load_rank) (moe_watch_expert_load_rank_expert_id{{{SEL}}})", "", True),), "none", (), 12, 12, decimals=0,
+              options=grid, overrides=(by_name(corner, displayName="layer"),), transformations=matrix("layer", "load_rank", MAX_LOAD_RANKS)),
+        Panel("table", "Token share, layer x expert id (opt-in: expert_full_detail)", "Share of each layer's routed assignments per logical expert; even is 1/experts. Empty unless the agent runs with expert_full_detail: true (14,848 series per DeepSeek-V3 replica).",
+              (T(full_share, "", True),), "percentunit", ((D.expert_collapse_share, RED),), 24, 12,
+              options=grid, custom=COLOUR_CELLS, overrides=(by_name("layer\\expert", **{"custom.cellOptions": {"type": "auto"}, "displayName": "layer"}),),
+              transformations=matrix("layer", "expert", MAX_EXPERTS)),
     ], ("experts",))  # fmt: skip
 
 
 def gpus() -> dict[str, Any]:
     return dashboard("moe-watch-gpus", "MoE GPUs", "The node's GPUs: utilization spread, memory, temperature, power, headroom.", [
-        Panel("timeseries", "GPU utilization", "Healthy 0.80-0.95; alert below 0.60 or above 0.98. One GPU hot and the others idle is a hot expert.",
-              (T(f"moe_watch_gpu_utilization_ratio{{{SEL}}}", "GPU {{gpu}}"),), "percentunit", ((0.6, YELLOW), (0.98, RED)), 12, max_value=1),
-        Panel("timeseries", "Utilization spread per engine", "max - min utilization across the engine's GPUs (95 % vs 30 % = 0.65). Alert above 0.5.",
-              (T(f"moe_watch_engine_gpu_utilization_spread_ratio{{{SEL}}}", "{{engine}}"),), "percentunit", ((0.5, RED),), 12, max_value=1),
-        Panel("timeseries", "VRAM used", "Healthy 0.85-0.92; above 0.95 leaves no room for KV-cache spikes.",
-              (T(f"moe_watch_gpu_memory_used_ratio{{{SEL}}}", "GPU {{gpu}}"),), "percentunit", ((0.92, YELLOW), (0.95, RED)), 12, max_value=1),
-        Panel("timeseries", "Memory vs the sized budget", "NVML used / the plan's per-GPU budget (moe-watch size). Above 1: beyond the plan.",
-              (T(f"moe_watch_budget_used_ratio{{{SEL}}}", "GPU {{gpu}}"),), "percentunit", ((1, RED),), 12),
-        Panel("timeseries", "Temperature", "GPU temperature.", (T(f"moe_watch_gpu_temperature_celsius{{{SEL}}}", "GPU {{gpu}}"),), "celsius", ((85, RED),), 12),
+        Panel("timeseries", "GPU utilization", f"Alert below {D.gpu_utilization_low:g} or above {D.gpu_utilization_high:g}. One GPU hot and the others idle is a hot expert.",
+              (T(f"moe_watch_gpu_utilization_ratio{{{SEL}}}", "GPU {{gpu}}"),), "percentunit", ((D.gpu_utilization_low, YELLOW), (D.gpu_utilization_high, RED)), 12, max_value=1),
+        Panel("timeseries", "Utilization spread per engine", f"max - min utilization across the engine's GPUs (95 % vs 30 % = 0.65). Alert above {D.gpu_utilization_spread:g}.",
+              (T(f"moe_watch_engine_gpu_utilization_spread_ratio{{{SEL}}}", "{{engine}}"),), "percentunit", ((D.gpu_utilization_spread, RED),), 12, max_value=1),
+        Panel("timeseries", "VRAM used", f"Healthy up to {D.vram_used_healthy:g}; above {D.vram_used:g} leaves no room for KV-cache spikes.",
+              (T(f"moe_watch_gpu_memory_used_ratio{{{SEL}}}", "GPU {{gpu}}"),), "percentunit", ((D.vram_used_healthy, YELLOW), (D.vram_used, RED)), 12, max_value=1),
+        Panel("timeseries", "Memory vs the sized budget", f"NVML used / the plan's per-GPU budget (moe-watch size). Above {D.budget_used:g}: beyond the plan.",
+              (T(f"moe_watch_budget_used_ratio{{{SEL}}}", "GPU {{gpu}}"),), "percentunit", ((D.budget_used, RED),), 12),
+        Panel("timeseries", "Temperature", "GPU temperature (no moe-watch threshold: compare with the GPU's slowdown temperature).", (T(f"moe_watch_gpu_temperature_celsius{{{SEL}}}", "GPU {{gpu}}"),), "celsius", (), 12),
         Panel("timeseries", "Power", "GPU power draw.", (T(f"moe_watch_gpu_power_watts{{{SEL}}}", "GPU {{gpu}}"),), "watt", (), 12),
     ], ("gpus",))  # fmt: skip
 
