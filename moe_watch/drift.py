@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from moe_watch.sizing.catalog import ModelSpec, UnknownModel, find_model
 from moe_watch.sizing.plan import PlanFile
+from moe_watch.thresholds import DEFAULT as T
 
 MAX_MODEL_LEN_FACTOR = 2.0  # "far above the plan"
 
@@ -100,22 +101,33 @@ def find_drift(
     found: list[Drift] = []
     gmu = running.gpu_memory_utilization
     if gmu is not None:
-        if gmu >= 0.95:
+        if gmu >= T.gpu_memory_utilization_max:
             found.append(
                 Drift(
                     "gpu_memory_utilization",
                     f"{gmu:g}",
-                    "< 0.95",
-                    "0.95+ leaves no room for KV-cache spikes",
+                    f"< {T.gpu_memory_utilization_max:g}",
+                    f"{T.gpu_memory_utilization_max:g}+ leaves no room for KV-cache spikes",
                 )
             )
-        elif large and gmu > 0.80:
+        elif large and gmu > T.gpu_memory_utilization_large_moe:
             found.append(
-                Drift("gpu_memory_utilization", f"{gmu:g}", "<= 0.80", "large MoE: 0.75-0.80")
+                Drift(
+                    "gpu_memory_utilization",
+                    f"{gmu:g}",
+                    f"<= {T.gpu_memory_utilization_large_moe:g}",
+                    "large MoE: 0.75-0.80",
+                )
             )
-    if large and running.max_num_seqs is not None and running.max_num_seqs > 8:
+    seqs_limit = int(T.max_num_seqs_large_moe)
+    if large and running.max_num_seqs is not None and running.max_num_seqs > seqs_limit:
         found.append(
-            Drift("max_num_seqs", str(running.max_num_seqs), "<= 8", "large MoE: start at 4-8")
+            Drift(
+                "max_num_seqs",
+                str(running.max_num_seqs),
+                f"<= {seqs_limit}",
+                "large MoE: start at 4-8",
+            )
         )
     if running.enable_prefix_caching and running.kv_cache_dtype == "fp8":
         found.append(
