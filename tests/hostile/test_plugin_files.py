@@ -81,8 +81,8 @@ CASES: list[tuple[str, str, str]] = [
     ("null", "null", "bad_file"),
     ("not_utf8", "\udcff", "bad_file"),
     (
-        "huge_layer_list",
-        json.dumps(raw(layers=list(range(200_000)), counts=[[1, 1, 1, 1]] * 200_000)),
+        "many_layers",
+        json.dumps(raw(num_experts=64, layers=list(range(3000)), counts=[[1] * 64] * 3000)),
         "too_large",
     ),
 ]
