@@ -68,6 +68,7 @@ class Agent:
         self._pod_resources_runner: SourceRunner[dict[str, DeviceOwner]] | None = None
         self._gpu_pods: dict[str, DeviceOwner] = {}
         self._discovery_task: asyncio.Task[None] | None = None
+        self._discovery_runner: SourceRunner[int] | None = None  # hardening(#15)
         self._discovery_stop = asyncio.Event()
         self._budgets: dict[str, float] = {}
         self.proc_root = "/proc"  # hostPID in Kubernetes: the engines' processes are visible here
@@ -157,19 +158,21 @@ class Agent:
             )
 
     def _start_discovery(self) -> None:
-        from moe_watch.k8s.client import in_cluster
-        from moe_watch.k8s.discovery import PodWatcher
+        from moe_watch.k8s.client import ca_context, token_headers  # hardening(#15)
+        from moe_watch.k8s.discovery import DiscoverySource, PodWatcher  # hardening(#15)
 
         assert self._session is not None
         assert self.settings.node_name is not None
-        headers, tls = in_cluster()
         watcher = PodWatcher(
             self._session,
             self.settings.kube_api,
             self.settings.node_name,
-            headers=headers,
-            ssl=tls,
+            credentials=token_headers,  # hardening(#15): the token is re-read on every connect
+            ssl=ca_context(),  # hardening(#15)
             on_change=self.set_discovered,
+        )
+        self._discovery_runner = SourceRunner(  # hardening(#15): discovery in /status
+            DiscoverySource(watcher), timeout_seconds=1.0, clock=self._clock
         )
         self.discovery = watcher
         self._discovery_stop = asyncio.Event()
@@ -244,6 +247,8 @@ class Agent:
         """Collect all sources once (concurrently) and publish a new Snapshot."""
         started = time.perf_counter()
         self._apply_discovered()  # between cycles: the runner list is fixed within one
+        if self._discovery_runner is not None:  # hardening(#15): reads state only, no I/O
+            await self._discovery_runner.run()
         scrapes, reading, counts, balances, _ = await asyncio.gather(
             asyncio.gather(*(runner.run() for _, runner in self._engine_runners)),
             self._nvml_runner.run() if self._nvml_runner else _none(),
@@ -440,6 +445,8 @@ class Agent:
         runners += self._eplb_runners
         if self._pod_resources_runner is not None:
             runners.append(self._pod_resources_runner)
+        if self._discovery_runner is not None:  # hardening(#15)
+            runners.append(self._discovery_runner)
         if self._nvml_runner is not None:
             runners.insert(0, self._nvml_runner)
         return runners

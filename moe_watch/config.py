@@ -85,16 +85,48 @@ class TargetConfig(BaseModel):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8000, got {value!r}")
-        return value.rstrip("/")
+        return check_base_url(value)
 
     @field_validator("metrics_path")
     @classmethod
     def _check_path(cls, value: str) -> str:
         if not value.startswith("/"):
-            raise ValueError(f"must start with '/', got {value!r}")
+            raise ValueError(f"must start with '/', got {value[:100]!r}")
+        if len(value) > 1024 or not _URL_PATH.match(value):
+            raise ValueError(
+                f"must be a URL path (no spaces, query or fragment), got {value[:100]!r}"
+            )
         return value
+
+
+# hardening(#15): target URLs are validated where they enter. A base URL is scheme://host[:port]
+# (a path prefix is allowed); credentials in it would be sent as basic auth and echoed into logs
+# and /status, so they are refused, as are a query, a fragment and an invalid port.
+_URL_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+
+
+def check_base_url(value: str) -> str:
+    from yarl import URL
+
+    shown = re.sub(r"//[^/@]*@", "//***@", value)[:100]  # never echo a password
+
+    if not re.match(r"^https?://[^/\s]+", value) or any(c.isspace() for c in value):
+        raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8000, got {shown!r}")
+    try:
+        url = URL(value)
+        port = url.port  # raises on a port that is not a number
+    except (ValueError, TypeError):
+        raise ValueError(f"not a valid URL: {shown!r}") from None
+    if url.user is not None or url.password is not None:
+        raise ValueError(
+            "must not carry user:password@ (it would be echoed into logs and /status); "
+            "put credentials in front of the engine instead"
+        )
+    if not url.host or url.query_string or url.fragment:
+        raise ValueError(f"must be scheme://host[:port] without query or fragment, got {shown!r}")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"port out of range in {shown!r}")
+    return value.rstrip("/")
 
 
 def parse_target(spec: str) -> TargetConfig:
