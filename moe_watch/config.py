@@ -148,7 +148,7 @@ class Settings(BaseSettings):
 
     targets: Annotated[tuple[TargetConfig, ...], NoDecode] = ()
     listen: str = "0.0.0.0:9400"
-    interval_seconds: float = Field(default=5.0, gt=0, le=300)
+    interval_seconds: float = Field(default=5.0, ge=0.05, le=300)  # a floor: no busy loop
     window_seconds: float = Field(default=300.0, gt=0, le=86_400)
     scrape_timeout_seconds: float = Field(default=3.0, gt=0, le=120)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -170,6 +170,15 @@ class Settings(BaseSettings):
     expert_full_detail: bool = False
     # TLS and basic auth on the agent's endpoints (exporter-toolkit web config format); off by default.
     web_config_file: Path | None = None
+    # hardening(#15): bounds on the agent's own server, its basic auth and its shutdown
+    # (docs/configuration.md, "Bounds"). Readers' bounds are constants of their modules.
+    server_max_connections: int = Field(default=128, ge=1, le=65_536)
+    server_idle_timeout_seconds: float = Field(default=15.0, gt=0, le=3600)
+    server_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    server_max_header_bytes: int = Field(default=8190, ge=1024, le=65_536)
+    auth_workers: int = Field(default=2, ge=1, le=16)
+    auth_max_pending: int = Field(default=16, ge=1, le=1024)
+    shutdown_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -284,10 +293,12 @@ def _check_yaml(path: Path) -> None:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", exc)
+        problem = " ".join(str(getattr(exc, "problem", exc)).split())  # one line, always
         raise ConfigError(f"config file {where}: not valid YAML ({problem})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: nested too deeply to be a settings file") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
 
