@@ -301,5 +301,9 @@ async def test_the_agent_scrapes_discovered_pods_and_attributes_gpus_by_cgroup(
     owners = {view.sample.index: view.engine for view in snap.gpus}
     assert owners == {0: None, 1: "llm/mixtral-0"}
     assert dict(after.targets_up) == {}
+    discovery = next(status for status in snap.sources if status.name == "discovery")
+    assert discovery.up  # discovery is a source like the others: in /status and self-metrics
+    up = [dict(labels) for name, labels in exposition(snap) if name == "moe_watch_source_up"]
+    assert {"source": "discovery"} in up
     info = [dict(labels) for name, labels in exposition(snap) if name == "moe_watch_engine_info"]
     assert (info[0]["namespace"], info[0]["pod"]) == ("llm", "mixtral-0")
