@@ -42,6 +42,17 @@ def _agent_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a usage line, not a traceback, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-watch",
@@ -103,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="h100-80",
         help="a100-40|a100-80|h100-80|h200-141|b200-192|l40s-48|a10g-24|l4-24",
     )
-    size.add_argument("--gpus", type=int, default=1)
-    size.add_argument("--max-model-len", type=int, default=8192)
-    size.add_argument("--max-num-seqs", type=int, default=8)
+    size.add_argument("--gpus", type=_positive_int, default=1)
+    size.add_argument("--max-model-len", type=_positive_int, default=8192)
+    size.add_argument("--max-num-seqs", type=_positive_int, default=8)
     size.add_argument("--json", action="store_true", help="machine-readable output")
 
     rules = commands.add_parser(

@@ -95,16 +95,48 @@ class TargetConfig(BaseModel):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8000, got {value!r}")
-        return value.rstrip("/")
+        return check_base_url(value)
 
     @field_validator("metrics_path")
     @classmethod
     def _check_path(cls, value: str) -> str:
         if not value.startswith("/"):
-            raise ValueError(f"must start with '/', got {value!r}")
+            raise ValueError(f"must start with '/', got {value[:100]!r}")
+        if len(value) > 1024 or not _URL_PATH.match(value):
+            raise ValueError(
+                f"must be a URL path (no spaces, query or fragment), got {value[:100]!r}"
+            )
         return value
+
+
+# hardening(#15): target URLs are validated where they enter. A base URL is scheme://host[:port]
+# (a path prefix is allowed); credentials in it would be sent as basic auth and echoed into logs
+# and /status, so they are refused, as are a query, a fragment and an invalid port.
+_URL_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+
+
+def check_base_url(value: str) -> str:
+    from yarl import URL
+
+    shown = re.sub(r"//[^/@]*@", "//***@", value)[:100]  # never echo a password
+
+    if not re.match(r"^https?://[^/\s]+", value) or any(c.isspace() for c in value):
+        raise ValueError(f"must be an http(s) URL such as http://127.0.0.1:8000, got {shown!r}")
+    try:
+        url = URL(value)
+        port = url.port  # raises on a port that is not a number
+    except (ValueError, TypeError):
+        raise ValueError(f"not a valid URL: {shown!r}") from None
+    if url.user is not None or url.password is not None:
+        raise ValueError(
+            "must not carry user:password@ (it would be echoed into logs and /status); "
+            "put credentials in front of the engine instead"
+        )
+    if not url.host or url.query_string or url.fragment:
+        raise ValueError(f"must be scheme://host[:port] without query or fragment, got {shown!r}")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"port out of range in {shown!r}")
+    return value.rstrip("/")
 
 
 def parse_target(spec: str) -> TargetConfig:
@@ -126,7 +158,7 @@ class Settings(BaseSettings):
 
     targets: Annotated[tuple[TargetConfig, ...], NoDecode] = ()
     listen: str = "0.0.0.0:9400"
-    interval_seconds: float = Field(default=5.0, gt=0, le=300)
+    interval_seconds: float = Field(default=5.0, ge=0.05, le=300)  # a floor: no busy loop
     window_seconds: float = Field(default=300.0, gt=0, le=86_400)
     scrape_timeout_seconds: float = Field(default=3.0, gt=0, le=120)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -148,6 +180,15 @@ class Settings(BaseSettings):
     expert_full_detail: bool = False
     # TLS and basic auth on the agent's endpoints (exporter-toolkit web config format); off by default.
     web_config_file: Path | None = None
+    # hardening(#15): bounds on the agent's own server, its basic auth and its shutdown
+    # (docs/configuration.md, "Bounds"). Readers' bounds are constants of their modules.
+    server_max_connections: int = Field(default=128, ge=1, le=65_536)
+    server_idle_timeout_seconds: float = Field(default=15.0, gt=0, le=3600)
+    server_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    server_max_header_bytes: int = Field(default=8190, ge=1024, le=65_536)
+    auth_workers: int = Field(default=2, ge=1, le=16)
+    auth_max_pending: int = Field(default=16, ge=1, le=1024)
+    shutdown_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -262,10 +303,12 @@ def _check_yaml(path: Path) -> None:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", exc)
+        problem = " ".join(str(getattr(exc, "problem", exc)).split())  # one line, always
         raise ConfigError(f"config file {where}: not valid YAML ({problem})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: nested too deeply to be a settings file") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
 

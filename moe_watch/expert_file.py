@@ -16,10 +16,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from moe_watch.safe_io import FileRejected, read_regular
+
 FORMAT = "moe-watch-expert-counts/1"
 SUFFIX = ".experts.json"
 TEMP_PREFIX = ".tmp-"  # temporary files: never read (the suffix alone would match them)
-MAX_BYTES = 64 * 1024 * 1024  # a DeepSeek-V3 worker's file is ~100 KB; refuse absurd ones
+# Bounds (docs/configuration.md, "Bounds"). A DeepSeek-V3 worker's file is ~100 KB and 15,616 cells.
+MAX_BYTES = 8 * 1024 * 1024
+MAX_CELLS = 1 << 17  # layers x experts of one file
 
 
 @dataclass(frozen=True)
@@ -67,28 +71,39 @@ def write_counts_file(path: Path, data: CountsFile) -> None:
         raise
 
 
-def read_counts_file(path: Path) -> CountsFile:
-    """Parse and validate one file. Raises ValueError saying what is wrong.
+def read_counts_file(
+    path: Path, *, max_bytes: int = MAX_BYTES, max_cells: int = MAX_CELLS
+) -> CountsFile:
+    """Parse and validate one file. Raises FileRejected (a ValueError) saying what is wrong,
+    with a ``reason``: ``bad_file``, ``too_large``, ``not_regular``, ``symlink``, ``unreadable``.
 
-    Fields this reader does not know are ignored (a newer plugin may add some within format /1);
-    a missing required field, a wrong type or inconsistent shapes are errors. A file that does
-    not exist (a worker removed it at exit) raises FileNotFoundError.
+    The file must be a regular file (opened non-blocking, symlinks not followed) of at most
+    ``max_bytes`` with at most ``max_cells`` counts. Fields this reader does not know are
+    ignored (a newer plugin may add some within format /1); a missing required field, a wrong
+    type or inconsistent shapes are errors. A file that does not exist (a worker removed it at
+    exit) raises FileNotFoundError.
     """
     try:
-        if path.stat().st_size > MAX_BYTES:
-            raise ValueError(f"{path.name}: larger than {MAX_BYTES} bytes")
-        raw: Any = json.loads(path.read_text(encoding="utf-8"))
+        raw: Any = json.loads(read_regular(path, max_bytes).decode("utf-8"))
     except FileNotFoundError:
         raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path.name}: unreadable ({exc})") from None
+    except FileRejected as exc:
+        raise FileRejected(exc.reason, f"{path.name}: unreadable ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: JSON nested thousands deep; it must not take the source down
+        raise FileRejected("bad_file", f"{path.name}: unreadable ({type(exc).__name__})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ValueError(f"{path.name}: not a {FORMAT} file")
+        raise FileRejected("bad_file", f"{path.name}: not a {FORMAT} file")
     missing = [name for name in _REQUIRED if name not in raw]
     if missing:
-        raise ValueError(f"{path.name}: missing {', '.join(missing)}")
+        raise FileRejected("bad_file", f"{path.name}: missing {', '.join(missing)}")
     data = CountsFile(**{key: value for key, value in raw.items() if key in _KNOWN})
-    _check(path.name, data)
+    try:
+        _check(path.name, data, max_cells)
+    except FileRejected:
+        raise
+    except ValueError as exc:
+        raise FileRejected("bad_file", str(exc)) from None
     return data
 
 
@@ -100,7 +115,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check(name: str, data: CountsFile) -> None:
+def _check(name: str, data: CountsFile, max_cells: int = MAX_CELLS) -> None:
     for key in ("pid", "top_k", "num_experts", "dp_rank", "tp_rank", "pp_rank", "ep_rank"):
         value = getattr(data, key)
         if not _is_int(value) or value < 0:
@@ -116,9 +131,15 @@ def _check(name: str, data: CountsFile) -> None:
         raise ValueError(f"{name}: sequence_parallel is not a boolean")
     if not (1 <= data.top_k <= data.num_experts):
         raise ValueError(f"{name}: top_k {data.top_k} does not fit {data.num_experts} experts")
-    if not isinstance(data.layers, list) or not all(
-        _is_int(layer) and layer >= 0 for layer in data.layers
-    ):
+    if not isinstance(data.layers, list):
+        raise ValueError(f"{name}: layers is not a list of layer indices")
+    if len(data.layers) * data.num_experts > max_cells:  # window x cells: RSS would follow
+        raise FileRejected(
+            "too_large",
+            f"{name}: {len(data.layers)} layers x {data.num_experts} experts is over "
+            f"{max_cells} cells",
+        )
+    if not all(_is_int(layer) and layer >= 0 for layer in data.layers):
         raise ValueError(f"{name}: layers is not a list of layer indices")
     if len(set(data.layers)) != len(data.layers):
         raise ValueError(f"{name}: a layer is listed twice")

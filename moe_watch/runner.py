@@ -65,10 +65,11 @@ class SourceRunner(Generic[T]):
         result: T | None = None
         reason: str | None = None
         message = ""
+        counted = True
         try:
             result = await asyncio.wait_for(self.source.collect(problems), self._timeout)
         except SourceError as exc:
-            reason, message = exc.reason, exc.message
+            reason, message, counted = exc.reason, exc.message, exc.counted
         except asyncio.TimeoutError:
             reason, message = "timeout", f"no result within {self._timeout:g}s"
         except Exception as exc:  # a bug in a source must not take the agent down
@@ -81,7 +82,8 @@ class SourceRunner(Generic[T]):
             self._last_error = None
             self._transition(up=True, reason=None, message="")
         else:
-            self._errors[reason] += 1
+            if counted:
+                self._errors[reason] += 1
             self._last_error = f"{reason}: {message}"
             self._transition(up=False, reason=reason, message=message)
         return result

@@ -6,6 +6,7 @@ small window of them; signals (pure functions) read them.
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -140,7 +141,12 @@ class ExpertCounts:
     total: float = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "total", sum(map(sum, self.counts)))
+        total = sum(map(sum, self.counts))
+        # hardening(#15): NaN, infinite or negative counts never reach the signals (sources
+        # refuse them with a reason first; this is the last line).
+        if not (math.isfinite(total) and all(min(row, default=0.0) >= 0.0 for row in self.counts)):
+            raise ValueError(f"expert counts of {self.engine} are not finite and non-negative")
+        object.__setattr__(self, "total", total)
 
 
 @dataclass(frozen=True, slots=True)

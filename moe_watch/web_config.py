@@ -13,14 +13,24 @@ basic_auth_users:
   prometheus: $2y$10$...                           # bcrypt hash (htpasswd -nBC 10 prometheus)
 ```
 /healthz and /readyz stay open: kubelet probes carry no credentials.
+
+bcrypt is slow by design (~75 ms at cost 10), so it never runs on the event loop: checks run on
+a small thread pool (``workers``), at most ``max_pending`` at a time (more get 429 at once), and
+an unknown user is checked against a dummy hash of the same cost, so a wrong user name costs
+what a wrong password costs (user names are not enumerable by timing). Hashes are validated at
+load; a password over bcrypt's 72-byte limit is a 401.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import re
 import ssl
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +40,9 @@ from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_BCRYPT = re.compile(r"^\$2[aby]\$(?P<cost>0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+MAX_PASSWORD_BYTES = 72  # bcrypt's limit: longer passwords are refused, not truncated
+_VERIFIED_MAX = 256
 
 
 class TlsServerConfig(BaseModel):
@@ -53,14 +66,25 @@ class WebConfigError(ValueError):
 def load_web_config(path: Path) -> WebConfig:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise TypeError("expected a mapping at the top level")
         config = WebConfig(**data)
-    except (OSError, yaml.YAMLError) as exc:
-        raise WebConfigError(f"web config {path}: cannot be read ({exc})") from None
-    except (ValidationError, TypeError) as exc:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        if isinstance(exc, ValidationError):
+            raise WebConfigError(f"web config {path}: {_first_error(exc)}") from None
+        raise WebConfigError(
+            f"web config {path}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
+    except TypeError as exc:
         raise WebConfigError(f"web config {path}: {_first_error(exc)}") from None
     for user, hashed in config.basic_auth_users.items():
         if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
             raise WebConfigError(f"web config {path}: basic_auth_users.{user} is not a bcrypt hash")
+        if not _valid_hash(hashed):
+            raise WebConfigError(
+                f"web config {path}: basic_auth_users.{user} is not a valid bcrypt hash "
+                "(make one with htpasswd -nBC 10 USER)"
+            )
     if config.tls_server_config is not None:
         ssl_context(config.tls_server_config, path)  # fail at start-up, not at the first scrape
     return config
@@ -85,29 +109,97 @@ def ssl_context(tls: TlsServerConfig, source: Path | None = None) -> ssl.SSLCont
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def basic_auth_middleware(users: dict[str, str]) -> Middleware:
-    """401 without valid credentials. bcrypt is slow by design: verified credentials are cached
-    (as a SHA-256 of user and password) so a 15 s scrape interval does not pay it every time."""
+def _valid_hash(hashed: str) -> bool:
+    """The hash has bcrypt's shape and bcrypt accepts it (checked once, at load)."""
     import bcrypt
 
-    verified: set[str] = set()
+    if not _BCRYPT.match(hashed):
+        return False
+    try:
+        bcrypt.checkpw(b"", hashed.encode())
+    except ValueError:
+        return False
+    return True
 
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
-            return await handler(request)
-        credentials = _basic_credentials(request.headers.get("Authorization", ""))
-        if credentials is not None and credentials[0] in users:
-            login, password = credentials
-            key = hashlib.sha256(f"{login}\0{password}".encode()).hexdigest()
-            if key in verified or bcrypt.checkpw(password.encode(), users[login].encode()):
-                verified.add(key)
-                return await handler(request)
+
+def _cost(hashed: str) -> int:
+    match = _BCRYPT.match(hashed)
+    return int(match["cost"]) if match else 10
+
+
+def basic_auth_middleware(
+    users: dict[str, str],
+    app: web.Application | None = None,
+    *,
+    workers: int = 2,
+    max_pending: int = 16,
+) -> Middleware:
+    """401 without valid credentials. bcrypt runs on a bounded pool, never on the event loop;
+    verified credentials are cached (a SHA-256 of user and password, at most 256 of them) so a
+    15 s scrape interval does not pay it every time."""
+    import bcrypt
+
+    dummy = bcrypt.hashpw(b"moe-watch", bcrypt.gensalt(max(map(_cost, users.values()), default=10)))
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe-watch-auth")
+    verified: OrderedDict[str, None] = OrderedDict()
+    pending = 0
+
+    def checkpw(password: bytes, hashed: bytes) -> bool:
+        try:
+            return bool(bcrypt.checkpw(password, hashed))
+        except ValueError:  # validated at load; never a 500 whatever arrives
+            return False
+
+    if app is not None:
+
+        async def shutdown_pool(_: web.Application) -> None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+        app.on_cleanup.append(shutdown_pool)
+
+    def refused(status: int = 401) -> web.Response:
+        if status == 429:
+            return web.Response(
+                status=429, text="too many requests\n", headers={"Retry-After": "1"}
+            )
         return web.Response(
             status=401,
             text="unauthorized\n",
             headers={"WWW-Authenticate": 'Basic realm="moe-watch"'},
         )
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal pending
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        credentials = _basic_credentials(request.headers.get("Authorization", ""))
+        if credentials is None:
+            return refused()
+        login, password = credentials
+        secret = password.encode()
+        if len(secret) > MAX_PASSWORD_BYTES:
+            return refused()
+        key = hashlib.sha256(f"{login}\0{password}".encode()).hexdigest()
+        if key in verified:
+            verified.move_to_end(key)
+            return await handler(request)
+        if pending >= max_pending:  # a flood: answer at once instead of queueing without end
+            return refused(429)
+        known = users.get(login)
+        pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            target = known.encode() if known is not None else dummy  # constant work
+            ok = await loop.run_in_executor(executor, checkpw, secret, target)
+        finally:
+            pending -= 1
+        if not ok or known is None:
+            return refused()
+        verified[key] = None
+        while len(verified) > _VERIFIED_MAX:
+            verified.popitem(last=False)
+        return await handler(request)
 
     return check
 

@@ -35,3 +35,51 @@ def test_serve_freezes_the_start_up_heap_before_collecting() -> None:
     frozen = [line for line in done.stdout.splitlines() if line.startswith("frozen ")]
     assert frozen, done.stdout[-2000:]
     assert int(frozen[0].split()[1]) > 10_000  # the libraries' objects (~60,000), not a handful
+
+
+async def test_shutdown_is_bounded_whatever_a_source_is_doing() -> None:
+    """A scrape that hangs within a 60 s timeout (up to 120 s is allowed, 3 calls per target)
+    must not hold SIGTERM past shutdown_timeout_seconds: Kubernetes kills at 30 s."""
+    import asyncio
+    import time
+
+    from aiohttp import web
+
+    from moe_watch.config import load_settings
+    from moe_watch.server import start_server
+    from moe_watch.service import serve
+
+    arrived = asyncio.Event()
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        arrived.set()
+        await never.wait()
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_get("/metrics", hang)
+    engine, url = await start_server(app, "127.0.0.1", 0)
+    settings = load_settings(
+        None,
+        targets=[f"slow={url}"],
+        nvml="off",
+        listen="127.0.0.1:0",
+        scrape_timeout_seconds=60,
+        shutdown_timeout_seconds=1.0,
+    )
+    stop = asyncio.Event()
+
+    async def started(agent_url: str, agent: object) -> None:
+        await asyncio.wait_for(arrived.wait(), 10)  # the cycle is inside the hanging scrape
+        stop.set()
+
+    began = time.perf_counter()
+    try:
+        await asyncio.wait_for(serve(settings, stop=stop, on_started=started), 30)
+        elapsed = time.perf_counter() - began
+    finally:
+        never.set()
+        await engine.cleanup()
+    assert arrived.is_set()
+    assert elapsed < 1.0 + 2.0, elapsed  # the bound, plus slack for a loaded machine

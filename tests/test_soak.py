@@ -1,7 +1,8 @@
 """A bounded soak with faults: engines flapping, returning garbage, hanging and restarting; a GPU
-lost and back; the expert plugin restarting; a discovered target removed. The agent must not
-crash, must count every fault under its reason, must never export a failed or vanished engine's
-series as fresh, and must not grow."""
+lost and back; the expert plugin restarting; a discovered target removed; hostile files next to
+the plugin's (a FIFO, a symlink to /dev/zero, JSON nested 100,000 deep) and an EPLB log line
+that never ends (issue #15). The agent must not crash, must count every fault under its reason,
+must never export a failed or vanished engine's series as fresh, and must not grow."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from moe_watch.k8s.discovery import PodTarget
 from tests.test_agent import exposition
 
 CYCLES = 240
+HOSTILE_FROM = 30
+ENDLESS_FROM = 60
 
 
 def rss_mb() -> float:
@@ -54,6 +57,8 @@ async def test_soak_with_faults(tmp_path: Path) -> None:
         )
     experts = tmp_path / "experts"
     experts.mkdir()
+    eplb_log = tmp_path / "vllm.log"
+    eplb_log.write_text("")
     nvml = FakeNvml.with_gpus(4)
     targets = [
         {
@@ -61,6 +66,7 @@ async def test_soak_with_faults(tmp_path: Path) -> None:
             "url": servers["steady"].url,
             "gpus": [0, 1],
             "experts": {"directory": str(experts)},
+            "eplb_log": str(eplb_log),
         },
         {"name": "flappy", "url": servers["flappy"].url, "gpus": [2]},
         {"name": "restarts", "url": servers["restarts"].url, "gpus": [3]},
@@ -100,6 +106,19 @@ async def test_soak_with_faults(tmp_path: Path) -> None:
                     plugin_file(experts, started, cycle, clock[0])
                 if cycle == 200:
                     agent.set_discovered({})  # the pod went away
+                if cycle == HOSTILE_FROM:  # they stay: counted every cycle, never read
+                    os.mkfifo(experts / "fifo.experts.json")
+                    (experts / "zero.experts.json").symlink_to("/dev/zero")
+                    (experts / "deep.experts.json").write_text("[" * 100_000 + "]" * 100_000)
+                with eplb_log.open("a") as stream:
+                    if ENDLESS_FROM <= cycle < ENDLESS_FROM + 10:  # 10 x 16 KiB, no newline
+                        stream.write("x" * 16 * 1024)
+                    else:
+                        stream.write(
+                            f"EPLB step: {cycle} for model m: avg_tokens=500.00, "
+                            f"max_tokens=1000, balancedness=0.5000, steps until the next "
+                            "rearrangement: 2880\n"
+                        )
 
                 snap = await agent.run_cycle()
                 metrics = exposition(snap)
@@ -140,11 +159,22 @@ async def test_soak_with_faults(tmp_path: Path) -> None:
             flappy_errors = next(s for s in snap.sources if s.name == "engine:flappy").errors_total
             nvml_errors = next(s for s in snap.sources if s.name == "nvml").errors_total
             expert_status = next(s for s in snap.sources if s.name == "experts:steady")
+            eplb_status = next(s for s in snap.sources if s.name == "eplb:steady")
+            balancedness = dict(snap.eplb_balancedness)
     finally:
         for server in servers.values():
             await server.stop()
     assert {reason: flappy_errors.get(reason, 0) for reason in injected} == injected
     assert nvml_errors.get("gpu_lost") == 50
-    assert expert_status.errors_total.get("no_data") == 10  # the ten cycles without a plugin file
+    hostile_cycles = CYCLES - HOSTILE_FROM
+    assert dict(expert_status.errors_total) == {
+        "no_data": 10,  # the ten cycles without a plugin file
+        "not_regular": hostile_cycles,  # the FIFO: refused, never blocking a thread
+        "symlink": hostile_cycles,  # /dev/zero: not followed
+        "bad_file": hostile_cycles,  # the deep JSON: not a RecursionError
+    }
     assert expert_status.up
+    assert dict(eplb_status.errors_total) == {"line_too_long": 1}
+    assert eplb_status.up
+    assert balancedness == {("steady", "m"): 0.5}  # following resumed after the endless line
     assert rss_end - rss_mid < 20, f"RSS grew {rss_end - rss_mid:.1f} MB over {CYCLES - 100} cycles"

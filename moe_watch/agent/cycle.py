@@ -50,6 +50,7 @@ class Agent:
         self._pids: tuple[int, ...] = ()  # on the GPUs in the latest NVML reading
         self._kubelet: dict[str, DeviceOwner] = {}  # GPU UUID -> owner, from pod-resources
         self.discovery: PodWatcher | None = None
+        self._discovery_runner: SourceRunner[int] | None = None  # discovery in /status
         self._discovery_task: asyncio.Task[None] | None = None
         self._discovery_stop = asyncio.Event()
         self._pending_pods: dict[str, PodTarget] | None = None
@@ -119,20 +120,24 @@ class Agent:
         self._targets[config.name] = EngineTarget(config, self.settings, self._session, self._clock)
 
     def _start_discovery(self) -> None:
-        from moe_watch.k8s.client import in_cluster
+        from moe_watch.k8s.client import ca_context, token_headers
+        from moe_watch.k8s.discovery import DiscoverySource
 
         assert self._session is not None
         assert self.settings.node_name is not None
-        headers, tls = in_cluster()
         watcher = PodWatcher(
             self._session,
             self.settings.kube_api,
             self.settings.node_name,
-            headers=headers,
-            ssl=tls,
+            credentials=token_headers,  # bound tokens rotate: re-read on every connect
+            ssl=ca_context(),
             on_change=self.set_discovered,
         )
         self.discovery = watcher
+        # Discovery runs on its own task; its runner reports what it saw, like any source.
+        self._discovery_runner = SourceRunner(
+            DiscoverySource(watcher), timeout_seconds=1.0, clock=self._clock
+        )
         self._discovery_stop = asyncio.Event()
         self._discovery_task = asyncio.get_running_loop().create_task(
             watcher.run(self._discovery_stop)
@@ -163,6 +168,8 @@ class Agent:
         """Collect all sources once (concurrently) and publish a new Snapshot."""
         started = time.perf_counter()
         self._apply_discovered()  # between cycles: the target list is fixed within one
+        if self._discovery_runner is not None:  # reads the watcher's state only, no I/O
+            await self._discovery_runner.run()
         targets = list(self._targets.values())
         readings, reading, _ = await asyncio.gather(
             asyncio.gather(*(target.collect() for target in targets)),
@@ -237,4 +244,6 @@ class Agent:
             runners.append(self._pod_resources_runner)
         if self._proc_runner is not None:
             runners.append(self._proc_runner)
+        if self._discovery_runner is not None:
+            runners.append(self._discovery_runner)
         return runners

@@ -8,14 +8,13 @@ Definitions (docs/experts.md), for one layer with window counts c_e over E exper
 - EP-rank load_r = sum of c over the experts on rank r / mean over ranks (1 = even)
 - load rank     = 1 for a layer's most loaded expert, 2 for the next ...: the per-layer top N are
                   published by rank, so series keep their identity when the hottest expert changes
-All functions are pure; None means "no traffic in the window", never a fake 0. A layer whose
-window counts are not finite (a corrupt source) is skipped, never raised.
+All functions are pure; None means "no traffic in the window", never a fake 0. Counts are
+finite and non-negative by construction (samples.ExpertCounts refuses anything else).
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 import operator
 from array import array
 from collections.abc import Sequence
@@ -158,8 +157,6 @@ def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 4) -> 
     experts = range(latest.num_experts)
     for layer, row in zip(latest.layers, delta, strict=True):
         total = sum(row)
-        if not math.isfinite(total) or min(row, default=0.0) < 0:
-            continue  # corrupt input (NaN, inf, a negative increase): no number beats a wrong one
         layer_skew, layer_balance = skew(row), balancedness(row)
         if layer_skew is None or layer_balance is None:
             continue  # no traffic through this layer in the window

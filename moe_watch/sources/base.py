@@ -18,10 +18,13 @@ T_co = TypeVar("T_co", covariant=True)
 class SourceError(Exception):
     """A source could not produce a result this cycle."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, counted: bool = True) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        # False: the failure was already counted as it happened (through Problems), so the
+        # runner marks the source down without counting it again every cycle (discovery).
+        self.counted = counted
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.message}"

@@ -68,6 +68,8 @@ class EngineSource:
         except ExpositionError as exc:
             raise SourceError(exc.reason, str(exc)) from None
         self._kind = parsed.kind  # detected once, then fixed: a later garbage body is an error
+        if parsed.series_dropped:
+            problems.add("series_limit")
         now = self._clock()
         if self._metadata_at is None or now - self._metadata_at >= METADATA_REFRESH_SECONDS:
             await self._refresh_metadata(problems)
@@ -98,7 +100,10 @@ class EngineSource:
             raise SourceError("http", f"request to {url} failed: {exc}") from None
 
     async def _read(self, url: str, limit: int) -> bytes:
-        async with self._session.get(url, headers={"Accept": ACCEPT}) as response:
+        # Redirects are not followed: a target answers where it was configured or is down.
+        async with self._session.get(
+            url, headers={"Accept": ACCEPT}, allow_redirects=False
+        ) as response:
             if response.status != 200:
                 raise SourceError("http_status", f"{url} answered HTTP {response.status}")
             if response.content_length is not None and response.content_length > limit:

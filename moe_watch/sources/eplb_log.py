@@ -8,6 +8,12 @@ vLLM has no per-expert metric, but with EPLB logging on it prints, every
 This source follows that log (a file the engine's stdout is written to, e.g. a container log
 path) like ``tail -F``: from the end on first open, from the start after rotation or truncation,
 at most ``max_bytes_per_cycle`` per cycle so a huge backlog never stalls the agent.
+
+The path is opened non-blocking and must be a regular file: a FIFO or a device is refused
+(``not_regular``) rather than blocking a worker thread or reading without end. Symlinks are
+followed here (the operator names the path, and ``/var/log/containers/*.log`` are symlinks).
+A line longer than ``max_line_bytes`` is dropped and counted (``line_too_long``): the partial
+line kept between cycles never grows past that bound.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import os
 import re
 from pathlib import Path
 
+from moe_watch.safe_io import FileRejected, open_regular
 from moe_watch.samples import EplbBalance
 from moe_watch.sources.base import Problems, SourceError
+
+MAX_LINE_BYTES = 64 * 1024  # an EPLB line is ~200 bytes
 
 EPLB_LINE = re.compile(
     r"EPLB step: (?P<step>\d+) for model (?P<model>\S+?): avg_tokens=(?P<avg>[0-9.eE+-]+), "
@@ -38,11 +47,18 @@ def parse_eplb_lines(text: str) -> dict[str, float]:
 
 class EplbLogSource:
     def __init__(
-        self, engine: str, path: Path, *, max_bytes_per_cycle: int = 4 * 1024 * 1024
+        self,
+        engine: str,
+        path: Path,
+        *,
+        max_bytes_per_cycle: int = 4 * 1024 * 1024,
+        max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         self.engine = engine
         self._path = path
         self._max_bytes = max_bytes_per_cycle
+        self._max_line = max_line_bytes
+        self._skipping = False  # inside a line over the bound: drop up to its newline
         self._inode: int | None = None
         self._offset = 0
         self._partial = b""
@@ -53,29 +69,41 @@ class EplbLogSource:
         return f"eplb:{self.engine}"
 
     async def collect(self, problems: Problems) -> EplbBalance:
-        text = await asyncio.to_thread(self._read_new)
+        text = await asyncio.to_thread(self._read_new, problems)
         self._latest.update(parse_eplb_lines(text))
         return EplbBalance(self.engine, dict(self._latest))
 
-    def _read_new(self) -> str:
+    def _read_new(self, problems: Problems) -> str:
         try:
-            stat = os.stat(self._path)
+            fd, stat = open_regular(self._path, follow_symlinks=True)
+        except FileRejected as exc:
+            raise SourceError(exc.reason, f"the EPLB log {exc}") from None
         except OSError as exc:
             raise SourceError(
                 "no_log", f"cannot read the EPLB log {self._path}: {exc.strerror}"
             ) from None
-        if self._inode is None:  # first open: only what is written from now on
-            self._inode, self._offset = stat.st_ino, stat.st_size
-        elif stat.st_ino != self._inode or stat.st_size < self._offset:  # rotated or truncated
-            self._inode, self._offset, self._partial = stat.st_ino, 0, b""
-        if stat.st_size == self._offset:
-            return ""
-        with open(self._path, "rb") as stream:
-            stream.seek(self._offset)
-            chunk = stream.read(self._max_bytes)
+        try:
+            if self._inode is None:  # first open: only what is written from now on
+                self._inode, self._offset = stat.st_ino, stat.st_size
+            elif stat.st_ino != self._inode or stat.st_size < self._offset:  # rotated, truncated
+                self._inode, self._offset, self._partial = stat.st_ino, 0, b""
+                self._skipping = False
+            if stat.st_size == self._offset:
+                return ""
+            chunk = os.pread(fd, min(self._max_bytes, stat.st_size - self._offset), self._offset)
+        finally:
+            os.close(fd)
         self._offset += len(chunk)
+        if self._skipping:  # the rest of an over-long line: drop it up to its newline
+            end = chunk.find(b"\n")
+            if end < 0:
+                return ""
+            chunk, self._skipping = chunk[end + 1 :], False
         data = self._partial + chunk
         complete, _, self._partial = data.rpartition(b"\n")  # keep a half-written last line
+        if len(self._partial) > self._max_line:
+            problems.add("line_too_long")
+            self._partial, self._skipping = b"", True
         return complete.decode("utf-8", errors="replace") + ("\n" if complete else "")
 
     async def close(self) -> None:

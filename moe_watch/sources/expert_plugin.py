@@ -14,15 +14,29 @@ double counting:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from array import array
 from collections.abc import Callable
 from operator import add
 from pathlib import Path
 
-from moe_watch.expert_file import SUFFIX, TEMP_PREFIX, CountsFile, read_counts_file
+from moe_watch.expert_file import (
+    MAX_BYTES,
+    MAX_CELLS,
+    SUFFIX,
+    TEMP_PREFIX,
+    CountsFile,
+    read_counts_file,
+)
+from moe_watch.safe_io import FileRejected
 from moe_watch.samples import ExpertCounts
 from moe_watch.sources.base import Problems, SourceError
+
+# Files read per cycle (one per counting worker: a node has a few). More is a flood: only the
+# most recently written are read and ``too_many_files`` is counted.
+MAX_FILES_PER_CYCLE = 64
+MAX_SCAN_ENTRIES = 4096  # directory entries looked at per cycle
 
 
 def usable(files: list[CountsFile]) -> list[CountsFile]:
@@ -70,8 +84,14 @@ class PluginExpertSource:
         *,
         stale_after_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
+        max_file_bytes: int = MAX_BYTES,
+        max_cells: int = MAX_CELLS,
+        max_files: int = MAX_FILES_PER_CYCLE,
     ) -> None:
         self.engine = engine
+        self._max_file_bytes = max_file_bytes
+        self._max_cells = max_cells
+        self._max_files = max_files
         self._directory = directory
         self._stale_after = stale_after_seconds
         self._clock = clock
@@ -100,21 +120,43 @@ class PluginExpertSource:
             problems.add("mixed_models")
         return combine(self.engine, same)
 
-    def _read(self, problems: Problems) -> list[CountsFile]:
+    def _names(self, problems: Problems) -> list[str]:
+        """The ``max_files`` most recently written counts files (live workers rewrite theirs
+        every few seconds); a flood beyond that is counted, not read."""
+        found: list[tuple[float, str]] = []
         try:
-            paths = sorted(self._directory.glob("*" + SUFFIX))
+            with os.scandir(self._directory) as entries:
+                for scanned, entry in enumerate(entries):
+                    if scanned >= MAX_SCAN_ENTRIES:
+                        break
+                    if not entry.name.endswith(SUFFIX) or entry.name.startswith(TEMP_PREFIX):
+                        continue
+                    try:
+                        found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
+                    except OSError:
+                        continue
         except OSError:
             return []
+        if len(found) > self._max_files:
+            problems.add("too_many_files")
+            found = sorted(found, reverse=True)[: self._max_files]
+        return sorted(name for _, name in found)
+
+    def _read(self, problems: Problems) -> list[CountsFile]:
         now = self._clock()
         files: list[CountsFile] = []
-        for path in paths:
-            if path.name.startswith(TEMP_PREFIX):
-                continue
+        for name in self._names(problems):
+            path = self._directory / name
             try:
-                item = read_counts_file(path)
+                item = read_counts_file(
+                    path, max_bytes=self._max_file_bytes, max_cells=self._max_cells
+                )
             except FileNotFoundError:
                 continue  # removed between listing and reading (a worker exiting)
-            except ValueError:
+            except FileRejected as exc:
+                problems.add(exc.reason)
+                continue
+            except Exception:  # whatever one file does, the others are still read
                 problems.add("bad_file")
                 continue
             if now - item.updated > self._stale_after:

@@ -16,17 +16,29 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import math
+import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import structlog
 
+from moe_watch.safe_io import FileRejected, read_regular
 from moe_watch.samples import ExpertCounts, matrix
 from moe_watch.sources.base import Problems, SourceError
-from moe_watch.sources.torch_file import TorchFileError, load_torch_file
+from moe_watch.sources.torch_file import (
+    MAX_FILE_BYTES,
+    MAX_MEMBER_BYTES,
+    Tensor,
+    load_torch_file,
+)
+
+log = structlog.get_logger("moe_watch.experts.sglang")
 
 START_PATH = "/start_expert_distribution_record"
 DUMP_PATH = "/dump_expert_distribution_record"
@@ -34,22 +46,64 @@ PT_PATTERN = "expert_distribution_recorder_*.pt"
 CSV_PATTERN = "expert_distribution_rank*_timestamp*.csv"
 
 Matrix = list[list[float]]
-MAX_CELLS = 1 << 22  # layers x experts; DeepSeek-V3 is 61 x 256 = 15,616
+# Bounds (docs/configuration.md, "Bounds").
+MAX_CELLS = 1 << 17  # layers x experts of one matrix; DeepSeek-V3 is 61 x 256 = 15,616
+MAX_COUNT = float(2**53)  # a routed-token count beyond this is corruption, not traffic
+MAX_FILES_PER_CYCLE = 64  # dumps read per cycle; the rest wait for the next cycle
+MAX_SCAN_ENTRIES = 4096  # directory entries looked at per cycle
+_FORGET_AFTER = 1024  # names of files that could not be removed, remembered to be skipped
 
 
-def read_recorder_file(path: Path, num_experts: int | None = None) -> Matrix:
-    """One dump as ``[layer][expert]`` counts. Raises ValueError with the reason on a bad file."""
+def read_recorder_file(
+    path: Path,
+    num_experts: int | None = None,
+    *,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+    max_cells: int = MAX_CELLS,
+) -> Matrix:
+    """One dump as ``[layer][expert]`` counts: finite, non-negative, at most ``max_cells``.
+
+    Raises FileRejected (a ValueError) whose ``reason`` says why: ``bad_file`` (format),
+    ``bad_value`` (NaN, infinite, negative or absurd counts), ``too_large``, ``not_regular``,
+    ``symlink``, ``unreadable``.
+    """
     if path.suffix == ".pt":
-        data = load_torch_file(path)
-        if not isinstance(data, dict) or "logical_count" not in data:
-            raise ValueError(f"{path}: no logical_count in the dump")
-        return data["logical_count"].sum_leading_axis()  # type: ignore[no-any-return]
-    return _read_csv(path, num_experts)
+        data = load_torch_file(
+            path, max_file_bytes=max_file_bytes, max_member_bytes=max_member_bytes
+        )
+        tensor = data.get("logical_count") if isinstance(data, dict) else None
+        if not isinstance(tensor, Tensor):
+            raise FileRejected("bad_file", f"{path}: no logical_count tensor in the dump")
+        if len(tensor.shape) != 3:
+            raise FileRejected(
+                "bad_file", f"{path}: logical_count is not [passes, layers, experts]"
+            )
+        if tensor.shape[1] * tensor.shape[2] > max_cells:
+            raise FileRejected(
+                "too_large", f"{path}: {tensor.shape[1]} x {tensor.shape[2]} is not a real model"
+            )
+        rows = tensor.sum_leading_axis()
+    else:
+        rows = _read_csv(path, num_experts, max_file_bytes, max_cells)
+    _check_counts(path, rows)
+    return rows
 
 
-def _read_csv(path: Path, num_experts: int | None) -> Matrix:
+def _check_counts(path: Path, rows: Matrix) -> None:
+    """Every count finite, non-negative and below MAX_COUNT (so totals never overflow)."""
+    for row in rows:
+        if row and not (min(row) >= 0.0 and max(row) <= MAX_COUNT):  # NaN fails both
+            raise FileRejected("bad_value", f"{path}: a count is NaN, infinite, negative or absurd")
+
+
+def _read_csv(path: Path, num_experts: int | None, max_bytes: int, max_cells: int) -> Matrix:
     cells: dict[tuple[int, int], float] = {}
-    with path.open(newline="", encoding="utf-8") as stream:
+    try:
+        text = read_regular(path, max_bytes).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileRejected("bad_file", f"{path}: not UTF-8 ({exc.reason})") from None
+    with io.StringIO(text, newline="") as stream:
         reader = csv.DictReader(stream)
         try:
             if reader.fieldnames != ["layer_id", "expert_id", "count"]:
@@ -63,15 +117,23 @@ def _read_csv(path: Path, num_experts: int | None) -> Matrix:
                 key, count = cell
                 cells[key] = cells.get(key, 0.0) + count
         except csv.Error as exc:  # e.g. a NUL byte: not a CSV at all
-            raise ValueError(f"{path}:{reader.line_num}: {exc}") from None
+            raise FileRejected("bad_file", f"{path}:{reader.line_num}: {exc}") from None
+        except ValueError as exc:
+            raise FileRejected("bad_file", str(exc)) from None
     if not cells:
         return []
+    if not all(count <= MAX_COUNT for count in cells.values()):  # rows that add up past 2**53
+        raise FileRejected("bad_value", f"{path}: a count adds up to more than {MAX_COUNT:.0f}")
     layers = max(layer for layer, _ in cells) + 1
     experts = num_experts or max(expert for _, expert in cells) + 1
     if any(expert >= experts for _, expert in cells):
-        raise ValueError(f"{path}: an expert id is out of range (num_experts {experts})")
-    if layers * experts > MAX_CELLS:  # a corrupt id must not make the agent allocate gigabytes
-        raise ValueError(f"{path}: {layers} layers x {experts} experts is not a real model")
+        raise FileRejected(
+            "bad_file", f"{path}: an expert id is out of range (num_experts {experts})"
+        )
+    if layers * experts > max_cells:  # a corrupt id must not make the agent allocate gigabytes
+        raise FileRejected(
+            "too_large", f"{path}: {layers} layers x {experts} experts is not a real model"
+        )
     rows = [[0.0] * experts for _ in range(layers)]
     for (layer, expert), count in cells.items():
         rows[layer][expert] += count
@@ -104,8 +166,17 @@ class SGLangExpertSource:
         ep_size: int = 1,
         timeout_seconds: float = 3.0,
         clock: Callable[[], float] = time.time,
+        max_file_bytes: int = MAX_FILE_BYTES,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_cells: int = MAX_CELLS,
+        max_files_per_cycle: int = MAX_FILES_PER_CYCLE,
     ) -> None:
         self.engine = engine
+        self._max_file_bytes = max_file_bytes
+        self._max_member_bytes = max_member_bytes
+        self._max_cells = max_cells
+        self._max_files = max_files_per_cycle
+        self._stuck: dict[str, None] = {}  # files that could not be removed (ordered, bounded)
         self._url = url
         self._directory = directory
         self._session = session
@@ -170,26 +241,70 @@ class SGLangExpertSource:
                 )
 
     def _drain(self, problems: Problems) -> list[Matrix]:
-        """Read and delete the dumps waiting in the directory, oldest first."""
+        """Read and delete the dumps waiting in the directory, oldest first, at most
+        ``max_files_per_cycle`` of them. Every file read is removed, good or bad: one bad dump
+        never jams the queue, and never costs the counts of the dumps around it."""
         if not self._directory.is_dir():
             raise SourceError(
                 "no_data",
                 f"{self._directory} does not exist: mount SGLang's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR there",
             )
-        paths = sorted(
-            [*self._directory.glob(PT_PATTERN), *self._directory.glob(CSV_PATTERN)], key=_mtime
-        )
         deltas: list[Matrix] = []
-        for path in paths:
+        for path in self._waiting():
             try:
-                deltas.append(read_recorder_file(path, self._num_experts))
-            except (TorchFileError, ValueError, OSError):
+                deltas.append(self._read_one(path))
+            except FileNotFoundError:
+                continue
+            except FileRejected as exc:
+                problems.add(exc.reason)
+                log.debug("dump refused", engine=self.engine, reason=exc.reason, error=str(exc))
+            except Exception as exc:  # whatever a crafted file does, it is consumed and counted
                 problems.add("bad_file")
-            path.unlink(missing_ok=True)
+                log.debug("dump refused", engine=self.engine, error=f"{type(exc).__name__}: {exc}")
+            self._consume(path, problems)
         return deltas
 
+    def _read_one(self, path: Path) -> Matrix:
+        return read_recorder_file(
+            path,
+            self._num_experts,
+            max_file_bytes=self._max_file_bytes,
+            max_member_bytes=self._max_member_bytes,
+            max_cells=self._max_cells,
+        )
+
+    def _waiting(self) -> list[Path]:
+        """The oldest dumps by mtime (of the link itself: nothing is followed), bounded."""
+        found: list[tuple[float, str]] = []
+        with os.scandir(self._directory) as entries:
+            for scanned, entry in enumerate(entries):
+                if scanned >= MAX_SCAN_ENTRIES:
+                    break
+                if entry.name in self._stuck or not _is_dump(entry.name):
+                    continue
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                found.append((mtime, entry.name))
+        found.sort()
+        return [self._directory / name for _, name in found[: self._max_files]]
+
+    def _consume(self, path: Path, problems: Problems) -> None:
+        try:
+            info = path.lstat()
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(path)
+            path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            return
+        except OSError:  # not ours to remove: skip it from now on instead of re-reading it
+            self._stuck[path.name] = None
+            while len(self._stuck) > _FORGET_AFTER:
+                del self._stuck[next(iter(self._stuck))]
+
     def _add(self, delta: Matrix) -> None:
-        if not delta:
+        if not delta or not delta[0]:
             return
         if (
             not self._totals
@@ -206,8 +321,9 @@ class SGLangExpertSource:
         """The session belongs to the agent; recording stays on for the next agent."""
 
 
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+def _is_dump(name: str) -> bool:
+    return (name.startswith("expert_distribution_recorder_") and name.endswith(".pt")) or (
+        name.startswith("expert_distribution_rank")
+        and "_timestamp" in name
+        and name.endswith(".csv")
+    )

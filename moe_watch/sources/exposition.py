@@ -23,6 +23,12 @@ from moe_watch.sources.engine_names import BY_KIND, MODEL_LABEL, PREFIXES, Route
 _MAX_AGGREGATED = frozenset({s.GAUGE_KV_CACHE_USAGE, s.GAUGE_KV_CACHE_HIT_RATE})
 _HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
+# Bounds (docs/configuration.md, "Bounds"). A real vLLM exposition has ~110 samples of the
+# families we map per model and data-parallel replica; an engine that exposes 100k label values
+# must not turn into 400k exported series. The excess is dropped and counted (series_limit).
+MAX_SERIES = 10_000  # samples of mapped families kept per scrape
+MAX_MODELS = 16  # distinct model_name values per engine
+
 
 class ExpositionError(ValueError):
     """The text is not a usable engine exposition. ``reason`` is a short label value."""
@@ -38,6 +44,7 @@ class ParsedExposition:
     models: tuple[ModelSample, ...]
     info: dict[str, str] = field(default_factory=dict)
     dropped_samples: int = 0
+    series_dropped: int = 0  # samples over MAX_SERIES or of models over MAX_MODELS
 
 
 def detect_kind(text: str) -> str:
@@ -51,13 +58,18 @@ def detect_kind(text: str) -> str:
     )
 
 
-def parse_engine_exposition(text: str, kind: str = "auto") -> ParsedExposition:
-    """Parse one engine exposition. Raises ExpositionError on text that cannot be used."""
+def parse_engine_exposition(
+    text: str, kind: str = "auto", *, max_series: int = MAX_SERIES, max_models: int = MAX_MODELS
+) -> ParsedExposition:
+    """Parse one engine exposition. Raises ExpositionError on text that cannot be used.
+
+    At most ``max_series`` samples and ``max_models`` models are kept; the rest is dropped and
+    counted in ``series_dropped`` (and ``dropped_samples``)."""
     if kind == "auto":
         kind = detect_kind(text)
     names = BY_KIND[kind]
     wanted = _wanted_line_names(names)
-    filtered = _filter_lines(text, wanted)
+    filtered, over = _filter_lines(text, wanted, max_series)
     if not filtered:
         raise ExpositionError(
             "no_engine_metrics", f"no known {kind} metrics in the response (checked {len(names)})"
@@ -68,7 +80,8 @@ def parse_engine_exposition(text: str, kind: str = "auto") -> ParsedExposition:
         raise ExpositionError(
             "truncated", f"the exposition ends mid-line after {len(text)} characters"
         )
-    builder = _Builder(names)
+    builder = _Builder(names, max_models)
+    builder.series_dropped = over
     try:
         for family in text_string_to_metric_families(filtered):
             for sample in family.samples:
@@ -87,8 +100,10 @@ def _wanted_line_names(names: dict[str, Route]) -> frozenset[str]:
     return frozenset(wanted)
 
 
-def _filter_lines(text: str, wanted: frozenset[str]) -> str:
+def _filter_lines(text: str, wanted: frozenset[str], max_series: int) -> tuple[str, int]:
+    """The lines of mapped families (at most ``max_series`` samples) and the samples over it."""
     kept: list[str] = []
+    samples = over = 0
     for line in text.splitlines():
         if line.startswith("#"):
             parts = line.split(None, 3)
@@ -101,15 +116,22 @@ def _filter_lines(text: str, wanted: frozenset[str]) -> str:
             if 0 <= index < end:
                 end = index
         if line[:end] in wanted:
+            samples += 1
+            if samples > max_series:
+                over += 1
+                continue
             kept.append(line)
-    return "\n".join(kept) + "\n" if kept else ""
+    return ("\n".join(kept) + "\n" if kept else ""), over
 
 
 class _Builder:
     """Accumulates parsed samples per model, summing across data-parallel replicas."""
 
-    def __init__(self, names: dict[str, Route]) -> None:
+    def __init__(self, names: dict[str, Route], max_models: int = MAX_MODELS) -> None:
         self._names = names
+        self._max_models = max_models
+        self._models: set[str] = set()
+        self.series_dropped = 0
         self._gauges: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
         self._counters: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
         # model -> key -> priority, {(replica labels) -> {"buckets": {le: v}, "count", "sum"}}
@@ -128,6 +150,11 @@ class _Builder:
             self._add_info(labels)
             return
         model = labels.get(MODEL_LABEL, "")
+        if model not in self._models:
+            if len(self._models) >= self._max_models:
+                self.series_dropped += 1
+                return
+            self._models.add(model)
         if mapping.value_kind == "histogram":
             self._add_histogram(model, mapping, part, labels, value)
             return
@@ -211,7 +238,13 @@ class _Builder:
                     histograms=histograms,
                 )
             )
-        return ParsedExposition(kind, tuple(result), self._info, self._dropped)
+        return ParsedExposition(
+            kind,
+            tuple(result),
+            self._info,
+            self._dropped + self.series_dropped,
+            self.series_dropped,
+        )
 
     def _merge(self, replicas: list[_RawHist]) -> Histogram | None:
         """Sum replica histograms bucket by bucket; drop (and count) malformed ones."""

@@ -60,6 +60,14 @@ async def gpu_owners(socket: Path = DEFAULT_SOCKET, timeout: float = 2.0) -> dic
 
 
 def owners_from_response(data: bytes) -> dict[str, DeviceOwner]:
+    """Raises PodResourcesError (never another exception) on an answer it cannot decode."""
+    try:
+        return _owners(data)
+    except UnicodeDecodeError as exc:  # hardening(#15): names and IDs are UTF-8 or refused
+        raise PodResourcesError(f"a name or device ID is not UTF-8 ({exc.reason})") from None
+
+
+def _owners(data: bytes) -> dict[str, DeviceOwner]:
     owners: dict[str, DeviceOwner] = {}
     for pod in _message(data).get(1, []):
         pod_fields = _message(pod)
@@ -104,10 +112,10 @@ def _fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
                 raise PodResourcesError("truncated protobuf message")
             yield field, data[i : i + length]
             i += length
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+            if i > len(data):  # hardening(#15)
+                raise PodResourcesError("truncated protobuf message")
         else:
             raise PodResourcesError(f"unsupported protobuf wire type {wire}")
 
@@ -123,6 +131,8 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
         if not byte & 0x80:
             return result, i
         shift += 7
+        if shift >= 70:  # hardening(#15): a varint is at most 10 bytes
+            raise PodResourcesError("varint too long")
 
 
 class PodResourcesSource:

@@ -9,6 +9,7 @@ and an unpickler that only knows how to rebuild plain tensors, dicts, lists and 
 
 from __future__ import annotations
 
+import io
 import pickle
 import sys
 import zipfile
@@ -19,6 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from moe_watch.safe_io import FileRejected, read_regular
+
+# Bounds (docs/configuration.md, "Bounds"): a real SGLang dump is [passes, layers, experts] int32,
+# a few MB at DeepSeek-V3 scale; its data.pkl is a few hundred bytes.
+MAX_FILE_BYTES = 64 * 1024 * 1024  # the .pt file as stored
+MAX_MEMBER_BYTES = 64 * 1024 * 1024  # one decompressed member (a storage): zip bombs stop here
+MAX_PICKLE_BYTES = 1024 * 1024  # data.pkl, decompressed
+MAX_TENSOR_CELLS = 1 << 24  # elements of one tensor as declared (before it is rebuilt)
 # Legacy typed-storage class name -> array typecode (torch.save still writes these names).
 _STORAGE_TYPES = {
     "IntStorage": "i",
@@ -32,8 +41,12 @@ _STORAGE_TYPES = {
 }
 
 
-class TorchFileError(ValueError):
-    """The file is not a torch.save zip file this reader understands."""
+class TorchFileError(FileRejected):
+    """The file is not a torch.save zip file this reader understands (reason ``bad_file``), or
+    one of its members is over a bound (reason ``too_large``)."""
+
+    def __init__(self, message: str, reason: str = "bad_file") -> None:
+        super().__init__(reason, message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +71,25 @@ class _StorageType:
     typecode: str
 
 
-def load_torch_file(path: Path | str) -> Any:
-    """The object a ``torch.save`` call wrote, with tensors as ``Tensor``. Raises TorchFileError."""
+def load_torch_file(
+    path: Path | str,
+    *,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+) -> Any:
+    """The object a ``torch.save`` call wrote, with tensors as ``Tensor``.
+
+    The file must be a regular file (not a symlink, FIFO or device) of at most ``max_file_bytes``;
+    no member is decompressed past ``max_member_bytes``. Raises FileRejected (TorchFileError for
+    the format) whose ``reason`` says why.
+    """
+    data = read_regular(path, max_file_bytes)
     try:
-        with zipfile.ZipFile(path) as archive:
-            return _load(archive)
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return _load(archive, max_member_bytes)
     except TorchFileError as exc:
-        raise TorchFileError(f"{path}: {exc}") from None
-    except zipfile.BadZipFile:
+        raise TorchFileError(f"{path}: {exc}", exc.reason) from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError):
         raise TorchFileError(f"{path}: not a torch.save zip file") from None
     except (
         pickle.UnpicklingError,
@@ -74,31 +98,56 @@ def load_torch_file(path: Path | str) -> Any:
         ValueError,
         TypeError,
         OverflowError,
+        IndexError,
+        AttributeError,
+        MemoryError,
+        RecursionError,
+        UnicodeDecodeError,
+        OSError,  # zlib.error is not one; covered below
     ) as exc:
-        raise TorchFileError(f"{path}: {exc}") from None
+        raise TorchFileError(f"{path}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # zlib.error and anything else a crafted archive can raise
+        raise TorchFileError(f"{path}: {type(exc).__name__}: {exc}") from None
 
 
-def _load(archive: zipfile.ZipFile) -> Any:
-    pickles = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """A member's bytes, decompressed at most ``limit`` bytes whatever its header declares."""
+    with archive.open(name) as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise TorchFileError(f"{name} decompresses to more than {limit} bytes", "too_large")
+    return data
+
+
+def _load(archive: zipfile.ZipFile, max_member_bytes: int) -> Any:
+    names = archive.namelist()
+    pickles = [name for name in names if name.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise TorchFileError("no data.pkl in the archive")
     prefix = pickles[0][: -len("data.pkl")]
     byteorder = "little"
-    if prefix + "byteorder" in archive.namelist():
-        byteorder = archive.read(prefix + "byteorder").decode().strip()
-    with archive.open(pickles[0]) as stream:
-        return _Unpickler(stream, archive, prefix, byteorder).load()
+    if prefix + "byteorder" in names:
+        byteorder = _read_member(archive, prefix + "byteorder", 16).decode().strip()
+    pkl = _read_member(archive, pickles[0], min(MAX_PICKLE_BYTES, max_member_bytes))
+    return _Unpickler(io.BytesIO(pkl), archive, prefix, byteorder, max_member_bytes).load()
 
 
 class _Unpickler(pickle.Unpickler):
     def __init__(
-        self, stream: IO[bytes], archive: zipfile.ZipFile, prefix: str, byteorder: str
+        self,
+        stream: IO[bytes],
+        archive: zipfile.ZipFile,
+        prefix: str,
+        byteorder: str,
+        max_member_bytes: int,
     ) -> None:
         super().__init__(stream)
         self._archive = archive
         self._prefix = prefix
         self._swap = byteorder != sys.byteorder
+        self._max_member = max_member_bytes
         self._storages: dict[str, array[Any]] = {}
+        self._storage_bytes = 0
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -120,7 +169,11 @@ class _Unpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
         if key not in self._storages:
             values = array(storage_type.typecode)
-            values.frombytes(self._archive.read(f"{self._prefix}data/{key}"))
+            raw = _read_member(self._archive, f"{self._prefix}data/{key}", self._max_member)
+            self._storage_bytes += len(raw)
+            if self._storage_bytes > self._max_member:  # many storages: the same bound in all
+                raise TorchFileError(f"storages over {self._max_member} bytes", "too_large")
+            values.frombytes(raw)
             if self._swap:
                 values.byteswap()
             self._storages[key] = values
@@ -130,10 +183,27 @@ class _Unpickler(pickle.Unpickler):
 def _rebuild_tensor(
     storage: array[Any], offset: int, size: Sequence[int], stride: Sequence[int], *_: Any
 ) -> Tensor:
-    shape = tuple(int(s) for s in size)
+    """A tensor view of ``storage``, checked before anything is allocated: integer sizes and
+    strides, every element inside the storage, at most MAX_TENSOR_CELLS elements."""
+    if not isinstance(storage, array):
+        raise TorchFileError("a tensor without a storage")
+    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))):
+        raise TorchFileError("a tensor's size or stride is not a tuple")
+    values = [offset, *size, *stride]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise TorchFileError("a tensor's offset, sizes and strides must be non-negative integers")
+    if len(size) != len(stride) or len(size) > 8:
+        raise TorchFileError("a tensor's size and stride do not match")
+    shape = tuple(size)
     count = 1
     for dim in shape:
         count *= dim
+    if count > MAX_TENSOR_CELLS:
+        raise TorchFileError(f"a tensor of shape {list(shape)} ({count} elements) is not a dump")
+    if count and offset + sum((d - 1) * s for d, s in zip(shape, stride, strict=True)) >= len(
+        storage
+    ):
+        raise TorchFileError(f"a tensor of shape {list(shape)} reaches past its storage")
     if _is_contiguous(shape, stride):
         return Tensor(shape, storage[offset : offset + count])
     flat = [storage[offset + _position(index, shape, stride)] for index in range(count)]

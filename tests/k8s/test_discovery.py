@@ -1,9 +1,10 @@
 """Pod discovery against a fake API server speaking the real list/watch JSON: events, a dropped
-watch, 410 Gone, and a failing list."""
+watch, 410 Gone, a failing list, a rotated token, and back-off when the API server misbehaves."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from moe_watch.k8s.client import token_headers
 from moe_watch.k8s.discovery import PodWatcher, target_of
 from moe_watch.server import start_server
 
@@ -50,9 +52,23 @@ class FakeApiServer:
         self.watch_versions: list[str] = []
         self.field_selectors: set[str] = set()
         self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()  # None drops the stream
+        self.token: str | None = None  # when set, only "Bearer <token>" is let in (else 401)
+        self.authorizations: list[str] = []
+        self.watch_mode = "stream"  # "end": every watch ends at once; "gone": answers 410
+        self.requests = 0
+        self.refused: asyncio.Queue[str] = asyncio.Queue()  # one entry per 401 answered
 
     async def pods(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
         self.field_selectors.add(request.query.get("fieldSelector", ""))
+        self.authorizations.append(request.headers.get("Authorization", ""))
+        if self.token is not None and self.authorizations[-1] != f"Bearer {self.token}":
+            self.refused.put_nowait(self.authorizations[-1])
+            return web.json_response({"kind": "Status", "code": 401}, status=401)
+        if request.query.get("watch") == "1" and self.watch_mode == "gone":
+            return web.json_response({"kind": "Status", "code": 410}, status=410)
+        if request.query.get("watch") == "1" and self.watch_mode == "end":
+            return web.Response(text="", content_type="application/json")
         if request.query.get("watch") == "1":
             return await self.watch(request)
         self.list_calls += 1
@@ -116,6 +132,7 @@ async def test_list_watch_dropped_watch_and_410_gone(api: tuple[FakeApiServer, s
             "gpu-node-1",
             on_change=lambda t: changes.put_nowait({x.engine for x in t.values()}),
             max_backoff_seconds=0.2,
+            min_relist_seconds=0.05,
         )
         task = asyncio.create_task(watcher.run(stop))
 
@@ -161,7 +178,9 @@ async def test_a_failing_list_backs_off_and_recovers(api: tuple[FakeApiServer, s
     fake.list_status = 503
     stop = asyncio.Event()
     async with aiohttp.ClientSession() as session:
-        watcher = PodWatcher(session, url, "gpu-node-1", max_backoff_seconds=0.05)
+        watcher = PodWatcher(
+            session, url, "gpu-node-1", max_backoff_seconds=0.05, min_relist_seconds=0.01
+        )
         task = asyncio.create_task(watcher.run(stop))
         for _ in range(200):  # bounded: a few failed lists, then the API server recovers
             if fake.list_calls >= 3:
@@ -175,6 +194,69 @@ async def test_a_failing_list_backs_off_and_recovers(api: tuple[FakeApiServer, s
     assert watcher.synced.is_set()
     assert fake.list_calls >= 4
     assert set(watcher.targets) == {"u1"}
+
+
+async def test_a_rotated_token_file_is_read_again_after_a_401(
+    api: tuple[FakeApiServer, str], tmp_path: Path
+) -> None:
+    fake, url = api
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("token-1\n")
+    fake.token = "token-1"
+    changes: asyncio.Queue[set[str]] = asyncio.Queue()
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        watcher = PodWatcher(
+            session,
+            url,
+            "gpu-node-1",
+            credentials=lambda: token_headers(account),
+            on_change=lambda t: changes.put_nowait({x.engine for x in t.values()}),
+            max_backoff_seconds=0.05,
+            min_relist_seconds=0.01,
+        )
+        task = asyncio.create_task(watcher.run(stop))
+        assert await asyncio.wait_for(changes.get(), 5) == {"llm/mixtral-0"}
+        fake.token = "token-2"  # the API server now wants the rotated token ...
+        fake.events.put_nowait(None)  # ... and drops the watch
+        for _ in range(2):  # reconnects with the old token are refused, with back-off
+            assert await asyncio.wait_for(fake.refused.get(), 5) == "Bearer token-1"
+        replacement = account / "token.new"  # the kubelet's atomic rewrite
+        replacement.write_text("token-2\n")
+        replacement.replace(account / "token")
+        fake.events.put_nowait({"type": "ADDED", "object": pod("deepseek-0", "u3", rv="120")})
+        change = await asyncio.wait_for(changes.get(), 5)
+        while "llm/deepseek-0" not in change:  # a relist may report first
+            change = await asyncio.wait_for(changes.get(), 5)
+        stop.set()
+        fake.events.put_nowait(None)
+        await asyncio.wait_for(task, 5)
+    assert fake.authorizations[0] == "Bearer token-1"
+    assert fake.authorizations[-1] == "Bearer token-2"
+    assert watcher.failing is None
+    assert watcher.errors["unauthorized"] >= 2
+
+
+@pytest.mark.parametrize("mode", ["end", "gone"])
+async def test_a_misbehaving_watch_backs_off_instead_of_hammering(
+    api: tuple[FakeApiServer, str], mode: str
+) -> None:
+    # Before: a watch that ended at once, or 410 on every watch, made ~2,000-2,700 requests a
+    # second from one agent. Now: exponential back-off with jitter, and a floor between lists.
+    fake, url = api
+    fake.watch_mode = mode
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        watcher = PodWatcher(session, url, "gpu-node-1")  # the shipped defaults
+        task = asyncio.create_task(watcher.run(stop))
+        with contextlib.suppress(asyncio.TimeoutError):  # measure one second of behaviour
+            await asyncio.wait_for(asyncio.shield(task), 1.0)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert 2 <= fake.requests <= 6, fake.requests
+    assert fake.list_calls == 1  # the 5 s floor between lists holds
+    assert watcher.errors[{"end": "watch_ended", "gone": "gone"}[mode]] >= 1
 
 
 async def test_the_agent_scrapes_discovered_pods_and_attributes_gpus_by_cgroup(
@@ -218,5 +300,9 @@ async def test_the_agent_scrapes_discovered_pods_and_attributes_gpus_by_cgroup(
     owners = {view.sample.index: view.engine for view in snap.gpus}
     assert owners == {0: None, 1: "llm/mixtral-0"}
     assert dict(after.targets_up) == {}
+    discovery = next(status for status in snap.sources if status.name == "discovery")
+    assert discovery.up  # discovery is a source like the others: in /status and self-metrics
+    up = [dict(labels) for name, labels in exposition(snap) if name == "moe_watch_source_up"]
+    assert {"source": "discovery"} in up
     info = [dict(labels) for name, labels in exposition(snap) if name == "moe_watch_engine_info"]
     assert (info[0]["k8s_namespace_name"], info[0]["k8s_pod_name"]) == ("llm", "mixtral-0")

@@ -1,0 +1,83 @@
+"""Bounded, non-blocking reads of files other processes write (expert counts, dumps, logs).
+
+Every file the agent reads from a shared directory is opened ``O_RDONLY | O_NONBLOCK`` (a FIFO
+never blocks a worker thread), without following a symlink unless the operator named the path
+itself (a container log path is a symlink), checked with ``fstat`` to be a regular file (not
+``/dev/zero``, a FIFO, a socket or a directory), and read up to a byte bound. A refusal raises
+``FileRejected`` whose ``reason`` becomes the ``reason`` label of
+``moe_watch_collect_errors_total``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+
+class FileRejected(ValueError):
+    """A file that is not read. ``reason``: not_regular, symlink, too_large, unreadable, bad_file,
+    non_finite."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def open_regular(path: Path | str, *, follow_symlinks: bool = False) -> tuple[int, os.stat_result]:
+    """A read-only, non-blocking descriptor of a regular file and its ``fstat``.
+
+    The caller closes the descriptor. Raises FileNotFoundError when the file is gone (a writer
+    removed it: not an error), FileRejected otherwise.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FileRejected("symlink", f"{path}: a symbolic link (not followed)") from None
+        raise FileRejected("unreadable", f"{path}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRejected("not_regular", f"{path}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def read_regular(path: Path | str, max_bytes: int, *, follow_symlinks: bool = False) -> bytes:
+    """The whole content of a regular file of at most ``max_bytes`` bytes."""
+    fd, info = open_regular(path, follow_symlinks=follow_symlinks)
+    try:
+        if info.st_size > max_bytes:
+            raise FileRejected("too_large", f"{path}: {info.st_size} bytes, over {max_bytes}")
+        return read_at_most(fd, max_bytes, str(path))
+    finally:
+        os.close(fd)
+
+
+def read_at_most(fd: int, max_bytes: int, name: str) -> bytes:
+    """Read ``fd`` to its end; FileRejected when it holds more than ``max_bytes`` (it grew)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+        except BlockingIOError:  # not for regular files, but never wait for a writer
+            break
+        except OSError as exc:
+            raise FileRejected("unreadable", f"{name}: {exc.strerror or exc}") from None
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > max_bytes:
+            raise FileRejected("too_large", f"{name}: more than {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

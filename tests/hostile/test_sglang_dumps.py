@@ -1,0 +1,285 @@
+"""Hostile SGLang recorder dumps (.pt and CSV): each is refused with a reason, removed from the
+queue, and never costs the counts of the good dumps around it or more than a bounded amount of
+memory. The queue never jams: a bad file is consumed like a good one."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import struct
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moe_watch.safe_io import FileRejected
+from moe_watch.server import start_server
+from moe_watch.sources.base import Problems, SourceError
+from moe_watch.sources.expert_sglang import SGLangExpertSource
+from tests.hostile.conftest import (
+    _global,
+    _str,
+    _tuple,
+    floats,
+    peak_memory,
+    tensor_opcodes,
+    write_pt,
+)
+
+
+@pytest.fixture
+async def sglang_url() -> AsyncIterator[str]:
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    app = web.Application()
+    app.router.add_post("/start_expert_distribution_record", ok)
+    app.router.add_post("/dump_expert_distribution_record", ok)
+    runner, url = await start_server(app, "127.0.0.1", 0)
+    yield url
+    await runner.cleanup()
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def entries(directory: Path) -> list[Path]:
+    return [directory / name for name in names(directory)]
+
+
+def assert_refused_or_sane(path: Path) -> None:
+    """A dump is either refused with a known reason or gives finite, non-negative counts."""
+    from moe_watch.sources.expert_sglang import read_recorder_file
+
+    reason = None
+    matrix: list[list[float]] = []
+    try:
+        matrix = read_recorder_file(path)
+    except FileRejected as exc:
+        reason = exc.reason
+    assert reason in {None, "bad_file", "bad_value", "too_large"}
+    assert all(math.isfinite(x) and x >= 0 for row in matrix for x in row)
+
+
+def good_pt(directory: Path, name: str = "good", value: float = 1.0) -> Path:
+    """[1 pass, 2 layers, 4 experts] all ``value``."""
+    return write_pt(
+        directory / f"expert_distribution_recorder_{name}.pt",
+        tensor_opcodes((1, 2, 4)),
+        {"0": floats([value] * 8)},
+    )
+
+
+async def collect(
+    url: str, directory: Path, **kwargs: int
+) -> tuple[list[list[float]] | None, Problems, SourceError | None]:
+    problems = Problems()
+    async with aiohttp.ClientSession() as session:
+        source = SGLangExpertSource("sg", url, directory, session, top_k=2, **kwargs)
+        try:
+            counts = await source.collect(problems)
+        except SourceError as exc:
+            return None, problems, exc
+    return [list(row) for row in counts.counts], problems, None
+
+
+def _bomb(path: Path, size: int) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(
+            "archive/data.pkl",
+            b"\x80\x02}" + _str("logical_count") + tensor_opcodes((1, 2, 4)) + b"s.",
+        )
+        archive.writestr("archive/data/0", b"\x00" * size)  # 16 MiB of zeros: ~16 KiB stored
+    return path
+
+
+# (name, writer, reason): every hostile .pt form the security review found, and neighbours.
+PT_CASES: list[tuple[str, object, str]] = [
+    (
+        "nan",
+        lambda p: write_pt(p, tensor_opcodes((1, 2, 4)), {"0": floats([math.nan] * 8)}),
+        "bad_value",
+    ),
+    (
+        "inf",
+        lambda p: write_pt(p, tensor_opcodes((1, 2, 4)), {"0": floats([math.inf] + [1.0] * 7)}),
+        "bad_value",
+    ),
+    (
+        "negative",
+        lambda p: write_pt(p, tensor_opcodes((1, 2, 4)), {"0": floats([-1.0] * 8)}),
+        "bad_value",
+    ),
+    ("not_a_tensor", lambda p: write_pt(p, _str("hello")), "bad_file"),
+    ("none", lambda p: write_pt(p, b"N"), "bad_file"),
+    ("a_list", lambda p: write_pt(p, b"]"), "bad_file"),
+    ("two_d", lambda p: write_pt(p, tensor_opcodes((2, 4)), {"0": floats([1.0] * 8)}), "bad_file"),
+    (
+        "string_storage_type",
+        lambda p: write_pt(
+            p,
+            _global("torch._utils", "_rebuild_tensor_v2")
+            + _tuple(
+                [
+                    _tuple(
+                        [_str("storage"), _str("FloatStorage"), _str("0"), _str("cpu"), b"K\x08"]
+                    )
+                    + b"Q",
+                    b"K\x00",
+                    _tuple([b"K\x01", b"K\x02", b"K\x04"]),
+                    _tuple([b"K\x08", b"K\x04", b"K\x01"]),
+                    b"\x89",
+                    b"N",
+                ]
+            )
+            + b"R",
+            {"0": floats([1.0] * 8)},
+        ),
+        "bad_file",
+    ),
+    (
+        "stride_past_storage",
+        lambda p: write_pt(
+            p, tensor_opcodes((1, 2, 4), stride=(8, 4, 100)), {"0": floats([1.0] * 8)}
+        ),
+        "bad_file",
+    ),
+    (
+        "offset_past_storage",
+        lambda p: write_pt(p, tensor_opcodes((1, 2, 4), offset=5), {"0": floats([1.0] * 8)}),
+        "bad_file",
+    ),
+    (
+        "negative_stride",
+        lambda p: write_pt(
+            p, tensor_opcodes((1, 2, 4), stride=(8, -4, 1)), {"0": floats([1.0] * 8)}
+        ),
+        "bad_file",
+    ),
+    (
+        "declares_30000x30000",
+        lambda p: write_pt(p, tensor_opcodes((1, 30000, 30000)), {"0": floats([1.0] * 8)}),
+        "bad_file",
+    ),
+    (
+        "huge_matrix_real_storage",
+        lambda p: write_pt(p, tensor_opcodes((1, 1, 300_000)), {"0": b"\x00" * 1_200_000}),
+        "too_large",
+    ),
+    ("missing_storage", lambda p: write_pt(p, tensor_opcodes((1, 2, 4))), "bad_file"),
+    (
+        "odd_storage_bytes",
+        lambda p: write_pt(p, tensor_opcodes((1, 2, 4)), {"0": b"\x00" * 7}),
+        "bad_file",
+    ),
+    ("zip_bomb", lambda p: _bomb(p, 16 * 1024 * 1024), "too_large"),
+    ("not_a_zip", lambda p: p.write_bytes(b"\x00garbage") and p, "bad_file"),
+    ("empty", lambda p: p.write_bytes(b"") or p, "bad_file"),
+]
+
+
+@pytest.mark.parametrize(("name", "writer", "reason"), PT_CASES, ids=[c[0] for c in PT_CASES])
+async def test_a_hostile_pt_dump_is_refused_counted_and_consumed(
+    sglang_url: str, tmp_path: Path, name: str, writer: object, reason: str
+) -> None:
+    assert callable(writer)
+    bad = writer(tmp_path / f"expert_distribution_recorder_0_{name}.pt")
+    os.utime(bad, (1, 1))  # the oldest: read first, before the good dump
+    good_pt(tmp_path)
+    with peak_memory():
+        counts, problems, error = await collect(sglang_url, tmp_path, max_member_bytes=1 << 20)
+    assert error is None
+    assert counts == [[1.0] * 4, [1.0] * 4]  # the good dump's counts survive the bad one
+    assert problems.reasons == {reason: 1}
+    assert names(tmp_path) == []  # both consumed: the queue does not jam
+
+
+async def test_csv_rows_whose_sum_overflows_are_refused(sglang_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "expert_distribution_rank0_timestamp1.csv"
+    path.write_text("layer_id,expert_id,count\n" + "0,0,1e308\n" * 3)
+    os.utime(path, (1, 1))
+    good_pt(tmp_path)
+    counts, problems, error = await collect(sglang_url, tmp_path)
+    assert error is None
+    assert counts == [[1.0] * 4, [1.0] * 4]
+    assert problems.reasons == {"bad_value": 1}
+
+
+async def test_totals_never_overflow_across_dumps(sglang_url: str, tmp_path: Path) -> None:
+    # each dump is finite, but a count beyond 2**53 is no count: refused before it is added
+    for i in range(3):
+        good_pt(tmp_path, f"big{i}", 3e38)
+    counts, problems, error = await collect(sglang_url, tmp_path)
+    assert error is not None
+    assert error.reason == "no_data"
+    assert problems.reasons == {"bad_value": 3}
+    assert counts is None
+
+
+async def test_special_files_never_block_and_are_refused(sglang_url: str, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "expert_distribution_recorder_fifo.pt")
+    (tmp_path / "expert_distribution_recorder_zero.pt").symlink_to("/dev/zero")
+    (tmp_path / "expert_distribution_rank0_timestamp9.csv").symlink_to("/dev/zero")
+    (tmp_path / "expert_distribution_recorder_dir.pt").mkdir()
+    for path in entries(tmp_path):
+        os.utime(path, (1, 1), follow_symlinks=False)
+    good_pt(tmp_path)
+    with peak_memory():
+        counts, problems, error = await asyncio.wait_for(collect(sglang_url, tmp_path), 10)
+    assert error is None
+    assert counts == [[1.0] * 4, [1.0] * 4]
+    assert problems.reasons == {"not_regular": 2, "symlink": 2}
+    # a directory cannot be consumed: it stays, and is not counted again next cycle
+    assert names(tmp_path) == ["expert_distribution_recorder_dir.pt"]
+
+
+async def test_a_flood_of_dumps_is_drained_a_bounded_batch_per_cycle(
+    sglang_url: str, tmp_path: Path
+) -> None:
+    for i in range(25):
+        good_pt(tmp_path, f"{i:03d}")
+    problems = Problems()
+    async with aiohttp.ClientSession() as session:
+        source = SGLangExpertSource(
+            "sg", sglang_url, tmp_path, session, top_k=2, max_files_per_cycle=10
+        )
+        first = await source.collect(problems)
+        assert len(names(tmp_path)) == 15
+        await source.collect(problems)
+        last = await source.collect(problems)
+    assert first.total == 10 * 8
+    assert last.total == 25 * 8  # nothing lost, only deferred
+    assert names(tmp_path) == []
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(max_size=2048), deflate=st.booleans())
+def test_arbitrary_bytes_in_a_dump_never_escape(tmp_path: Path, data: bytes, deflate: bool) -> None:
+
+    path = tmp_path / "expert_distribution_recorder_x.pt"
+    with zipfile.ZipFile(
+        path, "w", compression=zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    ) as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}" + _str("logical_count") + data + b"s.")
+        archive.writestr("archive/data/0", struct.pack("<8f", *([1.0] * 8)))
+    assert_refused_or_sane(path)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=st.text(max_size=400))
+def test_arbitrary_csv_text_never_escapes(tmp_path: Path, text: str) -> None:
+
+    path = tmp_path / "expert_distribution_rank0_timestamp1.csv"
+    path.write_bytes(("layer_id,expert_id,count\n" + text).encode("utf-8", "surrogatepass"))
+    assert_refused_or_sane(path)
