@@ -70,6 +70,7 @@ async def pagerduty() -> AsyncIterator[tuple[PagerDutyReceiver, str]]:
     receiver = PagerDutyReceiver()
     app = web.Application()
     app.router.add_post("/v2/enqueue", receiver.enqueue)
+    app.router.add_post("/warnings", receiver.warning)
     runner, url = await start_server(app, "127.0.0.1", 0)
     yield receiver, url
     await runner.cleanup()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -48,7 +49,7 @@ async def test_a_hot_expert_pages_pagerduty_with_engine_layer_expert_and_runbook
     start_alertmanager(processes, am_config, am_port)
     start_prometheus(processes, prom_config, prom_port)
 
-    def expert_pages() -> list[dict[str, object]]:
+    def expert_pages() -> list[dict[str, Any]]:
         return [
             e
             for e in receiver.events
@@ -63,11 +64,11 @@ async def test_a_hot_expert_pages_pagerduty_with_engine_layer_expert_and_runbook
     page = expert_pages()[0]
     assert page["routing_key"] == "test-routing-key"
     assert page["event_action"] == "trigger"
-    details = page["payload"]["custom_details"]  # type: ignore[index]
+    details = page["payload"]["custom_details"]
     assert details["engine"] == "demo-mixtral"
     assert (details["layer"], details["expert"]) in {
         ("3", "5"),
         ("17", "2"),
     }  # the scenario's hot spots
     assert "#moeexpert" in details["runbook_url"]
-    assert any("runbooks.md#moeexpert" in link["href"] for link in page["links"])  # type: ignore[union-attr]
+    assert any("runbooks.md#moeexpert" in link["href"] for link in page["links"])

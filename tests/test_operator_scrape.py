@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -55,7 +56,7 @@ async def test_prometheus_labels_up_as_the_operator_would(
                         f"--web.listen-address=127.0.0.1:{port}")  # fmt: skip
         async with aiohttp.ClientSession() as session:
 
-            async def up() -> list[dict[str, object]] | None:
+            async def up() -> list[dict[str, Any]] | None:
                 return await query(session, f"http://127.0.0.1:{port}", "up") or None
 
             (series,) = await wait_until(up, 30, "an up series", processes)
