@@ -63,9 +63,11 @@ class Processes:
         self.started: dict[str, subprocess.Popen[bytes]] = {}
         self.killed: set[str] = set()  # stopped on purpose: not a failure
 
-    def start(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *argv: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("wb") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.started[name] = proc
         return proc
 

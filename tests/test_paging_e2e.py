@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from moe_watch.demo.scenarios import SCENARIOS
@@ -65,6 +69,15 @@ START_DEADLINE = 40
 SKEW_PAGE_DEADLINE = SKEW_FOR + 45
 FLIP_AFTER_PAGE_DEADLINE = 2 * FLIP_SECONDS + 15
 PAGE_DEADLINE = 30
+
+
+@pytest.fixture
+def demo_tmp() -> Iterator[Path]:
+    """The demos' TMPDIR: what a SIGKILLed one leaves (its fake kubelet's socket) goes with it.
+    Short, unlike tmp_path: a unix socket path has at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="moe-watch-e2e-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def shortened_rules() -> dict[str, Any]:
@@ -107,7 +120,10 @@ def summary(receiver: PagerDutyReceiver) -> list[str]:
 
 
 async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_node(
-    tmp_path: Path, pagerduty: tuple[PagerDutyReceiver, str], processes: Processes
+    tmp_path: Path,
+    demo_tmp: Path,
+    pagerduty: tuple[PagerDutyReceiver, str],
+    processes: Processes,
 ) -> None:
     receiver, receiver_url = pagerduty
     port_a, port_b, prom_port, am_port = free_port(), free_port(), free_port(), free_port()
@@ -131,7 +147,8 @@ async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_no
     ):
         processes.start(node, sys.executable, "-m", "moe_watch.cli", "demo", "--scenario", scenario,
                         "--pod", f"{engine}/vllm", "--listen", f"127.0.0.1:{port}", "--interval",
-                        "1", "--window", str(WINDOW_SECONDS), "--log-level", "info")  # fmt: skip
+                        "1", "--window", str(WINDOW_SECONDS), "--log-level", "info",
+                        env={**os.environ, "TMPDIR": str(demo_tmp)})  # fmt: skip
     alertmanager = start_alertmanager(processes, am_config, am_port)
     prometheus = start_prometheus(processes, prom_config, prom_port)
     phases: dict[str, float] = {}
@@ -267,4 +284,5 @@ async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_no
     skew_events = [e for e in receiver.events if is_alert(e, "MoEExpertSkewHigh", **skew_labels)]
     assert len([e for e in skew_events if e["event_action"] == "trigger"]) == 1, summary(receiver)
     assert len({e["dedup_key"] for e in skew_events}) == 1, summary(receiver)
-    print("phase seconds:", phases)
+    print("phase seconds:", phases, "flips of the hottest expert:", len(flips))
+    print(*summary(receiver), sep="\n")
