@@ -99,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between cycles (default 1)",
     )
     demo.add_argument(
+        "--window",
+        type=float,
+        dest="window_seconds",
+        default=60.0,
+        help="sliding window for rates, quantiles and expert skew, seconds (default 60)",
+    )
+    demo.add_argument(
+        "--pod",
+        metavar="NAMESPACE/POD[/CONTAINER]",
+        help="the simulated GPUs belong to this pod (container default vllm), served by a fake "
+        "kubelet pod-resources API the agent reads; the engine is then named NAMESPACE/POD",
+    )
+    demo.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="warning"
     )
 

@@ -10,8 +10,11 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 
 from moe_watch.demo.replay_server import ReplayServer
+from moe_watch.server import start_server
+from tests.alerting import PagerDutyReceiver, Processes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -59,3 +62,25 @@ def _reset_logging() -> Iterator[None]:
     that stream is a capture that gets closed, so undo the configuration after every test."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+async def pagerduty() -> AsyncIterator[tuple[PagerDutyReceiver, str]]:
+    """A PagerDuty Events API v2 receiver on 127.0.0.1: (receiver, base URL)."""
+    receiver = PagerDutyReceiver()
+    app = web.Application()
+    app.router.add_post("/v2/enqueue", receiver.enqueue)
+    app.router.add_post("/warnings", receiver.warning)
+    runner, url = await start_server(app, "127.0.0.1", 0)
+    yield receiver, url
+    await runner.cleanup()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Processes the test starts, logging under tmp_path/logs; all stopped afterwards."""
+    started = Processes(tmp_path / "logs")
+    try:
+        yield started
+    finally:
+        started.stop_all()

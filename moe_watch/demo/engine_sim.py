@@ -357,7 +357,16 @@ class EngineSim:
     def _shares(self, layer: int) -> list[float]:
         s = self.scenario
         shares = [1.0 / s.num_experts] * s.num_experts
-        for special, share in ((s.hot_expert, s.hot_share), (s.collapsed_expert, s.collapse_share)):
+        hot = s.hot_expert
+        flip, every = s.hot_flip_expert, s.hot_flip_every_seconds
+        if (
+            hot is not None
+            and flip is not None
+            and every
+            and int((self.now - self.started) / every) % 2
+        ):
+            hot = (hot[0], flip)  # odd periods: the alternate takes the hot share
+        for special, share in ((hot, s.hot_share), (s.collapsed_expert, s.collapse_share)):
             if special is not None and special[0] == layer:
                 # token share = c_e * k / sum(c): the expert gets share / k of the assignments
                 target = share / s.top_k

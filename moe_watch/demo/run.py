@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -24,6 +26,7 @@ from moe_watch.agent import Agent
 from moe_watch.config import ConfigError, Settings, load_settings
 from moe_watch.demo.engine_server import start_engine_server
 from moe_watch.demo.engine_sim import EngineSim
+from moe_watch.demo.fake_kubelet import FakeKubelet, gpu_allocation
 from moe_watch.demo.fake_nvml import FakeNvml
 from moe_watch.demo.scenarios import SCENARIOS, Scenario
 from moe_watch.expert_file import CountsFile, write_counts_file
@@ -47,6 +50,8 @@ vllm:
   max_model_len: 32768
 """
 WARM_UP_SECONDS = 120.0
+POD_PATTERN = re.compile(r"^([a-z0-9][a-z0-9.-]*)/([a-z0-9][a-z0-9.-]*)(?:/([a-z0-9][a-z0-9-]*))?$")
+DEFAULT_CONTAINER = "vllm"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -59,6 +64,10 @@ def run_demo(args: argparse.Namespace) -> int:
             f"invalid setting 'scenario': unknown scenario {args.scenario!r} (one of {', '.join(SCENARIOS)})"
         )
     scenario = SCENARIOS[args.scenario]
+    if args.pod is not None and not POD_PATTERN.match(args.pod):
+        raise ConfigError(
+            f"invalid setting 'pod': {args.pod!r} is not NAMESPACE/POD[/CONTAINER] (Kubernetes names)"
+        )
     configure_logging("auto", args.log_level)
     try:
         asyncio.run(_demo(args, scenario))
@@ -68,8 +77,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def drive_gpus(fake: FakeNvml, sim: EngineSim, elapsed: float) -> None:
-    """Make the simulated GPUs follow the simulated engine's load."""
+def drive_gpus(fake: FakeNvml, sim: EngineSim, elapsed: float, *, pulled: bool = False) -> None:
+    """Make the simulated GPUs follow the simulated engine's load. GPU 1 is lost after the
+    scenario's time, or once ``pulled`` (SIGUSR1)."""
     lost_after = sim.scenario.gpu_lost_after_seconds
     for gpu in fake.gpus:
         gpu.utilization_percent = round(100 * sim.gpu_utilization(gpu.index))
@@ -77,7 +87,8 @@ def drive_gpus(fake: FakeNvml, sim: EngineSim, elapsed: float) -> None:
         gpu.power_mw = 120_000 + gpu.utilization_percent * 5_800
         gpu.temperature_c = 38 + gpu.utilization_percent // 3
         gpu.pids = [ENGINE_PID]
-        gpu.lost = lost_after is not None and gpu.index == 1 and elapsed >= lost_after
+        scheduled = lost_after is not None and elapsed >= lost_after
+        gpu.lost = gpu.index == 1 and (pulled or scheduled)
 
 
 def write_expert_counts(directory: Path, sim: EngineSim) -> None:
@@ -120,11 +131,23 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
     write_expert_counts(experts_dir, sim)
     plan = experts_dir / "plan.yaml"
     plan.write_text(DEMO_PLAN)
+    kubelet, engine_id = None, ENGINE_ID
+    if args.pod is not None:  # the simulated GPUs belong to that pod, as the kubelet says
+        match = POD_PATTERN.match(args.pod)
+        assert match is not None  # checked in run_demo
+        namespace, pod, container = match.group(1), match.group(2), match.group(3)
+        engine_id = f"{namespace}/{pod}"  # what discovery names a pod's engine
+        kubelet = await FakeKubelet(
+            experts_dir / "kubelet.sock",
+            gpu_allocation(
+                namespace, pod, container or DEFAULT_CONTAINER, [g.uuid for g in fake.gpus]
+            ),
+        ).start()
     settings: Settings = load_settings(
         None,
         targets=[
             {
-                "name": ENGINE_ID,
+                "name": engine_id,
                 "url": engine.url,
                 "experts": {"source": "plugin", "directory": str(experts_dir)},
                 "plan": str(plan),
@@ -133,16 +156,20 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
         expert_full_detail=True,  # 32 layers x 8 experts: small enough, and the heatmap needs it
         listen=args.listen,
         interval_seconds=args.interval_seconds,
-        window_seconds=60,
+        window_seconds=args.window_seconds,
+        pod_resources_socket=kubelet.socket if kubelet is not None else None,
         log_level=args.log_level,
     )
     stop = asyncio.Event()
     install_stop_signals(stop)
+    pulled = asyncio.Event()  # SIGUSR1: GPU 1 falls off the bus now (fault injection)
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, pulled.set)
 
     async def gpus_follow_engine() -> None:
         while not stop.is_set():
             sim.advance(time.time())
-            drive_gpus(fake, sim, time.time() - started)
+            drive_gpus(fake, sim, time.time() - started, pulled=pulled.is_set())
             write_expert_counts(experts_dir, sim)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.interval_seconds / 2)
@@ -154,6 +181,7 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
         print(
             f"  simulated vLLM at {engine.url}/metrics, {scenario.gpu_count} simulated GPUs; also {url}/status and {url}/experts"
         )
+        print(f"  kill -USR1 {os.getpid()}: GPU 1 falls off the bus", flush=True)
         if args.duration is not None:
             asyncio.get_running_loop().call_later(args.duration, stop.set)
 
@@ -171,4 +199,6 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
         stop.set()
         await follower
         await engine.stop()
+        if kubelet is not None:
+            await kubelet.stop()
         shutil.rmtree(experts_dir, ignore_errors=True)

@@ -49,6 +49,10 @@ class Scenario:
     hot_share: float = 0.39  # skew = 0.39 / 2 * 8 - 1 = 0.56 for top-2 of 8, below collapse
     collapsed_expert: tuple[int, int] | None = None
     collapse_share: float = 0.55
+    # The hot layer's hottest expert alternates: every `hot_flip_every_seconds` the hot share
+    # moves between hot_expert's expert and `hot_flip_expert` (the series must keep identity).
+    hot_flip_expert: int | None = None
+    hot_flip_every_seconds: float | None = None
     hot_gpu_factor: float = 1.12
     cold_gpu_factor: float = 0.36
 
@@ -77,6 +81,18 @@ class Scenario:
                 0 <= spot[0] < self.num_layers and 0 <= spot[1] < self.num_experts
             ):
                 problems.append(f"{name} {spot} is outside the model's layers x experts")
+        if (self.hot_flip_expert is None) != (self.hot_flip_every_seconds is None) or (
+            self.hot_flip_expert is not None
+            and (
+                self.hot_expert is None
+                or not 0 <= self.hot_flip_expert < self.num_experts
+                or not (self.hot_flip_every_seconds or 0) > 0
+            )
+        ):
+            problems.append(
+                "hot_flip_expert (an expert of the model) and hot_flip_every_seconds (> 0) go "
+                "together, with a hot_expert"
+            )
         if problems:
             raise ValueError(f"scenario {self.name!r}: " + "; ".join(problems))
 
@@ -92,6 +108,19 @@ SCENARIOS: dict[str, Scenario] = {
         description="layer 3 skewed > 50 %, expert 2 of layer 17 collapsed (> 40 % share); the GPU hosting the hot expert runs at ~90 %, the other at ~30 %",
         hot_expert=(3, 5),
         collapsed_expert=(17, 2),
+    ),
+    "hot_expert_flip": replace(
+        _NORMAL,
+        name="hot_expert_flip",
+        description="layer 3's hottest expert alternates between 5 and 2 every 12 s (skew > 50 % throughout, no collapse); 16 experts per layer, top-2",
+        # 16 experts: > 50 % skew is a token share > 0.1875, collapse > 0.40. With Mixtral's 8,
+        # skew > 0.5 is a share in (0.375, 0.40], too narrow to stay in while a window straddles
+        # a flip (it holds both experts at about half the hot share).
+        num_experts=16,
+        hot_expert=(3, 5),
+        hot_share=0.32,  # skew 1.56; a window straddling a flip: ~0.7
+        hot_flip_expert=2,
+        hot_flip_every_seconds=12.0,
     ),
     "kv_pressure": replace(
         _NORMAL,

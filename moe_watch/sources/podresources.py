@@ -7,7 +7,7 @@ GPU whose pod has no process on it yet. The socket is
 ``/var/lib/kubelet/pod-resources/kubelet.sock`` (mounted read-only into the DaemonSet).
 
 The messages are decoded with a small protobuf wire reader for the fields used here, so no
-generated code is needed (tests/sources/podresources_wire.py encodes them for the fake kubelet):
+generated code is needed (moe_watch/demo/fake_kubelet.py encodes them for the fake kubelet):
 
     ListPodResourcesResponse { repeated PodResources pod_resources = 1; }
     PodResources       { string name = 1; string namespace = 2; repeated ContainerResources containers = 3; }

@@ -115,3 +115,15 @@ def test_the_demo_plan_drifts_only_where_the_demo_means_it_to(name: str) -> None
     assert plan.vllm.max_model_len == running.max_model_len == SCENARIOS[name].max_model_len
     assert plan.vllm.max_num_seqs == SCENARIOS["normal"].max_num_seqs
     assert [d.setting for d in find_drift(running, plan)] == ["gpu_memory_utilization"]
+
+
+def test_a_pod_that_is_not_namespace_slash_pod_is_a_bad_setting() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_watch.cli", "demo", "--pod", "just-a-pod", "--duration", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "invalid setting 'pod'" in result.stderr

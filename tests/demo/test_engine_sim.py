@@ -4,6 +4,7 @@ HTTP server whose fault knobs misbehave on demand."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import statistics
@@ -324,6 +325,38 @@ def test_hot_expert_skews_one_layer_collapses_another_and_heats_one_gpu() -> Non
     assert all(sum(row) == sum(sim.expert_counts[0]) for row in sim.expert_counts)
 
 
+def test_hot_expert_flip_alternates_the_hottest_while_a_short_window_stays_skewed() -> None:
+    """What the paging e2e test leans on: over a 6 s window sampled every second, layer 3's
+    hottest expert alternates 5 <-> 2 while its skew stays > 0.5 and no expert collapses."""
+    scenario = SCENARIOS["hot_expert_flip"]
+    sim = EngineSim(scenario, start_time=0.0)
+    rows: list[list[int]] = []
+    hottest, skews, top_shares = [], [], []
+    for t in range(1, 91):
+        sim.advance(float(t))
+        rows.append(list(sim.expert_counts[3]))
+        if t > 6:
+            window = [now - then for now, then in zip(rows[-1], rows[-7], strict=True)]
+            hottest.append(window.index(max(window)))
+            skews.append(skew(window) or 0.0)
+            top_shares.append(max(token_shares(window, scenario.top_k) or [0.0]))
+    flips = sum(a != b for a, b in itertools.pairwise(hottest))
+    assert set(hottest) == {5, 2}
+    assert flips >= 5  # every 12 s
+    assert min(skews) > 0.6
+    assert max(top_shares) < 0.36  # collapse is > 0.40
+    assert (skew(sim.expert_counts[0]) or 0) < 0.2
+
+
+def test_a_flip_needs_its_period_and_a_hot_expert() -> None:
+    with pytest.raises(ValueError, match="hot_flip_expert"):
+        replace(SCENARIOS["normal"], hot_flip_expert=2, hot_flip_every_seconds=10.0)
+    with pytest.raises(ValueError, match="hot_flip_expert"):
+        replace(SCENARIOS["hot_expert"], hot_flip_expert=2)
+    with pytest.raises(ValueError, match="hot_flip_expert"):
+        replace(SCENARIOS["hot_expert"], hot_flip_expert=8, hot_flip_every_seconds=10.0)
+
+
 def test_gpu_lost_is_normal_traffic_plus_a_gpu_1_loss_time() -> None:
     assert SCENARIOS["gpu_lost"].gpu_lost_after_seconds == 10.0
     others = [x for name, x in SCENARIOS.items() if name != "gpu_lost"]
@@ -338,7 +371,9 @@ def test_every_scenario_is_named_after_its_key_and_described() -> None:
     for name, scenario in SCENARIOS.items():
         assert scenario.name == name
         assert scenario.description
-        assert (scenario.num_experts, scenario.top_k, scenario.gpu_count) == (8, 2, 2)
+        # Mixtral's shape; hot_expert_flip needs 16 experts to flip without collapse (its comment)
+        experts = 16 if name == "hot_expert_flip" else 8
+        assert (scenario.num_experts, scenario.top_k, scenario.gpu_count) == (experts, 2, 2)
 
 
 def test_a_scenario_outside_the_model_shape_is_refused() -> None:

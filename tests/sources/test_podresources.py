@@ -7,17 +7,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from moe_watch.demo.fake_kubelet import FakeKubelet, gpu_allocation
 from moe_watch.sources.podresources import (
     DeviceOwner,
     PodResourcesError,
     gpu_owners,
     owners_from_response,
 )
-from tests.sources.podresources_wire import encode_response
 
 GPU0 = "GPU-00000000-0000-4000-8000-000000000000"
 GPU1 = "GPU-00000000-0000-4000-8000-000000000001"
@@ -90,7 +89,7 @@ def test_the_wire_codec_agrees_with_the_real_protobuf_library() -> None:
         GPU0: DeviceOwner("llm", "mixtral-0", "vllm"),
         GPU1: DeviceOwner("llm", "mixtral-0", "vllm"),
     }
-    ours = encode_response([("llm", "mixtral-0", [("vllm", [("nvidia.com/gpu", [GPU0, GPU1])])])])
+    ours = gpu_allocation("llm", "mixtral-0", "vllm", [GPU0, GPU1])
     parsed = type(real)()
     parsed.ParseFromString(ours)
     assert parsed.pod_resources[0].containers[0].devices[0].device_ids == [GPU0, GPU1]
@@ -101,23 +100,11 @@ def test_the_wire_codec_agrees_with_the_real_protobuf_library() -> None:
 @pytest.fixture
 async def kubelet(tmp_path: Path) -> AsyncIterator[Path]:
     """A fake kubelet: the real gRPC method, the real message bytes, on a unix socket."""
-    socket = tmp_path / "kubelet.sock"
-    payload = real_response().SerializeToString()
-
-    async def list_pods(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return payload
-
-    server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(
-        list_pods, request_deserializer=bytes, response_serializer=bytes
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("v1.PodResourcesLister", {"List": handler}),)
-    )
-    server.add_insecure_port(f"unix://{socket}")
-    await server.start()
-    yield socket
-    await server.stop(None)
+    server = await FakeKubelet(
+        tmp_path / "kubelet.sock", real_response().SerializeToString()
+    ).start()
+    yield server.socket
+    await server.stop()
 
 
 async def test_gpu_owners_over_grpc(kubelet: Path) -> None:
