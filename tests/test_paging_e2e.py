@@ -252,6 +252,8 @@ async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_no
         assert (details["engine"], details["layer"], details["node"]) == (ENGINE_A, "3", NODE_A)
         assert details["expert"] in {"2", "5"}  # the hottest when it paged
         assert page["payload"]["severity"] == "critical"
+        # What the on-call reads first: the problem, the engine, the node, readably apart.
+        assert page["payload"]["summary"].endswith(f"({ENGINE_A} on {NODE_A})"), page["payload"]
 
         # -- (b) node-a's agent dies: MoEWatchDown pages for it; node-b still pages ------------
         processes.kill(NODE_A)
@@ -265,6 +267,7 @@ async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_no
                                    seen=lambda: summary(receiver))  # fmt: skip
         phase("MoEWatchDown page")
         assert down["payload"]["custom_details"]["node"] == NODE_A
+        assert down["payload"]["summary"].endswith(f"(on {NODE_A})"), down["payload"]
         os.kill(processes.started[NODE_B].pid, signal.SIGUSR1)  # GPU 1 of node-b falls off the bus
         lost_labels = {"node": NODE_B, "gpu": "1", "engine": ENGINE_B}
 
