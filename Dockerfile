@@ -11,6 +11,6 @@ RUN useradd --system --uid 65532 --no-create-home moe-watch
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 65532:65532
-EXPOSE 9400
+EXPOSE 9663
 ENTRYPOINT ["moe-watch"]
 CMD ["run", "--config", "/etc/moe-watch/config.yaml"]

@@ -106,7 +106,7 @@ def test_the_shipped_agent_config_and_plan_are_valid(tmp_path: Path) -> None:
     from moe_watch.config import load_settings
     from moe_watch.sizing.plan import load_plan
 
-    assert load_settings(ROOT / "deploy/base/config.yaml").listen == "0.0.0.0:9400"
+    assert load_settings(ROOT / "deploy/base/config.yaml").listen == "0.0.0.0:9663"
     assert load_plan(ROOT / "deploy/base/plans/example-mixtral.yaml").gpus == 2
 
 
