@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=Path("."),
-        help="root to write alerts/ and deploy/base/ under (default .)",
+        help="root to write alerts/ and charts/moe-watch/files/ under (default .)",
     )
     rules.add_argument(
         "--config",
