@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_watch import __version__
-from moe_watch.config import ConfigError, Settings, load_settings
+from moe_watch.config import DEFAULT_PORT, ConfigError, Settings, load_settings
 
 EXIT_BAD_CONFIG = 2
 
@@ -23,7 +23,7 @@ def _agent_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, help="YAML settings file (see docs/configuration.md)"
     )
-    parser.add_argument("--listen", help="HOST:PORT for /metrics (default 0.0.0.0:9400)")
+    parser.add_argument("--listen", help=f"HOST:PORT for /metrics (default 0.0.0.0:{DEFAULT_PORT})")
     parser.add_argument(
         "--interval", type=float, dest="interval_seconds", help="seconds between cycles (default 5)"
     )
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--listen",
-        default="127.0.0.1:9400",
-        help="HOST:PORT for the agent (default 127.0.0.1:9400; port 0 = any)",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        help=f"HOST:PORT for the agent (default 127.0.0.1:{DEFAULT_PORT}; port 0 = any)",
     )
     demo.add_argument(
         "--duration",
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=Path("."),
-        help="root to write alerts/ and deploy/base/ under (default .)",
+        help="root to write alerts/ and charts/moe-watch/files/ under (default .)",
     )
     rules.add_argument(
         "--config",

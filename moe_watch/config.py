@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from moe_watch.sizing.plan import PlanFile
 
 ENGINE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+# The agent's port. Not 9400: that is dcgm-exporter's, and it runs on the same GPU nodes
+# (docs/deploy.md "The port"). The Helm chart's `port` value and deploy/base follow this one.
+DEFAULT_PORT = 9663
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*):(?P<port>\d{1,5})$")
 
 
@@ -157,7 +160,7 @@ class Settings(BaseSettings):
     )
 
     targets: Annotated[tuple[TargetConfig, ...], NoDecode] = ()
-    listen: str = "0.0.0.0:9400"
+    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
     interval_seconds: float = Field(default=5.0, ge=0.05, le=300)  # a floor: no busy loop
     window_seconds: float = Field(default=300.0, gt=0, le=86_400)
     scrape_timeout_seconds: float = Field(default=3.0, gt=0, le=120)
@@ -238,7 +241,7 @@ class Settings(BaseSettings):
     def _check_listen(cls, value: str) -> str:
         match = _HOST_PORT.match(value)
         if not match or not 0 <= int(match["port"]) <= 65535:
-            raise ValueError(f"expected HOST:PORT such as 0.0.0.0:9400, got {value!r}")
+            raise ValueError(f"expected HOST:PORT such as 0.0.0.0:{DEFAULT_PORT}, got {value!r}")
         return value
 
     @property

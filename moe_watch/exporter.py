@@ -154,6 +154,31 @@ def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
     if snap.node_gpu_spread is not None:
         node.add_metric([], snap.node_gpu_spread)
     yield from (info, up, util, used, total, ratio, temp, power, xid, spread, node)  # fmt: skip
+    yield _gpu_allocations(snap)
+
+
+def _gpu_allocations(snap: Snapshot) -> Metric:
+    """One series per kubelet allocation on a GPU: shared GPUs (time-slicing, MIG, DRA) too."""
+    allocation = gauge(
+        "gpu_allocation_info",
+        "A GPU device the kubelet allocated (whole GPU, time-slice replica, MIG or DRA device) and the container holding it; value is always 1.",
+        ["gpu", "uuid", "k8s_device_id", "k8s_resource_name", *K8S_LABELS],
+    )
+    for view in snap.gpus:
+        for device_id, resource, namespace, pod, container in view.allocations:
+            allocation.add_metric(
+                [
+                    str(view.sample.index),
+                    view.sample.uuid,
+                    device_id,
+                    resource,
+                    namespace,
+                    pod,
+                    container,
+                ],
+                1,
+            )
+    return allocation
 
 
 def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:

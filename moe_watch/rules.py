@@ -6,7 +6,7 @@ overrides, docs/alerts.md):
 - alerts/tests/moe-watch.rules.test.yml promtool unit tests: every alert fires at its threshold
                                         after `for:` and stays silent just below it, plus one test
                                         per defect the rules once had
-- deploy/base/prometheusrule.yaml       the same groups as a Prometheus Operator PrometheusRule
+- charts/moe-watch/files/prometheusrule.yaml  the same groups as a Prometheus Operator PrometheusRule
 A test regenerates them and fails when the committed files are stale. Every number comes from
 moe_watch/thresholds.py; each alert's runbook is a section of docs/runbooks.md.
 
@@ -30,7 +30,7 @@ from moe_watch.thresholds import DEFAULT, Thresholds
 
 RULES_FILE = Path("alerts/moe-watch.rules.yml")
 TESTS_FILE = Path("alerts/tests/moe-watch.rules.test.yml")
-OPERATOR_FILE = Path("deploy/base/prometheusrule.yaml")
+OPERATOR_FILE = Path("charts/moe-watch/files/prometheusrule.yaml")  # the Helm chart ships it
 ENGINE = 'engine="mixtral-0"'
 Severity = Literal["critical", "warning", "info"]
 DURATION = r"^[0-9]+[smh]$"
@@ -639,7 +639,7 @@ def operator_manifest(config: RulesConfig | None = None) -> dict[str, Any]:
         "kind": "PrometheusRule",
         "metadata": {
             "name": "moe-watch",
-            "labels": {"app.kubernetes.io/name": "moe-watch", "release": "prometheus"},
+            "labels": {"app.kubernetes.io/name": "moe-watch"},  # the chart adds release labels
         },
         "spec": rule_groups(config),
     }

@@ -102,6 +102,8 @@ class GpuSample:
     temperature_celsius: float | None = None
     power_watts: float | None = None
     pids: tuple[int, ...] = ()
+    minor: int | None = None  # /dev/nvidia<minor>: how NVIDIA's DRA driver names it (gpu-<minor>)
+    mig_uuids: tuple[str, ...] = ()  # its MIG devices' UUIDs (MIG mode), for the kubelet's MIG IDs
 
 
 @dataclass(frozen=True, slots=True)

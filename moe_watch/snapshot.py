@@ -45,6 +45,9 @@ class GpuView:
     memory_used_ratio: float | None
     # Kubernetes owner of the GPU (kubelet pod-resources): namespace, pod, container.
     owner: tuple[str, str, str] | None = None
+    # Every kubelet allocation on the GPU (whole, time-slice replica, MIG or DRA device):
+    # (device id, resource or DRA driver, namespace, pod, container).
+    allocations: tuple[tuple[str, str, str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

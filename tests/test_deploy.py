@@ -1,5 +1,6 @@
-"""The Kubernetes manifests: kustomize builds them, the Kubernetes schemas accept them, and the
-DaemonSet is locked down and never takes a GPU from a workload."""
+"""The kustomize manifests (deploy/base is the Helm chart's rendering, tests/test_chart.py): kustomize
+builds them, the Kubernetes and Prometheus Operator schemas accept them, and the DaemonSet is
+locked down and never takes a GPU from a workload."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.crd_schema import validate as validate_crd
+
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES_VERSION = "1.30"
-CRDS = {"ServiceMonitor", "PrometheusRule"}  # Prometheus Operator: no upstream schema offline
+CRDS = {"ServiceMonitor", "PrometheusRule"}  # Prometheus Operator: tests/crds/ (vendored)
 
 
 def build(overlay: str) -> list[dict[str, Any]]:
@@ -34,8 +37,8 @@ def objects(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
 
 def test_every_object_passes_the_kubernetes_schema(objects: list[dict[str, Any]]) -> None:
     kinds = {o["kind"] for o in objects}
+    assert "Namespace" not in kinds  # `kubectl delete -k` must not take the namespace with it
     assert {
-        "Namespace",
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
@@ -46,7 +49,7 @@ def test_every_object_passes_the_kubernetes_schema(objects: list[dict[str, Any]]
     assert kinds >= CRDS
     for obj in objects:
         if obj["kind"] in CRDS:
-            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            validate_crd(obj)
             continue
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
@@ -67,9 +70,16 @@ def test_the_daemonset_is_locked_down_and_requests_no_gpu(objects: list[dict[str
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["hostPID"] is True
     assert pod["priorityClassName"] == "system-node-critical"
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
-        "tolerations"
-    ]
+    # every NoSchedule taint (nvidia.com/gpu, Karpenter / Auto Mode NodePool taints), no NoExecute
+    assert pod["tolerations"] == [{"operator": "Exists", "effect": "NoSchedule"}]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    keys = {e["key"] for term in terms["nodeSelectorTerms"] for e in term["matchExpressions"]}
+    assert keys == {
+        "nvidia.com/gpu.present",
+        "karpenter.k8s.aws/instance-gpu-count",
+        "eks.amazonaws.com/instance-gpu-count",
+        "node.kubernetes.io/instance-type",
+    }
     resources = container["resources"]
     assert not any(
         "nvidia.com" in key for part in resources.values() for key in part
@@ -102,12 +112,23 @@ def test_dashboards_are_configmaps_for_the_grafana_sidecar(objects: list[dict[st
     assert len(dashboards) == 4
 
 
-def test_the_shipped_agent_config_and_plan_are_valid(tmp_path: Path) -> None:
-    from moe_watch.config import load_settings
+def test_the_shipped_agent_config_and_plan_are_valid(
+    objects: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    from moe_watch.config import DEFAULT_PORT, load_settings
     from moe_watch.sizing.plan import load_plan
 
-    assert load_settings(ROOT / "deploy/base/config.yaml").listen == "0.0.0.0:9400"
-    assert load_plan(ROOT / "deploy/base/plans/example-mixtral.yaml").gpus == 2
+    config = next(o for o in objects if o["kind"] == "ConfigMap" and "config.yaml" in o["data"])
+    (tmp_path / "config.yaml").write_text(config["data"]["config.yaml"])
+    assert load_settings(tmp_path / "config.yaml").listen == f"0.0.0.0:{DEFAULT_PORT}"
+    assert load_plan(ROOT / "deploy/examples/plans/example-mixtral.yaml").gpus == 2
+
+
+def test_the_eks_overlay_adds_the_kube_prometheus_stack_release_label() -> None:
+    objects = build("deploy/overlays/eks")
+    for obj in objects:
+        labels = obj["metadata"].get("labels", {})
+        assert (labels.get("release") == "prometheus") == (obj["kind"] in CRDS), obj["kind"]
 
 
 def test_the_example_workloads_are_valid_and_discoverable() -> None:

@@ -5,28 +5,29 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from moe_watch.agent.engine_target import EngineTarget, TargetCycle
-from moe_watch.agent.ownership import gpu_owners
+from moe_watch.agent.ownership import gpu_allocations, gpu_owners, sole_owner
 from moe_watch.runner import SourceStatus
 from moe_watch.samples import GpuReading, ProcessInfo
 from moe_watch.signals.gpu import memory_used_ratio, utilization_spread
 from moe_watch.snapshot import GpuView, Snapshot
-from moe_watch.sources.podresources import DeviceOwner
+from moe_watch.sources.podresources import Allocation, DeviceOwner
 
 
 def gpu_views(
     reading: GpuReading | None,
     targets: Sequence[EngineTarget],
     *,
-    kubelet: Mapping[str, DeviceOwner],
+    kubelet: Sequence[Allocation],
     pod_engines: Mapping[str, str],
     processes: Mapping[int, ProcessInfo],
 ) -> tuple[GpuView, ...]:
     if reading is None:
         return ()
+    allocated = gpu_allocations(reading.gpus, kubelet)
     owners = gpu_owners(
         reading.gpus,
         declared=[(target.name, target.config.gpus) for target in targets],
-        kubelet=kubelet,
+        kubelet=allocated,
         pod_engines=pod_engines,
         processes=processes,
     )
@@ -35,7 +36,11 @@ def gpu_views(
             sample=gpu,
             engine=owners.get(gpu.index),
             memory_used_ratio=memory_used_ratio(gpu),
-            owner=_owner_labels(kubelet.get(gpu.uuid)),
+            owner=_owner_labels(sole_owner(allocated.get(gpu.index, ()))),
+            allocations=tuple(
+                (a.device_id, a.resource, a.owner.namespace, a.owner.pod, a.owner.container)
+                for a in allocated.get(gpu.index, ())
+            ),
         )
         for gpu in reading.gpus
     )

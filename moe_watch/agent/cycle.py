@@ -19,7 +19,7 @@ from moe_watch.k8s.discovery import PodTarget, PodWatcher
 from moe_watch.runner import SourceRunner
 from moe_watch.samples import GpuReading, ProcessInfo
 from moe_watch.snapshot import Snapshot
-from moe_watch.sources.podresources import DeviceOwner, PodResourcesSource
+from moe_watch.sources.podresources import Allocation, PodResourcesSource
 from moe_watch.sources.proc import ProcSource
 
 log = structlog.get_logger("moe_watch.agent")
@@ -46,9 +46,9 @@ class Agent:
         self._static: set[str] = {t.name for t in settings.targets}
         self._nvml_runner: SourceRunner[GpuReading] | None = None
         self._proc_runner: SourceRunner[dict[int, ProcessInfo]] | None = None
-        self._pod_resources_runner: SourceRunner[dict[str, DeviceOwner]] | None = None
+        self._pod_resources_runner: SourceRunner[tuple[Allocation, ...]] | None = None
         self._pids: tuple[int, ...] = ()  # on the GPUs in the latest NVML reading
-        self._kubelet: dict[str, DeviceOwner] = {}  # GPU UUID -> owner, from pod-resources
+        self._kubelet: tuple[Allocation, ...] = ()  # the node's GPU allocations (pod-resources)
         self.discovery: PodWatcher | None = None
         self._discovery_runner: SourceRunner[int] | None = None  # discovery in /status
         self._discovery_task: asyncio.Task[None] | None = None

@@ -13,7 +13,7 @@ from typing import Any
 
 SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-# `node` is the ServiceMonitor's relabeling of __meta_kubernetes_pod_node_name (deploy/base);
+# `node` is the ServiceMonitor's relabeling of __meta_kubernetes_pod_node_name (charts/moe-watch);
 # `instance` is the agent pod's address, which changes when the pod is replaced.
 SEL = 'cluster=~"$cluster",node=~"$node",engine=~"$engine"'
 SEL_MODEL = SEL + ',model=~"$model"'  # engine-level series carry the served model

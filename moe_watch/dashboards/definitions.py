@@ -163,8 +163,10 @@ def configmaps_yaml() -> str:
 
 
 def generated_files() -> dict[Path, str]:
-    return {Path("deploy/base/dashboards.yaml"): configmaps_yaml()} | {
-        Path("dashboards") / f"moe-watch-{name}.json": to_json(make())
+    # dashboards/ for Grafana import; the Helm chart's copies become sidecar ConfigMaps
+    return {
+        Path(folder) / f"moe-watch-{name}.json": to_json(make())
+        for folder in ("dashboards", "charts/moe-watch/files/dashboards")
         for name, make in DASHBOARDS.items()
     }
 

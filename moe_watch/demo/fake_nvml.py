@@ -45,6 +45,8 @@ class FakeGpu:
     temperature_c: int = 55
     power_mw: int = 350_000
     pids: list[int] = field(default_factory=list)
+    minor: int | None = None  # /dev/nvidia<minor>; None -> the index
+    mig_uuids: list[str] = field(default_factory=list)  # MIG devices (MIG mode on when not empty)
     lost: bool = False  # every call on it raises GPU_IS_LOST (fell off the bus)
     unsupported: set[str] = field(default_factory=set)  # these calls raise NOT_SUPPORTED
     errors: dict[str, int] = field(default_factory=dict)  # call -> NVML return code it raises
@@ -57,6 +59,7 @@ class FakeGpu:
 @dataclass(frozen=True)
 class _Handle:
     index: int
+    mig_slot: int | None = None  # a MIG device handle of the GPU
 
 
 class _EventSet:
@@ -163,7 +166,25 @@ class FakeNvml:
 
     def nvmlDeviceGetUUID(self, handle: _Handle) -> str:
         self._enter("nvmlDeviceGetUUID")
-        return self._gpu(handle, "uuid").uuid
+        gpu = self._gpu(handle, "uuid")
+        return gpu.uuid if handle.mig_slot is None else gpu.mig_uuids[handle.mig_slot]
+
+    def nvmlDeviceGetMinorNumber(self, handle: _Handle) -> int:
+        self._enter("nvmlDeviceGetMinorNumber")
+        gpu = self._gpu(handle, "minor")
+        return gpu.index if gpu.minor is None else gpu.minor
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: _Handle) -> int:
+        self._enter("nvmlDeviceGetMaxMigDeviceCount")
+        if not self._gpu(handle, "mig").mig_uuids:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)  # not MIG capable / off
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: _Handle, slot: int) -> _Handle:
+        self._enter("nvmlDeviceGetMigDeviceHandleByIndex")
+        if slot >= len(self._gpu(handle, "mig").mig_uuids):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        return _Handle(handle.index, slot)
 
     def nvmlDeviceGetName(self, handle: _Handle) -> str:
         self._enter("nvmlDeviceGetName")

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import structlog
@@ -220,7 +221,7 @@ class NvmlSource:
         self._init_error: SourceError | None = None
         self._init_attempt_at: float | None = None
         self._driver_version = ""
-        self._identity: dict[int, tuple[str, str]] = {}  # index -> (uuid, name)
+        self._identity: dict[int, tuple[str, str, int | None]] = {}  # index -> (uuid, name, minor)
         self._memory_v1_only: set[int] = set()
         self._processes_v2 = False
         self._lost: set[int] = set()
@@ -327,14 +328,16 @@ class NvmlSource:
             return ""  # tried again next cycle (an uninitialized NVML shows up on the GPU reads)
 
     def _read_gpu(self, nvml: Any, index: int, reasons: list[str]) -> GpuSample:
-        uuid, name = self._identity.get(index, ("", ""))
+        uuid, name, minor = self._identity.get(index, ("", "", None))
         try:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             if index not in self._identity:  # identity never changes while the GPU is there
                 uuid = str(nvml.nvmlDeviceGetUUID(handle))
                 name = str(nvml.nvmlDeviceGetName(handle))
-                self._identity[index] = (uuid, name)
+                minor = self._minor(nvml, handle)
+                self._identity[index] = (uuid, name, minor)
             sample = self._read_fields(nvml, index, handle, uuid, name, reasons)
+            sample = replace(sample, minor=minor)
         except nvml.NVMLError as exc:
             code = _code(exc)
             if code == nvml.NVML_ERROR_UNINITIALIZED:
@@ -373,6 +376,7 @@ class NvmlSource:
         )
         power = field(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)  # mW
         processes = field(lambda: self._processes(nvml, handle)) or []
+        mig_uuids = field(lambda: self._mig_uuids(nvml, handle)) or ()
         used, total = memory if memory is not None else (None, None)
         return GpuSample(
             index=index,
@@ -385,7 +389,32 @@ class NvmlSource:
             temperature_celsius=temperature,
             power_watts=power,
             pids=tuple(sorted({int(p.pid) for p in processes})),
+            mig_uuids=mig_uuids,
         )
+
+    @staticmethod
+    def _minor(nvml: Any, handle: Any) -> int | None:
+        """/dev/nvidia<minor>: NVIDIA's DRA driver names the GPU gpu-<minor> (pod-resources)."""
+        try:
+            return int(nvml.nvmlDeviceGetMinorNumber(handle))
+        except nvml.NVMLError as exc:
+            if _code(exc) in _gpu_gone(nvml) or _code(exc) == nvml.NVML_ERROR_UNINITIALIZED:
+                raise
+            return None  # DRA devices then match by NVML index
+
+    @staticmethod
+    def _mig_uuids(nvml: Any, handle: Any) -> tuple[str, ...]:
+        """The UUIDs of the GPU's MIG devices (the device plugin allocates MIG-<uuid>)."""
+        uuids = []
+        for slot in range(int(nvml.nvmlDeviceGetMaxMigDeviceCount(handle))):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+            except nvml.NVMLError as exc:
+                if _code(exc) in (nvml.NVML_ERROR_NOT_FOUND, nvml.NVML_ERROR_INVALID_ARGUMENT):
+                    continue  # an empty slot, or MIG mode off
+                raise
+            uuids.append(str(nvml.nvmlDeviceGetUUID(mig)))
+        return tuple(uuids)
 
     def _memory(self, nvml: Any, index: int, handle: Any) -> tuple[float, float]:
         # v2 "used" excludes the driver-reserved memory: what the workloads really hold.

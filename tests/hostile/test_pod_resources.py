@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_watch.sources.podresources import PodResourcesError, owners_from_response
+from moe_watch.demo.fake_kubelet import _encode_varint, _field, encode_response
+from moe_watch.sources.podresources import PodResourcesError, allocations_from_response
 from tests.hostile.conftest import peak_memory
-from tests.sources.podresources_wire import _encode_varint, _field, encode_response
 
 GOOD = encode_response([("llm", "pod-0", [("vllm", [("nvidia.com/gpu", ["GPU-1"])])])])
 
@@ -30,21 +30,22 @@ CASES = [
 @pytest.mark.parametrize(("name", "data"), CASES, ids=[c[0] for c in CASES])
 def test_a_hostile_answer_is_one_pod_resources_error(name: str, data: bytes) -> None:
     with peak_memory(), pytest.raises(PodResourcesError):
-        owners_from_response(data)
+        allocations_from_response(data)
 
 
 def test_a_good_answer_still_decodes() -> None:
-    assert owners_from_response(GOOD)["GPU-1"].engine == "llm/pod-0"
+    (allocation,) = allocations_from_response(GOOD)
+    assert (allocation.gpu_uuid, allocation.owner.engine) == ("GPU-1", "llm/pod-0")
 
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=300))
 def test_arbitrary_bytes_decode_or_are_refused(data: bytes) -> None:
     try:
-        owners = owners_from_response(data)
+        found = allocations_from_response(data)
     except PodResourcesError:
-        owners = {}
-    assert all(isinstance(uuid, str) for uuid in owners)
+        found = ()
+    assert all(isinstance(a.device_id, str) for a in found)
 
 
 @settings(max_examples=100, deadline=None)
@@ -52,4 +53,4 @@ def test_arbitrary_bytes_decode_or_are_refused(data: bytes) -> None:
 def test_corrupting_a_good_answer_decodes_or_is_refused(data: bytes, at: int) -> None:
     corrupt = GOOD[:at] + data + GOOD[at + len(data) :]
     with contextlib.suppress(PodResourcesError):
-        owners_from_response(corrupt)
+        allocations_from_response(corrupt)
