@@ -264,7 +264,9 @@ async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
 
     engine_stub.recorder_dir = tmp_path
     even = [[10] * 8, [10] * 8]
-    hot = [[40, 10, 10, 10, 10, 10, 5, 5], [10] * 8]  # layer 0: skew 2.2, expert 0 share 0.8
+    hot = [[40, 10, 10, 10, 10, 10, 5, 5], [10] * 8]
+    # Both dumps count (the recorder starts at zero): layer 0 = [50, 20 x 5, 15, 15], skew
+    # 50 / 22.5 - 1 = 1.222, expert 0's share 100 / 180 = 0.556.
     engine_stub.expert_dumps = [recorder_csv(even), recorder_csv(hot)]
     target = {
         "name": "qwen3",
@@ -280,17 +282,21 @@ async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
     metrics = exposition(snap)
     assert value(
         metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="0"
-    ) == pytest.approx(2.2)
+    ) == pytest.approx(50 / 22.5 - 1)
     assert value(
         metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="1"
     ) == pytest.approx(0.0)
     assert value(
         metrics, "moe_watch_expert_max_token_share", engine="qwen3", layer="0"
-    ) == pytest.approx(0.8)
-    assert value(metrics, "moe_watch_expert_max_skew_ratio", engine="qwen3") == pytest.approx(2.2)
+    ) == pytest.approx(100 / 180)
+    assert value(metrics, "moe_watch_expert_max_skew_ratio", engine="qwen3") == pytest.approx(
+        50 / 22.5 - 1
+    )
     assert value(metrics, "moe_watch_expert_collapsed_layers", engine="qwen3") == 1
     cell = {"engine": "qwen3", "layer": "0", "load_rank": "1"}
-    assert value(metrics, "moe_watch_expert_load_rank_token_share", **cell) == pytest.approx(0.8)
+    assert value(metrics, "moe_watch_expert_load_rank_token_share", **cell) == pytest.approx(
+        100 / 180
+    )
     assert value(metrics, "moe_watch_expert_load_rank_expert_id", **cell) == 0
     assert value(metrics, "moe_watch_source_up", source="experts:qwen3") == 1
     ranked = [
@@ -298,7 +304,37 @@ async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
     ]
     assert len(ranked) == 3 * 2  # expert_top_n load ranks x 2 layers
     document = experts_document(snap)
-    assert document["engines"][0]["counts_window"][0] == [40, 10, 10, 10, 10, 10, 5, 5]
+    assert document["engines"][0]["counts_window"][0] == [50, 20, 20, 20, 20, 20, 15, 15]
+
+
+async def test_sglangs_first_dump_counts_because_its_recorder_starts_at_zero(
+    engine_stub: EngineStub, tmp_path: Path
+) -> None:
+    """Defect (issue 17): the first dump after the agent starts recording was the window's
+    baseline and its traffic was lost. SGLang's recorder starts at zero when recording starts,
+    so the first dump is an increase like any other."""
+    from moe_watch.views import experts_document
+
+    engine_stub.recorder_dir = tmp_path
+    hot = [[40, 10, 10, 10, 10, 10, 5, 5], [10] * 8]
+    engine_stub.expert_dumps = [recorder_csv(hot)]
+    target = {
+        "name": "qwen3",
+        "url": engine_stub.url,
+        "experts": {"source": "sglang", "directory": str(tmp_path), "top_k": 2},
+    }
+    clock = Clock()
+    config = load_settings(None, targets=[target], nvml="off")
+    async with Agent(config, clock=clock) as agent:
+        first = await agent.run_cycle()
+        clock.now += 5
+        second = await agent.run_cycle()  # no new dump: the window still holds the first one
+    for snap in (first, second):
+        metrics = exposition(snap)
+        assert value(
+            metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="0"
+        ) == pytest.approx(2.2)
+        assert experts_document(snap)["engines"][0]["counts_window"] == hot
 
 
 async def test_an_engine_with_an_expert_source_but_no_counts_exports_zero_layers_observed(

@@ -18,7 +18,7 @@ from moe_watch.drift import Drift, find_drift, running_from
 from moe_watch.runner import SourceRunner
 from moe_watch.samples import EngineScrape, EplbBalance, ExpertCounts, ModelSample, ProcessInfo
 from moe_watch.signals.engine import derive_engine_signals
-from moe_watch.signals.experts import derive_expert_signals
+from moe_watch.signals.experts import derive_expert_signals, needs_zero_baseline, zero_baseline
 from moe_watch.signals.window import SlidingWindow
 from moe_watch.sizing.plan import PlanFile
 from moe_watch.snapshot import EngineExperts, EngineView, GpuView
@@ -106,7 +106,7 @@ class EngineTarget:
         for window in self._model_windows.values():
             window.expire(now)
         if reading.counts is not None:  # on failure the window keeps what it had, and expires
-            self._expert_window.append(now, reading.counts)
+            self._append_counts(reading.counts, now)
         self._expert_window.expire(now)
         latest = self._expert_window.latest()
         experts = None
@@ -121,6 +121,15 @@ class EngineTarget:
             experts=experts,
             eplb=dict(balance.balancedness) if balance is not None else {},
         )
+
+    def _append_counts(self, counts: ExpertCounts, now: float) -> None:
+        window = self._expert_window
+        if needs_zero_baseline(window.latest(), counts):
+            # The counter set was 0 at `started` (SGLang's recorder): window that zero, so the
+            # first sample's traffic is an increase, not the baseline (issue 17).
+            last = max((timestamp for timestamp, _ in window), default=counts.started)
+            window.append(min(now, max(counts.started, last)), zero_baseline(counts))
+        window.append(now, counts)
 
     def _engine_views(self, scrape: EngineScrape) -> list[EngineView]:
         views = []

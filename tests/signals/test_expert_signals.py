@@ -179,3 +179,19 @@ def test_a_layer_with_non_finite_or_negative_counts_is_skipped_not_raised() -> N
     bad = counts([[1, 2, 3, 4], [math.nan, 1, 1, 1], [math.inf, 1, 1, 1]], top_k=1)
     signals = derive_expert_signals([zero, bad])
     assert [layer.layer for layer in signals.layers] == [0]
+
+
+def test_only_counters_that_start_at_zero_get_a_zero_baseline() -> None:
+    from dataclasses import replace
+
+    from moe_watch.signals.experts import needs_zero_baseline, zero_baseline
+
+    plugin = counts([[3, 1], [2, 2]], top_k=1, started=5.0)  # attached mid-run: unknown start
+    sglang = replace(plugin, from_zero=True)
+    assert not needs_zero_baseline(None, plugin)
+    assert needs_zero_baseline(None, sglang)
+    assert not needs_zero_baseline(sglang, sglang)  # the same counter set: already windowed
+    assert needs_zero_baseline(replace(sglang, started=1.0), sglang)  # a new counter set
+    base = zero_baseline(sglang)
+    assert (base.total, base.started, base.layers) == (0, 5.0, sglang.layers)
+    assert window_increase([base, sglang]) == matrix([[3, 1], [2, 2]])
