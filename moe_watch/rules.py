@@ -241,6 +241,8 @@ ALERTS: tuple[Alert, ...] = (
         extra_series=_hot_layer("17", "2"),
         hottest="2",
         annotations=(("hottest_expert", HOTTEST_EXPERT),),
+        whatif=True,
+        whatif_rendered=NO_WHATIF,
     ),
     Alert(
         "MoEHotEPRank",
