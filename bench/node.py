@@ -2,8 +2,12 @@
 
 8 simulated GPUs (fake NVML, the real NVML source), 2 engines served over HTTP with the real
 54 KB vLLM capture padded with the simulator's live families, and plugin files with 58 MoE layers
-x 256 experts (top-8) per engine. Runs the real agent for --cycles cycles back to back, then 20
-concurrent scrapers against its /metrics. Every figure has a reference measured in the same run.
+x 256 experts (top-8, EP 32) per engine. Runs the real agent for --cycles cycles back to back,
+then 20 concurrent scrapers against its /metrics. Every figure has a reference measured in the
+same run. The EPLB what-if (vLLM's EPLB on the window's load) runs inside those cycles every
+eplb_whatif_interval_seconds (default 60 s, so once every 12 cycles of 5 s); its cost per
+computation is also measured alone: typical (the target reached early) and worst case (the whole
+search range, no count reaching the target).
 
     python bench/node.py [--cycles 10000] [--scrapes 2000]
 """
@@ -20,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -42,7 +46,7 @@ from moe_watch.server import make_app, start_server  # noqa: E402
 from moe_watch.service import freeze_startup_heap  # noqa: E402
 
 CAPTURES = ROOT / "tests" / "fixtures" / "vllm"  # data files only: no pytest needed
-LAYERS, EXPERTS, TOP_K = 58, 256, 8
+LAYERS, EXPERTS, TOP_K, EP_SIZE = 58, 256, 8, 32
 
 
 def rss_mb() -> float:
@@ -55,7 +59,7 @@ def write_experts(directory: Path, step: int, rng: random.Random, now: float) ->
     write_counts_file(
         directory / "worker.experts.json",
         CountsFile(pid=1, started=1.0, updated=now, model="deepseek-v3", top_k=TOP_K,
-                   num_experts=EXPERTS, layers=list(range(3, 61)), counts=counts, ep_size=8),
+                   num_experts=EXPERTS, layers=list(range(3, 61)), counts=counts, ep_size=EP_SIZE),
     )  # fmt: skip
 
 
@@ -99,6 +103,12 @@ async def main() -> int:
                 rss_after_warmup = rss_mb()
         gc.collect()
         rss_end = rss_mb()
+        whatif_views = (
+            [v.whatif for v in agent.snapshot.experts if v.whatif is not None]
+            if agent.snapshot
+            else []
+        )
+        typical, worst, skewed = whatif_costs(agent)
         # Reference in the same run: prometheus_client parsing the same engine bytes, twice (2 engines).
         r0 = time.process_time()
         for _ in range(50):
@@ -149,12 +159,41 @@ async def main() -> int:
         f"| /metrics render (once per cycle; scrapes get the cached body) | {render * 1e3:.2f} ms | prometheus_client encoding the same families, prebuilt: {render_reference * 1e3:.2f} ms |"
     )
     print(
+        f"| EPLB what-if per computation, 58 x 256, EP 32, CPU: uniform load / skewed load / worst case | {typical * 1e3:.0f} / {skewed * 1e3:.0f} / {worst * 1e3:.0f} ms | runs in a worker thread every eplb_whatif_interval_seconds (60 s: 1 cycle in 12); the last in-agent computation took {max((v.duration_seconds for v in whatif_views), default=0) * 1e3:.0f} ms; what-ifs present for {len(whatif_views)} of 2 engines |"
+    )
+    print(
         f"| /metrics body, series | {len(body) / 1024:.0f} KiB, {series} series | target <= 2,000 series |"
     )
     print(
         f"| RSS after 500 cycles / after {args.cycles} | {rss_after_warmup:.0f} / {rss_end:.0f} MB | before the first cycle: {rss_start:.0f} MB; target <= 100 MB, growth < 5 MB (dcgm-exporter: ~480 MiB on 8-GPU nodes) |"
     )
     return 0
+
+
+def whatif_costs(agent: Agent) -> tuple[float, float, float]:
+    """CPU seconds of one EPLB what-if on the agent's window (median of 3): the default search
+    (redundancies 0, EP, 2 x EP and the search until the target), the same on a skewed load, and
+    the worst case (a target nothing reaches: the whole range, 0 to 256 in steps of 32)."""
+    from moe_watch.signals.eplb_whatif import eplb_whatif
+
+    snapshot = agent.snapshot
+    assert snapshot is not None
+    assert snapshot.experts
+    view = snapshot.experts[0]
+    counts, layers = view.signals.window_counts, view.latest.layers
+    rng = random.Random(1)
+    skewed = [
+        [float(int(50_000 / (1 + rng.randrange(EXPERTS)) ** 1.2)) for _ in range(EXPERTS)]
+        for _ in layers
+    ]
+    for row in skewed:
+        for hot in rng.sample(range(EXPERTS), k=8):
+            row[hot] += rng.randrange(100_000, 400_000)
+
+    def cost(rows: Sequence[Sequence[float]], target: float) -> float:
+        return median_seconds(lambda: eplb_whatif(rows, layers, EP_SIZE, target=target), 3)
+
+    return cost(counts, 0.9), cost(counts, 1.01), cost(skewed, 0.9)
 
 
 class Replay:

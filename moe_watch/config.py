@@ -31,6 +31,8 @@ from pydantic_settings import (
 if TYPE_CHECKING:
     from moe_watch.sizing.plan import PlanFile
 
+from moe_watch.thresholds import DEFAULT
+
 ENGINE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 # The agent's port. Not 9400: that is dcgm-exporter's, and it runs on the same GPU nodes
 # (docs/deploy.md "The port"). The Helm chart's `port` value and deploy/base follow this one.
@@ -54,6 +56,11 @@ class ExpertsConfig(BaseModel):
     top_k: int | None = Field(default=None, ge=1, description="experts per token (sglang only)")
     num_experts: int | None = Field(default=None, ge=1)
     ep_size: int = Field(default=1, ge=1, description="expert-parallel ranks (sglang only)")
+    # For the EPLB what-if (docs/experts.md): the model's expert groups (DeepSeek-V3's n_group, 8)
+    # and the nodes the engine's EP ranks span. vLLM's EPLB is hierarchical when the groups divide
+    # by the nodes; 1 and 1 is its global policy.
+    num_expert_groups: int = Field(default=1, ge=1)
+    num_nodes: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _sglang_needs_top_k(self) -> ExpertsConfig:
@@ -181,6 +188,13 @@ class Settings(BaseSettings):
     # Export every (layer, expert) counter (moe_watch_expert_tokens_total): 14,848 series for a
     # DeepSeek-V3 replica. Off by default; /experts always has the full matrix as JSON.
     expert_full_detail: bool = False
+    # EPLB what-if (docs/experts.md): vLLM's EPLB placement on the window's load, for these
+    # redundant-expert counts (unset: 0, EP size, 2 x EP size; at most 8, each 0-1023, vLLM's
+    # limit), recomputed at most every eplb_whatif_interval_seconds (0: every cycle), with
+    # eplb_whatif_target the balancedness the search for the smallest sufficient count aims at.
+    eplb_whatif_redundant: tuple[int, ...] | None = Field(default=None, max_length=8)
+    eplb_whatif_interval_seconds: float = Field(default=60.0, ge=0, le=3600)
+    eplb_whatif_target: float = Field(default=DEFAULT.eplb_whatif_target, gt=0, le=1)
     # TLS and basic auth on the agent's endpoints (exporter-toolkit web config format); off by default.
     web_config_file: Path | None = None
     # hardening(#15): bounds on the agent's own server, its basic auth and its shutdown
@@ -226,6 +240,13 @@ class Settings(BaseSettings):
         if self.discovery and not self.node_name:
             raise ValueError("discovery needs node_name (MOE_WATCH_NODE_NAME from spec.nodeName)")
         return self
+
+    @field_validator("eplb_whatif_redundant")
+    @classmethod
+    def _check_redundant(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and any(not 0 <= count <= 1023 for count in value):
+            raise ValueError("each redundant-expert count must be 0-1023 (vLLM's limit)")
+        return value
 
     @field_validator("web_config_file")
     @classmethod

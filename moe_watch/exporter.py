@@ -61,6 +61,7 @@ class SnapshotCollector(Collector):
         yield from _gpu_metrics(snapshot)
         yield from _engine_metrics(snapshot)
         yield from _expert_metrics(snapshot, full_detail=self._full_detail)
+        yield from _whatif_metrics(snapshot)
         yield from _plan_metrics(snapshot)
 
 
@@ -317,6 +318,57 @@ def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
     yield observed
     if full_detail:
         yield tokens
+
+
+def _whatif_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """The EPLB what-if (docs/experts.md): a handful of series per engine, none per expert.
+
+    ``redundant_experts`` takes the few configured counts (eplb_whatif_redundant), fixed for the
+    agent's life: not a value that moves. The smallest count that reaches the target is a value;
+    absent when no count in the searched range does (``..._searched_max`` says how far it went).
+    """
+    today = gauge(
+        "expert_rank_balancedness_ratio",
+        "EP-rank balancedness today (static placement): sum over layers of the mean rank's "
+        "tokens / sum of the busiest rank's, over the window (vLLM EPLB's definition; 1 = even).",
+        ["engine"],
+    )
+    whatif = gauge(
+        "expert_eplb_whatif_balancedness_ratio",
+        "EP-rank balancedness vLLM's EPLB would reach on the window's load with this many "
+        "redundant experts (moe-watch what-if, recomputed every eplb_whatif_interval_seconds).",
+        ["engine", "redundant_experts"],
+    )
+    needed = gauge(
+        "expert_eplb_redundant_needed",
+        "Smallest redundant-expert count with which vLLM's EPLB reaches the what-if target "
+        f"balancedness (default {T.eplb_whatif_target:g}); absent when none in the searched range.",
+        ["engine"],
+    )
+    reached = gauge(
+        "expert_eplb_redundant_needed_balancedness_ratio",
+        "EP-rank balancedness vLLM's EPLB reaches with expert_eplb_redundant_needed redundant experts.",
+        ["engine"],
+    )
+    searched = gauge(
+        "expert_eplb_redundant_searched_max",
+        "Largest redundant-expert count the what-if tried (the end of its search range).",
+        ["engine"],
+    )
+    for view in snap.experts:
+        if view.whatif is None:
+            continue
+        result = view.whatif.result
+        key = [view.engine]
+        today.add_metric(key, result.balancedness_today)
+        for case in result.cases:
+            whatif.add_metric([view.engine, str(case.redundant_experts)], case.balancedness)
+        if result.searched:
+            searched.add_metric(key, result.searched[-1])
+        if result.redundant_needed is not None and result.needed_balancedness is not None:
+            needed.add_metric(key, result.redundant_needed)
+            reached.add_metric(key, result.needed_balancedness)
+    yield from (today, whatif, needed, reached, searched)
 
 
 def _plan_metrics(snap: Snapshot) -> Iterator[Metric]:

@@ -43,6 +43,35 @@ HOTTEST_EXPERT = (
 )
 
 
+def eplb_whatif_template(target: float) -> str:
+    """Would vLLM's EPLB fix it? moe-watch's what-if on the window's load (docs/experts.md), read
+    when the notification is rendered: the smallest redundant-expert count reaching ``target``,
+    else how far the search went, else why there is no what-if."""
+
+    def read(metric: str, fmt: str) -> str:
+        return (
+            f'{{{{ with printf "moe_watch_{metric}{{engine=%q}}" $labels.engine | query }}}}'
+            f'{{{{ . | first | value | printf "{fmt}" }}}}{{{{ end }}}}'
+        )
+
+    today = read("expert_rank_balancedness_ratio", "%.2f")
+    return (
+        '{{ with printf "moe_watch_expert_eplb_redundant_needed{engine=%q}" $labels.engine | query }}'
+        'EPLB with {{ . | first | value | printf "%.0f" }} redundant experts would lift EP-rank '
+        f"balancedness from {today} to "
+        + read("expert_eplb_redundant_needed_balancedness_ratio", "%.2f")
+        + " (moe-watch what-if on the window's load; the placement is in /experts).{{ else }}"
+        + read("expert_eplb_redundant_searched_max", "%.0f").replace(
+            '{{ . | first | value | printf "%.0f" }}',
+            'No EPLB redundancy up to {{ . | first | value | printf "%.0f" }} experts reaches '
+            f"EP-rank balancedness {target:g} (today {today}): placement alone will not even "
+            "the load.{{ else }}No EPLB what-if for this engine (no expert parallelism, or no "
+            "expert counts in the window).",
+        )
+        + "{{ end }}"
+    )
+
+
 def _standard_severities() -> dict[Severity, str]:
     return {"critical": "critical", "warning": "warning", "info": "info"}
 
@@ -124,6 +153,9 @@ class Alert:
     extra_series: tuple[tuple[str, str], ...] = ()  # (series, values) the alert also reads
     hottest: str = ""  # what HOTTEST_EXPERT renders to in the test
     annotations: tuple[tuple[str, str], ...] = ()  # extra annotations (the same in the test)
+    # An `eplb_whatif` annotation (eplb_whatif_template) and what it renders to in the test.
+    whatif: bool = False
+    whatif_rendered: str = ""
 
 
 def _v(value: float, minutes: int = 60) -> str:
@@ -139,6 +171,44 @@ def _hot_layer(layer: str, expert: str) -> tuple[tuple[str, str], ...]:
     )
 
 
+def _whatif_found(needed: str, today: str, reached: str) -> tuple[tuple[str, str], ...]:
+    return (
+        (f"moe_watch_expert_eplb_redundant_needed{{{ENGINE}}}", f"{needed}x60"),
+        (f"moe_watch_expert_rank_balancedness_ratio{{{ENGINE}}}", f"{today}x60"),
+        (f"moe_watch_expert_eplb_redundant_needed_balancedness_ratio{{{ENGINE}}}", f"{reached}x60"),
+    )
+
+
+def _whatif_none(searched: str, today: str) -> tuple[tuple[str, str], ...]:
+    return (
+        (f"moe_watch_expert_eplb_redundant_searched_max{{{ENGINE}}}", f"{searched}x60"),
+        (f"moe_watch_expert_rank_balancedness_ratio{{{ENGINE}}}", f"{today}x60"),
+    )
+
+
+NO_WHATIF = (
+    "No EPLB what-if for this engine (no expert parallelism, or no expert counts in the window)."
+)
+
+
+def _annotations(alert: Alert, config: RulesConfig) -> dict[str, str]:
+    """An alert's extra annotations as templates (the rule file)."""
+    extra = dict(alert.annotations)
+    if alert.whatif:
+        extra["eplb_whatif"] = eplb_whatif_template(config.limits.eplb_whatif_target)
+    return extra
+
+
+def _expected_annotations(
+    alert: Alert, labels: dict[str, str], value: float, hottest: str, whatif: str
+) -> dict[str, str]:
+    """An alert's extra annotations as promtool must see them rendered."""
+    expected = {k: expand(v, labels, value, hottest) for k, v in alert.annotations}
+    if alert.whatif:
+        expected["eplb_whatif"] = whatif
+    return expected
+
+
 ALERTS: tuple[Alert, ...] = (
     Alert(
         "MoEExpertSkewHigh",
@@ -151,9 +221,11 @@ ALERTS: tuple[Alert, ...] = (
         + HOTTEST_EXPERT
         + ".",
         f'moe_watch_expert_skew_ratio{{{ENGINE},layer="3"}}',
-        extra_series=_hot_layer("3", "5"),
+        extra_series=_hot_layer("3", "5") + _whatif_found("32", "0.41", "0.92"),
         hottest="5",
         annotations=(("hottest_expert", HOTTEST_EXPERT),),
+        whatif=True,
+        whatif_rendered="EPLB with 32 redundant experts would lift EP-rank balancedness from 0.41 to 0.92 (moe-watch what-if on the window's load; the placement is in /experts).",
     ),
     Alert(
         "MoEExpertCollapse",
@@ -169,6 +241,8 @@ ALERTS: tuple[Alert, ...] = (
         extra_series=_hot_layer("17", "2"),
         hottest="2",
         annotations=(("hottest_expert", HOTTEST_EXPERT),),
+        whatif=True,
+        whatif_rendered=NO_WHATIF,
     ),
     Alert(
         "MoEHotEPRank",
@@ -179,6 +253,9 @@ ALERTS: tuple[Alert, ...] = (
         "One expert-parallel rank carries far more tokens than the others",
         'EP rank {{ $labels.rank }} of {{ $labels.engine }} carries {{ $value | printf "%.2f" }}x the mean rank load.',
         f'moe_watch_expert_rank_load_ratio{{{ENGINE},rank="1"}}',
+        extra_series=_whatif_none("256", "0.41"),
+        whatif=True,
+        whatif_rendered="No EPLB redundancy up to 256 experts reaches EP-rank balancedness 0.9 (today 0.41): placement alone will not even the load.",
     ),
     Alert(
         "MoEExpertDataMissing",
@@ -477,7 +554,7 @@ def rule_groups(
                 "summary": alert.summary,
                 "description": alert.description,
                 "runbook_url": _runbook(alert, config),
-                **dict(alert.annotations),
+                **_annotations(alert, config),
             },
         }
         for alert in ALERTS
@@ -530,7 +607,7 @@ def _alert_test(alert: Alert, config: RulesConfig) -> dict[str, Any]:
         "summary": alert.summary,
         "description": expand(alert.description, exp, value, alert.hottest),
         "runbook_url": _runbook(alert, config),
-    } | {k: expand(v, exp, value, alert.hottest) for k, v in alert.annotations}
+    } | _expected_annotations(alert, exp, value, alert.hottest, alert.whatif_rendered)
     return {
         "interval": "1m",
         "input_series": [
@@ -568,7 +645,7 @@ def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
             "summary": alert.summary,
             "description": expand(alert.description, labels, value, hottest),
             "runbook_url": _runbook(alert, config),
-        } | {k: expand(v, labels, value, hottest) for k, v in alert.annotations}
+        } | _expected_annotations(alert, labels, value, hottest, NO_WHATIF)
         return {"exp_labels": labels, "exp_annotations": annotations}
 
     flipping = " ".join(["5x3", "2x3"] * 6)  # the hottest expert alternates every 4 minutes

@@ -138,6 +138,10 @@ class ExpertCounts:
     ep_size: int = 1
     placement: tuple[int, ...] = ()
     source: str = "plugin"  # plugin | sglang
+    # Every count was 0 at ``started`` and ``started`` is this agent's own clock (SGLang: the
+    # agent adds up the recorder's dumps from zero): the first sample of a counter set is then
+    # an increase from zero, not an unknown baseline (the agent windows it after a zero sample).
+    from_zero: bool = False
     # Sum of all counts, computed once here: reset detection compares it across every sample of
     # the window every cycle.
     total: float = field(init=False, compare=False)

@@ -14,6 +14,7 @@ from moe_watch.drift import Drift
 from moe_watch.runner import SourceStatus
 from moe_watch.samples import ExpertCounts, GpuSample
 from moe_watch.signals.engine import EngineSignals
+from moe_watch.signals.eplb_whatif import EplbWhatIf
 from moe_watch.signals.experts import ExpertSignals
 
 
@@ -30,12 +31,23 @@ class EngineView:
 
 
 @dataclass(frozen=True, slots=True)
+class WhatIfView:
+    """An engine's EPLB what-if (signals/eplb_whatif.py), when it was computed and its cost."""
+
+    result: EplbWhatIf
+    computed_at: float
+    duration_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class EngineExperts:
     """One engine's expert load: the latest cumulative counts and the windowed signals."""
 
     engine: str
     latest: ExpertCounts
     signals: ExpertSignals
+    # vLLM's EPLB on the window's load; None without expert parallelism or traffic.
+    whatif: WhatIfView | None = None
 
 
 @dataclass(frozen=True, slots=True)

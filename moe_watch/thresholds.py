@@ -18,6 +18,7 @@ class Thresholds:
     expert_skew: float = 0.5  # > 50 % skew (max/mean - 1) alerts
     expert_collapse_share: float = 0.40  # one expert takes > 40 % of a layer's tokens
     ep_rank_load: float = 1.5  # ours: an EP rank at 1.5x the mean rank's tokens
+    eplb_whatif_target: float = 0.9  # ours: EP-rank balancedness (mean/max) a what-if must reach
     # GPUs
     gpu_utilization_low: float = 0.60
     gpu_utilization_high: float = 0.98

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moe_watch.snapshot import Snapshot
+from moe_watch.signals.eplb_whatif import ALGORITHM, VLLM_VERSION
+from moe_watch.snapshot import Snapshot, WhatIfView
 
 
 def status_document(snapshot: Snapshot) -> dict[str, Any]:
@@ -49,6 +50,11 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
             for engine, findings in snapshot.drift.items()
         },
         "sized_budget_bytes": dict(snapshot.budgets),
+        "eplb_whatif": {
+            view.engine: whatif_document(view.whatif, full=False)
+            for view in snapshot.experts
+            if view.whatif is not None
+        },
         "gpus": [
             {
                 "gpu": view.sample.index,
@@ -103,6 +109,81 @@ def experts_document(snapshot: Snapshot | None) -> dict[str, Any]:
                     for h in signals.hot()
                 ],
                 "rank_load": {str(rank): load for rank, load in signals.rank_load.items()},
+                "eplb_whatif": whatif_document(view.whatif, full=True),
             }
         )
     return {"timestamp": snapshot.timestamp, "engines": engines}
+
+
+def whatif_document(view: WhatIfView | None, *, full: bool) -> dict[str, Any] | None:
+    """One engine's EPLB what-if: the summary (/status) or, ``full``, every layer's proposed
+    placement and per-rank loads before and after (/experts). None: no what-if (no expert
+    parallelism, or no traffic in the window)."""
+    if view is None:
+        return None
+    r = view.result
+    cases: list[dict[str, Any]] = [
+        {"redundant_experts": case.redundant_experts, "balancedness": case.balancedness}
+        for case in r.cases
+    ]
+    document: dict[str, Any] = {
+        "answer": whatif_answer(view),
+        "algorithm": f"{ALGORITHM} of vLLM {VLLM_VERSION}, transcribed to pure Python",
+        "computed_at": view.computed_at,
+        "cpu_seconds": round(view.duration_seconds, 6),
+        "ep_size": r.ep_size,
+        "num_experts": r.num_experts,
+        "policy": "hierarchical" if r.hierarchical else "global",
+        "num_groups": r.num_groups,
+        "num_nodes": r.num_nodes,
+        "balancedness_today": r.balancedness_today,
+        "target": r.target,
+        "redundant_needed": r.redundant_needed,
+        "needed_balancedness": r.needed_balancedness,
+        "searched": list(r.searched),
+        "cases": cases,
+        "skipped": [{"redundant_experts": n, "reason": why} for n, why in r.skipped],
+    }
+    if not full:
+        return document
+    document["layers"] = [
+        {
+            "layer": layer,
+            "balancedness_today": r.layer_balancedness_today[i],
+            "rank_loads_today": list(r.rank_loads_today[i]),
+        }
+        for i, layer in enumerate(r.layers)
+    ]
+    for entry, case in zip(cases, r.cases, strict=True):
+        slots = (r.num_experts + case.redundant_experts) // r.ep_size  # physical experts per rank
+        entry["layers"] = [
+            {
+                "layer": placed.layer,
+                "balancedness": placed.balancedness,
+                "rank_loads": list(placed.rank_loads),
+                # rank -> its logical experts (a replicated expert sits on several ranks)
+                "rank_experts": [
+                    list(placed.phy2log[rank * slots : (rank + 1) * slots])
+                    for rank in range(r.ep_size)
+                ],
+            }
+            for placed in case.layers
+        ]
+    return document
+
+
+def whatif_answer(view: WhatIfView) -> str:
+    """The what-if in one sentence, for a human at 3 a.m."""
+    r = view.result
+    if r.redundant_needed is not None and r.needed_balancedness is not None:
+        return (
+            f"vLLM's EPLB with {r.redundant_needed} redundant experts would lift EP-rank "
+            f"balancedness from {r.balancedness_today:.2f} to {r.needed_balancedness:.2f} "
+            f"(target {r.target:g})."
+        )
+    best = f" (best {r.needed_balancedness:.2f})" if r.needed_balancedness is not None else ""
+    top = r.searched[-1] if r.searched else 0
+    return (
+        f"No redundant-expert count up to {top} lets vLLM's EPLB reach balancedness "
+        f"{r.target:g}{best}; today {r.balancedness_today:.2f}."
+    )

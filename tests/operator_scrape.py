@@ -1,4 +1,4 @@
-"""The scrape config the Prometheus Operator generates from deploy/base/servicemonitor.yaml, for a
+"""The scrape config the Prometheus Operator generates from the chart's ServiceMonitor, for a
 Prometheus on 127.0.0.1 that labels series exactly as a real cluster does.
 
 Follows prometheus-operator v0.93.0 (commit 6adcebc5, pkg/prometheus/promcfg.go,
@@ -52,16 +52,17 @@ def sanitize(name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", name)
 
 
-def manifest(name: str) -> dict[str, Any]:
-    """deploy/base/<name>.yaml with the kustomization's namespace and common labels applied."""
+def manifest(kind: str) -> dict[str, Any]:
+    """The object of this kind in deploy/base (the chart rendered with its default values), with
+    the kustomization's namespace applied as `kustomize build deploy/base` would."""
     kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
-    doc: dict[str, Any] = yaml.safe_load((BASE / f"{name}.yaml").read_text())
+    docs = [d for d in yaml.safe_load_all((BASE / "moe-watch.yaml").read_text()) if d]
+    (doc,) = [d for d in docs if d["kind"] == kind]
     meta = doc.setdefault("metadata", {})
     meta.setdefault("namespace", kustomization["namespace"])
-    labels = meta.setdefault("labels", {})
     for entry in kustomization.get("labels", []):
-        labels.update(entry["pairs"])
-    return doc
+        meta.setdefault("labels", {}).update(entry["pairs"])
+    return dict(doc)
 
 
 def _labels(prefix: str, labels: dict[str, str]) -> dict[str, str]:
@@ -75,7 +76,7 @@ def _labels(prefix: str, labels: dict[str, str]) -> dict[str, str]:
 def endpoints_targets(pods: list[AgentPod]) -> list[dict[str, Any]]:
     """What ``kubernetes_sd_configs: [{role: endpoints}]`` discovers for the agent's Service: one
     target per (pod, service port), as static_configs entries."""
-    service, daemonset = manifest("service"), manifest("daemonset")
+    service, daemonset = manifest("Service"), manifest("DaemonSet")
     namespace = service["metadata"]["namespace"]
     template = daemonset["spec"]["template"]
     (container,) = template["spec"]["containers"]
@@ -146,7 +147,7 @@ def scrape_config(
     """The Operator's scrape config for endpoint ``endpoint`` of the ServiceMonitor, its
     kubernetes_sd_configs replaced by ``endpoints_targets(pods)``. ``interval`` overrides the
     endpoint's scrape interval (and caps its timeout): test speed only."""
-    monitor = manifest("servicemonitor")
+    monitor = manifest("ServiceMonitor")
     spec, meta = monitor["spec"], monitor["metadata"]
     ep = spec["endpoints"][endpoint]
     relabel: list[dict[str, Any]] = [

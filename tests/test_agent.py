@@ -264,7 +264,9 @@ async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
 
     engine_stub.recorder_dir = tmp_path
     even = [[10] * 8, [10] * 8]
-    hot = [[40, 10, 10, 10, 10, 10, 5, 5], [10] * 8]  # layer 0: skew 2.2, expert 0 share 0.8
+    hot = [[40, 10, 10, 10, 10, 10, 5, 5], [10] * 8]
+    # Both dumps count (the recorder starts at zero): layer 0 = [50, 20 x 5, 15, 15], skew
+    # 50 / 22.5 - 1 = 1.222, expert 0's share 100 / 180 = 0.556.
     engine_stub.expert_dumps = [recorder_csv(even), recorder_csv(hot)]
     target = {
         "name": "qwen3",
@@ -280,17 +282,21 @@ async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
     metrics = exposition(snap)
     assert value(
         metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="0"
-    ) == pytest.approx(2.2)
+    ) == pytest.approx(50 / 22.5 - 1)
     assert value(
         metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="1"
     ) == pytest.approx(0.0)
     assert value(
         metrics, "moe_watch_expert_max_token_share", engine="qwen3", layer="0"
-    ) == pytest.approx(0.8)
-    assert value(metrics, "moe_watch_expert_max_skew_ratio", engine="qwen3") == pytest.approx(2.2)
+    ) == pytest.approx(100 / 180)
+    assert value(metrics, "moe_watch_expert_max_skew_ratio", engine="qwen3") == pytest.approx(
+        50 / 22.5 - 1
+    )
     assert value(metrics, "moe_watch_expert_collapsed_layers", engine="qwen3") == 1
     cell = {"engine": "qwen3", "layer": "0", "load_rank": "1"}
-    assert value(metrics, "moe_watch_expert_load_rank_token_share", **cell) == pytest.approx(0.8)
+    assert value(metrics, "moe_watch_expert_load_rank_token_share", **cell) == pytest.approx(
+        100 / 180
+    )
     assert value(metrics, "moe_watch_expert_load_rank_expert_id", **cell) == 0
     assert value(metrics, "moe_watch_source_up", source="experts:qwen3") == 1
     ranked = [
@@ -298,7 +304,37 @@ async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
     ]
     assert len(ranked) == 3 * 2  # expert_top_n load ranks x 2 layers
     document = experts_document(snap)
-    assert document["engines"][0]["counts_window"][0] == [40, 10, 10, 10, 10, 10, 5, 5]
+    assert document["engines"][0]["counts_window"][0] == [50, 20, 20, 20, 20, 20, 15, 15]
+
+
+async def test_sglangs_first_dump_counts_because_its_recorder_starts_at_zero(
+    engine_stub: EngineStub, tmp_path: Path
+) -> None:
+    """Defect (issue 17): the first dump after the agent starts recording was the window's
+    baseline and its traffic was lost. SGLang's recorder starts at zero when recording starts,
+    so the first dump is an increase like any other."""
+    from moe_watch.views import experts_document
+
+    engine_stub.recorder_dir = tmp_path
+    hot = [[40, 10, 10, 10, 10, 10, 5, 5], [10] * 8]
+    engine_stub.expert_dumps = [recorder_csv(hot)]
+    target = {
+        "name": "qwen3",
+        "url": engine_stub.url,
+        "experts": {"source": "sglang", "directory": str(tmp_path), "top_k": 2},
+    }
+    clock = Clock()
+    config = load_settings(None, targets=[target], nvml="off")
+    async with Agent(config, clock=clock) as agent:
+        first = await agent.run_cycle()
+        clock.now += 5
+        second = await agent.run_cycle()  # no new dump: the window still holds the first one
+    for snap in (first, second):
+        metrics = exposition(snap)
+        assert value(
+            metrics, "moe_watch_expert_skew_ratio", engine="qwen3", layer="0"
+        ) == pytest.approx(2.2)
+        assert experts_document(snap)["engines"][0]["counts_window"] == hot
 
 
 async def test_an_engine_with_an_expert_source_but_no_counts_exports_zero_layers_observed(
@@ -328,3 +364,103 @@ async def test_an_engine_with_an_expert_source_but_no_counts_exports_zero_layers
         clock.now += 5
         later = await agent.run_cycle()
     assert value(exposition(later), "moe_watch_expert_layers_observed", engine="mixtral") == 2
+
+
+async def test_the_eplb_whatif_is_exported_shown_and_cached_between_recomputations(
+    engine_stub: EngineStub, tmp_path: Path
+) -> None:
+    """Issue 17: balancedness today vs vLLM's EPLB on the window's load, per engine (no series
+    per expert), the placement in /experts, the answer in /status; recomputed at most every
+    eplb_whatif_interval_seconds."""
+    from moe_watch.expert_file import CountsFile, write_counts_file
+    from moe_watch.views import experts_document, status_document
+
+    target = {"name": "ds", "url": engine_stub.url, "experts": {"directory": str(tmp_path)}}
+    clock = Clock()
+    config = load_settings(
+        None, targets=[target], nvml="off", eplb_whatif_redundant=[0, 2], eplb_whatif_target=0.9
+    )
+
+    def write(scale: int) -> None:
+        # 4 experts on 2 EP ranks (linear: 0, 1 on rank 0). Layer 0 increases by [6, 2, 1, 1]
+        # per step, layer 1 by [1, 1, 1, 1] (the hand-computed case of test_eplb_whatif.py).
+        write_counts_file(
+            tmp_path / "rank-0.experts.json",
+            CountsFile(pid=1, started=1.0, updated=clock.now, model="m", top_k=1, num_experts=4,
+                       layers=[0, 1], counts=[[6 * scale, 2 * scale, scale, scale], [scale] * 4],
+                       ep_size=2),
+        )  # fmt: skip
+
+    async with Agent(config, clock=clock) as agent:
+        write(1)
+        await agent.run_cycle()
+        write(2)
+        clock.now += 5
+        first = await agent.run_cycle()
+        write(3)
+        clock.now += 5
+        cached = await agent.run_cycle()  # within the interval: the same what-if
+        clock.now += 60
+        later = await agent.run_cycle()
+    metrics = exposition(first)
+    # Today: layer 0 ranks (8, 2), layer 1 (2, 2): (5 + 2) / (8 + 2).
+    assert value(metrics, "moe_watch_expert_rank_balancedness_ratio", engine="ds") == pytest.approx(
+        0.7
+    )
+    assert value(
+        metrics,
+        "moe_watch_expert_eplb_whatif_balancedness_ratio",
+        engine="ds",
+        redundant_experts="0",
+    ) == pytest.approx(7 / 9)
+    assert value(
+        metrics,
+        "moe_watch_expert_eplb_whatif_balancedness_ratio",
+        engine="ds",
+        redundant_experts="2",
+    ) == pytest.approx(1.0)
+    assert value(metrics, "moe_watch_expert_eplb_redundant_needed", engine="ds") == 2
+    assert value(
+        metrics, "moe_watch_expert_eplb_redundant_needed_balancedness_ratio", engine="ds"
+    ) == pytest.approx(1.0)
+    assert value(metrics, "moe_watch_expert_eplb_redundant_searched_max", engine="ds") == 2
+    whatif_series = [name for name, _ in metrics if "eplb" in name or "rank_balancedness" in name]
+    assert len(whatif_series) == 6  # a handful per engine, none per expert
+    status = status_document(first)["eplb_whatif"]["ds"]
+    assert status["answer"] == (
+        "vLLM's EPLB with 2 redundant experts would lift EP-rank balancedness from 0.70 to 1.00 "
+        "(target 0.9)."
+    )
+    assert "layers" not in status  # /status stays small; /experts has the placement
+    detail = experts_document(first)["engines"][0]["eplb_whatif"]
+    assert detail["layers"][0]["rank_loads_today"] == [8.0, 2.0]
+    two = detail["cases"][1]
+    assert two["redundant_experts"] == 2
+    assert two["layers"][0]["rank_experts"] == [[0, 0, 2], [1, 0, 3]]
+    assert two["layers"][0]["rank_loads"] == [5.0, 5.0]
+    assert first.experts[0].whatif is not None
+    assert cached.experts[0].whatif is first.experts[0].whatif
+    assert later.experts[0].whatif is not None
+    assert later.experts[0].whatif.computed_at == clock.now
+
+
+async def test_no_whatif_without_expert_parallelism(
+    engine_stub: EngineStub, tmp_path: Path
+) -> None:
+    from moe_watch.expert_file import CountsFile, write_counts_file
+
+    target = {"name": "mx", "url": engine_stub.url, "experts": {"directory": str(tmp_path)}}
+    clock = Clock()
+    config = load_settings(None, targets=[target], nvml="off")
+    async with Agent(config, clock=clock) as agent:
+        for scale in (1, 2):
+            write_counts_file(
+                tmp_path / "rank-0.experts.json",
+                CountsFile(pid=1, started=1.0, updated=clock.now, model="m", top_k=1,
+                           num_experts=2, layers=[0], counts=[[3 * scale, scale]]),
+            )  # fmt: skip
+            clock.now += 5
+            snap = await agent.run_cycle()
+    assert snap.experts[0].signals.layers  # the skew signals are there ...
+    assert snap.experts[0].whatif is None  # ... but one rank has nothing to rebalance
+    assert not [name for name, _ in exposition(snap) if "eplb_whatif" in name]

@@ -71,4 +71,6 @@ async def test_a_hot_expert_pages_pagerduty_with_engine_layer_expert_and_runbook
         ("17", "2"),
     }  # the scenario's hot spots
     assert "#moeexpert" in details["runbook_url"]
+    # The demo runs EP over its GPUs: the EPLB what-if answers, rendered by Prometheus' templates.
+    assert details["eplb_whatif"].startswith(("EPLB with", "No EPLB redundancy up to"))
     assert any("runbooks.md#moeexpert" in link["href"] for link in page["links"])

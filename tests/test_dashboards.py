@@ -21,8 +21,8 @@ from moe_watch.dashboards.build import substitute_all
 from moe_watch.dashboards.definitions import DASHBOARDS, generated_files
 from moe_watch.rules import RECORDING, render, rule_groups
 from moe_watch.thresholds import DEFAULT
+from tests.alerting import binary
 from tests.conftest import free_port
-from tests.test_alerts_e2e import binary
 
 ROOT = Path(__file__).resolve().parents[1]
 

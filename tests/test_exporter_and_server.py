@@ -229,8 +229,18 @@ def deepseek_v3_snapshot(ep_size: int = 32) -> Snapshot:
         )
         return ExpertCounts("dsv3", "deepseek-v3", 8, 256, layers, rows, ep_size=ep_size)
 
+    from moe_watch.signals.eplb_whatif import eplb_whatif
+    from moe_watch.snapshot import WhatIfView
+
     window = [counts(0), counts(10)]
-    view = EngineExperts("dsv3", window[-1], derive_expert_signals(window))  # 4 load ranks
+    signals = derive_expert_signals(window)  # 4 load ranks
+    whatif = eplb_whatif(signals.window_counts, layers, ep_size)
+    view = EngineExperts(
+        "dsv3",
+        window[-1],
+        signals,
+        whatif=WhatIfView(whatif, 0.0, 0.0) if whatif is not None else None,
+    )
     return Snapshot(
         timestamp=0.0,
         cycle=1,
@@ -251,8 +261,13 @@ def test_default_expert_export_for_a_deepseek_v3_engine_stays_under_700_series()
         for s in family.samples
     ]
     # per layer: skew, balancedness, max share + 4 load ranks x (share, expert id); 32 EP ranks;
-    # max skew, collapsed and observed layers: 58 x 11 + 32 + 3 = 673 (docs/metrics.md)
-    assert len(expert_series) == 58 * (3 + 2 * 4) + 32 + 3
+    # max skew, collapsed and observed layers; the EPLB what-if: balancedness today, 3 what-ifs,
+    # redundant needed, its balancedness, searched max: 58 x 11 + 32 + 3 + 7 = 680 (docs/metrics.md)
+    assert len(expert_series) == 58 * (3 + 2 * 4) + 32 + 3 + 7
+    whatif = [
+        s for s in expert_series if s.name == "moe_watch_expert_eplb_whatif_balancedness_ratio"
+    ]
+    assert sorted(s.labels["redundant_experts"] for s in whatif) == ["0", "32", "64"]
     assert not any(s.name == "moe_watch_expert_tokens_total" for s in expert_series)
     ranks = [s for s in expert_series if s.name == "moe_watch_expert_rank_load_ratio"]
     assert len(ranks) == 32

@@ -17,7 +17,7 @@ BODY = '# TYPE moe_watch_build_info gauge\nmoe_watch_build_info{version="test"} 
 
 
 def test_the_scrape_config_has_the_operators_job_name_and_relabelings_in_order() -> None:
-    pod = AgentPod("moe-watch-x7k2p", "gpu-node-a", "127.0.0.1:9400")
+    pod = AgentPod("moe-watch-x7k2p", "gpu-node-a", "127.0.0.1:9663")
     config = scrape_config([pod])
     assert config["job_name"] == "serviceMonitor/monitoring/moe-watch/0"
     assert config["honor_labels"] is False
@@ -29,7 +29,7 @@ def test_the_scrape_config_has_the_operators_job_name_and_relabelings_in_order()
     labels = target["labels"]
     assert labels["__meta_kubernetes_service_label_app_kubernetes_io_name"] == "moe-watch"
     assert labels["__meta_kubernetes_endpoint_port_name"] == "metrics"
-    assert labels["__meta_kubernetes_pod_container_port_number"] == "9400"
+    assert labels["__meta_kubernetes_pod_container_port_number"] == "9663"
     assert scrape_config([pod], interval="1s")["scrape_timeout"] == "1s"
 
 

@@ -8,7 +8,7 @@
   deploy/base/servicemonitor.yaml (tests/operator_scrape.py), so the labels on every series are a
   cluster's: job/namespace/pod/container/service/endpoint/instance from the Operator, node from the
   ServiceMonitor's relabeling.
-- It evaluates deploy/base/prometheusrule.yaml's groups, every 1 s and with `for:` shortened (test
+- It evaluates the PrometheusRule of deploy/base (the chart's rendering), every 1 s and with `for:` shortened (test
   speed only), except that MoEExpertSkewHigh keeps a `for:` of SKEW_FOR seconds, longer than the
   flip period: it can only fire if the flips do not restart it.
 - A real Alertmanager with alerts/alertmanager.yml (group_wait 1 s, group_interval 2 s so a
@@ -52,7 +52,7 @@ from tests.alerting import (
     wait_until,
 )
 from tests.conftest import free_port
-from tests.operator_scrape import BASE, AgentPod, scrape_config
+from tests.operator_scrape import AgentPod, manifest, scrape_config
 
 FLIP_SECONDS = SCENARIOS["hot_expert_flip"].hot_flip_every_seconds or 0.0
 SKEW_FOR = 25  # seconds: > 2 flips of the hottest expert before the alert may fire
@@ -81,8 +81,8 @@ def demo_tmp() -> Iterator[Path]:
 
 
 def shortened_rules() -> dict[str, Any]:
-    """deploy/base/prometheusrule.yaml's groups, evaluated every second, `for:` shortened."""
-    spec: dict[str, Any] = yaml.safe_load((BASE / "prometheusrule.yaml").read_text())["spec"]
+    """deploy/base's PrometheusRule groups, evaluated every second, `for:` shortened."""
+    spec: dict[str, Any] = manifest("PrometheusRule")["spec"]
     for group in spec["groups"]:
         group["interval"] = "1s"
         for rule in group["rules"]:

@@ -7,8 +7,9 @@ here, so discovering or losing an engine adds or drops one object.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -18,10 +19,16 @@ from moe_watch.drift import Drift, find_drift, running_from
 from moe_watch.runner import SourceRunner
 from moe_watch.samples import EngineScrape, EplbBalance, ExpertCounts, ModelSample, ProcessInfo
 from moe_watch.signals.engine import derive_engine_signals
-from moe_watch.signals.experts import derive_expert_signals
+from moe_watch.signals.eplb_whatif import EplbWhatIf, eplb_whatif
+from moe_watch.signals.experts import (
+    ExpertSignals,
+    derive_expert_signals,
+    needs_zero_baseline,
+    zero_baseline,
+)
 from moe_watch.signals.window import SlidingWindow
 from moe_watch.sizing.plan import PlanFile
-from moe_watch.snapshot import EngineExperts, EngineView, GpuView
+from moe_watch.snapshot import EngineExperts, EngineView, GpuView, WhatIfView
 from moe_watch.sources.base import Source
 from moe_watch.sources.engine import EngineSource
 from moe_watch.sources.eplb_log import EplbLogSource
@@ -90,6 +97,7 @@ class EngineTarget:
             self.budget_bytes = self.plan.sized(config.plan.parent).itemised.total_gb * 1e9
         self._model_windows: dict[str, SlidingWindow[ModelSample]] = {}
         self._expert_window = SlidingWindow[ExpertCounts](settings.window_seconds)
+        self._whatif = WhatIfCache(settings, config)
 
     async def collect(self) -> TargetReading:
         scrape, counts, balance = await asyncio.gather(
@@ -106,7 +114,7 @@ class EngineTarget:
         for window in self._model_windows.values():
             window.expire(now)
         if reading.counts is not None:  # on failure the window keeps what it had, and expires
-            self._expert_window.append(now, reading.counts)
+            self._append_counts(reading.counts, now)
         self._expert_window.expire(now)
         latest = self._expert_window.latest()
         experts = None
@@ -121,6 +129,22 @@ class EngineTarget:
             experts=experts,
             eplb=dict(balance.balancedness) if balance is not None else {},
         )
+
+    async def with_whatif(self, part: TargetCycle, now: float) -> TargetCycle:
+        """``part`` with the EPLB what-if on its expert window (cached; computed off the loop)."""
+        if part.experts is None:
+            return part
+        view = await self._whatif.get(part.experts.latest, part.experts.signals, now)
+        return replace(part, experts=replace(part.experts, whatif=view))
+
+    def _append_counts(self, counts: ExpertCounts, now: float) -> None:
+        window = self._expert_window
+        if needs_zero_baseline(window.latest(), counts):
+            # The counter set was 0 at `started` (SGLang's recorder): window that zero, so the
+            # first sample's traffic is an increase, not the baseline (issue 17).
+            last = max((timestamp for timestamp, _ in window), default=counts.started)
+            window.append(min(now, max(counts.started, last)), zero_baseline(counts))
+        window.append(now, counts)
 
     def _engine_views(self, scrape: EngineScrape) -> list[EngineView]:
         views = []
@@ -164,6 +188,66 @@ class EngineTarget:
     def runners(self) -> list[SourceRunner[Any]]:
         optional = (self.experts_runner, self.eplb_runner)
         return [self.scrape_runner, *(runner for runner in optional if runner is not None)]
+
+
+class WhatIfCache:
+    """The engine's EPLB what-if, recomputed at most every ``eplb_whatif_interval_seconds``.
+
+    At DeepSeek-V3 scale one computation costs far more CPU than a whole node cycle's budget
+    (bench/node.py, docs/experts.md): the cached answer is served in between (``computed_at``
+    says how old it is), and the computation runs in a worker thread so the event loop keeps
+    serving /metrics meanwhile. A new model shape, EP size, placement or counter set recomputes
+    at once.
+    """
+
+    def __init__(self, settings: Settings, config: TargetConfig) -> None:
+        self._interval = settings.eplb_whatif_interval_seconds
+        self._redundant = settings.eplb_whatif_redundant
+        self._target = settings.eplb_whatif_target
+        experts = config.experts
+        self._ep_size = experts.ep_size if experts is not None else 1
+        self._groups = experts.num_expert_groups if experts is not None else 1
+        self._nodes = experts.num_nodes if experts is not None else 1
+        self._key: tuple[object, ...] | None = None
+        self._computed_at = float("-inf")
+        self._result: WhatIfView | None = None
+        self.computations = 0
+
+    async def get(
+        self, latest: ExpertCounts, signals: ExpertSignals, now: float
+    ) -> WhatIfView | None:
+        ep_size = latest.ep_size if latest.ep_size > 1 else self._ep_size
+        key = (latest.layers, latest.num_experts, ep_size, latest.placement, latest.started)
+        if key == self._key and 0 <= now - self._computed_at < self._interval:
+            return self._result
+        if ep_size < 2 or not signals.window_counts:
+            self._key, self._result = None, None  # nothing to compute yet: try next cycle
+            return None
+        result, seconds = await asyncio.to_thread(
+            _timed_whatif,
+            signals.window_counts,
+            latest.layers,
+            ep_size,
+            redundant=self._redundant,
+            target=self._target,
+            num_groups=self._groups,
+            num_nodes=self._nodes,
+            placement=latest.placement,
+        )
+        self.computations += 1
+        if result is None:  # no traffic in the window: nothing to cache
+            self._key, self._result = None, None
+            return None
+        self._key, self._computed_at = key, now
+        self._result = WhatIfView(result, now, seconds)
+        return self._result
+
+
+def _timed_whatif(*args: Any, **kwargs: Any) -> tuple[EplbWhatIf | None, float]:
+    """eplb_whatif and the CPU seconds its thread spent on it (honest under a busy node)."""
+    started = time.thread_time()
+    result = eplb_whatif(*args, **kwargs)
+    return result, time.thread_time() - started
 
 
 def _expert_source(

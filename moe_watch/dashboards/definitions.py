@@ -110,6 +110,7 @@ def experts() -> dict[str, Any]:
               transformations=hottest),
         Panel("bargauge", "EP-rank load", f"Tokens to the experts on each expert-parallel rank / the mean rank (1 = even). Alert above {D.ep_rank_load:g}.",
               (T(f"moe_watch_expert_rank_load_ratio{{{SEL}}}", "{{engine}} rank {{rank}}", True),), "short", ((1 + D.expert_skew_healthy, YELLOW), (D.ep_rank_load, RED)), 12),
+        *eplb_whatif_panels(),
         Row("Layer x load rank: $engine", repeat="engine"),
         Panel("table", "Token share, layer x load rank", f"One row per MoE layer; column N is the share of the layer's tokens through its N-th most loaded expert (1 = hottest). Even is top-k / experts; a red cell (above {D.expert_collapse_share:g}) is a collapsing expert. Stable series for any model size: the full layer x expert id grid is opt-in (below).",
               (T(f"max by (layer, load_rank) (moe_watch_expert_load_rank_token_share{{{SEL}}})", "", True),), "percentunit", ((D.expert_collapse_share, RED),), 12, 12,
@@ -122,6 +123,21 @@ def experts() -> dict[str, Any]:
               options=grid, custom=COLOUR_CELLS, overrides=(by_name("layer\\expert", **{"custom.cellOptions": {"type": "auto"}, "displayName": "layer"}),),
               transformations=matrix("layer", "expert", MAX_EXPERTS)),
     ], ("experts",))  # fmt: skip
+
+
+def eplb_whatif_panels() -> tuple[Panel, ...]:
+    """Would vLLM's EPLB fix the skew? Balancedness today vs the what-if (docs/experts.md)."""
+    return (
+        Panel("timeseries", "EP-rank balancedness: today vs vLLM EPLB what-if",
+              f"mean/max of tokens per EP rank, over all layers (vLLM EPLB's balancedness; 1 = even). Today: the static placement. What-if: vLLM's own EPLB placement of the window's load with N redundant experts (recomputed every eplb_whatif_interval_seconds). The flat line is the what-if target, {D.eplb_whatif_target:g}.",
+              (T(f"moe_watch_expert_rank_balancedness_ratio{{{SEL}}}", "{{engine}} today"),
+               T(f"moe_watch_expert_eplb_whatif_balancedness_ratio{{{SEL}}}", "{{engine}} EPLB, {{redundant_experts}} redundant"),
+               T(f"vector({D.eplb_whatif_target:g})", "target")),
+              "percentunit", (), 12, max_value=1),
+        Panel("stat", "Redundant experts EPLB needs",
+              f"The smallest redundant-expert count with which vLLM's EPLB reaches balancedness {D.eplb_whatif_target:g} on the window's load. No value: none up to the searched maximum (the alert annotation and /status say so); the proposed placement is in /experts.",
+              (T(f"moe_watch_expert_eplb_redundant_needed{{{SEL}}}", "{{engine}}", True),), "none", (), 12, decimals=0),
+    )  # fmt: skip
 
 
 def gpus() -> dict[str, Any]:

@@ -18,7 +18,7 @@ import heapq
 import operator
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from moe_watch.expert_placement import expert_ranks
 from moe_watch.samples import ExpertCounts, Matrix
@@ -181,6 +181,24 @@ def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 4) -> 
         if latest.ep_size > 1
         else {},
         window_counts=delta,
+    )
+
+
+def zero_baseline(counts: ExpertCounts) -> ExpertCounts:
+    """The same counter set at its start: every count 0 (for counts that are ``from_zero``)."""
+    zeros = bytes(8 * counts.num_experts)
+    return replace(counts, counts=tuple(array("d", zeros) for _ in counts.counts))
+
+
+def needs_zero_baseline(previous: ExpertCounts | None, current: ExpertCounts) -> bool:
+    """True when ``current`` is the first sample the window sees of a counter set that started
+    at zero: without a zero sample before it, its counts would be the window's baseline and the
+    traffic in them lost (SGLang's first dump)."""
+    if not current.from_zero:
+        return False
+    return previous is None or (
+        previous.started != current.started
+        or (previous.layers, previous.num_experts) != (current.layers, current.num_experts)
     )
 
 

@@ -219,6 +219,7 @@ class SGLangExpertSource:
             started=self._started,
             ep_size=self._ep_size,
             source="sglang",
+            from_zero=True,  # the recorder starts at zero: the first dump is traffic, not a baseline
         )
 
     async def _post(self, path: str, reason: str) -> None:

@@ -171,3 +171,19 @@ def test_load_ranks_keep_their_identity_when_the_hottest_expert_changes() -> Non
     assert [e for e, _ in five.layers[0].ranked] == [5, 0]
     assert [e for e, _ in two.layers[0].ranked] == [2, 0]
     assert five.layers[0].skew == two.layers[0].skew  # same value, same series, new expert id
+
+
+def test_only_counters_that_start_at_zero_get_a_zero_baseline() -> None:
+    from dataclasses import replace
+
+    from moe_watch.signals.experts import needs_zero_baseline, zero_baseline
+
+    plugin = counts([[3, 1], [2, 2]], top_k=1, started=5.0)  # attached mid-run: unknown start
+    sglang = replace(plugin, from_zero=True)
+    assert not needs_zero_baseline(None, plugin)
+    assert needs_zero_baseline(None, sglang)
+    assert not needs_zero_baseline(sglang, sglang)  # the same counter set: already windowed
+    assert needs_zero_baseline(replace(sglang, started=1.0), sglang)  # a new counter set
+    base = zero_baseline(sglang)
+    assert (base.total, base.started, base.layers) == (0, 5.0, sglang.layers)
+    assert window_increase([base, sglang]) == matrix([[3, 1], [2, 2]])
