@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_watch.dashboards.build import (
+    GREEN,
     RATE,
     RED,
     SEL,
@@ -71,6 +72,7 @@ def engine() -> dict[str, Any]:
               (T(f"moe_watch_requests_running{{{SEL_MODEL}}}", "{{engine}} running"), T(f"moe_watch_requests_waiting{{{SEL_MODEL}}}", "{{engine}} waiting")), "short", ((D.autoscale_up_waiting, YELLOW), (D.requests_waiting, RED)), 12),
         Panel("timeseries", "KV-cache usage and prefix hit ratio", f"Usage above {D.kv_cache_usage:g} is critical; a chat hit ratio is healthy above {D.kv_cache_hit_ratio_healthy:g}, alert below {D.kv_cache_hit_ratio_low:g}.",
               (T(f"moe_watch_kv_cache_usage_ratio{{{SEL_MODEL}}}", "{{engine}} usage"), T(f"moe_watch_kv_cache_hit_ratio{{{SEL_MODEL}}}", "{{engine}} hit ratio")), "percentunit", ((D.kv_cache_usage, RED),), 12, max_value=1),
+        *engine_forecasts(),
         Panel("timeseries", "Preemptions per second", f"Above {D.preemptions_per_second:g}: KV pressure is evicting running requests.", (T(f"moe_watch_preemptions_per_second{{{SEL_MODEL}}}", "{{engine}}"),), "short", ((D.preemptions_per_second, RED),), 12),
         Panel("timeseries", "Throughput", "Generated and prompt tokens per second over the window.",
               (T(f"moe_watch_generation_tokens_per_second{{{SEL_MODEL}}}", "{{engine}} generated"), T(f"moe_watch_prompt_tokens_per_second{{{SEL_MODEL}}}", "{{engine}} prompt")), "short", (), 12),
@@ -134,9 +136,28 @@ def gpus() -> dict[str, Any]:
               (T(f"moe_watch_gpu_memory_used_ratio{{{SEL}}}", "GPU {{gpu}}"),), "percentunit", ((D.vram_used_healthy, YELLOW), (D.vram_used, RED)), 12, max_value=1),
         Panel("timeseries", "Memory vs the sized budget", f"NVML used / the plan's per-GPU budget (moe-watch size). Above {D.budget_used:g}: beyond the plan.",
               (T(f"moe_watch_budget_used_ratio{{{SEL}}}", "GPU {{gpu}}"),), "percentunit", ((D.budget_used, RED),), 12),
+        *gpu_forecasts(),
         Panel("timeseries", "Temperature", "GPU temperature (no moe-watch threshold: compare with the GPU's slowdown temperature).", (T(f"moe_watch_gpu_temperature_celsius{{{SEL}}}", "GPU {{gpu}}"),), "celsius", (), 12),
         Panel("timeseries", "Power", "GPU power draw.", (T(f"moe_watch_gpu_power_watts{{{SEL}}}", "GPU {{gpu}}"),), "watt", (), 12),
     ], ("gpus",))  # fmt: skip
+
+
+def engine_forecasts() -> tuple[Panel, ...]:
+    """Time until the KV cache is full (moe_watch:kv_cache_full:seconds, rules.py)."""
+    window, rise = D.kv_cache_forecast_window_seconds / 60, D.kv_cache_forecast_min_rise_per_hour
+    return (
+        Panel("timeseries", "Time until the KV cache is full", f"At the least-squares trend of the last {window:g} minutes; only while usage rises faster than {rise:g} per hour (no line: not filling). Below {D.kv_cache_full_seconds:g} s for 5 minutes pages (MoEKVCacheFullSoon).",
+              (T(f"moe_watch:kv_cache_full:seconds{{{SEL_MODEL}}}", "{{engine}}"),), "s", ((D.kv_cache_full_seconds, GREEN),), 12, base_colour=RED),
+    )  # fmt: skip
+
+
+def gpu_forecasts() -> tuple[Panel, ...]:
+    """Time until a GPU's used memory crosses its sized budget (rules.py)."""
+    window, rise = D.budget_forecast_window_seconds / 60, D.budget_forecast_min_rise_per_hour
+    return (
+        Panel("timeseries", "Time until the sized budget", f"When a GPU's used memory crosses the engine's per-GPU budget at the least-squares trend of the last {window:g} minutes; only while it rises faster than {rise:g} of the budget per hour (no line: not growing). Below {D.budget_exhausted_seconds:g} s warns (MoEGPUBudgetExhaustedSoon).",
+              (T(f"moe_watch:gpu_budget_exhausted:seconds{{{SEL}}}", "GPU {{gpu}}"),), "s", ((D.budget_exhausted_seconds, GREEN),), 12, base_colour=RED),
+    )  # fmt: skip
 
 
 DASHBOARDS = {"fleet": fleet, "engine": engine, "experts": experts, "gpus": gpus}
