@@ -51,6 +51,10 @@ class ExpertsConfig(BaseModel):
     top_k: int | None = Field(default=None, ge=1, description="experts per token (sglang only)")
     num_experts: int | None = Field(default=None, ge=1)
     ep_size: int = Field(default=1, ge=1, description="expert-parallel ranks (sglang only)")
+    # An engine whose workers span nodes (LeaderWorkerSet, DP+EP): the same id on every node's
+    # agent. Those agents then also export this node's window counts under `engine_group`, and
+    # recording rules rebuild the engine's expert signals from all nodes (docs/experts.md).
+    engine_group: str | None = Field(default=None, pattern=ENGINE_ID_PATTERN)
 
     @model_validator(mode="after")
     def _sglang_needs_top_k(self) -> ExpertsConfig:

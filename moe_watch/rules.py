@@ -39,7 +39,7 @@ DURATION = r"^[0-9]+[smh]$"
 
 # The hottest expert of the alert's layer, read when the notification is rendered.
 HOTTEST_EXPERT = (
-    '{{ with printf "moe_watch_expert_load_rank_expert_id{engine=%q,layer=%q,load_rank=\\"1\\"}"'
+    '{{ with printf "moe_watch:expert_load_rank_expert_id{engine=%q,layer=%q,load_rank=\\"1\\"}"'
     ' $labels.engine $labels.layer | query }}{{ . | first | value | printf "%.0f" }}'
     "{{ else }}unknown{{ end }}"
 )
@@ -73,6 +73,8 @@ class RulesConfig(BaseModel):
     severity_names: dict[Severity, str] = Field(default_factory=_standard_severities)
     additional_labels: dict[str, str] = Field(default_factory=dict)  # on every alert
     interval: str = Field(default="30s", pattern=DURATION)
+    # Load ranks rebuilt per layer for engines that span nodes (the agents' expert_top_n).
+    expert_group_load_ranks: int = Field(default=4, ge=1, le=64)
 
     @field_validator("alerts")
     @classmethod
@@ -144,7 +146,7 @@ def _hot_layer(layer: str, expert: str) -> tuple[tuple[str, str], ...]:
 ALERTS: tuple[Alert, ...] = (
     Alert(
         "MoEExpertSkewHigh",
-        "moe_watch_expert_skew_ratio > $t",
+        "moe_watch:expert_skew_ratio > $t",
         "expert_skew",
         "10m",
         "critical",
@@ -159,7 +161,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         "MoEExpertCollapse",
-        "moe_watch_expert_max_token_share > $t",
+        "moe_watch:expert_max_token_share > $t",
         "expert_collapse_share",
         "5m",
         "critical",
@@ -174,7 +176,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         "MoEHotEPRank",
-        "moe_watch_expert_rank_load_ratio > $t",
+        "moe_watch:expert_rank_load_ratio > $t",
         "ep_rank_load",
         "10m",
         "warning",
@@ -516,6 +518,105 @@ def forecast_rules(config: RulesConfig | None = None) -> list[tuple[str, str]]:
     ]
 
 
+# Keys that order a layer's experts by load, ties to the lower id: count * KEY_SCALE + (KEY_SCALE
+# - 1 - id). Exact in float64 while a layer's window count per expert stays below 2^53 / 4096
+# (2.2e12) and a layer has at most 4096 experts.
+KEY_SCALE = 4096
+
+
+def expert_group_rules(
+    config: RulesConfig | None = None,
+) -> list[tuple[str, str, dict[str, str]]]:
+    """Engine-level expert signals for engines whose workers span nodes, rebuilt exactly from
+    every node's window counts (moe_watch_expert_group_window_tokens): the sums over nodes per
+    (layer, expert), then max/mean per layer as the agent does (signals/experts.py).
+
+    Load ranks without sorting: the n-th largest key of a layer is the largest key below the
+    (n-1)-th; keys are unique (the id is in them), so each rule is one max and a comparison.
+    """
+    config = config or RulesConfig()
+    g = f"{config.cluster_label}, engine_group"
+    gl = f"{g}, layer"
+    tokens = "moe_watch_expert_group_window_tokens"
+    per_expert = f"sum by ({gl}, expert) ({tokens})"
+    layer_tokens = "moe_watch:expert_group_layer_tokens:sum"
+    top_k = f"on({g}) group_left() max by ({g}) (moe_watch_expert_group_top_k)"
+    key = (
+        f"({per_expert} * {KEY_SCALE} + on({g}, expert) group_left()"
+        f" ({KEY_SCALE - 1} - max by ({g}, expert) (moe_watch_expert_group_expert_id)))"
+    )
+    ranks = f"sum by ({g}, rank) (moe_watch_expert_group_rank_window_tokens)"
+    rules = [
+        (layer_tokens, f"sum by ({gl}) ({tokens}) > 0"),  # layers with traffic only
+        (
+            "moe_watch:expert_group_skew_ratio",
+            f"max by ({gl}) ({per_expert}) / ({layer_tokens} / count by ({gl}) ({per_expert})) - 1",
+        ),
+        (
+            "moe_watch:expert_group_max_token_share",
+            f"max by ({gl}) ({per_expert}) * {top_k} / {layer_tokens}",
+        ),
+        (
+            "moe_watch:expert_group_max_skew_ratio",
+            f"max by ({g}) (moe_watch:expert_group_skew_ratio)",
+        ),
+        (
+            "moe_watch:expert_group_rank_load_ratio",
+            f"{ranks} / on({g}) group_left() (avg by ({g}) ({ranks}) > 0)",
+        ),
+    ]
+    keys: list[tuple[str, str, dict[str, str]]] = []
+    for n in range(1, config.expert_group_load_ranks + 1):
+        below = (
+            f' < on({gl}) group_left() moe_watch:expert_group_load_rank:key{{load_rank="{n - 1}"}}'
+            if n > 1
+            else ""
+        )
+        keys.append(
+            (
+                "moe_watch:expert_group_load_rank:key",
+                f"max by ({gl}) ({key}{below})",
+                {"load_rank": str(n)},
+            )
+        )
+    ranked = f"(moe_watch:expert_group_load_rank:key and on({gl}) {layer_tokens})"
+    rules += [
+        (
+            "moe_watch:expert_group_load_rank_token_share",
+            f"floor({ranked} / {KEY_SCALE}) * {top_k} / on({gl}) group_left() {layer_tokens}",
+        ),
+        ("moe_watch:expert_group_load_rank_expert_id", f"{KEY_SCALE - 1} - {ranked} % {KEY_SCALE}"),
+    ]
+    # The keys (one rule per load rank, labelled by it) before the share and id that read them.
+    head, tail = rules[:-2], rules[-2:]
+    return [(r, e, {}) for r, e in head] + keys + [(r, e, {}) for r, e in tail]
+
+
+# The expert series alerts and dashboards read: the engine group's where its workers span nodes
+# (`engine` set to the group id, `engine_group` kept), else the agent's own, unchanged.
+UNIFIED_EXPERT_SERIES = (
+    "expert_skew_ratio",
+    "expert_max_token_share",
+    "expert_max_skew_ratio",
+    "expert_load_rank_token_share",
+    "expert_load_rank_expert_id",
+    "expert_rank_load_ratio",
+)
+
+
+def unified_expert_rules() -> list[tuple[str, str]]:
+    return [
+        (
+            f"moe_watch:{name}",
+            f"label_replace(moe_watch:expert_group_{name.removeprefix('expert_')},"
+            ' "engine", "$1", "engine_group", "(.+)")'
+            f" or (moe_watch_{name} unless ignoring(layer, load_rank, rank, engine_group)"
+            " moe_watch_expert_group_info)",
+        )
+        for name in UNIFIED_EXPERT_SERIES
+    ]
+
+
 def _expr(template: str, config: RulesConfig, threshold: str = "") -> str:
     limits = config.limits
     expr = template.replace("$job", config.job_selector).replace(
@@ -557,7 +658,9 @@ def rule_groups(
         for alert in ALERTS
         if config.enabled(alert)
     ]
-    forecasts: list[dict[str, Any]] = [{"record": r, "expr": e} for r, e in forecast_rules(config)]
+    forecasts: list[dict[str, Any]] = [
+        {"record": r, "expr": e} for r, e in forecast_rules(config) + unified_expert_rules()
+    ]
     return {
         "groups": [
             {
@@ -567,6 +670,15 @@ def rule_groups(
             },
             # The forecasts open the alerts group: rules of one group run in order, so the
             # forecast alerts read this evaluation's forecast (groups run independently).
+            {
+                "name": "moe-watch.expert-groups",
+                "interval": config.interval,
+                "rules": [
+                    {"record": r, "expr": e, **({"labels": labels} if labels else {})}
+                    for r, e, labels in expert_group_rules(config)
+                ],
+            },
+            # The unified expert series, like the forecasts, come before the alerts that read them.
             {"name": "moe-watch.alerts", "interval": config.interval, "rules": forecasts + alerts},
         ]
     }

@@ -36,6 +36,9 @@ class EngineExperts:
     engine: str
     latest: ExpertCounts
     signals: ExpertSignals
+    # Set for an engine whose workers span nodes (experts.engine_group): the exporter then also
+    # publishes this node's window counts for the group-level recording rules.
+    engine_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,7 +151,7 @@ def test_the_layer_grid_is_a_coloured_layer_x_load_rank_table_per_engine() -> No
     [target] = grid["targets"]  # groupingToMatrix takes exactly one frame
     assert target["instant"]
     assert target["format"] == "table"
-    assert "moe_watch_expert_load_rank_token_share" in target["expr"]
+    assert "moe_watch:expert_load_rank_token_share" in target["expr"]
     assert "by (layer, load_rank)" in target["expr"]  # one value per cell
     ids = [t["id"] for t in grid["transformations"]]
     matrix = grid["transformations"][ids.index("groupingToMatrix")]["options"]
@@ -165,7 +165,7 @@ def test_the_layer_grid_is_a_coloured_layer_x_load_rank_table_per_engine() -> No
     row = board["panels"][board["panels"].index(grid) - 1]
     assert (row["type"], row["repeat"]) == ("row", "engine")
     beside = board["panels"][board["panels"].index(grid) + 1]
-    assert "moe_watch_expert_load_rank_expert_id" in beside["targets"][0]["expr"]
+    assert "moe_watch:expert_load_rank_expert_id" in beside["targets"][0]["expr"]
     assert beside["gridPos"]["y"] == grid["gridPos"]["y"]
 
 
@@ -176,7 +176,7 @@ def test_every_metric_a_panel_reads_is_exported_or_recorded() -> None:
     from tests.test_exporter_and_server import deepseek_v3_snapshot, snapshot
 
     exported: set[str] = set()
-    for snap in (snapshot(), deepseek_v3_snapshot()):
+    for snap in (snapshot(), deepseek_v3_snapshot(engine_group="dsv3-group")):
         text = generate_latest(
             build_registry(lambda snap=snap: snap, expert_full_detail=True)
         ).decode()

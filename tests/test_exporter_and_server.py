@@ -215,7 +215,7 @@ async def test_openmetrics_is_negotiated_by_accept_header(
     )
 
 
-def deepseek_v3_snapshot(ep_size: int = 32) -> Snapshot:
+def deepseek_v3_snapshot(ep_size: int = 32, engine_group: str | None = None) -> Snapshot:
     """58 MoE layers x 256 experts, top-8, EP over 32 GPUs: the cardinality worst case."""
     from moe_watch.samples import ExpertCounts, matrix
     from moe_watch.signals.experts import derive_expert_signals
@@ -230,7 +230,9 @@ def deepseek_v3_snapshot(ep_size: int = 32) -> Snapshot:
         return ExpertCounts("dsv3", "deepseek-v3", 8, 256, layers, rows, ep_size=ep_size)
 
     window = [counts(0), counts(10)]
-    view = EngineExperts("dsv3", window[-1], derive_expert_signals(window))  # 4 load ranks
+    view = EngineExperts(  # 4 load ranks
+        "dsv3", window[-1], derive_expert_signals(window), engine_group=engine_group
+    )
     return Snapshot(
         timestamp=0.0,
         cycle=1,

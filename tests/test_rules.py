@@ -89,7 +89,7 @@ def test_every_metric_the_rules_read_is_one_the_agent_exports() -> None:
     from moe_watch.exporter import build_registry
 
     exported = set()
-    for snap in (snapshot(), deepseek_v3_snapshot()):
+    for snap in (snapshot(), deepseek_v3_snapshot(engine_group="dsv3-group")):
         text = generate_latest(build_registry(lambda snap=snap: snap)).decode()
         exported |= set(re.findall(r"^# TYPE (\w+)", text, re.MULTILINE))
     exported |= {name + "_total" for name in exported}
@@ -164,7 +164,7 @@ def test_a_site_generates_rules_for_its_stack_without_editing_code(tmp_path: Pat
     rules = {
         r.get("alert") or r["record"]: r for g in rule_groups(config)["groups"] for r in g["rules"]
     }
-    assert rules["MoEExpertSkewHigh"]["expr"] == "moe_watch_expert_skew_ratio > 0.65"
+    assert rules["MoEExpertSkewHigh"]["expr"] == "moe_watch:expert_skew_ratio > 0.65"
     assert rules["MoEExpertSkewHigh"]["labels"] == {"severity": "page", "team": "ml-infra"}
     assert (
         rules["MoEExpertSkewHigh"]["annotations"]["runbook_url"]
@@ -177,6 +177,10 @@ def test_a_site_generates_rules_for_its_stack_without_editing_code(tmp_path: Pat
     )
     assert rules["MoEWatchDown"]["expr"] == 'up{job="gpu-agents"} == 0'
     assert "by (k8s_cluster, engine)" in rules["moe_watch:autoscale_up:bool"]["expr"]
+    assert (
+        "by (k8s_cluster, engine_group, layer)"
+        in rules["moe_watch:expert_group_skew_ratio"]["expr"]
+    )
     # the generated promtool tests follow the overrides and pass against the generated rules
     output = promtool_test(tmp_path, rule_groups(config), promtool_tests(config))
     assert output.startswith("SUCCESS"), output
