@@ -31,6 +31,7 @@ from moe_watch.server import make_app, start_server
 from tests.conftest import free_port
 from tests.test_alerts_e2e import binary
 from tests.test_exporter_and_server import deepseek_v3_snapshot
+from tests.test_metrics_lint import promtool_check_metrics
 
 GROUP = "dsv3-group"
 LAYERS = [1, 2, 3, 5]
@@ -60,6 +61,8 @@ def test_only_group_engines_export_window_counts_and_the_cost_at_deepseek_v3_sca
     assert names.count("moe_watch_expert_group_expert_id") == 256
     assert len(series) == 58 * 256 + 32 + 256 + 1 + 1 == 15_138
     assert all(s.labels.get("engine_group") == GROUP for s in series)
+    body = generate_latest(build_registry(lambda: deepseek_v3_snapshot(engine_group=GROUP)))
+    assert promtool_check_metrics(body) == ""
 
 
 def write_worker_files(
@@ -249,3 +252,12 @@ async def test_two_nodes_of_one_engine_give_prometheus_the_engine_level_expert_s
         for runner in runners:
             await runner.cleanup()
     assert not problems, problems
+
+
+def test_engine_group_is_a_stable_id_and_unset_by_default(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    assert ExpertsConfig(directory=tmp_path).engine_group is None
+    assert ExpertsConfig(directory=tmp_path, engine_group="lws/dsv3-0").engine_group == "lws/dsv3-0"
+    with pytest.raises(ValidationError, match="engine_group"):
+        ExpertsConfig(directory=tmp_path, engine_group="two words")
