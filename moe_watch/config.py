@@ -61,6 +61,10 @@ class ExpertsConfig(BaseModel):
     # by the nodes; 1 and 1 is its global policy.
     num_expert_groups: int = Field(default=1, ge=1)
     num_nodes: int = Field(default=1, ge=1)
+    # An engine whose workers span nodes (LeaderWorkerSet, DP+EP): the same id on every node's
+    # agent. Those agents then also export this node's window counts under `engine_group`, and
+    # recording rules rebuild the engine's expert signals from all nodes (docs/experts.md).
+    engine_group: str | None = Field(default=None, pattern=ENGINE_ID_PATTERN)
 
     @model_validator(mode="after")
     def _sglang_needs_top_k(self) -> ExpertsConfig:

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from moe_watch import __version__
+from moe_watch.expert_placement import expert_ranks
 from moe_watch.snapshot import Snapshot
 from moe_watch.thresholds import DEFAULT as T
 
@@ -63,6 +64,7 @@ class SnapshotCollector(Collector):
         yield from _expert_metrics(snapshot, full_detail=self._full_detail)
         yield from _whatif_metrics(snapshot)
         yield from _plan_metrics(snapshot)
+        yield from _expert_group_metrics(snapshot)
 
 
 def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
@@ -413,6 +415,69 @@ def _plan_metrics(snap: Snapshot) -> Iterator[Metric]:
         for d in findings:
             info.add_metric([engine, d.setting, d.running, d.expected, d.rule], 1)
     yield from (budget, used, headroom, drift, info)
+
+
+def _expert_group_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """For engines whose workers span nodes (experts.engine_group) only: this node's share of the
+    engine's window counts, which recording rules sum over nodes into exact engine-level signals
+    (rules.py expert_group_rules; docs/experts.md "Engines that span nodes").
+
+    Window counts rather than cumulative counters: every agent's window is the same length and
+    ends at its last cycle, and a sum of window counts is exact where increase() would
+    extrapolate each node's counter over a different scrape alignment. Per (layer, expert) on
+    purpose: the hottest expert of a layer is a max over the *sum* across nodes, which no
+    per-node summary gives.
+    """
+    labels = ["engine_group", "layer", "expert"]
+    tokens = gauge(
+        "expert_group_window_tokens",
+        "Token-to-expert assignments per (layer, expert) routed by this node's workers of the "
+        "engine group over the window (summed over nodes by the recording rules).",
+        labels,
+    )
+    ranks = gauge(
+        "expert_group_rank_window_tokens",
+        "Assignments over the window, all layers, to the experts an EP rank holds, routed by "
+        "this node's workers of the engine group.",
+        ["engine_group", "rank"],
+    )
+    expert_id = gauge(
+        "expert_group_expert_id",
+        "The value is the logical expert id (constant): lets rules turn the expert label into "
+        "a number (load-rank ids, ties to the lower id).",
+        ["engine_group", "expert"],
+    )
+    top_k = gauge(
+        "expert_group_top_k", "Experts per token (top-k) of the engine group.", ["engine_group"]
+    )
+    info = gauge(
+        "expert_group_info",
+        "This node's engine is part of the engine group; value is always 1.",
+        ["engine", "engine_group"],
+    )
+    for view in snap.experts:
+        group = view.engine_group
+        if group is None:
+            continue
+        info.add_metric([view.engine, group], 1)
+        latest, window = view.latest, view.signals.window_counts
+        if not window:
+            continue  # fewer than two samples: no window yet (absent, never a made-up 0)
+        top_k.add_metric([group], latest.top_k)
+        for expert in range(latest.num_experts):
+            expert_id.add_metric([group, str(expert)], expert)
+        for layer, row in zip(latest.layers, window, strict=True):
+            for expert, count in enumerate(row):
+                tokens.add_metric([group, str(layer), str(expert)], count)
+        if latest.ep_size > 1:
+            per_rank = [0.0] * latest.ep_size
+            placement = latest.placement or expert_ranks(latest.num_experts, latest.ep_size)
+            for row in window:
+                for expert, count in enumerate(row):
+                    per_rank[placement[expert]] += count
+            for rank, count in enumerate(per_rank):
+                ranks.add_metric([group, str(rank)], count)
+    yield from (tokens, ranks, expert_id, top_k, info)
 
 
 # Settings always exported for every engine checked (0 = fine), so alerts and dashboards see them.

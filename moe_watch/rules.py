@@ -17,6 +17,8 @@ an alert's `for:` timer survives two experts trading places.
 
 from __future__ import annotations
 
+import math
+import random
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +39,7 @@ DURATION = r"^[0-9]+[smh]$"
 
 # The hottest expert of the alert's layer, read when the notification is rendered.
 HOTTEST_EXPERT = (
-    '{{ with printf "moe_watch_expert_load_rank_expert_id{engine=%q,layer=%q,load_rank=\\"1\\"}"'
+    '{{ with printf "moe_watch:expert_load_rank_expert_id{engine=%q,layer=%q,load_rank=\\"1\\"}"'
     ' $labels.engine $labels.layer | query }}{{ . | first | value | printf "%.0f" }}'
     "{{ else }}unknown{{ end }}"
 )
@@ -100,6 +102,8 @@ class RulesConfig(BaseModel):
     severity_names: dict[Severity, str] = Field(default_factory=_standard_severities)
     additional_labels: dict[str, str] = Field(default_factory=dict)  # on every alert
     interval: str = Field(default="30s", pattern=DURATION)
+    # Load ranks rebuilt per layer for engines that span nodes (the agents' expert_top_n).
+    expert_group_load_ranks: int = Field(default=4, ge=1, le=64)
 
     @field_validator("alerts")
     @classmethod
@@ -212,7 +216,7 @@ def _expected_annotations(
 ALERTS: tuple[Alert, ...] = (
     Alert(
         "MoEExpertSkewHigh",
-        "moe_watch_expert_skew_ratio > $t",
+        "moe_watch:expert_skew_ratio > $t",
         "expert_skew",
         "10m",
         "critical",
@@ -229,7 +233,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         "MoEExpertCollapse",
-        "moe_watch_expert_max_token_share > $t",
+        "moe_watch:expert_max_token_share > $t",
         "expert_collapse_share",
         "5m",
         "critical",
@@ -246,7 +250,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         "MoEHotEPRank",
-        "moe_watch_expert_rank_load_ratio > $t",
+        "moe_watch:expert_rank_load_ratio > $t",
         "ep_rank_load",
         "10m",
         "warning",
@@ -503,6 +507,36 @@ ALERTS: tuple[Alert, ...] = (
     ),
 )
 
+# Forecasts (issue #17): page before the fact. The trends are recording rules (forecast_rules);
+# these alerts read them. Kept apart from ALERTS above so both lists merge cleanly.
+FORECAST_ALERTS: tuple[Alert, ...] = (
+    Alert(
+        "MoEKVCacheFullSoon",
+        "moe_watch:kv_cache_full:seconds < $t",
+        "kv_cache_full_seconds",
+        "5m",
+        "critical",
+        "KV cache full in < 15 min at its current trend",
+        '{{ $labels.engine }} ({{ $labels.model }}) fills its KV cache in {{ $value | printf "%.0f" }} s at the trend of the last 30 minutes: requests will be preempted and queued.',
+        f'moe_watch_kv_cache_usage_ratio{{{ENGINE},model="mixtral"}}',
+        op="<",
+    ),
+    Alert(
+        "MoEGPUBudgetExhaustedSoon",
+        "moe_watch:gpu_budget_exhausted:seconds < $t",
+        "budget_exhausted_seconds",
+        "15m",
+        "warning",
+        "GPU memory crosses the sized budget in < 1 h at its current trend",
+        'GPU {{ $labels.gpu }} of {{ $labels.engine }} reaches its plan\'s per-GPU budget in {{ $value | printf "%.0f" }} s at the trend of the last hour.',
+        f'moe_watch_gpu_memory_used_bytes{{{ENGINE},gpu="0"}}',
+        op="<",
+        extra_series=((f"moe_watch_sized_budget_bytes{{{ENGINE}}}", "8e+10x200"),),
+    ),
+)
+ALERTS = ALERTS + FORECAST_ALERTS
+
+
 # Autoscale signals (design.md) as recording rules KEDA/HPA can read: 1 = scale, 0 = hold. Each
 # condition is its own labelled arm so `max` sees them all: `A > bool x or B > bool y` keeps A
 # alone, because A has a 0/1 value for every engine.
@@ -517,6 +551,147 @@ RECORDING: tuple[tuple[str, str], ...] = (
     ("moe_watch:autoscale_down:bool",
      "max_over_time(moe_watch:engine_gpu_utilization:avg[15m]) < bool $autoscale_down_gpu_utilization"),
 )  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    """A PromQL duration for a number of seconds (whole milliseconds: what PromQL accepts)."""
+    return f"{round(seconds * 1000)}ms" if seconds != int(seconds) else f"{int(seconds)}s"
+
+
+def forecast_rules(config: RulesConfig | None = None) -> list[tuple[str, str]]:
+    """Time until the KV cache is full and until a GPU's used memory crosses its sized budget.
+
+    A least-squares line over the window (deriv() for the slope, predict_linear(x, 0) for where
+    the line stands now, so one noisy last sample does not move the forecast), only where:
+    - the trend rises faster than a minimum slope (a flat series with noise has a slope near 0,
+      whose forecast is hours or days away, or none at all);
+    - the series has at least half a window of history (`offset`): a fit over a few fresh
+      samples of a new engine, or after a Prometheus restart, is noise;
+    and clamped at 0 once the line is past the limit. The alerts add a `for:` on top.
+    """
+    t = (config or RulesConfig()).limits
+    kv = "moe_watch_kv_cache_usage_ratio"
+    kv_window = _duration(t.kv_cache_forecast_window_seconds)
+    kv_half = _duration(t.kv_cache_forecast_window_seconds / 2)
+    used = 'moe_watch_gpu_memory_used_bytes{engine!=""}'
+    budget = "moe_watch_sized_budget_bytes"  # per engine; GPU series carry `engine`
+    window = _duration(t.budget_forecast_window_seconds)
+    half = _duration(t.budget_forecast_window_seconds / 2)
+    slope = f"deriv({used}[{window}])"
+    return [
+        (
+            "moe_watch:kv_cache_full:seconds",
+            f"clamp_min((1 - predict_linear({kv}[{kv_window}], 0))"
+            f" / (deriv({kv}[{kv_window}]) > {t.kv_cache_forecast_min_rise_per_hour:g} / 3600)"
+            f" and {kv} offset {kv_half}, 0)",
+        ),
+        (
+            "moe_watch:gpu_budget_exhausted:seconds",
+            f"clamp_min(({budget} - ignoring(gpu) group_right() predict_linear({used}[{window}], 0))"
+            f" / ({slope} and {slope} * 3600 / ignoring(gpu) group_left() {budget}"
+            f" > {t.budget_forecast_min_rise_per_hour:g})"
+            f" and {used} offset {half}, 0)",
+        ),
+    ]
+
+
+# Keys that order a layer's experts by load, ties to the lower id: count * KEY_SCALE + (KEY_SCALE
+# - 1 - id). Exact in float64 while a layer's window count per expert stays below 2^53 / 4096
+# (2.2e12) and a layer has at most 4096 experts.
+KEY_SCALE = 4096
+
+
+def expert_group_rules(
+    config: RulesConfig | None = None,
+) -> list[tuple[str, str, dict[str, str]]]:
+    """Engine-level expert signals for engines whose workers span nodes, rebuilt exactly from
+    every node's window counts (moe_watch_expert_group_window_tokens): the sums over nodes per
+    (layer, expert), then max/mean per layer as the agent does (signals/experts.py).
+
+    Load ranks without sorting: the n-th largest key of a layer is the largest key below the
+    (n-1)-th; keys are unique (the id is in them), so each rule is one max and a comparison.
+    """
+    config = config or RulesConfig()
+    g = f"{config.cluster_label}, engine_group"
+    gl = f"{g}, layer"
+    tokens = "moe_watch_expert_group_window_tokens"
+    per_expert = f"sum by ({gl}, expert) ({tokens})"
+    layer_tokens = "moe_watch:expert_group_layer_tokens:sum"
+    top_k = f"on({g}) group_left() max by ({g}) (moe_watch_expert_group_top_k)"
+    key = (
+        f"({per_expert} * {KEY_SCALE} + on({g}, expert) group_left()"
+        f" ({KEY_SCALE - 1} - max by ({g}, expert) (moe_watch_expert_group_expert_id)))"
+    )
+    ranks = f"sum by ({g}, rank) (moe_watch_expert_group_rank_window_tokens)"
+    rules = [
+        (layer_tokens, f"sum by ({gl}) ({tokens}) > 0"),  # layers with traffic only
+        (
+            "moe_watch:expert_group_skew_ratio",
+            f"max by ({gl}) ({per_expert}) / ({layer_tokens} / count by ({gl}) ({per_expert})) - 1",
+        ),
+        (
+            "moe_watch:expert_group_max_token_share",
+            f"max by ({gl}) ({per_expert}) * {top_k} / {layer_tokens}",
+        ),
+        (
+            "moe_watch:expert_group_max_skew_ratio",
+            f"max by ({g}) (moe_watch:expert_group_skew_ratio)",
+        ),
+        (
+            "moe_watch:expert_group_rank_load_ratio",
+            f"{ranks} / on({g}) group_left() (avg by ({g}) ({ranks}) > 0)",
+        ),
+    ]
+    keys: list[tuple[str, str, dict[str, str]]] = []
+    for n in range(1, config.expert_group_load_ranks + 1):
+        below = (
+            f' < on({gl}) group_left() moe_watch:expert_group_load_rank:key{{load_rank="{n - 1}"}}'
+            if n > 1
+            else ""
+        )
+        keys.append(
+            (
+                "moe_watch:expert_group_load_rank:key",
+                f"max by ({gl}) ({key}{below})",
+                {"load_rank": str(n)},
+            )
+        )
+    ranked = f"(moe_watch:expert_group_load_rank:key and on({gl}) {layer_tokens})"
+    rules += [
+        (
+            "moe_watch:expert_group_load_rank_token_share",
+            f"floor({ranked} / {KEY_SCALE}) * {top_k} / on({gl}) group_left() {layer_tokens}",
+        ),
+        ("moe_watch:expert_group_load_rank_expert_id", f"{KEY_SCALE - 1} - {ranked} % {KEY_SCALE}"),
+    ]
+    # The keys (one rule per load rank, labelled by it) before the share and id that read them.
+    head, tail = rules[:-2], rules[-2:]
+    return [(r, e, {}) for r, e in head] + keys + [(r, e, {}) for r, e in tail]
+
+
+# The expert series alerts and dashboards read: the engine group's where its workers span nodes
+# (`engine` set to the group id, `engine_group` kept), else the agent's own, unchanged.
+UNIFIED_EXPERT_SERIES = (
+    "expert_skew_ratio",
+    "expert_max_token_share",
+    "expert_max_skew_ratio",
+    "expert_load_rank_token_share",
+    "expert_load_rank_expert_id",
+    "expert_rank_load_ratio",
+)
+
+
+def unified_expert_rules() -> list[tuple[str, str]]:
+    return [
+        (
+            f"moe_watch:{name}",
+            f"label_replace(moe_watch:expert_group_{name.removeprefix('expert_')},"
+            ' "engine", "$1", "engine_group", "(.+)")'
+            f" or (moe_watch_{name} unless ignoring(layer, load_rank, rank, engine_group)"
+            " moe_watch_expert_group_info)",
+        )
+        for name in UNIFIED_EXPERT_SERIES
+    ]
 
 
 def _expr(template: str, config: RulesConfig, threshold: str = "") -> str:
@@ -560,6 +735,9 @@ def rule_groups(
         for alert in ALERTS
         if config.enabled(alert)
     ]
+    forecasts: list[dict[str, Any]] = [
+        {"record": r, "expr": e} for r, e in forecast_rules(config) + unified_expert_rules()
+    ]
     return {
         "groups": [
             {
@@ -567,7 +745,18 @@ def rule_groups(
                 "interval": config.interval,
                 "rules": [{"record": r, "expr": _expr(e, config)} for r, e in RECORDING],
             },
-            {"name": "moe-watch.alerts", "interval": config.interval, "rules": alerts},
+            # The forecasts open the alerts group: rules of one group run in order, so the
+            # forecast alerts read this evaluation's forecast (groups run independently).
+            {
+                "name": "moe-watch.expert-groups",
+                "interval": config.interval,
+                "rules": [
+                    {"record": r, "expr": e, **({"labels": labels} if labels else {})}
+                    for r, e, labels in expert_group_rules(config)
+                ],
+            },
+            # The unified expert series, like the forecasts, come before the alerts that read them.
+            {"name": "moe-watch.alerts", "interval": config.interval, "rules": forecasts + alerts},
         ]
     }
 
@@ -697,9 +886,132 @@ def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
     return tests
 
 
+def _number(value: float) -> str:
+    return f"{value:.15g}"
+
+
+def _forecast_fixture(alert: Alert, config: RulesConfig) -> Alert:
+    """A forecast alert's standard test from the thresholds: a straight line that reaches the
+    limit at minute F, evaluated one minute before (forecast: 60 s), after half a window of
+    history and `for:`; the quiet case is flat. Other alerts pass through unchanged."""
+    t = config.limits
+    if alert.name not in {a.name for a in FORECAST_ALERTS}:
+        return alert
+    kv = alert.name == "MoEKVCacheFullSoon"
+    window = t.kv_cache_forecast_window_seconds if kv else t.budget_forecast_window_seconds
+    limit = t.kv_cache_full_seconds if kv else t.budget_exhausted_seconds
+    full = math.ceil(window / 120 + limit / 60) + _minutes(config.for_(alert)) + 2
+    if kv:
+        per_minute = max(0.01, 2 * t.kv_cache_forecast_min_rise_per_hour / 60)
+        start, top, quiet = 1 - per_minute * full, 1.0, "0.9"
+    else:
+        top = BUDGET_BYTES
+        per_minute = top * max(0.3, 2 * t.budget_forecast_min_rise_per_hour) / 60
+        start, quiet = top - per_minute * full, _number(top * 0.5)
+    return replace(
+        alert,
+        fire=f"{_number(start)}+{_number(per_minute)}x{full} {_number(top)}x20",
+        quiet=f"{quiet}x{full + 20}",
+        eval_minutes=full - 1,
+        value_at_eval=60,
+        extra_series=(
+            ()
+            if kv
+            else ((f"moe_watch_sized_budget_bytes{{{ENGINE}}}", f"{_number(top)}x{full + 20}"),)
+        ),
+    )
+
+
+BUDGET_BYTES = 80e9  # the tests' per-GPU budget (an H100's 80 GB)
+
+
+def _noisy(
+    center: float,
+    amplitude: float,
+    minutes: int,
+    *,
+    rise: float = 0.0,
+    period: int = 20,
+    seed: int,
+) -> str:
+    """Deterministic noisy values, one a minute: center + rise * minute, plus load waves
+    (``period`` minutes, amplitude ``amplitude``: bursts of traffic come and go) and jitter
+    (uniform, half the amplitude). The waves are what fools a short fit: each rising half looks
+    like a trend that reaches the limit within minutes."""
+    rng = random.Random(seed)
+    values = (
+        center
+        + rise * m
+        + amplitude * math.sin(2 * math.pi * m / period)
+        + rng.uniform(-amplitude / 2, amplitude / 2)
+        for m in range(minutes + 1)
+    )
+    return " ".join(_number(round(v, 4)) for v in values)
+
+
+def _forecast_tests(config: RulesConfig) -> list[dict[str, Any]]:
+    """Noise must not page; a steady rise under the same noise must, before it reaches the
+    limit. Each reads the ALERTS series over the whole test: never firing for the flat series,
+    firing at least once before the limit for the rising ones."""
+    kv = f'moe_watch_kv_cache_usage_ratio{{{ENGINE},model="mixtral"}}'
+    used = f'moe_watch_gpu_memory_used_bytes{{{ENGINE},gpu="0"}}'
+    budget = {
+        "series": f"moe_watch_sized_budget_bytes{{{ENGINE}}}",
+        "values": f"{_number(BUDGET_BYTES)}x240",
+    }
+    gib = 2**30
+
+    def never(alertname: str, minutes: int) -> dict[str, Any]:
+        selector = f'ALERTS{{alertname="{alertname}",alertstate="firing"}}'
+        return {
+            "expr": f"count_over_time({selector}[{minutes}m])",
+            "eval_time": f"{minutes}m",
+            "exp_samples": [],
+        }
+
+    def fired(alertname: str, minute: int, labels: str) -> dict[str, Any]:
+        """It fired at some evaluation before ``minute`` (the minute before the limit)."""
+        alert = next(a for a in FORECAST_ALERTS if a.name == alertname)
+        extra = "".join(f',{k}="{v}"' for k, v in config.additional_labels.items())
+        selector = f'ALERTS{{alertname="{alertname}",alertstate="firing"}}'
+        labels = f'{{alertname="{alertname}",alertstate="firing",{labels},severity="{config.severity(alert)}"{extra}}}'
+        return {
+            "expr": f"count_over_time({selector}[{minute}m]) > bool 0",
+            "eval_time": f"{minute}m",
+            "exp_samples": [{"labels": labels, "value": 1}],
+        }
+
+    return [
+        {  # KV usage swings 0.85 +/- 0.06 in 20-minute waves, jittered, for two hours, no trend.
+            "interval": "1m",
+            "input_series": [{"series": kv, "values": _noisy(0.85, 0.06, 120, seed=17)}],
+            "promql_expr_test": [never("MoEKVCacheFullSoon", 120)],
+        },
+        {  # The same waves on a steady +0.01/minute rise: full at minute 70, paged before it.
+            "interval": "1m",
+            "input_series": [{"series": kv, "values": _noisy(0.30, 0.06, 69, rise=0.01, seed=18) + " 1x20"}],
+            "promql_expr_test": [fired("MoEKVCacheFullSoon", 69, f'{ENGINE},model="mixtral"')],
+        },
+        {  # Used memory swings around 85 % of the budget +/- 4 GiB in hourly waves for 4 h: no warning.
+            "interval": "1m",
+            "input_series": [{"series": used, "values": _noisy(0.85 * BUDGET_BYTES, 4 * gib, 240, period=60, seed=19)}, budget],
+            "promql_expr_test": [never("MoEGPUBudgetExhaustedSoon", 240)],
+        },
+        {  # The same noise on a steady rise of 10 GB/hour from 40 GB: the budget at minute 240.
+            "interval": "1m",
+            "input_series": [{"series": used, "values": _noisy(40e9, 4 * gib, 240, rise=10e9 / 60, period=60, seed=20)}, budget],
+            "promql_expr_test": [fired("MoEGPUBudgetExhaustedSoon", 239, f'{ENGINE},gpu="0"')],
+        },
+    ]  # fmt: skip
+
+
 def promtool_tests(config: RulesConfig | None = None) -> dict[str, Any]:
     config = config or RulesConfig()
-    tests = [_alert_test(alert, config) for alert in ALERTS if config.enabled(alert)]
+    tests = [
+        _alert_test(_forecast_fixture(alert, config), config)
+        for alert in ALERTS
+        if config.enabled(alert)
+    ]
     tests += (
         _defect_tests(config)
         if all(
@@ -707,6 +1019,7 @@ def promtool_tests(config: RulesConfig | None = None) -> dict[str, Any]:
         )
         else []
     )
+    tests += _forecast_tests(config) if all(config.enabled(a) for a in FORECAST_ALERTS) else []
     return {"rule_files": ["../moe-watch.rules.yml"], "evaluation_interval": "1m", "tests": tests}
 
 

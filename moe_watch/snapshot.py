@@ -48,6 +48,9 @@ class EngineExperts:
     signals: ExpertSignals
     # vLLM's EPLB on the window's load; None without expert parallelism or traffic.
     whatif: WhatIfView | None = None
+    # Set for an engine whose workers span nodes (experts.engine_group): the exporter then also
+    # publishes this node's window counts for the group-level recording rules.
+    engine_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

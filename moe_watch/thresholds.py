@@ -47,6 +47,14 @@ class Thresholds:
     gpu_memory_utilization_max: float = 0.95  # 0.95+ leaves no room for KV-cache spikes
     gpu_memory_utilization_large_moe: float = 0.80  # large MoE: 0.75-0.80
     max_num_seqs_large_moe: float = 8  # large MoE: start at 4-8 (a count)
+    # Forecasts (docs/alerts.md, "Forecasts"): least-squares trends as recording rules. All ours:
+    # design.md has no forecast thresholds; the runbooks justify them.
+    kv_cache_full_seconds: float = 900.0  # KV cache full within 15 min at the trend: page
+    kv_cache_forecast_window_seconds: float = 1800.0  # the trend is fitted over 30 min
+    kv_cache_forecast_min_rise_per_hour: float = 0.1  # below +10 usage points per hour = flat
+    budget_exhausted_seconds: float = 3600.0  # used memory crosses the sized budget within 1 h
+    budget_forecast_window_seconds: float = 3600.0  # fitted over 1 h (memory moves slowly)
+    budget_forecast_min_rise_per_hour: float = 0.02  # below +2 % of the budget per hour = flat
 
     def replaced(self, overrides: dict[str, float]) -> Thresholds:
         """A copy with ``overrides`` applied; an unknown name or a non-number is a ValueError."""

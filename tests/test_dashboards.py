@@ -19,7 +19,7 @@ import yaml
 
 from moe_watch.dashboards.build import substitute_all
 from moe_watch.dashboards.definitions import DASHBOARDS, generated_files
-from moe_watch.rules import RECORDING, render, rule_groups
+from moe_watch.rules import RECORDING, RulesConfig, render, rule_groups
 from moe_watch.thresholds import DEFAULT
 from tests.alerting import binary
 from tests.conftest import free_port
@@ -151,7 +151,7 @@ def test_the_layer_grid_is_a_coloured_layer_x_load_rank_table_per_engine() -> No
     [target] = grid["targets"]  # groupingToMatrix takes exactly one frame
     assert target["instant"]
     assert target["format"] == "table"
-    assert "moe_watch_expert_load_rank_token_share" in target["expr"]
+    assert "moe_watch:expert_load_rank_token_share" in target["expr"]
     assert "by (layer, load_rank)" in target["expr"]  # one value per cell
     ids = [t["id"] for t in grid["transformations"]]
     matrix = grid["transformations"][ids.index("groupingToMatrix")]["options"]
@@ -165,7 +165,7 @@ def test_the_layer_grid_is_a_coloured_layer_x_load_rank_table_per_engine() -> No
     row = board["panels"][board["panels"].index(grid) - 1]
     assert (row["type"], row["repeat"]) == ("row", "engine")
     beside = board["panels"][board["panels"].index(grid) + 1]
-    assert "moe_watch_expert_load_rank_expert_id" in beside["targets"][0]["expr"]
+    assert "moe_watch:expert_load_rank_expert_id" in beside["targets"][0]["expr"]
     assert beside["gridPos"]["y"] == grid["gridPos"]["y"]
 
 
@@ -176,16 +176,30 @@ def test_every_metric_a_panel_reads_is_exported_or_recorded() -> None:
     from tests.test_exporter_and_server import deepseek_v3_snapshot, snapshot
 
     exported: set[str] = set()
-    for snap in (snapshot(), deepseek_v3_snapshot()):
+    for snap in (snapshot(), deepseek_v3_snapshot(engine_group="dsv3-group")):
         text = generate_latest(
             build_registry(lambda snap=snap: snap, expert_full_detail=True)
         ).decode()
         exported |= set(re.findall(r"^# TYPE (\w+)", text, re.MULTILINE))
-    exported |= {n + "_total" for n in exported} | {r for r, _ in RECORDING} | {"ALERTS"}
+    recorded = {r["record"] for g in rule_groups()["groups"] for r in g["rules"] if "record" in r}
+    assert {r for r, _ in RECORDING} <= recorded
+    exported |= {n + "_total" for n in exported} | recorded | {"ALERTS"}
     for board in all_dashboards():
         for title, expr in queries(board):
             for name in re.findall(r"\b(moe_watch[:_][a-z_:]+|ALERTS)\b", expr):
                 assert name in exported, f"{board['uid']} / {title}: {name} is not exported"
+
+
+# The forecasts fit 30-60 minutes and want half of that as history; at test speed they fit 20 s
+# of the demo filling up from empty (the shipped windows are checked by promtool, test_rules.py).
+FAST_FORECASTS = RulesConfig(
+    thresholds={
+        "kv_cache_forecast_window_seconds": 20,
+        "kv_cache_forecast_min_rise_per_hour": 0,
+        "budget_forecast_window_seconds": 20,
+        "budget_forecast_min_rise_per_hour": 0,
+    }
+)
 
 
 @pytest.fixture
@@ -193,7 +207,7 @@ def stack(tmp_path: Path) -> Iterator[str]:
     """moe-watch demo (hot expert) scraped every second by a real Prometheus with the shipped rules."""
     demo_port, prom_port = free_port(), free_port()
     rules = tmp_path / "rules.yml"
-    rules.write_text(render(rule_groups(interval="1s"), "test copy"))
+    rules.write_text(render(rule_groups(FAST_FORECASTS, interval="1s"), "test copy"))
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

@@ -215,7 +215,7 @@ async def test_openmetrics_is_negotiated_by_accept_header(
     )
 
 
-def deepseek_v3_snapshot(ep_size: int = 32) -> Snapshot:
+def deepseek_v3_snapshot(ep_size: int = 32, engine_group: str | None = None) -> Snapshot:
     """58 MoE layers x 256 experts, top-8, EP over 32 GPUs: the cardinality worst case."""
     from moe_watch.samples import ExpertCounts, matrix
     from moe_watch.signals.experts import derive_expert_signals
@@ -240,6 +240,7 @@ def deepseek_v3_snapshot(ep_size: int = 32) -> Snapshot:
         window[-1],
         signals,
         whatif=WhatIfView(whatif, 0.0, 0.0) if whatif is not None else None,
+        engine_group=engine_group,
     )
     return Snapshot(
         timestamp=0.0,

@@ -120,7 +120,10 @@ class EngineTarget:
         experts = None
         if latest is not None:
             signals = derive_expert_signals([c for _, c in self._expert_window], top_n=self._top_n)
-            experts = EngineExperts(engine=latest.engine, latest=latest, signals=signals)
+            group = self.config.experts.engine_group if self.config.experts else None
+            experts = EngineExperts(
+                engine=latest.engine, latest=latest, signals=signals, engine_group=group
+            )
         balance = reading.balance
         return TargetCycle(
             name=self.name,

@@ -59,6 +59,7 @@ class Panel:
     overrides: tuple[dict[str, Any], ...] = ()  # fieldConfig.overrides
     transformations: tuple[dict[str, Any], ...] = ()
     decimals: int | None = None
+    base_colour: str = GREEN  # below the first threshold (red for "less is worse")
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def _layout(panels: list[Panel | Row]) -> list[dict[str, Any]]:
 
 
 def _panel_json(number: int, panel: Panel, grid: dict[str, int]) -> dict[str, Any]:
-    steps = [{"color": GREEN, "value": None}] + [
+    steps = [{"color": panel.base_colour, "value": None}] + [
         {"color": colour, "value": value} for value, colour in panel.thresholds
     ]
     defaults: dict[str, Any] = {

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_watch.dashboards.build import (
+    GREEN,
     RATE,
     RED,
     SEL,
@@ -36,7 +37,7 @@ def fleet() -> dict[str, Any]:
     rank = {"showHeader": True, "sortBy": [{"displayName": "Value", "desc": True}]}
     return dashboard("moe-watch-fleet", "MoE fleet", "Every MoE engine of the fleet, worst first.", [
         Panel("bargauge", "Engines by expert skew", f"Worst layer's skew per engine (max/mean - 1). Healthy within {D.expert_skew_healthy:g}; alert above {D.expert_skew:g}.",
-              (T(f"sort_desc(moe_watch_expert_max_skew_ratio{{{SEL}}})", "{{engine}}", True),), "percentunit", ((D.expert_skew_healthy, YELLOW), (D.expert_skew, RED)), 8),
+              (T(f"sort_desc(moe_watch:expert_max_skew_ratio{{{SEL}}})", "{{engine}}", True),), "percentunit", ((D.expert_skew_healthy, YELLOW), (D.expert_skew, RED)), 8),
         Panel("bargauge", "Engines by VRAM used", f"Fullest GPU per engine. Healthy up to {D.vram_used_healthy:g}; alert above {D.vram_used:g}.",
               (T(f"sort_desc(max by (engine) (moe_watch_gpu_memory_used_ratio{{{SEL}}}))", "{{engine}}", True),), "percentunit", ((D.vram_used_healthy, YELLOW), (D.vram_used, RED)), 8, max_value=1),
         Panel("bargauge", "Engines by KV-cache usage", f"Above {D.kv_cache_usage:g} requests are preempted or rejected (critical).",
@@ -71,6 +72,7 @@ def engine() -> dict[str, Any]:
               (T(f"moe_watch_requests_running{{{SEL_MODEL}}}", "{{engine}} running"), T(f"moe_watch_requests_waiting{{{SEL_MODEL}}}", "{{engine}} waiting")), "short", ((D.autoscale_up_waiting, YELLOW), (D.requests_waiting, RED)), 12),
         Panel("timeseries", "KV-cache usage and prefix hit ratio", f"Usage above {D.kv_cache_usage:g} is critical; a chat hit ratio is healthy above {D.kv_cache_hit_ratio_healthy:g}, alert below {D.kv_cache_hit_ratio_low:g}.",
               (T(f"moe_watch_kv_cache_usage_ratio{{{SEL_MODEL}}}", "{{engine}} usage"), T(f"moe_watch_kv_cache_hit_ratio{{{SEL_MODEL}}}", "{{engine}} hit ratio")), "percentunit", ((D.kv_cache_usage, RED),), 12, max_value=1),
+        *engine_forecasts(),
         Panel("timeseries", "Preemptions per second", f"Above {D.preemptions_per_second:g}: KV pressure is evicting running requests.", (T(f"moe_watch_preemptions_per_second{{{SEL_MODEL}}}", "{{engine}}"),), "short", ((D.preemptions_per_second, RED),), 12),
         Panel("timeseries", "Throughput", "Generated and prompt tokens per second over the window.",
               (T(f"moe_watch_generation_tokens_per_second{{{SEL_MODEL}}}", "{{engine}} generated"), T(f"moe_watch_prompt_tokens_per_second{{{SEL_MODEL}}}", "{{engine}} prompt")), "short", (), 12),
@@ -80,8 +82,8 @@ def engine() -> dict[str, Any]:
 def experts() -> dict[str, Any]:
     cells = ("engine", "node", "layer", "load_rank")
     by = f"max by ({', '.join(cells)})"
-    top = f"topk(10, {by} (moe_watch_expert_load_rank_token_share{{{SEL}}}))"
-    hottest_ids = f"{by} (moe_watch_expert_load_rank_expert_id{{{SEL}}}) and on(engine, layer, load_rank) {top}"
+    top = f"topk(10, {by} (moe_watch:expert_load_rank_token_share{{{SEL}}}))"
+    hottest_ids = f"{by} (moe_watch:expert_load_rank_expert_id{{{SEL}}}) and on(engine, layer, load_rank) {top}"
     hottest = (
         {"id": "merge", "options": {}},  # one row per (engine, layer, load_rank): share and id
         {"id": "organize", "options": {
@@ -99,9 +101,9 @@ def experts() -> dict[str, Any]:
     grid = {"showHeader": True, "cellHeight": "sm"}
     return dashboard("moe-watch-experts", "MoE experts", "Expert load: which expert of which layer is hot.", [
         Panel("timeseries", "Skew per layer", f"max/mean - 1 of tokens per expert, per layer. Healthy within {D.expert_skew_healthy:g}; alert above {D.expert_skew:g}.",
-              (T(f"moe_watch_expert_skew_ratio{{{SEL}}}", "{{engine}} layer {{layer}}"),), "percentunit", ((D.expert_skew_healthy, YELLOW), (D.expert_skew, RED)), 12),
+              (T(f"moe_watch:expert_skew_ratio{{{SEL}}}", "{{engine}} layer {{layer}}"),), "percentunit", ((D.expert_skew_healthy, YELLOW), (D.expert_skew, RED)), 12),
         Panel("timeseries", "Max token share per layer", f"Share of a layer's tokens through its hottest expert (which one: the grids below). Collapse above {D.expert_collapse_share:g}.",
-              (T(f"moe_watch_expert_max_token_share{{{SEL}}}", "{{engine}} layer {{layer}}"),), "percentunit", ((D.expert_collapse_share, RED),), 12, max_value=1),
+              (T(f"moe_watch:expert_max_token_share{{{SEL}}}", "{{engine}} layer {{layer}}"),), "percentunit", ((D.expert_collapse_share, RED),), 12, max_value=1),
         Panel("table", "Hottest experts", f"The 10 hottest (layer, load rank) cells by token share over the window, with the logical expert id in that cell. Collapse above {D.expert_collapse_share:g}.",
               (T(top, "", True), T(hottest_ids, "", True)), "percentunit", ((D.expert_collapse_share, RED),), 12,
               options={"showHeader": True, "sortBy": [{"displayName": "token share", "desc": True}]},
@@ -109,14 +111,14 @@ def experts() -> dict[str, Any]:
                          by_name("expert", unit="none", decimals=0)),
               transformations=hottest),
         Panel("bargauge", "EP-rank load", f"Tokens to the experts on each expert-parallel rank / the mean rank (1 = even). Alert above {D.ep_rank_load:g}.",
-              (T(f"moe_watch_expert_rank_load_ratio{{{SEL}}}", "{{engine}} rank {{rank}}", True),), "short", ((1 + D.expert_skew_healthy, YELLOW), (D.ep_rank_load, RED)), 12),
+              (T(f"moe_watch:expert_rank_load_ratio{{{SEL}}}", "{{engine}} rank {{rank}}", True),), "short", ((1 + D.expert_skew_healthy, YELLOW), (D.ep_rank_load, RED)), 12),
         *eplb_whatif_panels(),
         Row("Layer x load rank: $engine", repeat="engine"),
         Panel("table", "Token share, layer x load rank", f"One row per MoE layer; column N is the share of the layer's tokens through its N-th most loaded expert (1 = hottest). Even is top-k / experts; a red cell (above {D.expert_collapse_share:g}) is a collapsing expert. Stable series for any model size: the full layer x expert id grid is opt-in (below).",
-              (T(f"max by (layer, load_rank) (moe_watch_expert_load_rank_token_share{{{SEL}}})", "", True),), "percentunit", ((D.expert_collapse_share, RED),), 12, 12,
+              (T(f"max by (layer, load_rank) (moe_watch:expert_load_rank_token_share{{{SEL}}})", "", True),), "percentunit", ((D.expert_collapse_share, RED),), 12, 12,
               options=grid, custom=COLOUR_CELLS, overrides=(plain_corner,), transformations=matrix("layer", "load_rank", MAX_LOAD_RANKS)),
         Panel("table", "Expert id, layer x load rank", "Which logical expert sits in each cell of the token-share grid beside it (same layer, same load rank).",
-              (T(f"max by (layer, load_rank) (moe_watch_expert_load_rank_expert_id{{{SEL}}})", "", True),), "none", (), 12, 12, decimals=0,
+              (T(f"max by (layer, load_rank) (moe_watch:expert_load_rank_expert_id{{{SEL}}})", "", True),), "none", (), 12, 12, decimals=0,
               options=grid, overrides=(by_name(corner, displayName="layer"),), transformations=matrix("layer", "load_rank", MAX_LOAD_RANKS)),
         Panel("table", "Token share, layer x expert id (opt-in: expert_full_detail)", "Share of each layer's routed assignments per logical expert; even is 1/experts. Empty unless the agent runs with expert_full_detail: true (14,848 series per DeepSeek-V3 replica).",
               (T(full_share, "", True),), "percentunit", ((D.expert_collapse_share, RED),), 24, 12,
@@ -150,9 +152,28 @@ def gpus() -> dict[str, Any]:
               (T(f"moe_watch_gpu_memory_used_ratio{{{SEL}}}", "GPU {{gpu}}"),), "percentunit", ((D.vram_used_healthy, YELLOW), (D.vram_used, RED)), 12, max_value=1),
         Panel("timeseries", "Memory vs the sized budget", f"NVML used / the plan's per-GPU budget (moe-watch size). Above {D.budget_used:g}: beyond the plan.",
               (T(f"moe_watch_budget_used_ratio{{{SEL}}}", "GPU {{gpu}}"),), "percentunit", ((D.budget_used, RED),), 12),
+        *gpu_forecasts(),
         Panel("timeseries", "Temperature", "GPU temperature (no moe-watch threshold: compare with the GPU's slowdown temperature).", (T(f"moe_watch_gpu_temperature_celsius{{{SEL}}}", "GPU {{gpu}}"),), "celsius", (), 12),
         Panel("timeseries", "Power", "GPU power draw.", (T(f"moe_watch_gpu_power_watts{{{SEL}}}", "GPU {{gpu}}"),), "watt", (), 12),
     ], ("gpus",))  # fmt: skip
+
+
+def engine_forecasts() -> tuple[Panel, ...]:
+    """Time until the KV cache is full (moe_watch:kv_cache_full:seconds, rules.py)."""
+    window, rise = D.kv_cache_forecast_window_seconds / 60, D.kv_cache_forecast_min_rise_per_hour
+    return (
+        Panel("timeseries", "Time until the KV cache is full", f"At the least-squares trend of the last {window:g} minutes; only while usage rises faster than {rise:g} per hour (no line: not filling). Below {D.kv_cache_full_seconds:g} s for 5 minutes pages (MoEKVCacheFullSoon).",
+              (T(f"moe_watch:kv_cache_full:seconds{{{SEL_MODEL}}}", "{{engine}}"),), "s", ((D.kv_cache_full_seconds, GREEN),), 12, base_colour=RED),
+    )  # fmt: skip
+
+
+def gpu_forecasts() -> tuple[Panel, ...]:
+    """Time until a GPU's used memory crosses its sized budget (rules.py)."""
+    window, rise = D.budget_forecast_window_seconds / 60, D.budget_forecast_min_rise_per_hour
+    return (
+        Panel("timeseries", "Time until the sized budget", f"When a GPU's used memory crosses the engine's per-GPU budget at the least-squares trend of the last {window:g} minutes; only while it rises faster than {rise:g} of the budget per hour (no line: not growing). Below {D.budget_exhausted_seconds:g} s warns (MoEGPUBudgetExhaustedSoon).",
+              (T(f"moe_watch:gpu_budget_exhausted:seconds{{{SEL}}}", "GPU {{gpu}}"),), "s", ((D.budget_exhausted_seconds, GREEN),), 12, base_colour=RED),
+    )  # fmt: skip
 
 
 DASHBOARDS = {"fleet": fleet, "engine": engine, "experts": experts, "gpus": gpus}
