@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ def _all2all(name: str, raw: object) -> All2AllTimes | None:
         not isinstance(bounds, list)
         or not 1 <= len(bounds) <= MAX_BOUNDS
         or not all(_is_number(b) and b > 0 for b in bounds)
-        or any(b >= c for b, c in zip(bounds, bounds[1:], strict=False))
+        or any(b >= c for b, c in pairwise(bounds))
     ):
         raise ValueError(f"{name}: all2all bounds are not increasing positive seconds")
     if (

@@ -18,6 +18,9 @@ class Thresholds:
     expert_skew: float = 0.5  # > 50 % skew (max/mean - 1) alerts
     expert_collapse_share: float = 0.40  # one expert takes > 40 % of a layer's tokens
     ep_rank_load: float = 1.5  # ours: an EP rank at 1.5x the mean rank's tokens
+    # Expert-parallel communication (per forward pass, all MoE layers' dispatch + combine)
+    all2all_healthy_seconds: float = 0.005  # < 5 ms healthy
+    all2all_seconds: float = 0.020  # > 20 ms alerts
     # GPUs
     gpu_utilization_low: float = 0.60
     gpu_utilization_high: float = 0.98
@@ -40,6 +43,7 @@ class Thresholds:
     autoscale_up_p95_seconds: float = 2.0
     autoscale_up_gpu_utilization: float = 0.90  # for 5 minutes
     autoscale_down_gpu_utilization: float = 0.30  # for 15 minutes
+    autoscale_down_idle_queue_minutes: float = 10.0  # ours: and nothing waiting for 10 minutes
     # The agent itself
     source_stale_seconds: float = 120.0
     # Drift rules (vLLM settings for MoE)

@@ -12,8 +12,8 @@ import pytest
 
 from moe_watch.expert_file import (
     FORMAT,
-    All2AllTimes,
     SUFFIX,
+    All2AllTimes,
     CountsFile,
     counts_file_name,
     read_counts_file,

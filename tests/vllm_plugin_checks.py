@@ -496,7 +496,6 @@ def placement_follows_vllms_expert_map() -> None:
     assert (counter.layout.ep_rank, counter.layout.ep_size) == (1, 2)
 
 
-
 # --- all-to-all timing (issue #19) --------------------------------------------------------------
 
 DELAY = 0.02  # an injected delay inside the timed exchange
@@ -564,17 +563,21 @@ def all2all_time_is_summed_per_forward_pass_and_only_in_real_steps() -> None:
             manager.combine(x)
         timer.step_ends()
     field = timer.file_field()
-    assert field["count"] == 2 and field["exchanges"] == 12, field
+    assert field["count"] == 2, field
+    assert field["exchanges"] == 12, field
     per_pass = field["sum"] / field["count"]
     assert 3 * DELAY <= per_pass < 3 * DELAY + 0.5, per_pass  # never below the injected delay
-    assert field["method"] == "perf_counter" and field["backend"] == "allgather_reducescatter"
+    assert field["method"] == "perf_counter"
+    assert field["backend"] == "allgather_reducescatter"
     assert sum(field["buckets"]) == 2
     assert manager.calls == 13  # every call reached vLLM's method
-    assert timer.wrap_manager(manager) and manager.calls == 13  # idempotent: not wrapped twice
+    assert timer.wrap_manager(manager)
+    assert manager.calls == 13
     timer.step_begins()
     manager.dispatch_router_logits(x, x)
     timer.step_ends()
-    assert timer.count == 3 and timer.exchanges == 13
+    assert timer.count == 3
+    assert timer.exchanges == 13
 
 
 @check
@@ -590,7 +593,8 @@ def a_nested_exchange_counts_once_and_async_ends_at_the_receiver() -> None:
     pf.prepare(x)  # prepare -> manager.dispatch: one interval
     hook, receiver = pf.prepare_async(x)
     hook()  # vLLM runs the hook (or shared experts) before the receiver
-    assert receiver() is x and pf.received == 1
+    assert receiver() is x
+    assert pf.received == 1
     pf.finalize(x)
     timer.step_ends()
     assert x.tolist() == [1.0, 1.0]
@@ -622,7 +626,7 @@ def a_failing_exchange_raises_as_before_and_timing_goes_on() -> None:
     try:
         manager.combine(torch.zeros(1))
     except RuntimeError as exc:
-        assert str(exc) == "peer gone"
+        assert str(exc) == "peer gone"  # noqa: PT017 (no pytest in this script)
     else:
         raise AssertionError("vLLM's exception was swallowed")
     timer.step_ends()
@@ -647,8 +651,10 @@ def a_fault_in_the_timing_code_turns_timing_off_not_serving() -> None:
         timer.step_ends()
     finally:
         all2all.time.perf_counter = original
-    assert out.tolist() == [1.0] and manager.calls == 1
-    assert timer.failed and timer.file_field() is None
+    assert out.tolist() == [1.0]
+    assert manager.calls == 1
+    assert timer.failed
+    assert timer.file_field() is None
     manager.combine(torch.ones(1))  # still vLLM's method, untimed
     assert manager.calls == 2
 
@@ -669,8 +675,10 @@ class FakeCudaEvent:  # torch.cuda.Event's surface: record, query, elapsed_time 
         return self.at is not None and self.at <= FakeCudaEvent.completed_up_to
 
     def elapsed_time(self, end: FakeCudaEvent) -> float:
-        assert self.query() and end.query(), "elapsed_time on an incomplete event"
-        assert end.at is not None and self.at is not None
+        assert self.query(), "elapsed_time on an incomplete event"
+        assert end.query(), "elapsed_time on an incomplete event"
+        assert end.at is not None
+        assert self.at is not None
         return end.at - self.at
 
     def synchronize(self) -> None:
@@ -701,7 +709,8 @@ def cuda_events_are_read_only_once_complete_and_never_synchronized() -> None:
     field = timer.file_field()
     assert (field["count"], field["exchanges"]) == (1, 2), field
     assert abs(field["sum"] - 2 * 7.5 / 1000) < 1e-9, field
-    assert field["method"] == "cuda_events" and field["sample_every"] == 2
+    assert field["method"] == "cuda_events"
+    assert field["sample_every"] == 2
     assert len(timer._free_events) == 4  # recycled
 
 
@@ -723,7 +732,8 @@ def a_compiled_caller_traces_through_the_timed_exchange() -> None:
     timer.step_begins()
     assert compiled(torch.ones(3)).tolist() == [4.0, 4.0, 4.0]
     timer.step_ends()
-    assert timer.count == 0 and not timer.failed  # traced: nothing timed, nothing broken
+    assert timer.count == 0
+    assert not timer.failed
 
 
 @check
@@ -742,7 +752,8 @@ def the_worker_times_the_ep_exchange_and_publishes_it() -> None:
         counter = ExpertCounter.attach(worker)
     finally:
         all2all.all2all_manager, config_readers.layout = original_manager, original_layout
-    assert counter is not None and counter.all2all is not None
+    assert counter is not None
+    assert counter.all2all is not None
     counter.start_counting()
     try:
         x = torch.zeros(1)
@@ -751,8 +762,10 @@ def the_worker_times_the_ep_exchange_and_publishes_it() -> None:
         manager.combine(x)
         counter.end_step()
         data = counter.snapshot()
-        assert data is not None and data.all2all is not None
-        assert data.all2all.count == 1 and data.all2all.backend == "allgather_reducescatter"
+        assert data is not None
+        assert data.all2all is not None
+        assert data.all2all.count == 1
+        assert data.all2all.backend == "allgather_reducescatter"
         assert DELAY <= data.all2all.sum < DELAY + 0.5
     finally:
         counter.publisher.close()
@@ -762,7 +775,9 @@ def the_worker_times_the_ep_exchange_and_publishes_it() -> None:
         vllm_config=fake_vllm_config(),
     )
     plain = ExpertCounter.attach(worker)
-    assert plain is not None and plain.all2all is None and plain.snapshot().all2all is None
+    assert plain is not None
+    assert plain.all2all is None
+    assert plain.snapshot().all2all is None
 
 
 def main(argv: list[str]) -> int:

@@ -251,7 +251,9 @@ class FakeNvml:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         if not 0 <= link < min(len(gpu.nvlinks), pynvml.NVML_NVLINK_MAX_LINKS):
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        return pynvml.NVML_FEATURE_ENABLED if gpu.nvlinks[link] else pynvml.NVML_FEATURE_DISABLED
+        return int(
+            pynvml.NVML_FEATURE_ENABLED if gpu.nvlinks[link] else pynvml.NVML_FEATURE_DISABLED
+        )
 
     def nvmlDeviceGetFieldValues(self, handle: _Handle, fieldIds: list[Any]) -> list[Any]:
         """Like pynvml: ids or (fieldId, scopeId) pairs in; one value struct per id out, each
@@ -309,10 +311,10 @@ class FakeNvml:
         if first.index == second.index or not 0 <= p2pIndex < pynvml.NVML_P2P_CAPS_INDEX_UNKNOWN:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         if p2pIndex != pynvml.NVML_P2P_CAPS_INDEX_NVLINK:
-            return pynvml.NVML_P2P_STATUS_OK  # PCIe P2P: assumed possible
+            return int(pynvml.NVML_P2P_STATUS_OK)  # PCIe P2P: assumed possible
         if self._nvlinked(first, second) and self._nvlinked(second, first):
-            return pynvml.NVML_P2P_STATUS_OK
-        return pynvml.NVML_P2P_STATUS_NOT_SUPPORTED
+            return int(pynvml.NVML_P2P_STATUS_OK)
+        return int(pynvml.NVML_P2P_STATUS_NOT_SUPPORTED)
 
     @staticmethod
     def _nvlinked(gpu: FakeGpu, other: FakeGpu) -> bool:

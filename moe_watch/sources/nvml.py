@@ -413,9 +413,7 @@ class NvmlSource:
             nvlink_transmit_bytes=transmit,
             nvlink_receive_bytes=receive,
             pcie_generation=field(lambda: int(nvml.nvmlDeviceGetCurrPcieLinkGeneration(handle))),
-            pcie_max_generation=field(
-                lambda: int(nvml.nvmlDeviceGetMaxPcieLinkGeneration(handle))
-            ),
+            pcie_max_generation=field(lambda: int(nvml.nvmlDeviceGetMaxPcieLinkGeneration(handle))),
             pcie_width=field(lambda: int(nvml.nvmlDeviceGetCurrPcieLinkWidth(handle))),
             pcie_max_width=field(lambda: int(nvml.nvmlDeviceGetMaxPcieLinkWidth(handle))),
         )
@@ -446,7 +444,10 @@ class NvmlSource:
     def _nvlink_bytes(self, nvml: Any, index: int, handle: Any) -> tuple[float, float] | None:
         """NVLink data bytes sent and received, summed over the GPU's links (one call)."""
         links = range(self._nvlinks.get(index, 0))
-        tx, rx = nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX
+        tx, rx = (
+            nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+            nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX,
+        )
         values = nvml.nvmlDeviceGetFieldValues(
             handle, [(tx, link) for link in links] + [(rx, link) for link in links]
         )

@@ -422,9 +422,9 @@ def bind_timer(timer: All2AllTimer, modules: list[Any]) -> None:
     replaced, e.g. by a weight update), so this runs after load_model and at warm-up."""
     try:
         manager = all2all_manager()
-        if manager is not None and getattr(manager, MARK, None) is not timer:
-            if timer.wrap_manager(manager):
-                setattr(manager, MARK, timer)
+        fresh = manager is not None and getattr(manager, MARK, None) is not timer
+        if fresh and timer.wrap_manager(manager):
+            setattr(manager, MARK, timer)
         for module in modules:
             prepare_finalize = prepare_finalize_of(module)
             if prepare_finalize is not None:

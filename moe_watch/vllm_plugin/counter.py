@@ -211,7 +211,9 @@ class ExpertCounter:
         (--enable-return-routed-experts) at KV-cache setup, replacing callbacks set before.
         """
         if self.all2all is not None:
-            bind_timer(self.all2all, [hook.module for hook in self.hooks if hook.module is not None])
+            bind_timer(
+                self.all2all, [hook.module for hook in self.hooks if hook.module is not None]
+            )
         for index, hook in enumerate(self.hooks):
             current = hook.get()
             if getattr(current, "_moe_watch_counter", None) is self:

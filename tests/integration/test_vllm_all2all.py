@@ -78,8 +78,10 @@ def test_measured_all2all_time_matches_the_injected_delay(tmp_path: Path) -> Non
         result = slow[rank]
         a2a = result["a2a"]
         assert result["manager"] == "AgRsAll2AllManager"
-        assert a2a.backend == "allgather_reducescatter" and a2a.method == "perf_counter"
-        assert a2a.count == PASSES and a2a.exchanges == PASSES * LAYERS * 2
+        assert a2a.backend == "allgather_reducescatter"
+        assert a2a.method == "perf_counter"
+        assert a2a.count == PASSES
+        assert a2a.exchanges == PASSES * LAYERS * 2
         per_pass = a2a.sum / a2a.count
         # Never less than the delay; well below delay + compute (the compute is not counted).
         assert expected * 0.95 <= per_pass < expected + LAYERS * COMPUTE * 0.75, (rank, per_pass)

@@ -531,8 +531,10 @@ async def test_reads_nvlink_links_counters_pcie_and_peer_pairs(
         reading = await source.collect(problems)
     assert not problems.reasons
     link0, link1 = (gpu.link for gpu in reading.gpus)
-    assert link0 is not None and link1 is not None
-    assert link0.nvlink_links_up == 17 and link1.nvlink_links_up == 18
+    assert link0 is not None
+    assert link1 is not None
+    assert link0.nvlink_links_up == 17
+    assert link1.nvlink_links_up == 18
     assert link0.nvlink_transmit_bytes == 17 * 1000 * 1024  # KiB summed over the active links
     assert link0.nvlink_receive_bytes == 17 * 2000 * 1024
     assert (link1.pcie_generation, link1.pcie_max_generation) == (5, 5)
@@ -583,7 +585,8 @@ async def test_a_topology_error_is_counted_and_the_gpu_still_reports(
     fake.gpus[1].errors["p2p"] = pynvml.NVML_ERROR_UNKNOWN  # UNKNOWN: treated as gone for pairs
     problems = Problems()
     reading = await source.collect(problems)
-    assert reading.gpus[1].up and reading.gpus[1].link is not None
+    assert reading.gpus[1].up
+    assert reading.gpus[1].link is not None
     assert reading.gpus[1].link.pcie_width is None
     assert reading.gpus[1].link.nvlink_links_up == 18
     assert problems.reasons == {"gpu_read": 4}  # the four PCIe reads; the pair is just unknown
