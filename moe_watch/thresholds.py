@@ -43,7 +43,6 @@ class Thresholds:
     autoscale_up_p95_seconds: float = 2.0
     autoscale_up_gpu_utilization: float = 0.90  # for 5 minutes
     autoscale_down_gpu_utilization: float = 0.30  # for 15 minutes
-    autoscale_down_idle_queue_minutes: float = 10.0  # ours: and nothing waiting for 10 minutes
     # The agent itself
     source_stale_seconds: float = 120.0
     # Drift rules (vLLM settings for MoE)
