@@ -60,11 +60,15 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
                 "utilization_ratio": view.sample.utilization_ratio,
                 "memory_used_ratio": view.memory_used_ratio,
                 "pids": list(view.sample.pids),
-                "link": _link(view.sample.link),
             }
             for view in snapshot.gpus
         ],
-        # Issue #19: how each engine's GPUs reach each other, and its EP exchange time.
+        # Issue #19: each GPU's links, how each engine's GPUs reach each other, EP exchange time.
+        "gpu_links": {
+            str(view.sample.index): _link(view.sample.link)
+            for view in snapshot.gpus
+            if view.sample.link is not None
+        },
         "interconnect": dict(snapshot.engine_interconnect),
         "all2all": {
             view.engine: {
@@ -80,9 +84,7 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
     }
 
 
-def _link(link: GpuLink | None) -> dict[str, Any] | None:
-    if link is None:
-        return None
+def _link(link: GpuLink) -> dict[str, Any]:
     return {
         "nvlink_links_up": link.nvlink_links_up,
         "nvlink_transmit_bytes": link.nvlink_transmit_bytes,

@@ -163,7 +163,8 @@ async def test_slow_all2all_on_pcie_gpus_reaches_metrics_status_and_drift(tmp_pa
     assert status["interconnect"] == {"mixtral-0": "pcie"}
     assert status["all2all"]["mixtral-0"]["backend"] == "naive"
     assert status["all2all"]["mixtral-0"]["seconds_per_forward_pass"]["0.95"] == p95
-    assert status["gpus"][0]["link"]["nvlink_links_up"] == 0
+    assert status["gpu_links"]["0"]["nvlink_links_up"] == 0
+    assert status["gpu_links"]["1"]["pcie_generation"] == 4
     assert any(d["setting"] == "interconnect" for d in status["drift"]["mixtral-0"])
 
 

@@ -27,10 +27,10 @@ from moe_watch.demo.engine_sim import EngineSim
 from moe_watch.demo.fake_nvml import FakeNvml
 from moe_watch.demo.scenarios import SCENARIOS, Scenario
 from moe_watch.expert_file import All2AllTimes, CountsFile, write_counts_file
-from moe_watch.vllm_plugin.all2all import BOUNDS as ALL2ALL_BOUNDS
 from moe_watch.exporter import build_registry
 from moe_watch.logs import configure_logging
 from moe_watch.service import ListenError, install_stop_signals, serve
+from moe_watch.vllm_plugin.all2all import BOUNDS as ALL2ALL_BOUNDS
 
 ENGINE_ID = "demo-mixtral"
 ENGINE_PID = os.getpid()  # a real process, so /status shows a PID (not a vLLM command line)
