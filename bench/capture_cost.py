@@ -4,6 +4,9 @@ The end-to-end benchmark (plugin_overhead.py) cannot resolve 1 % on a noisy 2-co
 times the work the plugin adds to every MoE layer of every step: the capture callback the
 router calls (one ``index_add_`` of the step's top-k ids, weighted, into the accumulator), and
 the per-step weight update when the batch size changes. Compare with the server's step time.
+It also times what the all-to-all timer adds to each timed dispatch/combine call (issue #19):
+the wrapper around the all2all manager's method, CPU path (``perf_counter``), against the bare
+call, and the per-step bookkeeping (``step_begins``/``step_ends``).
 
     <vllm venv>/bin/python bench/capture_cost.py
 """
@@ -78,7 +81,40 @@ def main() -> int:
 
             update = median_us(resize) / 2
             print(f"| {experts}, top-{top_k} | {tokens} | {per_layer:.1f} µs | {update:.1f} µs |")
+    all2all_cost(torch)
     return 0
+
+
+def all2all_cost(torch: Any) -> None:
+    from moe_watch.vllm_plugin.all2all import All2AllTimer
+
+    class Manager:
+        def combine(self, hidden: Any) -> Any:
+            return hidden
+
+    bare = Manager()
+    timed = Manager()
+    timer = All2AllTimer("cpu", backend="bench")
+    timer.wrap_manager(timed)
+    x = torch.zeros(4, 8)
+    timer.step_begins()  # inside a real step: the timed path
+    plain = median_us(lambda: bare.combine(x))
+    wrapped = median_us(lambda: timed.combine(x))
+    timer.step_ends()
+    idle = median_us(lambda: timed.combine(x))  # outside a step (warm-up): the pass-through path
+
+    def step() -> None:
+        timer.step_begins()
+        timed.combine(x)
+        timer.step_ends()
+
+    per_step = median_us(step) - wrapped
+    print()
+    print("| all-to-all timer (CPU, perf_counter) | median |")
+    print("|---|---|")
+    print(f"| per timed dispatch/combine call | {wrapped - plain:.1f} µs |")
+    print(f"| per call outside a step (warm-up) | {idle - plain:.1f} µs |")
+    print(f"| per step (begin + end, histogram) | {per_step:.1f} µs |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Running values come from the engine's exposition (vLLM ``cache_config_info`` lab
 ``/v1/models`` (max_model_len) and its command line (read by ``sources/proc.py`` for the NVML
 PIDs of its GPUs). Rules (../shared/design.md): gpu_memory_utilization above 0.80 on a
 large MoE or >= 0.95 anywhere; max_num_seqs above 8 on a large MoE; max_model_len far above the
-plan; prefix caching with an FP8 KV cache; expert parallelism off on a multi-GPU MoE; dtype or
+plan; prefix caching with an FP8 KV cache; expert parallelism off on a multi-GPU MoE; expert
+parallelism on GPUs without NVLink (the interconnect is given by the agent, from NVML); dtype or
 GPU count differing from the plan. No plan: only the rules apply.
 """
 
@@ -33,6 +34,7 @@ class Running:
     dtype: str | None = None
     expert_parallel: bool | None = None
     gpus: int | None = None
+    interconnect: str | None = None  # "nvlink" | "pcie": how its GPUs reach each other (NVML)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,16 @@ def find_drift(
                 "false",
                 "true",
                 "multi-GPU MoE: enable expert parallelism",
+            )
+        )
+    if running.expert_parallel and running.interconnect == "pcie":
+        found.append(
+            Drift(
+                "interconnect",
+                "pcie",
+                "nvlink",
+                "expert parallelism on GPUs without NVLink: every MoE layer's all-to-all "
+                "crosses PCIe (~128 GB/s vs NVLink's 900 GB/s)",
             )
         )
     if plan is not None:

@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,26 @@ TEMP_PREFIX = ".tmp-"  # temporary files: never read (the suffix alone would mat
 # Bounds (docs/configuration.md, "Bounds"). A DeepSeek-V3 worker's file is ~100 KB and 15,616 cells.
 MAX_BYTES = 8 * 1024 * 1024
 MAX_CELLS = 1 << 17  # layers x experts of one file
+
+
+@dataclass(frozen=True)
+class All2AllTimes:
+    """Expert-parallel exchange time per forward pass of one worker: a histogram, cumulative
+    since ``started`` (optional in the file: only workers under expert parallelism write it)."""
+
+    bounds: list[float]  # upper bounds in seconds, increasing; one more bucket above the last
+    buckets: list[int]  # forward passes per bucket (not cumulative), len(bounds) + 1
+    count: int  # timed forward passes (= sum(buckets))
+    sum: float  # seconds, over those passes
+    backend: str = ""  # vLLM's all2all_backend
+    method: str = ""  # "cuda_events" | "perf_counter"
+    sample_every: int = 1  # one forward pass in N is timed
+    exchanges: int = 0  # timed dispatch/combine calls
+
+
+_A2A_REQUIRED = ("bounds", "buckets", "count", "sum")
+_A2A_KNOWN = frozenset(f.name for f in fields(All2AllTimes))
+MAX_BOUNDS = 64
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,7 @@ class CountsFile:
     sequence_parallel: bool = False
     placement: list[int] = field(default_factory=list)  # logical expert -> EP rank, when known
     format: str = FORMAT
+    all2all: All2AllTimes | None = None  # expert-parallel exchange time, when timed
 
 
 _REQUIRED = ("pid", "started", "updated", "model", "top_k", "num_experts", "layers", "counts")
@@ -97,14 +119,54 @@ def read_counts_file(
     missing = [name for name in _REQUIRED if name not in raw]
     if missing:
         raise FileRejected("bad_file", f"{path.name}: missing {', '.join(missing)}")
-    data = CountsFile(**{key: value for key, value in raw.items() if key in _KNOWN})
+    known = {key: value for key, value in raw.items() if key in _KNOWN}
     try:
+        known["all2all"] = _all2all(path.name, raw.get("all2all"))
+        data = CountsFile(**known)
         _check(path.name, data, max_cells)
     except FileRejected:
         raise
     except ValueError as exc:
         raise FileRejected("bad_file", str(exc)) from None
     return data
+
+
+def _all2all(name: str, raw: object) -> All2AllTimes | None:
+    """The optional ``all2all`` object, strictly: absent or null is fine, anything else must be
+    a consistent histogram (a wrong one makes the whole file invalid, like a wrong count)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{name}: all2all is not an object")
+    missing = [key for key in _A2A_REQUIRED if key not in raw]
+    if missing:
+        raise ValueError(f"{name}: all2all misses {', '.join(missing)}")
+    times = All2AllTimes(**{key: value for key, value in raw.items() if key in _A2A_KNOWN})
+    bounds, buckets = times.bounds, times.buckets
+    if (
+        not isinstance(bounds, list)
+        or not 1 <= len(bounds) <= MAX_BOUNDS
+        or not all(_is_number(b) and b > 0 for b in bounds)
+        or any(b >= c for b, c in pairwise(bounds))
+    ):
+        raise ValueError(f"{name}: all2all bounds are not increasing positive seconds")
+    if (
+        not isinstance(buckets, list)
+        or len(buckets) != len(bounds) + 1
+        or not _non_negative_integers(buckets)
+    ):
+        raise ValueError(f"{name}: all2all buckets are not {len(bounds) + 1} non-negative integers")
+    if not _is_int(times.count) or times.count != sum(buckets):
+        raise ValueError(f"{name}: all2all count is not the sum of its buckets")
+    if not _is_number(times.sum) or times.sum < 0:
+        raise ValueError(f"{name}: all2all sum is not a non-negative number")
+    if not isinstance(times.backend, str) or not isinstance(times.method, str):
+        raise ValueError(f"{name}: all2all backend and method must be strings")
+    for key in ("sample_every", "exchanges"):
+        value = getattr(times, key)
+        if not _is_int(value) or value < (1 if key == "sample_every" else 0):
+            raise ValueError(f"{name}: all2all {key} is not a valid integer ({value!r})")
+    return times
 
 
 def _is_int(value: object) -> bool:

@@ -63,6 +63,8 @@ class SnapshotCollector(Collector):
         yield from _engine_metrics(snapshot)
         yield from _expert_metrics(snapshot, full_detail=self._full_detail)
         yield from _whatif_metrics(snapshot)
+        yield from _all2all_metrics(snapshot)
+        yield from _interconnect_metrics(snapshot)
         yield from _plan_metrics(snapshot)
         yield from _expert_group_metrics(snapshot)
 
@@ -373,6 +375,90 @@ def _whatif_metrics(snap: Snapshot) -> Iterator[Metric]:
     yield from (today, whatif, needed, reached, searched)
 
 
+def _all2all_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Expert-parallel exchange time per forward pass (issue #19), from the vLLM plugin's files."""
+    seconds = Metric(
+        PREFIX + "expert_all2all_seconds",
+        "All-to-all (EP dispatch + combine) time per forward pass over the window, quantiles "
+        f"(healthy < {T.all2all_healthy_seconds:g} s, alert > {T.all2all_seconds:g} s).",
+        "summary",
+    )
+    passes = gauge(
+        "expert_all2all_passes_timed",
+        "Forward passes whose all-to-all time was measured in the window.",
+        ["engine"],
+    )
+    info = gauge(
+        "expert_all2all_info",
+        "The all2all backend the engine's workers use; value is always 1.",
+        ["engine", "backend"],
+    )
+    for view in snap.experts:
+        if view.latest.all2all is None:
+            continue
+        info.add_metric([view.engine, view.latest.all2all_backend], 1)
+        passes.add_metric([view.engine], view.signals.all2all_passes)
+        for q, value in sorted(view.signals.all2all_seconds.items()):
+            seconds.add_sample(
+                PREFIX + "expert_all2all_seconds",
+                {"engine": view.engine, "quantile": f"{q:g}"},
+                value,
+            )
+    yield from (seconds, passes, info)
+
+
+def _interconnect_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """NVLink / PCIe topology per GPU, and each engine's interconnect (issue #19)."""
+    labels = ["gpu", "engine"]
+    links = gauge(
+        "gpu_nvlink_links_up",
+        "NVLink links in the active state (0 on a GPU without NVLink).",
+        labels,
+    )
+    transmit = CounterMetricFamily(
+        PREFIX + "gpu_nvlink_transmit_bytes",
+        "Bytes sent over all the GPU's NVLink links (NVML throughput counter).",
+        labels=labels,
+    )
+    receive = CounterMetricFamily(
+        PREFIX + "gpu_nvlink_receive_bytes",
+        "Bytes received over all the GPU's NVLink links (NVML throughput counter).",
+        labels=labels,
+    )
+    generation = gauge("gpu_pcie_link_generation", "Current PCIe link generation.", labels)
+    generation_max = gauge(
+        "gpu_pcie_link_max_generation", "Maximum PCIe link generation of GPU and slot.", labels
+    )
+    width = gauge("gpu_pcie_link_width", "Current PCIe link width (lanes).", labels)
+    width_max = gauge("gpu_pcie_link_max_width", "Maximum PCIe link width (lanes).", labels)
+    for view in snap.gpus:
+        link = view.sample.link
+        if link is None or not view.sample.up:
+            continue
+        key = [str(view.sample.index), view.engine or ""]
+        for family, value in (
+            (links, link.nvlink_links_up),
+            (transmit, link.nvlink_transmit_bytes),
+            (receive, link.nvlink_receive_bytes),
+            (generation, link.pcie_generation),
+            (generation_max, link.pcie_max_generation),
+            (width, link.pcie_width),
+            (width_max, link.pcie_max_width),
+        ):
+            if value is not None:
+                family.add_metric(key, value)
+    interconnect = gauge(
+        "engine_interconnect_info",
+        "How an engine's GPUs reach each other: nvlink (every pair over NVLink) or pcie (some "
+        "pair only over PCIe/the host); multi-GPU engines; value is always 1.",
+        ["engine", "interconnect"],
+    )
+    for engine, kind in sorted(snap.engine_interconnect.items()):
+        interconnect.add_metric([engine, kind], 1)
+    yield from (links, transmit, receive, generation, generation_max, width, width_max)
+    yield interconnect
+
+
 def _plan_metrics(snap: Snapshot) -> Iterator[Metric]:
     budget = gauge(
         "sized_budget_bytes",
@@ -490,6 +576,7 @@ DRIFT_SETTINGS = frozenset(
         "enable_expert_parallel",
         "dtype",
         "gpus",
+        "interconnect",
     }
 )
 

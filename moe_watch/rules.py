@@ -505,6 +505,19 @@ ALERTS: tuple[Alert, ...] = (
         quiet="3x60",  # an old count that does not grow
         eval_minutes=20,
     ),
+    Alert(
+        "MoEAll2AllSlow",
+        'moe_watch_expert_all2all_seconds{quantile="0.95"} > $t',
+        "all2all_seconds",
+        "10m",
+        "warning",
+        "Expert-parallel all-to-all is slow: every MoE layer waits on the exchange",
+        "P95 all-to-all (dispatch + combine) time per forward pass of {{ $labels.engine }} is "
+        '{{ $value | printf "%.3f" }} s (healthy < 0.005 s): check the interconnect '
+        "(moe_watch_engine_interconnect_info, NVLink links up), the EP size, a hot rank "
+        "(moe_watch_expert_rank_load_ratio) and the all2all backend (moe_watch_expert_all2all_info).",
+        f'moe_watch_expert_all2all_seconds{{{ENGINE},quantile="0.95"}}',
+    ),
 )
 
 # Forecasts (issue #17): page before the fact. The trends are recording rules (forecast_rules);
@@ -548,8 +561,12 @@ RECORDING: tuple[tuple[str, str], ...] = (
      ' or label_replace(max by ($by) (moe_watch_latency_seconds{kind="e2e",quantile="0.95"}) > bool $autoscale_up_p95_seconds, "signal", "p95", "", "")'
      ' or label_replace(min_over_time(moe_watch:engine_gpu_utilization:avg[5m]) > bool $autoscale_up_gpu_utilization, "signal", "gpu", "", "")'
      ")"),
+    # Down only when the GPUs idled for 15 minutes *and* nothing queued for 10 (issue #19): low
+    # utilization with a queue is a stalled engine (a slow all-to-all, a full KV cache), not a
+    # spare one.
     ("moe_watch:autoscale_down:bool",
-     "max_over_time(moe_watch:engine_gpu_utilization:avg[15m]) < bool $autoscale_down_gpu_utilization"),
+     "(max_over_time(moe_watch:engine_gpu_utilization:avg[15m]) < bool $autoscale_down_gpu_utilization)"
+     " * on ($by) (max by ($by) (max_over_time(moe_watch_requests_waiting[10m])) == bool 0)"),
 )  # fmt: skip
 
 
@@ -879,6 +896,29 @@ def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
                     {"labels": 'moe_watch:autoscale_up:bool{engine="calm"}', "value": 0},
                     {"labels": 'moe_watch:autoscale_up:bool{engine="hot"}', "value": 1},
                     {"labels": 'moe_watch:autoscale_up:bool{engine="slow"}', "value": 1},
+                ]},
+            ],
+        },
+        {  # Autoscale down: idle GPUs alone are not enough while requests queued in the last 10m.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'moe_watch_gpu_utilization_ratio{engine="idle",gpu="0"}', "values": "0.1x30"},
+                {"series": 'moe_watch_requests_waiting{engine="idle",model="m"}', "values": "0x30"},
+                {"series": 'moe_watch_gpu_utilization_ratio{engine="stalled",gpu="0"}', "values": "0.1x30"},
+                {"series": 'moe_watch_requests_waiting{engine="stalled",model="m"}', "values": "0x14 4 0x15"},
+                {"series": 'moe_watch_gpu_utilization_ratio{engine="busy",gpu="0"}', "values": "0.6x30"},
+                {"series": 'moe_watch_requests_waiting{engine="busy",model="m"}', "values": "0x30"},
+            ],
+            "promql_expr_test": [
+                {"expr": "moe_watch:autoscale_down:bool", "eval_time": "20m", "exp_samples": [
+                    {"labels": 'moe_watch:autoscale_down:bool{engine="busy"}', "value": 0},
+                    {"labels": 'moe_watch:autoscale_down:bool{engine="idle"}', "value": 1},
+                    {"labels": 'moe_watch:autoscale_down:bool{engine="stalled"}', "value": 0},
+                ]},
+                {"expr": "moe_watch:autoscale_down:bool", "eval_time": "27m", "exp_samples": [
+                    {"labels": 'moe_watch:autoscale_down:bool{engine="busy"}', "value": 0},
+                    {"labels": 'moe_watch:autoscale_down:bool{engine="idle"}', "value": 1},
+                    {"labels": 'moe_watch:autoscale_down:bool{engine="stalled"}', "value": 1},
                 ]},
             ],
         },

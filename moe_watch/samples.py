@@ -89,6 +89,24 @@ class EngineScrape:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuLink:
+    """How one GPU is connected (NVML); None where the GPU or driver does not say.
+
+    ``nvlink_links_up`` is 0 on a GPU without NVLink (NVML answers NOT_SUPPORTED for link 0).
+    The NVLink byte counters are NVML's cumulative data throughput counters (KiB in NVML),
+    summed over the active links; they exist only on GPUs and drivers that have them.
+    """
+
+    nvlink_links_up: int | None = None
+    nvlink_transmit_bytes: float | None = None
+    nvlink_receive_bytes: float | None = None
+    pcie_generation: int | None = None
+    pcie_max_generation: int | None = None
+    pcie_width: int | None = None
+    pcie_max_width: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GpuSample:
     """One GPU at one instant. ``up`` False means NVML could not read it (lost, fallen off the bus)."""
 
@@ -104,6 +122,7 @@ class GpuSample:
     pids: tuple[int, ...] = ()
     minor: int | None = None  # /dev/nvidia<minor>: how NVIDIA's DRA driver names it (gpu-<minor>)
     mig_uuids: tuple[str, ...] = ()  # its MIG devices' UUIDs (MIG mode), for the kubelet's MIG IDs
+    link: GpuLink | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +134,9 @@ class GpuReading:
     gpus: tuple[GpuSample, ...]
     # Cumulative Xid events seen since the agent started, keyed by (gpu index, xid code).
     xid_totals: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    # NVLink peer-to-peer between two GPUs (index pairs, lower first): True = over NVLink,
+    # False = not over NVLink (PCIe / the host); absent where NVML could not tell.
+    nvlink_pairs: Mapping[tuple[int, int], bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +164,10 @@ class ExpertCounts:
     # agent adds up the recorder's dumps from zero): the first sample of a counter set is then
     # an increase from zero, not an unknown baseline (the agent windows it after a zero sample).
     from_zero: bool = False
+    # Expert-parallel exchange (dispatch + combine) time per forward pass, cumulative, summed
+    # over the engine's workers (a forward pass of one rank); None when nothing timed it.
+    all2all: Histogram | None = None
+    all2all_backend: str = ""  # vLLM's all2all_backend, as the plugin saw it
     # Sum of all counts, computed once here: reset detection compares it across every sample of
     # the window every cycle.
     total: float = field(init=False, compare=False)

@@ -90,3 +90,5 @@ class Snapshot:
     drift: Mapping[str, tuple[Drift, ...]] = field(default_factory=dict)
     # Discovered engines: engine -> (namespace, pod).
     engine_pods: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    # How each multi-GPU engine's GPUs reach each other: "nvlink" | "pcie" (NVML; issue #19).
+    engine_interconnect: Mapping[str, str] = field(default_factory=dict)

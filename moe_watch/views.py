@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moe_watch.samples import GpuLink
 from moe_watch.signals.eplb_whatif import ALGORITHM, VLLM_VERSION
 from moe_watch.snapshot import Snapshot, WhatIfView
 
@@ -68,6 +69,36 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
             }
             for view in snapshot.gpus
         ],
+        # Issue #19: each GPU's links, how each engine's GPUs reach each other, EP exchange time.
+        "gpu_links": {
+            str(view.sample.index): _link(view.sample.link)
+            for view in snapshot.gpus
+            if view.sample.link is not None
+        },
+        "interconnect": dict(snapshot.engine_interconnect),
+        "all2all": {
+            view.engine: {
+                "backend": view.latest.all2all_backend,
+                "seconds_per_forward_pass": {
+                    f"{q:g}": v for q, v in sorted(view.signals.all2all_seconds.items())
+                },
+                "passes_timed": view.signals.all2all_passes,
+            }
+            for view in snapshot.experts
+            if view.latest.all2all is not None
+        },
+    }
+
+
+def _link(link: GpuLink) -> dict[str, Any]:
+    return {
+        "nvlink_links_up": link.nvlink_links_up,
+        "nvlink_transmit_bytes": link.nvlink_transmit_bytes,
+        "nvlink_receive_bytes": link.nvlink_receive_bytes,
+        "pcie_generation": link.pcie_generation,
+        "pcie_max_generation": link.pcie_max_generation,
+        "pcie_width": link.pcie_width,
+        "pcie_max_width": link.pcie_max_width,
     }
 
 

@@ -186,7 +186,7 @@ def test_every_metric_a_panel_reads_is_exported_or_recorded() -> None:
     exported |= {n + "_total" for n in exported} | recorded | {"ALERTS"}
     for board in all_dashboards():
         for title, expr in queries(board):
-            for name in re.findall(r"\b(moe_watch[:_][a-z_:]+|ALERTS)\b", expr):
+            for name in re.findall(r"\b(moe_watch[:_][a-z0-9_:]+|ALERTS)\b", expr):
                 assert name in exported, f"{board['uid']} / {title}: {name} is not exported"
 
 

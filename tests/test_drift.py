@@ -181,3 +181,16 @@ async def test_the_agent_exports_budget_headroom_and_drift(tmp_path: Path) -> No
     )
     assert value(m, "moe_watch_config_drift", engine="mixtral-0", setting="dtype") == 0
     assert status_document(snap)["drift"]["mixtral-0"][0]["running"]
+
+
+def test_expert_parallelism_without_nvlink_drifts() -> None:
+    pcie = Running(expert_parallel=True, gpus=4, interconnect="pcie")
+    drifts = {d.setting: d for d in find_drift(pcie)}
+    assert set(drifts) == {"interconnect"}
+    assert (drifts["interconnect"].running, drifts["interconnect"].expected) == ("pcie", "nvlink")
+    assert "NVLink" in drifts["interconnect"].rule
+    assert (
+        settings(find_drift(Running(expert_parallel=True, gpus=4, interconnect="nvlink"))) == set()
+    )
+    assert settings(find_drift(Running(expert_parallel=None, gpus=4, interconnect="pcie"))) == set()
+    assert settings(find_drift(Running(expert_parallel=True, gpus=4))) == set()  # unknown link

@@ -13,6 +13,7 @@ import pytest
 from moe_watch.expert_file import (
     FORMAT,
     SUFFIX,
+    All2AllTimes,
     CountsFile,
     counts_file_name,
     read_counts_file,
@@ -155,3 +156,77 @@ def test_a_directory_or_unreadable_path_is_malformed(tmp_path: Path) -> None:
         path.chmod(0)
         with pytest.raises(ValueError, match="unreadable"):
             read_counts_file(path)
+
+
+# --- the optional all2all histogram (issue #19) -----------------------------------------------
+
+A2A = All2AllTimes(
+    bounds=[0.005, 0.02],
+    buckets=[3, 1, 1],
+    count=5,
+    sum=0.071,
+    backend="allgather_reducescatter",
+    method="perf_counter",
+    sample_every=1,
+    exchanges=20,
+)
+
+
+def test_all2all_times_round_trip_and_are_absent_by_default(tmp_path: Path) -> None:
+    path = tmp_path / ("w" + SUFFIX)
+    write_counts_file(path, sample(all2all=A2A))
+    assert read_counts_file(path).all2all == A2A
+    write_counts_file(path, sample())
+    assert read_counts_file(path).all2all is None
+    # A file of a plugin before #19 (no key at all) reads the same.
+    raw = asdict(sample())
+    del raw["all2all"]
+    path.write_text(json.dumps(raw))
+    assert read_counts_file(path) == sample()
+
+
+def test_unknown_all2all_fields_are_ignored(tmp_path: Path) -> None:
+    path = tmp_path / ("w" + SUFFIX)
+    path.write_text(mutated(all2all={**asdict(A2A), "per_layer": [1, 2]}))
+    assert read_counts_file(path).all2all == A2A
+
+
+def a2a(**changes: object) -> dict[str, object]:
+    raw = asdict(A2A)
+    for key, value in changes.items():
+        if value is KeyError:
+            del raw[key]
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([1, 2], "all2all is not an object"),
+        (a2a(sum=KeyError), "all2all misses sum"),
+        (a2a(bounds=[]), "bounds are not increasing"),
+        (a2a(bounds=[0.02, 0.005]), "bounds are not increasing"),
+        (a2a(bounds=[0.005, 0.005]), "bounds are not increasing"),
+        (a2a(bounds=[0, 0.02]), "bounds are not increasing"),
+        (a2a(bounds=[0.005, "inf"]), "bounds are not increasing"),
+        (a2a(buckets=[3, 1]), "buckets are not 3 non-negative integers"),
+        (a2a(buckets=[3, 1, -1], count=3), "buckets are not 3"),
+        (a2a(buckets=[3, 1, 1.0]), "buckets are not 3"),
+        (a2a(count=4), "count is not the sum of its buckets"),
+        (a2a(count=True), "count is not the sum"),
+        (a2a(sum=-0.1), "sum is not a non-negative number"),
+        (a2a(sum="0.07"), "sum is not a non-negative number"),
+        (a2a(backend=None), "backend and method must be strings"),
+        (a2a(sample_every=0), "sample_every is not a valid integer"),
+        (a2a(exchanges=-1), "exchanges is not a valid integer"),
+    ],
+)
+def test_a_malformed_all2all_histogram_makes_the_file_invalid(
+    tmp_path: Path, value: object, message: str
+) -> None:
+    path = tmp_path / ("w" + SUFFIX)
+    path.write_text(mutated(all2all=value))
+    with pytest.raises(ValueError, match=message):
+        read_counts_file(path)

@@ -98,7 +98,7 @@ def test_every_metric_the_rules_read_is_one_the_agent_exports() -> None:
     assert {name for name, _ in RECORDING} <= recorded
     expressions = [alert.expr for alert in ALERTS] + [rule["expr"] for rule in rules]
     for expr in expressions:
-        for name in re.findall(r"\b(moe_watch[:_][a-z_:]+)", expr):
+        for name in re.findall(r"\b(moe_watch[:_][a-z0-9_:]+)", expr):
             assert name in exported or name in recorded, f"{name} is not exported by the agent"
 
 
@@ -121,6 +121,7 @@ def promtool_test(tmp_path: Path, groups: dict[str, object], tests: dict[str, ob
 OLD_EXPRESSIONS = {
     "MoEGPUXidErrors": "increase(moe_watch_gpu_xid_errors_total[15m]) > 0",
     "moe_watch:autoscale_up:bool": '(max by (engine) (moe_watch_requests_waiting) > bool 10) or on(engine) (max by (engine) (moe_watch_latency_seconds{kind="e2e",quantile="0.95"}) > bool 2) or on(engine) (min_over_time(moe_watch:engine_gpu_utilization:avg[5m]) > bool 0.9)',
+    "moe_watch:autoscale_down:bool": "max_over_time(moe_watch:engine_gpu_utilization:avg[15m]) < bool 0.3",
 }
 
 
@@ -133,7 +134,7 @@ def test_the_defect_tests_fail_on_the_expressions_the_rules_used_to_have(tmp_pat
         for t in defects["tests"]
         if 'xid="48"' in str(t) or ("promql_expr_test" in t and "ALERTS" not in str(t))
     ]
-    assert len(defects["tests"]) == 2
+    assert len(defects["tests"]) == 3
     assert promtool_test(tmp_path, rule_groups(), defects).startswith("SUCCESS")
     old = rule_groups()
     for group in old["groups"]:
@@ -144,6 +145,7 @@ def test_the_defect_tests_fail_on_the_expressions_the_rules_used_to_have(tmp_pat
     assert output.startswith("FAILED"), output
     assert "MoEGPUXidErrors, time: 12m" in output  # the first Xid did not alert
     assert "moe_watch:autoscale_up:bool" in output  # high P95 with a short queue held at 0
+    assert "moe_watch:autoscale_down:bool" in output  # idle GPUs with a queue scaled down
 
 
 def test_a_site_generates_rules_for_its_stack_without_editing_code(tmp_path: Path) -> None:

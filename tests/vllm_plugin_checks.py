@@ -496,6 +496,290 @@ def placement_follows_vllms_expert_map() -> None:
     assert (counter.layout.ep_rank, counter.layout.ep_size) == (1, 2)
 
 
+# --- all-to-all timing (issue #19) --------------------------------------------------------------
+
+DELAY = 0.02  # an injected delay inside the timed exchange
+
+
+class StandInManager:  # the shape of vLLM's AgRsAll2AllManager: dispatch/combine on the EP group
+    def __init__(self, delay: float = DELAY) -> None:
+        self.delay = delay
+        self.calls = 0
+
+    def dispatch_router_logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> Any:
+        self.calls += 1
+        time.sleep(self.delay)  # the injected delay (inside the timed region)
+        return hidden, logits
+
+    def combine(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return hidden * 1
+
+
+class DeepEPLLPrepareAndFinalize:  # a timed prepare/finalize: async, and one that calls the manager
+    def __init__(self, manager: StandInManager) -> None:
+        self.manager = manager
+        self.received = 0
+
+    def prepare(self, hidden: torch.Tensor) -> Any:
+        return self.manager.dispatch_router_logits(hidden, hidden)  # nested: counted once
+
+    def prepare_async(self, hidden: torch.Tensor) -> Any:
+        def hook() -> None:
+            time.sleep(DELAY)  # the send/receive the hook waits for
+
+        def receiver() -> torch.Tensor:
+            self.received += 1
+            return hidden
+
+        return hook, receiver
+
+    def finalize(self, out: torch.Tensor) -> None:
+        out.add_(1)
+
+
+class SomeFuturePrepareAndFinalize(DeepEPLLPrepareAndFinalize):
+    pass
+
+
+def a2a_timer(**kwargs: Any) -> Any:
+    from moe_watch.vllm_plugin.all2all import All2AllTimer
+
+    return All2AllTimer("cpu", backend="allgather_reducescatter", **kwargs)
+
+
+@check
+def all2all_time_is_summed_per_forward_pass_and_only_in_real_steps() -> None:
+    timer = a2a_timer()
+    manager = StandInManager()
+    assert timer.wrap_manager(manager)
+    x = torch.ones(2, 2)
+    manager.dispatch_router_logits(x, x)  # outside a step (warm-up, profiling): not timed
+    assert timer.count == 0
+    for _ in range(2):  # two forward passes of 3 MoE layers
+        timer.step_begins()
+        for _layer in range(3):
+            manager.dispatch_router_logits(x, x)
+            manager.combine(x)
+        timer.step_ends()
+    field = timer.file_field()
+    assert field["count"] == 2, field
+    assert field["exchanges"] == 12, field
+    per_pass = field["sum"] / field["count"]
+    assert 3 * DELAY <= per_pass < 3 * DELAY + 0.5, per_pass  # never below the injected delay
+    assert field["method"] == "perf_counter"
+    assert field["backend"] == "allgather_reducescatter"
+    assert sum(field["buckets"]) == 2
+    assert manager.calls == 13  # every call reached vLLM's method
+    assert timer.wrap_manager(manager)
+    assert manager.calls == 13
+    timer.step_begins()
+    manager.dispatch_router_logits(x, x)
+    timer.step_ends()
+    assert timer.count == 3
+    assert timer.exchanges == 13
+
+
+@check
+def a_nested_exchange_counts_once_and_async_ends_at_the_receiver() -> None:
+    timer = a2a_timer()
+    manager = StandInManager()
+    pf = DeepEPLLPrepareAndFinalize(manager)
+    timer.wrap_manager(manager)
+    assert timer.wrap_prepare_finalize(pf)
+    assert timer.wrap_prepare_finalize(pf)  # once
+    x = torch.zeros(2)
+    timer.step_begins()
+    pf.prepare(x)  # prepare -> manager.dispatch: one interval
+    hook, receiver = pf.prepare_async(x)
+    hook()  # vLLM runs the hook (or shared experts) before the receiver
+    assert receiver() is x
+    assert pf.received == 1
+    pf.finalize(x)
+    timer.step_ends()
+    assert x.tolist() == [1.0, 1.0]
+    assert (timer.count, timer.exchanges) == (1, 3), (timer.count, timer.exchanges)
+    assert 2 * DELAY <= timer.sum < 2 * DELAY + 0.5, timer.sum
+
+
+@check
+def an_unknown_backend_is_not_timed_and_still_works() -> None:
+    timer = a2a_timer()
+    pf = SomeFuturePrepareAndFinalize(StandInManager(delay=0))
+    prepare = pf.prepare
+    assert not timer.wrap_prepare_finalize(pf)
+    assert pf.prepare == prepare  # untouched
+    assert "SomeFuturePrepareAndFinalize" in "".join(logs._warned)
+
+
+@check
+def a_failing_exchange_raises_as_before_and_timing_goes_on() -> None:
+    timer = a2a_timer()
+
+    class Broken(StandInManager):
+        def combine(self, hidden: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("peer gone")
+
+    manager = Broken(delay=0)
+    timer.wrap_manager(manager)
+    timer.step_begins()
+    try:
+        manager.combine(torch.zeros(1))
+    except RuntimeError as exc:
+        assert str(exc) == "peer gone"  # noqa: PT017 (no pytest in this script)
+    else:
+        raise AssertionError("vLLM's exception was swallowed")
+    timer.step_ends()
+    timer.step_begins()
+    manager.dispatch_router_logits(torch.zeros(1), torch.zeros(1))
+    timer.step_ends()
+    assert (timer.count, timer.failed) == (2, False)
+
+
+@check
+def a_fault_in_the_timing_code_turns_timing_off_not_serving() -> None:
+    from moe_watch.vllm_plugin import all2all
+
+    timer = a2a_timer()
+    manager = StandInManager(delay=0)
+    timer.wrap_manager(manager)
+    original = all2all.time.perf_counter
+    all2all.time.perf_counter = None  # type: ignore[assignment]
+    try:
+        timer.step_begins()
+        out = manager.combine(torch.ones(1))
+        timer.step_ends()
+    finally:
+        all2all.time.perf_counter = original
+    assert out.tolist() == [1.0]
+    assert manager.calls == 1
+    assert timer.failed
+    assert timer.file_field() is None
+    manager.combine(torch.ones(1))  # still vLLM's method, untimed
+    assert manager.calls == 2
+
+
+class FakeCudaEvent:  # torch.cuda.Event's surface: record, query, elapsed_time (ms)
+    clock = 0.0
+    completed_up_to = 0.0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.at: float | None = None
+
+    def record(self) -> None:
+        FakeCudaEvent.clock += 7.5  # the GPU spends 7.5 ms between two records
+        self.at = FakeCudaEvent.clock
+
+    def query(self) -> bool:
+        return self.at is not None and self.at <= FakeCudaEvent.completed_up_to
+
+    def elapsed_time(self, end: FakeCudaEvent) -> float:
+        assert self.query(), "elapsed_time on an incomplete event"
+        assert end.query(), "elapsed_time on an incomplete event"
+        assert end.at is not None
+        assert self.at is not None
+        return end.at - self.at
+
+    def synchronize(self) -> None:
+        raise AssertionError("a host sync")
+
+
+@check
+def cuda_events_are_read_only_once_complete_and_never_synchronized() -> None:
+    timer = a2a_timer(every=2)
+    cuda = SimpleNamespace(
+        Event=FakeCudaEvent, is_current_stream_capturing=lambda: capturing[0], synchronize=None
+    )
+    capturing = [False]
+    timer._torch = SimpleNamespace(cuda=cuda, compiler=torch.compiler)
+    timer.cuda, timer.method = True, "cuda_events"
+    manager = StandInManager(delay=0)
+    timer.wrap_manager(manager)
+    x = torch.zeros(1)
+    for step in range(4):  # steps 0 and 2 are sampled (one in 2)
+        timer.step_begins()
+        capturing[0] = step == 2  # a CUDA-graph capture: not timed
+        manager.dispatch_router_logits(x, x)
+        manager.combine(x)
+        timer.step_ends()
+    capturing[0] = False
+    assert timer.file_field()["count"] == 0  # the GPU has not reached the events yet
+    FakeCudaEvent.completed_up_to = FakeCudaEvent.clock
+    field = timer.file_field()
+    assert (field["count"], field["exchanges"]) == (1, 2), field
+    assert abs(field["sum"] - 2 * 7.5 / 1000) < 1e-9, field
+    assert field["method"] == "cuda_events"
+    assert field["sample_every"] == 2
+    assert len(timer._free_events) == 4  # recycled
+
+
+@check
+def a_compiled_caller_traces_through_the_timed_exchange() -> None:
+    timer = a2a_timer()
+
+    class Manager:
+        def combine(self, hidden: torch.Tensor) -> torch.Tensor:
+            return hidden * 2
+
+    manager = Manager()
+    timer.wrap_manager(manager)
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return manager.combine(x + 1)
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    timer.step_begins()
+    assert compiled(torch.ones(3)).tolist() == [4.0, 4.0, 4.0]
+    timer.step_ends()
+    assert timer.count == 0
+    assert not timer.failed
+
+
+@check
+def the_worker_times_the_ep_exchange_and_publishes_it() -> None:
+    from moe_watch.vllm_plugin import all2all
+
+    manager = StandInManager()
+    original_manager, original_layout = all2all.all2all_manager, config_readers.layout
+    all2all.all2all_manager = lambda: manager  # type: ignore[assignment]
+    config_readers.layout = lambda config, module: Layout(ep_rank=1, ep_size=2)  # type: ignore[assignment]
+    try:
+        model = torch.nn.ModuleList([MoEBlock(0, FusedTopKRouter(), ep_size=2, ep_rank=1)])
+        config = fake_vllm_config()
+        config.parallel_config.all2all_backend = "allgather_reducescatter"
+        worker = SimpleNamespace(model_runner=FakeRunner(model), vllm_config=config)
+        counter = ExpertCounter.attach(worker)
+    finally:
+        all2all.all2all_manager, config_readers.layout = original_manager, original_layout
+    assert counter is not None
+    assert counter.all2all is not None
+    counter.start_counting()
+    try:
+        x = torch.zeros(1)
+        counter.begin_step(SimpleNamespace(total_num_scheduled_tokens=1))
+        manager.dispatch_router_logits(x, x)
+        manager.combine(x)
+        counter.end_step()
+        data = counter.snapshot()
+        assert data is not None
+        assert data.all2all is not None
+        assert data.all2all.count == 1
+        assert data.all2all.backend == "allgather_reducescatter"
+        assert DELAY <= data.all2all.sum < DELAY + 0.5
+    finally:
+        counter.publisher.close()
+    # Without expert parallelism there is no exchange to time.
+    worker = SimpleNamespace(
+        model_runner=FakeRunner(torch.nn.ModuleList([MoEBlock(0, FusedTopKRouter())])),
+        vllm_config=fake_vllm_config(),
+    )
+    plain = ExpertCounter.attach(worker)
+    assert plain is not None
+    assert plain.all2all is None
+    assert plain.snapshot().all2all is None
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[1])
     names = argv[2:] or list(CHECKS)

@@ -8,7 +8,7 @@ from moe_watch.agent.engine_target import EngineTarget, TargetCycle
 from moe_watch.agent.ownership import gpu_allocations, gpu_owners, sole_owner
 from moe_watch.runner import SourceStatus
 from moe_watch.samples import GpuReading, ProcessInfo
-from moe_watch.signals.gpu import memory_used_ratio, utilization_spread
+from moe_watch.signals.gpu import interconnect, memory_used_ratio, utilization_spread
 from moe_watch.snapshot import GpuView, Snapshot
 from moe_watch.sources.podresources import Allocation, DeviceOwner
 
@@ -63,6 +63,14 @@ def assemble_snapshot(
         target.name: utilization_spread(v.sample for v in gpus if v.engine == target.name)
         for target, _ in targets
     }
+    links = {
+        target.name: interconnect(
+            [v.sample for v in gpus if v.engine == target.name],
+            reading.nvlink_pairs if reading else {},
+        )
+        for target, _ in targets
+    }
+    engine_links = {name: kind for name, kind in links.items() if kind is not None}
     return Snapshot(
         timestamp=timestamp,
         cycle=cycle,
@@ -87,11 +95,18 @@ def assemble_snapshot(
             if target.budget_bytes is not None
         },
         drift={
-            target.name: target.drift(scrape, gpus, processes)
-            for target, _, scrape in up
+            target.name: target.drift(
+                scrape,
+                gpus,
+                processes,
+                interconnect=engine_links.get(target.name),
+                ep_size=part.experts.latest.ep_size if part.experts is not None else None,
+            )
+            for target, part, scrape in up
             if scrape.kind == "vllm"
         },
         engine_pods=dict(engine_pods),
+        engine_interconnect=engine_links,
     )
 
 

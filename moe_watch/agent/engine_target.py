@@ -174,8 +174,14 @@ class EngineTarget:
         scrape: EngineScrape,
         gpus: Sequence[GpuView],
         processes: Mapping[int, ProcessInfo],
+        *,
+        interconnect: str | None = None,
+        ep_size: int | None = None,
     ) -> tuple[Drift, ...]:
-        """The rules (and the plan, where there is one) against what the engine runs with."""
+        """The rules (and the plan, where there is one) against what the engine runs with.
+
+        ``interconnect`` is how its GPUs reach each other (NVML); ``ep_size`` the expert-parallel
+        size its plugin files report (EP on even where the command line cannot be read)."""
         mine = [view.sample for view in gpus if view.engine == self.name]
         cmdline = next(
             (
@@ -186,6 +192,9 @@ class EngineTarget:
             None,
         )
         running = running_from(scrape.info, cmdline, scrape.max_model_len, len(mine) or None)
+        if ep_size is not None and ep_size > 1:
+            running = replace(running, expert_parallel=True)
+        running = replace(running, interconnect=interconnect)
         return tuple(find_drift(running, self.plan))
 
     def runners(self) -> list[SourceRunner[Any]]:

@@ -32,7 +32,14 @@ class FakeGpu:
     """One simulated GPU; every field may be changed while the agent runs.
 
     ``unsupported`` and ``errors`` name calls: "handle", "uuid", "name", "utilization",
-    "memory" (v1), "memory_v2", "temperature", "power", "processes", "events".
+    "memory" (v1), "memory_v2", "temperature", "power", "processes", "events", "nvlink"
+    (link state), "nvlink_counters" (the throughput field values), "pcie", "p2p".
+
+    Topology: ``nvlinks`` is the state of each NVLink link (an H100 SXM has 18, all active;
+    ``[]`` is a GPU without NVLink, e.g. a PCIe card or a consumer GPU, where NVML answers
+    NOT_SUPPORTED); ``nvlink_peers`` lists the GPUs it reaches over NVLink (None: every other GPU
+    with an active link, as behind an NVSwitch); the NVLink counters are cumulative KiB, split
+    evenly over the active links.
     """
 
     index: int
@@ -50,6 +57,20 @@ class FakeGpu:
     lost: bool = False  # every call on it raises GPU_IS_LOST (fell off the bus)
     unsupported: set[str] = field(default_factory=set)  # these calls raise NOT_SUPPORTED
     errors: dict[str, int] = field(default_factory=dict)  # call -> NVML return code it raises
+    nvlinks: list[bool] = field(default_factory=lambda: [True] * 18)
+    nvlink_peers: set[int] | None = None
+    nvlink_tx_kib: int = 0
+    nvlink_rx_kib: int = 0
+    pcie_generation: int = 5
+    pcie_max_generation: int = 5
+    pcie_width: int = 16
+    pcie_max_width: int = 16
+
+    def pcie_only(self) -> FakeGpu:
+        """Make this a GPU without NVLink (a PCIe card): returns self."""
+        self.nvlinks = []
+        self.nvlink_peers = set()
+        return self
 
     def __post_init__(self) -> None:
         if not self.uuid:
@@ -240,6 +261,87 @@ class FakeNvml:
     def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: _Handle) -> list[SimpleNamespace]:
         self._enter("nvmlDeviceGetComputeRunningProcesses_v2")
         return self._processes(handle)
+
+    # -- topology -------------------------------------------------------------------------
+    def nvmlDeviceGetNvLinkState(self, handle: _Handle, link: int) -> int:
+        """NVML_FEATURE_ENABLED/DISABLED; NOT_SUPPORTED without NVLink; INVALID_ARGUMENT past
+        the GPU's last link (as the driver answers a link index it does not have)."""
+        self._enter("nvmlDeviceGetNvLinkState")
+        gpu = self._gpu(handle, "nvlink")
+        if not gpu.nvlinks:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if not 0 <= link < min(len(gpu.nvlinks), pynvml.NVML_NVLINK_MAX_LINKS):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return int(
+            pynvml.NVML_FEATURE_ENABLED if gpu.nvlinks[link] else pynvml.NVML_FEATURE_DISABLED
+        )
+
+    def nvmlDeviceGetFieldValues(self, handle: _Handle, fieldIds: list[Any]) -> list[Any]:
+        """Like pynvml: ids or (fieldId, scopeId) pairs in; one value struct per id out, each
+        with its own ``nvmlReturn`` (the call succeeds while single fields fail)."""
+        self._enter("nvmlDeviceGetFieldValues")
+        gpu = self._gpu(handle, None)
+        up = [link for link, active in enumerate(gpu.nvlinks) if active]
+        counters = {
+            pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX: gpu.nvlink_tx_kib,
+            pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX: gpu.nvlink_rx_kib,
+        }
+        values = []
+        for requested in fieldIds:
+            field_id, scope = requested if isinstance(requested, tuple) else (requested, 0)
+            ok = (
+                field_id in counters
+                and "nvlink_counters" not in gpu.unsupported
+                and 0 <= scope < len(gpu.nvlinks)
+            )
+            total = counters.get(field_id, 0)
+            share = total // len(up) if up and scope in up else 0
+            values.append(
+                SimpleNamespace(
+                    fieldId=field_id,
+                    scopeId=scope,
+                    timestamp=0,
+                    latencyUsec=0,
+                    valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
+                    nvmlReturn=pynvml.NVML_SUCCESS if ok else pynvml.NVML_ERROR_NOT_SUPPORTED,
+                    value=SimpleNamespace(ullVal=share if ok else 0),
+                )
+            )
+        return values
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, handle: _Handle) -> int:
+        self._enter("nvmlDeviceGetCurrPcieLinkGeneration")
+        return self._gpu(handle, "pcie").pcie_generation
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle: _Handle) -> int:
+        self._enter("nvmlDeviceGetMaxPcieLinkGeneration")
+        return self._gpu(handle, "pcie").pcie_max_generation
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, handle: _Handle) -> int:
+        self._enter("nvmlDeviceGetCurrPcieLinkWidth")
+        return self._gpu(handle, "pcie").pcie_width
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle: _Handle) -> int:
+        self._enter("nvmlDeviceGetMaxPcieLinkWidth")
+        return self._gpu(handle, "pcie").pcie_max_width
+
+    def nvmlDeviceGetP2PStatus(self, device1: _Handle, device2: _Handle, p2pIndex: int) -> int:
+        """An NVML_P2P_STATUS_* value (a status, not an error, when P2P is not possible)."""
+        self._enter("nvmlDeviceGetP2PStatus")
+        first, second = self._gpu(device1, "p2p"), self._gpu(device2, "p2p")
+        if first.index == second.index or not 0 <= p2pIndex < pynvml.NVML_P2P_CAPS_INDEX_UNKNOWN:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if p2pIndex != pynvml.NVML_P2P_CAPS_INDEX_NVLINK:
+            return int(pynvml.NVML_P2P_STATUS_OK)  # PCIe P2P: assumed possible
+        if self._nvlinked(first, second) and self._nvlinked(second, first):
+            return int(pynvml.NVML_P2P_STATUS_OK)
+        return int(pynvml.NVML_P2P_STATUS_NOT_SUPPORTED)
+
+    @staticmethod
+    def _nvlinked(gpu: FakeGpu, other: FakeGpu) -> bool:
+        if not any(gpu.nvlinks):
+            return False
+        return other.index in gpu.nvlink_peers if gpu.nvlink_peers is not None else True
 
     # -- events ---------------------------------------------------------------------------
     def nvmlEventSetCreate(self) -> _EventSet:

@@ -29,10 +29,11 @@ from moe_watch.demo.engine_sim import EngineSim
 from moe_watch.demo.fake_kubelet import FakeKubelet, gpu_allocation
 from moe_watch.demo.fake_nvml import FakeNvml
 from moe_watch.demo.scenarios import SCENARIOS, Scenario
-from moe_watch.expert_file import CountsFile, write_counts_file
+from moe_watch.expert_file import All2AllTimes, CountsFile, write_counts_file
 from moe_watch.exporter import build_registry
 from moe_watch.logs import configure_logging
 from moe_watch.service import ListenError, install_stop_signals, serve
+from moe_watch.vllm_plugin.all2all import BOUNDS as ALL2ALL_BOUNDS
 
 ENGINE_ID = "demo-mixtral"
 ENGINE_PID = os.getpid()  # a real process, so /status shows a PID (not a vLLM command line)
@@ -77,11 +78,21 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def drive_gpus(fake: FakeNvml, sim: EngineSim, elapsed: float, *, pulled: bool = False) -> None:
-    """Make the simulated GPUs follow the simulated engine's load. GPU 1 is lost after the
-    scenario's time, or once ``pulled`` (SIGUSR1)."""
+def drive_gpus(
+    fake: FakeNvml, sim: EngineSim, elapsed: float, step: float = 0.0, *, pulled: bool = False
+) -> None:
+    """Make the simulated GPUs follow the simulated engine's load (``step``: seconds since the
+    last call, for the NVLink byte counters). GPU 1 is lost after the scenario's time, or once
+    ``pulled`` (SIGUSR1)."""
     lost_after = sim.scenario.gpu_lost_after_seconds
     for gpu in fake.gpus:
+        if not sim.scenario.nvlink and gpu.nvlinks:
+            gpu.pcie_only()
+        gpu.pcie_generation = gpu.pcie_max_generation = sim.scenario.pcie_generation
+        if any(gpu.nvlinks):
+            kib = sim.scenario.nvlink_bytes_per_second * sim.gpu_utilization(gpu.index) * step
+            gpu.nvlink_tx_kib += int(kib / 1024)
+            gpu.nvlink_rx_kib += int(kib / 1024)
         gpu.utilization_percent = round(100 * sim.gpu_utilization(gpu.index))
         gpu.memory_used_bytes = sim.gpu_memory_used_bytes(gpu.index)
         gpu.power_mw = 120_000 + gpu.utilization_percent * 5_800
@@ -91,7 +102,47 @@ def drive_gpus(fake: FakeNvml, sim: EngineSim, elapsed: float, *, pulled: bool =
         gpu.lost = gpu.index == 1 and (pulled or scheduled)
 
 
-def write_expert_counts(directory: Path, sim: EngineSim) -> None:
+class All2AllSim:
+    """The per-forward-pass all-to-all histogram the plugin would write for the simulated engine:
+    one forward pass per decode step while requests run, times spread around the scenario's
+    ``all2all_seconds`` (deterministic)."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.typical = scenario.all2all_seconds
+        self.steps_per_second = 1.0 / (scenario.itl_seconds * scenario.latency_multiplier)
+        self.buckets = [0] * (len(ALL2ALL_BOUNDS) + 1)
+        self.sum = 0.0
+        self.passes = 0
+        self._debt = 0.0
+
+    def advance(self, seconds: float, busy: bool) -> None:
+        if not busy or seconds <= 0:
+            return
+        self._debt += seconds * self.steps_per_second
+        spread = (0.6, 0.8, 0.9, 1.0, 1.0, 1.1, 1.2, 1.4, 1.7, 2.2)  # a long-ish tail
+        while self._debt >= 1:
+            self._debt -= 1
+            seconds_ = self.typical * spread[self.passes % len(spread)]
+            index = next(
+                (i for i, bound in enumerate(ALL2ALL_BOUNDS) if seconds_ <= bound),
+                len(ALL2ALL_BOUNDS),
+            )
+            self.buckets[index] += 1
+            self.sum += seconds_
+            self.passes += 1
+
+    def times(self) -> All2AllTimes:
+        return All2AllTimes(
+            bounds=list(ALL2ALL_BOUNDS),
+            buckets=list(self.buckets),
+            count=self.passes,
+            sum=self.sum,
+            backend="allgather_reducescatter",
+            method="cuda_events",
+        )
+
+
+def write_expert_counts(directory: Path, sim: EngineSim, all2all: All2AllSim | None = None) -> None:
     """What the moe-watch vLLM plugin in the simulated engine's worker would write."""
     s = sim.scenario
     write_counts_file(
@@ -107,6 +158,7 @@ def write_expert_counts(directory: Path, sim: EngineSim) -> None:
             counts=[list(row) for row in sim.expert_counts],
             vllm_version=sim.version,
             ep_size=s.gpu_count,
+            all2all=all2all.times() if all2all is not None and s.gpu_count > 1 else None,
         ),
     )
 
@@ -128,7 +180,8 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
     fake = FakeNvml.with_gpus(scenario.gpu_count)
     drive_gpus(fake, sim, 0.0)
     experts_dir = Path(tempfile.mkdtemp(prefix="moe-watch-demo-experts-"))
-    write_expert_counts(experts_dir, sim)
+    all2all = All2AllSim(scenario)
+    write_expert_counts(experts_dir, sim, all2all)
     plan = experts_dir / "plan.yaml"
     plan.write_text(DEMO_PLAN)
     kubelet, engine_id = None, ENGINE_ID
@@ -167,10 +220,14 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, pulled.set)
 
     async def gpus_follow_engine() -> None:
+        last = time.time()
         while not stop.is_set():
-            sim.advance(time.time())
-            drive_gpus(fake, sim, time.time() - started, pulled=pulled.is_set())
-            write_expert_counts(experts_dir, sim)
+            now = time.time()
+            sim.advance(now)
+            drive_gpus(fake, sim, now - started, now - last, pulled=pulled.is_set())
+            all2all.advance(now - last, sim.running > 0)
+            write_expert_counts(experts_dir, sim, all2all)
+            last = now
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.interval_seconds / 2)
 

@@ -55,6 +55,13 @@ class Scenario:
     hot_flip_every_seconds: float | None = None
     hot_gpu_factor: float = 1.12
     cold_gpu_factor: float = 0.36
+    # Expert-parallel communication (issue #19): NVLink (H100 SXM: 18 links) or PCIe-only GPUs,
+    # the typical all-to-all time per forward pass the plugin files report, and the NVLink
+    # bytes each GPU moves per second at full load.
+    nvlink: bool = True
+    pcie_generation: int = 5
+    all2all_seconds: float = 0.003
+    nvlink_bytes_per_second: float = 40e9
 
     def __post_init__(self) -> None:
         problems = [
@@ -73,6 +80,8 @@ class Scenario:
             problems.append("the KV cache must hold max_model_len tokens (vLLM checks at start)")
         if self.prompt_tokens[1] + self.generation_tokens[1] > self.max_model_len:
             problems.append("the longest prompt + generation must fit in max_model_len")
+        if not self.all2all_seconds > 0:
+            problems.append("all2all_seconds must be > 0")
         if self.top_k > self.num_experts or self.num_experts % max(1, self.gpu_count):
             problems.append("need top_k <= num_experts and num_experts divisible by gpu_count")
         for name in ("hot_expert", "collapsed_expert"):
@@ -146,6 +155,15 @@ SCENARIOS: dict[str, Scenario] = {
         name="gpu_lost",
         description="healthy, then GPU 1 falls off the bus after 10 s",
         gpu_lost_after_seconds=10.0,
+    ),
+    "slow_link": replace(
+        _NORMAL,
+        name="slow_link",
+        description="expert parallelism on PCIe-only GPUs (no NVLink): ~35 ms of all-to-all per forward pass, ITL up, interconnect drift",
+        nvlink=False,
+        pcie_generation=4,
+        all2all_seconds=0.035,
+        itl_seconds=0.06,
     ),
     "restart": replace(
         _NORMAL,

@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from moe_watch.expert_placement import expert_ranks
-from moe_watch.samples import ExpertCounts, Matrix
+from moe_watch.samples import ExpertCounts, Histogram, Matrix
+from moe_watch.signals.histograms import quantile, window_delta
 from moe_watch.thresholds import DEFAULT
 
 COLLAPSE_SHARE = DEFAULT.expert_collapse_share
+ALL2ALL_QUANTILES = (0.5, 0.95, 0.99)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,9 @@ class ExpertSignals:
     layers: tuple[LayerLoad, ...] = ()
     rank_load: dict[int, float] = field(default_factory=dict)  # EP rank -> load ratio
     window_counts: Matrix = ()  # [layer][expert] assignments in the window (for /experts)
+    # Expert-parallel exchange time per forward pass over the window: quantile -> seconds.
+    all2all_seconds: dict[float, float] = field(default_factory=dict)
+    all2all_passes: float = 0.0  # timed forward passes in the window
 
     @property
     def max_skew(self) -> float | None:
@@ -144,14 +149,29 @@ def window_increase(window: Sequence[ExpertCounts]) -> Matrix:
     return tuple(delta)
 
 
+def all2all_window(window: Sequence[ExpertCounts]) -> tuple[dict[float, float], float]:
+    """Quantiles of the per-forward-pass exchange time over the window, and the passes timed.
+
+    From the cumulative histograms' bucket deltas, like ``latency_seconds`` (reset-safe per
+    bucket); nothing when fewer than two samples carry one or no pass was timed in the window.
+    """
+    histograms = [c.all2all for c in window if c.all2all is not None]
+    delta: Histogram | None = window_delta(histograms)
+    if delta is None or delta.count <= 0:
+        return {}, 0.0
+    values = {q: quantile(q, delta) for q in ALL2ALL_QUANTILES}
+    return {q: v for q, v in values.items() if v is not None}, delta.count
+
+
 def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 4) -> ExpertSignals:
     """Per-layer load over the window; ``top_n`` experts of each layer are ranked by load."""
     if not window:
         return ExpertSignals()
     latest = window[-1]
+    all2all, passes = all2all_window(window)
     delta = window_increase(window)
     if not delta:
-        return ExpertSignals()
+        return ExpertSignals(all2all_seconds=all2all, all2all_passes=passes)
     layers: list[LayerLoad] = []
     per_expert = array("d", bytes(8 * latest.num_experts))
     experts = range(latest.num_experts)
@@ -181,6 +201,8 @@ def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 4) -> 
         if latest.ep_size > 1
         else {},
         window_counts=delta,
+        all2all_seconds=all2all,
+        all2all_passes=passes,
     )
 
 

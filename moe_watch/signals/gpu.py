@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from moe_watch.samples import GpuSample
 
@@ -23,3 +23,19 @@ def utilization_spread(gpus: Iterable[GpuSample]) -> float | None:
     if len(values) < 2:
         return None
     return max(values) - min(values)
+
+
+def interconnect(gpus: Iterable[GpuSample], pairs: Mapping[tuple[int, int], bool]) -> str | None:
+    """How one engine's GPUs reach each other: "nvlink" when NVML says every pair talks over
+    NVLink, "pcie" when some pair does not (or a GPU has no active NVLink link: an expert-parallel
+    all-to-all then crosses PCIe or the host), None for fewer than two GPUs or when NVML could
+    not tell."""
+    mine = sorted({g.index for g in gpus if g.up})
+    if len(mine) < 2:
+        return None
+    if any(g.link is not None and g.link.nvlink_links_up == 0 for g in gpus if g.index in mine):
+        return "pcie"
+    known = [pairs.get((a, b)) for i, a in enumerate(mine) for b in mine[i + 1 :]]
+    if any(value is False for value in known):
+        return "pcie"
+    return "nvlink" if all(value is True for value in known) else None

@@ -35,6 +35,11 @@ GPU_ALIASES = {
     "a10g": "a10g-24",
     "l4": "l4-24",
 }
+# GPUs whose boards in this catalog connect over NVLink (the SXM/HGX parts: NVLink 3/4/5 through
+# NVSwitch, 600-1800 GB/s per GPU); the others are PCIe cards (~64-128 GB/s; no NVLink on L40S,
+# A10G, L4). A100 also ships as a PCIe card: the plan assumes the SXM board.
+NVLINK_GPUS = frozenset({"a100-40", "a100-80", "h100-80", "h200-141", "b200-192"})
+NVSWITCH_DOMAIN_GPUS = 8  # one HGX node: beyond it, EP traffic crosses the network
 OVERHEAD_FACTOR = 1.15
 ACTIVATIONS_GB = 3.0
 CUDA_CONTEXT_GB = 1.5
@@ -101,6 +106,7 @@ class Plan:
     smallest_fitting_gpus: int | None
     smallest_fitting_tp: int | None
     recommended: dict[str, object]
+    interconnect: str = ""  # what expert parallelism needs from the GPUs' links (issue #19)
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -136,6 +142,7 @@ def size(
         smallest_fitting_gpus=smallest,
         smallest_fitting_tp=largest_valid_tp(spec, smallest) if smallest else None,
         recommended=recommended_settings(spec, gpus, max_model_len, max_num_seqs, kv_dtype),
+        interconnect=interconnect_requirement(gpu, gpus),
     )  # fmt: skip
 
 
@@ -184,6 +191,36 @@ def recommended_settings(
         "tensor_parallel_size": largest_valid_tp(spec, gpus),
         "enable_prefix_caching": kv_dtype not in ("fp8",),  # not compatible with an FP8 KV cache
     }
+
+
+def interconnect_requirement(gpu: str, gpus: int) -> str:
+    """What expert parallelism over ``gpus`` x ``gpu`` needs from the interconnect.
+
+    Under EP every MoE layer of every forward pass dispatches tokens to the GPUs holding their
+    experts and combines the results back (all-to-all): healthy < 5 ms per forward pass. On
+    PCIe (~128 GB/s against NVLink's 900 GB/s on H100) it can eat the gain of EP.
+    """
+    if gpus <= 1:
+        return "one GPU: no expert-parallel all-to-all"
+    key = GPU_ALIASES.get(gpu.lower(), gpu.lower())
+    need = (
+        f"expert parallelism over {gpus} GPUs: every MoE layer's all-to-all must run over NVLink "
+        "(verify with `nvidia-smi topo -m` before launch: NV# between every pair, not PIX/PHB/SYS; "
+        "moe-watch exports moe_watch_engine_interconnect_info and flags EP without NVLink as drift)"
+    )
+    if key not in NVLINK_GPUS:
+        return (
+            f"{gpu} has no NVLink: the all-to-all would cross PCIe (~128 GB/s vs 900 GB/s), "
+            "expect > 20 ms per forward pass; prefer tensor parallelism without EP, or NVLink "
+            "GPUs. " + need
+        )
+    if gpus > NVSWITCH_DOMAIN_GPUS:
+        return (
+            f"{gpus} GPUs span more than one NVSwitch node ({NVSWITCH_DOMAIN_GPUS} GPUs): EP "
+            "traffic between nodes crosses the network; use RDMA (InfiniBand/EFA) with a DeepEP "
+            "or NIXL all2all backend. " + need
+        )
+    return need
 
 
 def _bytes(dtype: str) -> float:

@@ -42,4 +42,6 @@ def render_plan(plan: Plan) -> str:
     lines.append(
         "  recommended vLLM settings: " + ", ".join(f"{k}={v}" for k, v in plan.recommended.items())
     )
+    if plan.interconnect:
+        lines.append(f"  interconnect: {plan.interconnect}")
     return "\n".join(lines)

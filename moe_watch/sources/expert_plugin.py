@@ -14,6 +14,7 @@ double counting:
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from array import array
@@ -26,11 +27,12 @@ from moe_watch.expert_file import (
     MAX_CELLS,
     SUFFIX,
     TEMP_PREFIX,
+    All2AllTimes,
     CountsFile,
     read_counts_file,
 )
 from moe_watch.safe_io import FileRejected
-from moe_watch.samples import ExpertCounts
+from moe_watch.samples import ExpertCounts, Histogram
 from moe_watch.sources.base import Problems, SourceError
 
 # Files read per cycle (one per counting worker: a node has a few). More is a flood: only the
@@ -62,6 +64,7 @@ def combine(engine: str, files: list[CountsFile]) -> ExpertCounts:
     layers = tuple(sorted(rows))
     latest = max(files, key=lambda item: item.updated)
     placement = next((item.placement for item in files if item.placement), [])
+    timed = [item for item in files if item.all2all is not None]
     return ExpertCounts(
         engine=engine,
         model=latest.model,
@@ -73,6 +76,38 @@ def combine(engine: str, files: list[CountsFile]) -> ExpertCounts:
         ep_size=max(item.ep_size for item in files),
         placement=tuple(placement),
         source="plugin",
+        all2all=all2all_histogram([item.all2all for item in timed if item.all2all is not None]),
+        all2all_backend=max(timed, key=lambda item: item.updated).all2all.backend  # type: ignore[union-attr]
+        if timed
+        else "",
+    )
+
+
+def all2all_histogram(times: list[All2AllTimes]) -> Histogram | None:
+    """The workers' per-forward-pass exchange times as one cumulative histogram (+Inf last).
+
+    Workers normally share one bucket layout (the plugin's); workers with another layout (a
+    different plugin version mid-rollout) are left out rather than mixed in: the layout that
+    timed the most passes wins.
+    """
+    if not times:
+        return None
+    passes: dict[tuple[float, ...], int] = {}
+    for t in times:
+        layout: tuple[float, ...] = tuple(t.bounds)
+        passes[layout] = passes.get(layout, 0) + t.count
+    best, _ = max(passes.items(), key=lambda item: (item[1], len(item[0])))
+    bounds = list(best)
+    same = [t for t in times if t.bounds == bounds]
+    per_bucket = [sum(column) for column in zip(*(t.buckets for t in same), strict=True)]
+    cumulative, running = [], 0.0
+    for bound, count in zip([*bounds, math.inf], per_bucket, strict=True):
+        running += count
+        cumulative.append((float(bound), running))
+    return Histogram(
+        buckets=tuple(cumulative),
+        count=float(sum(t.count for t in same)),
+        sum=sum(t.sum for t in same),
     )
 
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from moe_watch.samples import GpuReading, GpuSample
+from moe_watch.samples import GpuLink, GpuReading, GpuSample
 from moe_watch.sources.base import Problems, SourceError
 
 log = structlog.get_logger("moe_watch.nvml")
@@ -225,6 +225,8 @@ class NvmlSource:
         self._memory_v1_only: set[int] = set()
         self._processes_v2 = False
         self._lost: set[int] = set()
+        self._nvlinks: dict[int, int] = {}  # index -> NVLink links it has (learned once)
+        self._handles: dict[int, Any] = {}  # this cycle's readable GPUs, for the P2P pairs
         self._watcher: _XidWatcher | None = None
         # Written by the Xid thread, read by the worker: behind the lock.
         self._xids: Counter[tuple[int, int]] = Counter()
@@ -273,7 +275,9 @@ class NvmlSource:
             if not self._driver_version:
                 self._driver_version = self._read_driver_version(nvml)
             count = int(nvml.nvmlDeviceGetCount())
+            self._handles = {}
             gpus = tuple(self._read_gpu(nvml, index, reasons) for index in range(count))
+            pairs = self._read_nvlink_pairs(nvml, gpus, reasons)
         except nvml.NVMLError as exc:
             if (
                 _code(exc) == nvml.NVML_ERROR_UNINITIALIZED
@@ -290,7 +294,11 @@ class NvmlSource:
         with self._xid_lock:
             xids = dict(self._xids)
         reading = GpuReading(
-            timestamp=now, driver_version=self._driver_version, gpus=gpus, xid_totals=xids
+            timestamp=now,
+            driver_version=self._driver_version,
+            gpus=gpus,
+            xid_totals=xids,
+            nvlink_pairs=pairs,
         )
         return reading, reasons
 
@@ -377,6 +385,8 @@ class NvmlSource:
         power = field(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)  # mW
         processes = field(lambda: self._processes(nvml, handle)) or []
         mig_uuids = field(lambda: self._mig_uuids(nvml, handle)) or ()
+        link = self._read_link(nvml, index, handle, field)
+        self._handles[index] = handle
         used, total = memory if memory is not None else (None, None)
         return GpuSample(
             index=index,
@@ -390,6 +400,7 @@ class NvmlSource:
             power_watts=power,
             pids=tuple(sorted({int(p.pid) for p in processes})),
             mig_uuids=mig_uuids,
+            link=link,
         )
 
     @staticmethod
@@ -415,6 +426,92 @@ class NvmlSource:
                 raise
             uuids.append(str(nvml.nvmlDeviceGetUUID(mig)))
         return tuple(uuids)
+
+    # -- topology: NVLink and PCIe (issue #19) ----------------------------------------------
+    def _read_link(
+        self, nvml: Any, index: int, handle: Any, field: Callable[[Callable[[], Any]], Any]
+    ) -> GpuLink:
+        up = field(lambda: self._nvlinks_up(nvml, index, handle))
+        transmit = receive = None
+        if up:
+            totals = field(lambda: self._nvlink_bytes(nvml, index, handle))
+            if totals is not None:
+                transmit, receive = totals
+        return GpuLink(
+            nvlink_links_up=up,
+            nvlink_transmit_bytes=transmit,
+            nvlink_receive_bytes=receive,
+            pcie_generation=field(lambda: int(nvml.nvmlDeviceGetCurrPcieLinkGeneration(handle))),
+            pcie_max_generation=field(lambda: int(nvml.nvmlDeviceGetMaxPcieLinkGeneration(handle))),
+            pcie_width=field(lambda: int(nvml.nvmlDeviceGetCurrPcieLinkWidth(handle))),
+            pcie_max_width=field(lambda: int(nvml.nvmlDeviceGetMaxPcieLinkWidth(handle))),
+        )
+
+    def _nvlinks_up(self, nvml: Any, index: int, handle: Any) -> int:
+        """Active NVLink links. The first read walks links 0..NVML_NVLINK_MAX_LINKS-1 until NVML
+        refuses a link (NOT_SUPPORTED or INVALID_ARGUMENT: past the GPU's last link; at link 0:
+        no NVLink at all) and remembers the count; later cycles read only those links."""
+        known = self._nvlinks.get(index)
+        limit = known if known is not None else int(nvml.NVML_NVLINK_MAX_LINKS)
+        up = 0
+        for link in range(limit):
+            try:
+                state = nvml.nvmlDeviceGetNvLinkState(handle, link)
+            except nvml.NVMLError as exc:
+                if known is None and _code(exc) in (
+                    nvml.NVML_ERROR_NOT_SUPPORTED,
+                    nvml.NVML_ERROR_INVALID_ARGUMENT,
+                ):
+                    self._nvlinks[index] = link
+                    return up
+                raise
+            if state == nvml.NVML_FEATURE_ENABLED:
+                up += 1
+        self._nvlinks[index] = limit
+        return up
+
+    def _nvlink_bytes(self, nvml: Any, index: int, handle: Any) -> tuple[float, float] | None:
+        """NVLink data bytes sent and received, summed over the GPU's links (one call)."""
+        links = range(self._nvlinks.get(index, 0))
+        tx, rx = (
+            nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+            nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX,
+        )
+        values = nvml.nvmlDeviceGetFieldValues(
+            handle, [(tx, link) for link in links] + [(rx, link) for link in links]
+        )
+        totals = {tx: 0.0, rx: 0.0}
+        read = 0
+        for value in values:
+            if value.nvmlReturn != nvml.NVML_SUCCESS:
+                continue  # a link without the counter (down, or an older driver)
+            totals[value.fieldId] += float(value.value.ullVal) * 1024  # KiB
+            read += 1
+        return (totals[tx], totals[rx]) if read else None
+
+    def _read_nvlink_pairs(
+        self, nvml: Any, gpus: tuple[GpuSample, ...], reasons: list[str]
+    ) -> dict[tuple[int, int], bool]:
+        """NVLink P2P status of every pair of readable GPUs (NVML_P2P_CAPS_INDEX_NVLINK)."""
+        pairs: dict[tuple[int, int], bool] = {}
+        indexes = sorted(self._handles)
+        for i, first in enumerate(indexes):
+            for second in indexes[i + 1 :]:
+                try:
+                    status = nvml.nvmlDeviceGetP2PStatus(
+                        self._handles[first],
+                        self._handles[second],
+                        nvml.NVML_P2P_CAPS_INDEX_NVLINK,
+                    )
+                except nvml.NVMLError as exc:
+                    code = _code(exc)
+                    if code == nvml.NVML_ERROR_UNINITIALIZED:
+                        raise
+                    if code not in _absent(nvml) and code not in _gpu_gone(nvml):
+                        reasons.append("gpu_read")
+                    continue
+                pairs[(first, second)] = status == nvml.NVML_P2P_STATUS_OK
+        return pairs
 
     def _memory(self, nvml: Any, index: int, handle: Any) -> tuple[float, float]:
         # v2 "used" excludes the driver-reserved memory: what the workloads really hold.

@@ -137,3 +137,10 @@ def forward_context_getter() -> Callable[[], Any]:
             return None
 
     return context
+
+
+def all2all_backend(vllm_config: Any) -> str:
+    """vLLM's ``parallel_config.all2all_backend`` (e.g. ``allgather_reducescatter``,
+    ``deepep_low_latency``), or "" where it is not there."""
+    parallel = getattr(vllm_config, "parallel_config", None)
+    return str(getattr(parallel, "all2all_backend", "") or "")

@@ -35,9 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moe_watch.expert_file import CountsFile, counts_file_name
+from moe_watch.expert_file import All2AllTimes, CountsFile, counts_file_name
 from moe_watch.expert_placement import STRATEGIES, expert_ranks
 from moe_watch.vllm_plugin import config_readers as read
+from moe_watch.vllm_plugin.all2all import All2AllTimer, attach_timer, bind_timer
 from moe_watch.vllm_plugin.config_readers import DEFAULT_INTERVAL_SECONDS, Layout
 from moe_watch.vllm_plugin.hooks import Hook, find_hooks
 from moe_watch.vllm_plugin.logs import log, vllm_version, warn_once
@@ -96,6 +97,7 @@ class ExpertCounter:
         self._host: Any = None
         self._side_stream: Any = None
         self._copied: Any = None
+        self.all2all: All2AllTimer | None = None  # set by attach under expert parallelism
 
     # -- binding
 
@@ -182,6 +184,15 @@ class ExpertCounter:
             else None,
         )
         counter.bind()
+        try:
+            counter.all2all = attach_timer(
+                [hook.module for hook in hooks if hook.module is not None],
+                device,
+                read.all2all_backend(vllm_config),
+                layout.ep_size,
+            )
+        except Exception:  # timing is optional: counting goes on without it
+            warn_once("a2a-attach", "all-to-all timing is off: attaching failed", exc_info=True)
         worker.__dict__[COUNTER_ATTRIBUTE] = counter
         log.info(
             "moe-watch plugin: counting %d MoE layers x %d experts (top-%d) on %s into %s",
@@ -199,6 +210,10 @@ class ExpertCounter:
         Called after load_model and again when warm-up begins: vLLM binds its own capturer
         (--enable-return-routed-experts) at KV-cache setup, replacing callbacks set before.
         """
+        if self.all2all is not None:
+            bind_timer(
+                self.all2all, [hook.module for hook in self.hooks if hook.module is not None]
+            )
         for index, hook in enumerate(self.hooks):
             current = hook.get()
             if getattr(current, "_moe_watch_counter", None) is self:
@@ -368,6 +383,14 @@ class ExpertCounter:
             self.set_limit(int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0))
         except Exception:
             self.fail("preparing a step failed")
+            return
+        if self.all2all is not None:
+            self.all2all.step_begins()
+
+    def end_step(self) -> None:
+        """After a real step (also one that raised): close the step's all-to-all time."""
+        if self.all2all is not None:
+            self.all2all.step_ends()
 
     def set_limit(self, tokens: int) -> None:
         tokens = max(0, min(tokens, self.cap_tokens))
@@ -447,4 +470,12 @@ class ExpertCounter:
             ep_size=layout.ep_size,
             sequence_parallel=layout.sp_size > 1,
             placement=list(self.placement),
+            all2all=self.all2all_times(),
         )
+
+    def all2all_times(self) -> All2AllTimes | None:
+        timer = self.all2all
+        if timer is None:
+            return None
+        field = timer.file_field()
+        return All2AllTimes(**field) if field is not None else None

@@ -79,7 +79,10 @@ def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, scheduler_output, *args, **kwargs)
         with counter.lock:
             counter.begin_step(scheduler_output)
-            return original(self, scheduler_output, *args, **kwargs)
+            try:
+                return original(self, scheduler_output, *args, **kwargs)
+            finally:
+                counter.end_step()
 
     return execute_model
 

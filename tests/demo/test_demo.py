@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -127,3 +128,51 @@ def test_a_pod_that_is_not_namespace_slash_pod_is_a_bad_setting() -> None:
     )
     assert result.returncode == 2
     assert "invalid setting 'pod'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "link", "slow"), [("slow_link", "pcie", True), ("hot_expert", "nvlink", False)]
+)
+async def test_the_slow_link_scenario_shows_pcie_a_slow_all2all_and_the_drift(
+    tmp_path: Path, name: str, link: str, slow: bool
+) -> None:
+    from moe_watch.demo.fake_nvml import FakeNvml
+    from moe_watch.demo.run import All2AllSim, drive_gpus, write_expert_counts
+    from moe_watch.thresholds import DEFAULT
+    from tests.test_agent import exposition, value
+
+    scenario = SCENARIOS[name]
+    sim = EngineSim(scenario, start_time=0.0)
+    sim.advance(120.0)
+    server = await start_engine_server(sim)
+    fake = FakeNvml.with_gpus(scenario.gpu_count)
+    all2all = All2AllSim(scenario)
+    config = load_settings(
+        None,
+        targets=[
+            {
+                "name": "demo",
+                "url": server.url,
+                "experts": {"source": "plugin", "directory": str(tmp_path)},
+            }
+        ],
+    )
+    try:
+        async with Agent(config, nvml=fake) as agent:
+            for step in range(2):
+                sim.advance(120.0 + 5 * step)
+                drive_gpus(fake, sim, 5.0 * step, 5.0)
+                all2all.advance(5.0, busy=True)
+                write_expert_counts(tmp_path, sim, all2all)
+                snap = await agent.run_cycle()
+    finally:
+        await server.stop()
+    m = exposition(snap)
+    p95 = value(m, "moe_watch_expert_all2all_seconds", engine="demo", quantile="0.95")
+    assert (p95 > DEFAULT.all2all_seconds) is slow, p95
+    assert value(m, "moe_watch_engine_interconnect_info", engine="demo", interconnect=link) == 1
+    assert value(m, "moe_watch_config_drift", engine="demo", setting="interconnect") == int(slow)
+    links = value(m, "moe_watch_gpu_nvlink_links_up", engine="demo", gpu="0")
+    assert (links == 0) is slow
+    if not slow:
+        assert value(m, "moe_watch_gpu_nvlink_transmit_bytes_total", engine="demo", gpu="0") > 0

@@ -112,3 +112,21 @@ def test_size_cli_prints_a_table_and_json(capsys: pytest.CaptureFixture[str]) ->
     assert data["itemised"]["free_gb"] > 0
     assert main(["size", "--model", "mixtral-8x7"]) == 2
     assert "unknown model 'mixtral-8x7'" in capsys.readouterr().err
+
+
+def test_the_plan_names_the_interconnect_expert_parallelism_needs() -> None:
+    from moe_watch.sizing.budget import interconnect_requirement
+    from moe_watch.sizing.report import render_plan
+
+    spec = find_model("mixtral-8x7b")
+    nvlink = size(spec, gpu="h100", gpus=4)
+    assert "over NVLink" in nvlink.interconnect
+    assert "nvidia-smi topo -m" in nvlink.interconnect
+    assert "no NVLink" not in nvlink.interconnect
+    assert f"interconnect: {nvlink.interconnect}" in render_plan(nvlink)
+    assert nvlink.to_dict()["interconnect"] == nvlink.interconnect
+    pcie = size(spec, gpu="l40s", gpus=4)
+    assert pcie.interconnect.startswith("l40s has no NVLink")
+    assert "PCIe" in pcie.interconnect
+    assert "network" in interconnect_requirement("h100", 16)
+    assert "no expert-parallel" in interconnect_requirement("h100", 1)

@@ -494,3 +494,100 @@ async def test_the_agent_exits_on_sigterm_while_an_nvml_call_hangs_forever() -> 
             proc.kill()
             await proc.wait()
     assert code == 0
+
+
+# --- topology: NVLink and PCIe (issue #19) -----------------------------------------------------
+
+
+def test_the_fake_answers_topology_calls_as_pynvml_does(fake: FakeNvml) -> None:
+    fake.nvmlInit()
+    h0, h1 = fake.nvmlDeviceGetHandleByIndex(0), fake.nvmlDeviceGetHandleByIndex(1)
+    assert fake.nvmlDeviceGetNvLinkState(h0, 17) == pynvml.NVML_FEATURE_ENABLED
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):  # past the H100's 18 links
+        fake.nvmlDeviceGetNvLinkState(h0, 18)
+    status = fake.nvmlDeviceGetP2PStatus(h0, h1, pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+    assert status == pynvml.NVML_P2P_STATUS_OK
+    fake.gpus[1].pcie_only()
+    with pytest.raises(pynvml.NVMLError_NotSupported):  # a GPU without NVLink
+        fake.nvmlDeviceGetNvLinkState(h1, 0)
+    status = fake.nvmlDeviceGetP2PStatus(h0, h1, pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+    assert status == pynvml.NVML_P2P_STATUS_NOT_SUPPORTED  # a status, not an exception
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        fake.nvmlDeviceGetP2PStatus(h0, h0, pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+    values = fake.nvmlDeviceGetFieldValues(h1, [(pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, 0)])
+    assert values[0].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED  # per field, not raised
+    assert fake.nvmlDeviceGetCurrPcieLinkGeneration(h1) == 5
+    assert fake.nvmlDeviceGetMaxPcieLinkWidth(h1) == 16
+
+
+async def test_reads_nvlink_links_counters_pcie_and_peer_pairs(
+    source: NvmlSource, fake: FakeNvml
+) -> None:
+    fake.gpus[0].nvlinks[3] = False  # one link down
+    fake.gpus[0].nvlink_tx_kib, fake.gpus[0].nvlink_rx_kib = 17 * 1000, 17 * 2000
+    fake.gpus[1].pcie_width = 8  # a degraded slot
+    problems = Problems()
+    for _ in range(3):
+        reading = await source.collect(problems)
+    assert not problems.reasons
+    link0, link1 = (gpu.link for gpu in reading.gpus)
+    assert link0 is not None
+    assert link1 is not None
+    assert link0.nvlink_links_up == 17
+    assert link1.nvlink_links_up == 18
+    assert link0.nvlink_transmit_bytes == 17 * 1000 * 1024  # KiB summed over the active links
+    assert link0.nvlink_receive_bytes == 17 * 2000 * 1024
+    assert (link1.pcie_generation, link1.pcie_max_generation) == (5, 5)
+    assert (link1.pcie_width, link1.pcie_max_width) == (8, 16)
+    assert reading.nvlink_pairs == {(0, 1): True}
+    # The link count is learned once: later cycles read 18 links, not NVML_NVLINK_MAX_LINKS.
+    per_cycle = 18 * 2
+    assert fake.calls["nvmlDeviceGetNvLinkState"] == 2 * 19 + 2 * per_cycle
+
+
+async def test_pcie_only_gpus_have_no_links_and_no_nvlink_pair(
+    source: NvmlSource, fake: FakeNvml
+) -> None:
+    for gpu in fake.gpus:
+        gpu.pcie_only()
+        gpu.pcie_generation, gpu.pcie_width = 4, 16  # an L40S-class card
+    problems = Problems()
+    reading = await source.collect(problems)
+    assert not problems.reasons  # no NVLink is a property of the GPU, not an error
+    for gpu in reading.gpus:
+        assert gpu.link is not None
+        assert gpu.link.nvlink_links_up == 0
+        assert gpu.link.nvlink_transmit_bytes is None
+        assert gpu.link.pcie_generation == 4
+    assert reading.nvlink_pairs == {(0, 1): False}
+
+
+async def test_a_driver_without_the_topology_calls_leaves_them_absent(
+    source: NvmlSource, fake: FakeNvml
+) -> None:
+    for gpu in fake.gpus:
+        gpu.unsupported |= {"nvlink", "pcie", "p2p", "nvlink_counters"}
+    problems = Problems()
+    reading = await source.collect(problems)
+    assert not problems.reasons
+    link = reading.gpus[0].link
+    assert link is not None
+    assert link.nvlink_links_up == 0  # NOT_SUPPORTED on link 0: no NVLink
+    assert (link.pcie_generation, link.pcie_width, link.nvlink_transmit_bytes) == (None, None, None)
+    assert reading.nvlink_pairs == {}  # unknown, not "PCIe"
+    assert reading.gpus[0].utilization_ratio == pytest.approx(0.95)  # the rest still reads
+
+
+async def test_a_topology_error_is_counted_and_the_gpu_still_reports(
+    source: NvmlSource, fake: FakeNvml
+) -> None:
+    fake.gpus[1].errors["pcie"] = pynvml.NVML_ERROR_NO_PERMISSION
+    fake.gpus[1].errors["p2p"] = pynvml.NVML_ERROR_UNKNOWN  # UNKNOWN: treated as gone for pairs
+    problems = Problems()
+    reading = await source.collect(problems)
+    assert reading.gpus[1].up
+    assert reading.gpus[1].link is not None
+    assert reading.gpus[1].link.pcie_width is None
+    assert reading.gpus[1].link.nvlink_links_up == 18
+    assert problems.reasons == {"gpu_read": 4}  # the four PCIe reads; the pair is just unknown
+    assert reading.nvlink_pairs == {}
