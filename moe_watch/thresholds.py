@@ -23,16 +23,16 @@ class Thresholds:
     all2all_healthy_seconds: float = 0.005  # < 5 ms healthy
     all2all_seconds: float = 0.020  # > 20 ms alerts
     # GPUs
-    gpu_utilization_low: float = 0.60
-    gpu_utilization_high: float = 0.98
+    gpu_utilization_low: float = 0.60  # healthy 80-95 %; below 60 % over-provisioned or starved
+    gpu_utilization_high: float = 0.98  # above 98 % no headroom left
     gpu_utilization_spread: float = 0.5  # 95 % vs 30 % inside one engine is 0.65
     vram_used_healthy: float = 0.92  # 85-92 % healthy
-    vram_used: float = 0.95
+    vram_used: float = 0.95  # > 95 % VRAM: no room for KV-cache spikes
     budget_used: float = 1.0  # NVML used / the plan's per-GPU budget
     # Engine
     kv_cache_usage: float = 0.95  # requests get preempted or rejected above this
     kv_cache_hit_ratio_healthy: float = 0.40  # chat
-    kv_cache_hit_ratio_low: float = 0.20
+    kv_cache_hit_ratio_low: float = 0.20  # chat: < 20 % alerts
     throughput_vs_baseline: float = 0.80  # 20 % below the engine's own baseline
     e2e_p95_seconds: float = 30.0
     ttft_p95_seconds: float = 10.0  # ours: a chat user gives up long before 10 s of silence
@@ -40,12 +40,12 @@ class Thresholds:
     preemptions_per_second: float = 0.0  # ours: any preemption, in every window for `for:`
     requests_waiting: float = 100.0  # scale out
     # Autoscale recording rules
-    autoscale_up_waiting: float = 10.0
-    autoscale_up_p95_seconds: float = 2.0
+    autoscale_up_waiting: float = 10.0  # queue depth > 10
+    autoscale_up_p95_seconds: float = 2.0  # p95 > 2 s
     autoscale_up_gpu_utilization: float = 0.90  # for 5 minutes
     autoscale_down_gpu_utilization: float = 0.30  # for 15 minutes
     # The agent itself
-    source_stale_seconds: float = 120.0
+    source_stale_seconds: float = 120.0  # ours: a source silent for 2 minutes
     # Drift rules (vLLM settings for MoE)
     gpu_memory_utilization_max: float = 0.95  # 0.95+ leaves no room for KV-cache spikes
     gpu_memory_utilization_large_moe: float = 0.80  # large MoE: 0.75-0.80

@@ -396,12 +396,20 @@ async def test_the_eplb_whatif_is_exported_shown_and_cached_between_recomputatio
         await agent.run_cycle()
         write(2)
         clock.now += 5
-        first = await agent.run_cycle()
+        started = await agent.run_cycle()  # a window: the what-if starts in the background
+        computed_at = clock.now
+        await agent.settle()
         write(3)
+        clock.now += 5
+        first = await agent.run_cycle()  # ... and this cycle publishes it
+        write(4)
         clock.now += 5
         cached = await agent.run_cycle()  # within the interval: the same what-if
         clock.now += 60
-        later = await agent.run_cycle()
+        await agent.run_cycle()  # stale: recomputed in the background ...
+        await agent.settle()
+        later = await agent.run_cycle()  # ... and published by the next cycle
+    assert started.experts[0].whatif is None  # no cycle waits for the what-if
     metrics = exposition(first)
     # Today: layer 0 ranks (8, 2), layer 1 (2, 2): (5 + 2) / (8 + 2).
     assert value(metrics, "moe_watch_expert_rank_balancedness_ratio", engine="ds") == pytest.approx(
@@ -439,9 +447,10 @@ async def test_the_eplb_whatif_is_exported_shown_and_cached_between_recomputatio
     assert two["layers"][0]["rank_experts"] == [[0, 0, 2], [1, 0, 3]]
     assert two["layers"][0]["rank_loads"] == [5.0, 5.0]
     assert first.experts[0].whatif is not None
+    assert first.experts[0].whatif.computed_at == computed_at
     assert cached.experts[0].whatif is first.experts[0].whatif
     assert later.experts[0].whatif is not None
-    assert later.experts[0].whatif.computed_at == clock.now
+    assert later.experts[0].whatif.computed_at == clock.now  # the stale cycle's time
 
 
 async def test_no_whatif_without_expert_parallelism(
@@ -464,3 +473,50 @@ async def test_no_whatif_without_expert_parallelism(
     assert snap.experts[0].signals.layers  # the skew signals are there ...
     assert snap.experts[0].whatif is None  # ... but one rank has nothing to rebalance
     assert not [name for name, _ in exposition(snap) if "eplb_whatif" in name]
+
+
+async def test_a_cycle_never_waits_for_the_eplb_whatif_and_its_failure_stays_contained(
+    engine_stub: EngineStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At DeepSeek-V3 scale one what-if costs more than a cycle's CPU budget: cycles go on while
+    it runs (publishing the last answer), and a what-if that raises is logged, not raised."""
+    import threading
+
+    from moe_watch.agent import engine_target
+    from moe_watch.expert_file import CountsFile, write_counts_file
+
+    release, entered = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def blocking_whatif(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        entered.set()
+        assert release.wait(10), "never released"
+        raise RuntimeError("what-if bug")
+
+    monkeypatch.setattr(engine_target, "eplb_whatif", blocking_whatif)
+    target = {"name": "ds", "url": engine_stub.url, "experts": {"directory": str(tmp_path)}}
+    clock = Clock()
+    config = load_settings(None, targets=[target], nvml="off")
+
+    def write(scale: int) -> None:
+        write_counts_file(
+            tmp_path / "rank-0.experts.json",
+            CountsFile(pid=1, started=1.0, updated=clock.now, model="m", top_k=1, num_experts=4,
+                       layers=[0], counts=[[6 * scale, 2 * scale, scale, scale]], ep_size=2),
+        )  # fmt: skip
+
+    async with Agent(config, clock=clock) as agent:
+        for scale in (1, 2, 3, 4):  # the what-if is blocked from the second cycle on
+            write(scale)
+            clock.now += 5
+            snap = await agent.run_cycle()
+            assert snap.experts == () or snap.experts[0].whatif is None
+        assert entered.is_set()
+        assert snap.experts[0].signals.layers  # the expert signals flow meanwhile
+        release.set()
+        await agent.settle()
+        after = await agent.run_cycle()
+    assert calls == [1]  # one computation in flight at a time, not one per cycle
+    assert after.experts[0].whatif is None  # the failure left no answer and raised nothing
+    assert value(exposition(after), "moe_watch_expert_skew_ratio", engine="ds", layer="0") > 0

@@ -102,7 +102,12 @@ class Agent:
         )
         return self
 
+    async def settle(self) -> None:
+        """Wait for every target's background work (the EPLB what-if) to finish."""
+        await asyncio.gather(*(target.settle() for target in self._targets.values()))
+
     async def __aexit__(self, *exc: object) -> None:
+        await self.settle()  # a what-if thread in flight: take it down with the agent
         if self._discovery_task is not None:
             self._discovery_stop.set()
             self._discovery_task.cancel()
@@ -181,7 +186,7 @@ class Agent:
         processes = (await self._proc_runner.run() if self._proc_runner else None) or {}
         now = self._clock()
         parts = [(t, t.advance(r, now)) for t, r in zip(targets, readings, strict=True)]
-        parts = [(t, await t.with_whatif(part, now)) for t, part in parts]
+        parts = [(t, t.with_whatif(part, now)) for t, part in parts]
         self._cycle += 1
         gpus = gpu_views(
             reading,

@@ -7,12 +7,14 @@ here, so discovering or losing an engine adds or drops one object.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
+import structlog
 
 from moe_watch.config import Settings, TargetConfig
 from moe_watch.drift import Drift, find_drift, running_from
@@ -32,6 +34,8 @@ from moe_watch.snapshot import EngineExperts, EngineView, GpuView, WhatIfView
 from moe_watch.sources.base import Source
 from moe_watch.sources.engine import EngineSource
 from moe_watch.sources.eplb_log import EplbLogSource
+
+log = structlog.get_logger("moe_watch.agent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +137,17 @@ class EngineTarget:
             eplb=dict(balance.balancedness) if balance is not None else {},
         )
 
-    async def with_whatif(self, part: TargetCycle, now: float) -> TargetCycle:
-        """``part`` with the EPLB what-if on its expert window (cached; computed off the loop)."""
+    def with_whatif(self, part: TargetCycle, now: float) -> TargetCycle:
+        """``part`` with the newest EPLB what-if on its expert window (computed in the
+        background; see WhatIfCache)."""
         if part.experts is None:
             return part
-        view = await self._whatif.get(part.experts.latest, part.experts.signals, now)
+        view = self._whatif.get(part.experts.latest, part.experts.signals, now)
         return replace(part, experts=replace(part.experts, whatif=view))
+
+    async def settle(self) -> None:
+        """Wait for background work (the what-if) to finish."""
+        await self._whatif.settle()
 
     def _append_counts(self, counts: ExpertCounts, now: float) -> None:
         window = self._expert_window
@@ -203,56 +212,89 @@ class EngineTarget:
 
 
 class WhatIfCache:
-    """The engine's EPLB what-if, recomputed at most every ``eplb_whatif_interval_seconds``.
+    """The engine's EPLB what-if, computed in the background at most every
+    ``eplb_whatif_interval_seconds``.
 
-    At DeepSeek-V3 scale one computation costs far more CPU than a whole node cycle's budget
-    (bench/node.py, docs/experts.md): the cached answer is served in between (``computed_at``
-    says how old it is), and the computation runs in a worker thread so the event loop keeps
-    serving /metrics meanwhile. A new model shape, EP size, placement or counter set recomputes
-    at once.
+    At DeepSeek-V3 scale one computation costs more CPU than a whole node cycle's budget
+    (bench/node.py, docs/experts.md), so no cycle waits for it: a cycle that finds the answer
+    stale starts a computation in a worker thread and publishes the last finished answer
+    (``computed_at`` says from when); a later cycle picks the new one up. A new model shape, EP
+    size, placement or counter set drops the old answer at once. A failure of the computation
+    is logged and leaves the previous answer; it never reaches the cycle.
     """
 
     def __init__(self, settings: Settings, config: TargetConfig) -> None:
         self._interval = settings.eplb_whatif_interval_seconds
         self._redundant = settings.eplb_whatif_redundant
         self._target = settings.eplb_whatif_target
+        self._engine = config.name
         experts = config.experts
         self._ep_size = experts.ep_size if experts is not None else 1
         self._groups = experts.num_expert_groups if experts is not None else 1
         self._nodes = experts.num_nodes if experts is not None else 1
-        self._key: tuple[object, ...] | None = None
-        self._computed_at = float("-inf")
+        self._key: tuple[object, ...] | None = None  # what the cached answer was computed for
+        self._started_at = float("-inf")  # when the cached (or running) computation started
         self._result: WhatIfView | None = None
+        self._running: asyncio.Task[tuple[EplbWhatIf | None, float]] | None = None
+        self._running_for: tuple[tuple[object, ...], float] | None = None
         self.computations = 0
 
-    async def get(
-        self, latest: ExpertCounts, signals: ExpertSignals, now: float
-    ) -> WhatIfView | None:
+    def get(self, latest: ExpertCounts, signals: ExpertSignals, now: float) -> WhatIfView | None:
+        """The newest finished answer for this counter set; starts a computation if stale."""
+        self._harvest()
         ep_size = latest.ep_size if latest.ep_size > 1 else self._ep_size
         key = (latest.layers, latest.num_experts, ep_size, latest.placement, latest.started)
-        if key == self._key and 0 <= now - self._computed_at < self._interval:
+        if key != self._key:
+            self._result = None  # an answer for another shape or counter set is no answer
+        fresh = key == self._key and 0 <= now - self._started_at < self._interval
+        if fresh or self._running is not None:
             return self._result
         if ep_size < 2 or not signals.window_counts:
             self._key, self._result = None, None  # nothing to compute yet: try next cycle
             return None
-        result, seconds = await asyncio.to_thread(
-            _timed_whatif,
-            signals.window_counts,
-            latest.layers,
-            ep_size,
-            redundant=self._redundant,
-            target=self._target,
-            num_groups=self._groups,
-            num_nodes=self._nodes,
-            placement=latest.placement,
+        self._running_for = (key, now)
+        self._running = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(
+                _timed_whatif,
+                signals.window_counts,
+                latest.layers,
+                ep_size,
+                redundant=self._redundant,
+                target=self._target,
+                num_groups=self._groups,
+                num_nodes=self._nodes,
+                placement=latest.placement,
+            )
         )
+        return self._result
+
+    async def settle(self) -> None:
+        """Wait for a running computation (tests, and shutdown) and take its answer."""
+        if self._running is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._running)
+        self._harvest()
+
+    def _harvest(self) -> None:
+        task, self._running = self._running, None
+        if task is None:
+            return
+        if not task.done():
+            self._running = task
+            return
+        assert self._running_for is not None
+        key, started_at = self._running_for
         self.computations += 1
+        if task.cancelled() or task.exception() is not None:
+            log.error("eplb what-if failed", engine=self._engine, error=repr(task.exception()))
+            self._key, self._started_at = key, started_at  # retry after the interval
+            return
+        result, seconds = task.result()
         if result is None:  # no traffic in the window: nothing to cache
             self._key, self._result = None, None
-            return None
-        self._key, self._computed_at = key, now
-        self._result = WhatIfView(result, now, seconds)
-        return self._result
+            return
+        self._key, self._started_at = key, started_at
+        self._result = WhatIfView(result, started_at, seconds)
 
 
 def _timed_whatif(*args: Any, **kwargs: Any) -> tuple[EplbWhatIf | None, float]:
