@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.vllm_env import ensure_tiny_mixtral, ensure_vllm_venv  # noqa: E402
+from bench.vllm_server import VllmServer, drive_load  # noqa: E402
 from moe_watch.expert_file import SUFFIX, read_counts_file  # noqa: E402
-from tests.integration.vllm_env import ensure_tiny_mixtral, ensure_vllm_venv  # noqa: E402
-from tests.integration.vllm_server import VllmServer, drive_load  # noqa: E402
 
 TOP_K = 2  # the tiny Mixtral
 

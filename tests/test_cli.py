@@ -149,3 +149,23 @@ async def test_run_exits_2_when_the_listen_port_is_taken(engine_stub: EngineStub
     assert proc.returncode == 2
     last = err.decode().strip().splitlines()[-1]
     assert last.startswith("moe-watch: cannot listen on 127.0.0.1:")
+
+
+def test_bench_never_imports_from_tests() -> None:
+    """bench/ runs without pytest or the test tree: shared harness lives in bench/ (vllm_env,
+    vllm_server) and the package (moe_watch.demo.replay_server)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted((root / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "tests"]
+    assert offenders == []

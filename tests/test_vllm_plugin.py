@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.vllm_env import torch_python
 from moe_watch.expert_file import CountsFile, read_counts_file
 from moe_watch.vllm_plugin.publisher import Publisher
-from tests.integration.vllm_env import torch_python
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS_SCRIPT = Path(__file__).with_name("vllm_plugin_checks.py")

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.vllm_env import VllmEnvError, ensure_tiny_mixtral, ensure_vllm_venv
-from tests.integration.vllm_server import VllmServer, VllmServerError
+from bench.vllm_env import VllmEnvError, ensure_tiny_mixtral, ensure_vllm_venv
+from bench.vllm_server import VllmServer, VllmServerError
 
 _TIMINGS: dict[str, float] = {}
 

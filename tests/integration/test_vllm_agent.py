@@ -18,12 +18,12 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.vllm_server import MAX_MODEL_LEN, MAX_NUM_SEQS, VllmServer, drive_load
 from moe_watch.agent import Agent
 from moe_watch.config import load_settings
 from moe_watch.service import serve
 from moe_watch.snapshot import EngineView, Snapshot
 from moe_watch.views import status_document
-from tests.integration.vllm_server import MAX_MODEL_LEN, MAX_NUM_SEQS, VllmServer, drive_load
 
 pytestmark = pytest.mark.vllm
 

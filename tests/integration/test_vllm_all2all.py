@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from bench.vllm_env import ensure_vllm_venv
 from moe_watch.expert_file import read_counts_file
-from tests.integration.vllm_env import ensure_vllm_venv
 
 pytestmark = pytest.mark.vllm
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
+from bench.vllm_env import ensure_vllm_venv
 from moe_watch.signals.eplb_whatif import (
     overall_balancedness,
     physical_rank_loads,
     rebalance_experts,
 )
-from tests.integration.vllm_env import ensure_vllm_venv
 
 pytestmark = pytest.mark.vllm
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bench.vllm_env import cache_dir, ensure_tiny_mixtral, ensure_vllm_venv
+from bench.vllm_server import VllmServer
 from moe_watch.expert_file import SUFFIX, read_counts_file
 from moe_watch.samples import ExpertCounts
 from moe_watch.signals.experts import derive_expert_signals
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_plugin import PluginExpertSource
-from tests.integration.vllm_env import cache_dir, ensure_tiny_mixtral, ensure_vllm_venv
-from tests.integration.vllm_server import VllmServer
 
 pytestmark = pytest.mark.vllm
 

@@ -15,12 +15,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from bench.vllm_env import torch_python
 from moe_watch.samples import matrix
 from moe_watch.server import start_server
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_sglang import SGLangExpertSource, read_recorder_file
 from moe_watch.sources.torch_file import TorchFileError, load_torch_file
-from tests.integration.vllm_env import torch_python
 
 # Written with real torch, exactly as SGLang's _StatAccumulator.dump does:
 # torch.save(dict(rank=0, logical_count=<int32 [passes, layers, experts]>, average_utilization_rate_over_window=None))

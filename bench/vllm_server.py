@@ -22,7 +22,7 @@ from types import TracebackType
 
 import aiohttp
 
-from tests.integration.make_tiny_mixtral import WORDS
+from bench.make_tiny_mixtral import WORDS
 
 SERVED_MODEL_NAME = "tiny-mixtral"
 MAX_MODEL_LEN = 1024

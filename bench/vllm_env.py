@@ -1,5 +1,8 @@
 """A cached virtual environment with a CPU build of vLLM, and the tiny Mixtral it serves.
 
+The harness of everything that runs a real vLLM here: the integration tests (tests/integration)
+and bench/plugin_overhead.py import it from bench/, so bench never imports from tests/.
+
 Cache directory: ``$MOE_WATCH_CACHE``, else ``~/.cache/moe-watch``. Inside it:
 
 - ``vllm-0.32.0-cpu-py3X/``: the venv (X = this interpreter's minor version);
@@ -188,12 +191,6 @@ def ensure_tiny_mixtral(python: Path) -> Path:
     return target
 
 
-if __name__ == "__main__":  # python tests/integration/vllm_env.py: build both, print paths
-    py = ensure_vllm_venv()
-    print(py)
-    print(ensure_tiny_mixtral(py))
-
-
 def torch_python() -> Path:
     """An interpreter with torch: this one, or the cached vLLM venv (built on first use)."""
     try:
@@ -201,3 +198,9 @@ def torch_python() -> Path:
     except ImportError:
         return ensure_vllm_venv()
     return Path(sys.executable)
+
+
+if __name__ == "__main__":  # python bench/vllm_env.py: build both, print paths
+    py = ensure_vllm_venv()
+    print(py)
+    print(ensure_tiny_mixtral(py))
