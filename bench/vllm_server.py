@@ -204,11 +204,14 @@ async def drive_load(
     max_tokens: int,
     *,
     timeout: float = REQUEST_TIMEOUT_SECONDS,
+    failures: list[str] | None = None,
 ) -> int:
     """POST ``n_requests`` completions, ``concurrency`` at a time; returns how many succeeded.
 
-    ``ignore_eos`` makes every request generate exactly ``max_tokens`` tokens.
+    ``ignore_eos`` makes every request generate exactly ``max_tokens`` tokens. Why each failed
+    request failed is appended to ``failures`` (a status, a timeout, a short answer).
     """
+    reasons = failures if failures is not None else []
     semaphore = asyncio.Semaphore(concurrency)
     client_timeout = aiohttp.ClientTimeout(total=timeout)
 
@@ -224,12 +227,20 @@ async def drive_load(
             try:
                 async with session.post(url + "/v1/completions", json=payload) as response:
                     if response.status != 200:
+                        reasons.append(f"request {index}: HTTP {response.status}")
                         return False
                     body = await response.json()
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except asyncio.TimeoutError:
+                reasons.append(f"request {index}: no answer within {timeout:g} s")
                 return False
-        usage = body.get("usage") or {}
-        return bool(usage.get("completion_tokens") == max_tokens)
+            except (aiohttp.ClientError, ValueError) as exc:
+                reasons.append(f"request {index}: {exc!r}")
+                return False
+        tokens = (body.get("usage") or {}).get("completion_tokens")
+        if tokens != max_tokens:
+            reasons.append(f"request {index}: {tokens} tokens, not {max_tokens}")
+            return False
+        return True
 
     async with aiohttp.ClientSession(timeout=client_timeout) as session:
         results = await asyncio.gather(*(one(session, i) for i in range(n_requests)))

@@ -96,7 +96,9 @@ def test_measured_all2all_time_matches_the_injected_delay(tmp_path: Path) -> Non
         assert per_pass >= expected * 0.95, (rank, per_pass)
         walls = result["walls"]
         assert isinstance(walls, list)
-        assert per_pass < min(walls) - LAYERS * COMPUTE * 0.9  # the compute is in the pass only
+        # The compute is in each pass's wall time only: over all passes, the exchange time is
+        # below the passes' wall time less their compute (totals: one slow pass moves both).
+        assert a2a.sum < sum(walls) - len(walls) * LAYERS * COMPUTE * 0.9, (rank, a2a.sum, walls)
         # Every pass (90 ms + gloo's few ms) lands in the (0.075, 0.1] .. (0.1, 0.25] buckets.
         near = a2a.bounds.index(0.1)
         assert a2a.buckets[near] + a2a.buckets[near + 1] == PASSES, (a2a.buckets, per_pass)
