@@ -243,8 +243,11 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
             asyncio.get_running_loop().call_later(args.duration, stop.set)
 
         async def summary() -> None:
-            # Rates and quantiles need two scrapes in the window: the second cycle has them all.
+            # Rates and quantiles need two scrapes in the window, so the second cycle has them;
+            # the EPLB what-if it starts runs beside the cycles, and the next cycle publishes it.
             await agent.wait_for_cycle(2)
+            await agent.settle()
+            await agent.wait_for_cycle(3)
             print("metric families:", *family_summary(agent), sep="\n", flush=True)
 
         asyncio.get_running_loop().create_task(summary())
