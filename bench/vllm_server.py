@@ -242,6 +242,10 @@ async def drive_load(
             return False
         return True
 
-    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+    # A fresh connection per request: reusing a kept-alive one races the server closing it
+    # (uvicorn's keep-alive timeout), and the load would fail with ServerDisconnectedError
+    # for reasons that have nothing to do with vLLM or moe-watch.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=client_timeout, connector=connector) as session:
         results = await asyncio.gather(*(one(session, i) for i in range(n_requests)))
     return sum(results)

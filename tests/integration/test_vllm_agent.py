@@ -163,9 +163,11 @@ async def test_agent_reports_real_vllm_under_load(vllm_server: str) -> None:
         assert view.max_model_len == MAX_MODEL_LEN
 
         # Load, while the agent keeps cycling: record what each cycle saw.
+        failures: list[str] = []
         load = asyncio.create_task(
             asyncio.wait_for(
-                drive_load(vllm_server, N_REQUESTS, CONCURRENCY, MAX_TOKENS), LOAD_TIMEOUT
+                drive_load(vllm_server, N_REQUESTS, CONCURRENCY, MAX_TOKENS, failures=failures),
+                LOAD_TIMEOUT,
             )
         )
         during: list[Snapshot] = []
@@ -177,7 +179,9 @@ async def test_agent_reports_real_vllm_under_load(vllm_server: str) -> None:
                 during.append(snap)
                 cycle = snap.cycle
         succeeded = await load
-        assert succeeded == N_REQUESTS, f"only {succeeded}/{N_REQUESTS} completions succeeded"
+        assert succeeded == N_REQUESTS, (
+            f"only {succeeded}/{N_REQUESTS} completions succeeded: {failures[:4]}"
+        )
         assert len(during) >= 2, f"the load ran for only {len(during)} agent cycles"
 
         running = [engine_view(s).signals.requests_running or 0.0 for s in during]
