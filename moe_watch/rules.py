@@ -196,18 +196,33 @@ NO_WHATIF = (
 
 
 def _annotations(alert: Alert, config: RulesConfig) -> dict[str, str]:
-    """An alert's extra annotations as templates (the rule file)."""
-    extra = dict(alert.annotations)
+    """All of an alert's annotations as templates (the rule file)."""
+    templates = {
+        "summary": alert.summary,
+        "description": alert.description,
+        "runbook_url": _runbook(alert, config),
+        **dict(alert.annotations),
+    }
     if alert.whatif:
-        extra["eplb_whatif"] = eplb_whatif_template(config.limits.eplb_whatif_target)
-    return extra
+        templates["eplb_whatif"] = eplb_whatif_template(config.limits.eplb_whatif_target)
+    return templates
 
 
 def _expected_annotations(
-    alert: Alert, labels: dict[str, str], value: float, hottest: str, whatif: str
+    alert: Alert,
+    config: RulesConfig,
+    labels: dict[str, str],
+    value: float,
+    hottest: str,
+    whatif: str,
 ) -> dict[str, str]:
-    """An alert's extra annotations as promtool must see them rendered."""
-    expected = {k: expand(v, labels, value, hottest) for k, v in alert.annotations}
+    """All of an alert's annotations as promtool must see them rendered."""
+    expected = {
+        "summary": alert.summary,
+        "description": expand(alert.description, labels, value, hottest),
+        "runbook_url": _runbook(alert, config),
+    }
+    expected |= {k: expand(v, labels, value, hottest) for k, v in alert.annotations}
     if alert.whatif:
         expected["eplb_whatif"] = whatif
     return expected
@@ -742,12 +757,7 @@ def rule_groups(
             "expr": _expr(alert.expr, config, alert.threshold),
             "for": for_override or config.for_(alert),
             "labels": {"severity": config.severity(alert), **config.additional_labels},
-            "annotations": {
-                "summary": alert.summary,
-                "description": alert.description,
-                "runbook_url": _runbook(alert, config),
-                **_annotations(alert, config),
-            },
+            "annotations": _annotations(alert, config),
         }
         for alert in ALERTS
         if config.enabled(alert)
@@ -809,11 +819,9 @@ def _alert_test(alert: Alert, config: RulesConfig) -> dict[str, Any]:
     value = alert.value_at_eval
     if value is None:
         value = float(fire.split()[-1].split("x")[0].split("+")[0])
-    annotations = {
-        "summary": alert.summary,
-        "description": expand(alert.description, exp, value, alert.hottest),
-        "runbook_url": _runbook(alert, config),
-    } | _expected_annotations(alert, exp, value, alert.hottest, alert.whatif_rendered)
+    annotations = _expected_annotations(
+        alert, config, exp, value, alert.hottest, alert.whatif_rendered
+    )
     return {
         "interval": "1m",
         "input_series": [
@@ -847,11 +855,7 @@ def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
     def expected(
         alert: Alert, labels: dict[str, str], value: float, hottest: str = ""
     ) -> dict[str, Any]:
-        annotations = {
-            "summary": alert.summary,
-            "description": expand(alert.description, labels, value, hottest),
-            "runbook_url": _runbook(alert, config),
-        } | _expected_annotations(alert, labels, value, hottest, NO_WHATIF)
+        annotations = _expected_annotations(alert, config, labels, value, hottest, NO_WHATIF)
         return {"exp_labels": labels, "exp_annotations": annotations}
 
     flipping = " ".join(["5x3", "2x3"] * 6)  # the hottest expert alternates every 4 minutes
