@@ -42,6 +42,17 @@ def gauge(name: str, documentation: str, labels: list[str]) -> GaugeMetricFamily
     return GaugeMetricFamily(PREFIX + name, documentation, labels=labels)
 
 
+class Quantiles(Metric):
+    """A summary of quantiles only: windowed quantiles are not counters, so no _sum/_count
+    (`promtool check metrics` accepts this; it rejects a `quantile` label on a gauge)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        super().__init__(PREFIX + name, documentation, "summary")
+
+    def add(self, labels: dict[str, str], quantile: float, value: float) -> None:
+        self.add_sample(self.name, labels | {"quantile": f"{quantile:g}"}, value)
+
+
 class SnapshotCollector(Collector):
     """Yields metric families from whatever Snapshot ``get_snapshot`` returns right now."""
 
@@ -194,12 +205,10 @@ def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
     )
     max_len = gauge("engine_max_model_len_tokens", "The engine's max_model_len.", ENGINE_LABELS)
     families = {attr: gauge(name, doc, ENGINE_LABELS) for name, attr, doc in ENGINE_GAUGES}
-    # A summary of quantiles only: the window's quantiles are not counters, so no _sum/_count.
-    latency = Metric(
-        PREFIX + "latency_seconds",
+    latency = Quantiles(
+        "latency_seconds",
         "Request latency quantiles over the window, from histogram bucket deltas "
         "(kind: e2e, ttft, itl, queue).",
-        "summary",
     )
     for view in snap.engines:
         key = [view.engine, view.model]
@@ -212,11 +221,7 @@ def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
             if value is not None:
                 family.add_metric(key, value)
         for (kind, q), seconds in sorted(view.signals.latency_seconds.items()):
-            labels = dict(zip(ENGINE_LABELS, key, strict=True)) | {
-                "kind": kind,
-                "quantile": f"{q:g}",
-            }
-            latency.add_sample(PREFIX + "latency_seconds", labels, seconds)
+            latency.add({"engine": view.engine, "model": view.model, "kind": kind}, q, seconds)
     yield info
     yield max_len
     yield from families.values()
@@ -377,11 +382,10 @@ def _whatif_metrics(snap: Snapshot) -> Iterator[Metric]:
 
 def _all2all_metrics(snap: Snapshot) -> Iterator[Metric]:
     """Expert-parallel exchange time per forward pass (issue #19), from the vLLM plugin's files."""
-    seconds = Metric(
-        PREFIX + "expert_all2all_seconds",
+    seconds = Quantiles(
+        "expert_all2all_seconds",
         "All-to-all (EP dispatch + combine) time per forward pass over the window, quantiles "
         f"(healthy < {T.all2all_healthy_seconds:g} s, alert > {T.all2all_seconds:g} s).",
-        "summary",
     )
     passes = gauge(
         "expert_all2all_passes_timed",
@@ -399,11 +403,7 @@ def _all2all_metrics(snap: Snapshot) -> Iterator[Metric]:
         info.add_metric([view.engine, view.latest.all2all_backend], 1)
         passes.add_metric([view.engine], view.signals.all2all_passes)
         for q, value in sorted(view.signals.all2all_seconds.items()):
-            seconds.add_sample(
-                PREFIX + "expert_all2all_seconds",
-                {"engine": view.engine, "quantile": f"{q:g}"},
-                value,
-            )
+            seconds.add({"engine": view.engine}, q, value)
     yield from (seconds, passes, info)
 
 
