@@ -50,8 +50,17 @@ def running_from(
     cmdline: Sequence[str] | None,
     max_model_len: int | None,
     gpus: int | None,
+    *,
+    ep_size: int | None = None,
+    interconnect: str | None = None,
 ) -> Running:
+    """What an engine runs with. ``ep_size``: the expert-parallel size its plugin files report
+    (expert parallelism is on even where the command line cannot be read); ``interconnect``: how
+    its GPUs reach each other (NVML)."""
     args = parse_vllm_args(cmdline or ())
+    expert_parallel = ("--enable-expert-parallel" in args) if cmdline else None
+    if ep_size is not None and ep_size > 1:
+        expert_parallel = True
     prefix = _bool(cache_config.get("enable_prefix_caching"))
     if "--no-enable-prefix-caching" in args:
         prefix = False
@@ -66,8 +75,9 @@ def running_from(
         kv_cache_dtype=_kv_dtype(cache_config.get("cache_dtype"))
         or _kv_dtype(args.get("--kv-cache-dtype")),
         dtype=_dtype(args.get("--dtype")),
-        expert_parallel=("--enable-expert-parallel" in args) if cmdline else None,
+        expert_parallel=expert_parallel,
         gpus=gpus,
+        interconnect=interconnect,
     )
 
 

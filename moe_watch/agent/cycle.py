@@ -186,7 +186,6 @@ class Agent:
         processes = (await self._proc_runner.run() if self._proc_runner else None) or {}
         now = self._clock()
         parts = [(t, t.advance(r, now)) for t, r in zip(targets, readings, strict=True)]
-        parts = [(t, t.with_whatif(part, now)) for t, part in parts]
         self._cycle += 1
         gpus = gpu_views(
             reading,

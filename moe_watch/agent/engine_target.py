@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -126,7 +126,11 @@ class EngineTarget:
             signals = derive_expert_signals([c for _, c in self._expert_window], top_n=self._top_n)
             group = self.config.experts.engine_group if self.config.experts else None
             experts = EngineExperts(
-                engine=latest.engine, latest=latest, signals=signals, engine_group=group
+                engine=latest.engine,
+                latest=latest,
+                signals=signals,
+                whatif=self._whatif.get(latest, signals, now),  # computed beside the cycle
+                engine_group=group,
             )
         balance = reading.balance
         return TargetCycle(
@@ -136,14 +140,6 @@ class EngineTarget:
             experts=experts,
             eplb=dict(balance.balancedness) if balance is not None else {},
         )
-
-    def with_whatif(self, part: TargetCycle, now: float) -> TargetCycle:
-        """``part`` with the newest EPLB what-if on its expert window (computed in the
-        background; see WhatIfCache)."""
-        if part.experts is None:
-            return part
-        view = self._whatif.get(part.experts.latest, part.experts.signals, now)
-        return replace(part, experts=replace(part.experts, whatif=view))
 
     async def settle(self) -> None:
         """Wait for background work (the what-if) to finish."""
@@ -189,8 +185,7 @@ class EngineTarget:
     ) -> tuple[Drift, ...]:
         """The rules (and the plan, where there is one) against what the engine runs with.
 
-        ``interconnect`` is how its GPUs reach each other (NVML); ``ep_size`` the expert-parallel
-        size its plugin files report (EP on even where the command line cannot be read)."""
+        ``interconnect`` and ``ep_size``: see drift.running_from."""
         mine = [view.sample for view in gpus if view.engine == self.name]
         cmdline = next(
             (
@@ -200,10 +195,14 @@ class EngineTarget:
             ),
             None,
         )
-        running = running_from(scrape.info, cmdline, scrape.max_model_len, len(mine) or None)
-        if ep_size is not None and ep_size > 1:
-            running = replace(running, expert_parallel=True)
-        running = replace(running, interconnect=interconnect)
+        running = running_from(
+            scrape.info,
+            cmdline,
+            scrape.max_model_len,
+            len(mine) or None,
+            ep_size=ep_size,
+            interconnect=interconnect,
+        )
         return tuple(find_drift(running, self.plan))
 
     def runners(self) -> list[SourceRunner[Any]]:
