@@ -3,9 +3,9 @@ full expert matrix). Like the exporter, they only format what the snapshot alrea
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
-from moe_watch.samples import GpuLink
 from moe_watch.signals.eplb_whatif import ALGORITHM, VLLM_VERSION
 from moe_watch.snapshot import Snapshot, WhatIfView
 
@@ -71,7 +71,7 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
         ],
         # Issue #19: each GPU's links, how each engine's GPUs reach each other, EP exchange time.
         "gpu_links": {
-            str(view.sample.index): _link(view.sample.link)
+            str(view.sample.index): asdict(view.sample.link)
             for view in snapshot.gpus
             if view.sample.link is not None
         },
@@ -87,18 +87,6 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
             for view in snapshot.experts
             if view.latest.all2all is not None
         },
-    }
-
-
-def _link(link: GpuLink) -> dict[str, Any]:
-    return {
-        "nvlink_links_up": link.nvlink_links_up,
-        "nvlink_transmit_bytes": link.nvlink_transmit_bytes,
-        "nvlink_receive_bytes": link.nvlink_receive_bytes,
-        "pcie_generation": link.pcie_generation,
-        "pcie_max_generation": link.pcie_max_generation,
-        "pcie_width": link.pcie_width,
-        "pcie_max_width": link.pcie_max_width,
     }
 
 
