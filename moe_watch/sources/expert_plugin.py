@@ -64,7 +64,7 @@ def combine(engine: str, files: list[CountsFile]) -> ExpertCounts:
     layers = tuple(sorted(rows))
     latest = max(files, key=lambda item: item.updated)
     placement = next((item.placement for item in files if item.placement), [])
-    timed = [item for item in files if item.all2all is not None]
+    timed = [(item.updated, item.all2all) for item in files if item.all2all is not None]
     return ExpertCounts(
         engine=engine,
         model=latest.model,
@@ -76,10 +76,8 @@ def combine(engine: str, files: list[CountsFile]) -> ExpertCounts:
         ep_size=max(item.ep_size for item in files),
         placement=tuple(placement),
         source="plugin",
-        all2all=all2all_histogram([item.all2all for item in timed if item.all2all is not None]),
-        all2all_backend=max(timed, key=lambda item: item.updated).all2all.backend  # type: ignore[union-attr]
-        if timed
-        else "",
+        all2all=all2all_histogram([times for _, times in timed]),
+        all2all_backend=max(timed, key=lambda pair: pair[0])[1].backend if timed else "",
     )
 
 
