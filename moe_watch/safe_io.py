@@ -1,4 +1,5 @@
-"""Bounded, non-blocking reads of files other processes write (expert counts, dumps, logs).
+"""Bounded, non-blocking reads of files other processes write (expert counts, dumps, logs),
+and bounded reads of HTTP bodies (engine /metrics, the Kubernetes pod list).
 
 Every file the agent reads from a shared directory is opened ``O_RDONLY | O_NONBLOCK`` (a FIFO
 never blocks a worker thread), without following a symlink unless the operator named the path
@@ -14,6 +15,8 @@ import errno
 import os
 import stat
 from pathlib import Path
+
+import aiohttp
 
 
 class FileRejected(ValueError):
@@ -79,5 +82,28 @@ def read_at_most(fd: int, max_bytes: int, name: str) -> bytes:
         size += len(chunk)
         if size > max_bytes:
             raise FileRejected("too_large", f"{name}: more than {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class BodyTooLarge(Exception):
+    """An HTTP body over its cap; ``declared``: its Content-Length when that alone said so."""
+
+    def __init__(self, declared: int | None) -> None:
+        super().__init__(declared)
+        self.declared = declared
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, read in chunks and abandoned past ``limit`` bytes: the cap protects the
+    agent's memory whatever the peer declares or sends. Raises BodyTooLarge."""
+    if response.content_length is not None and response.content_length > limit:
+        raise BodyTooLarge(response.content_length)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(None)
         chunks.append(chunk)
     return b"".join(chunks)

@@ -38,6 +38,7 @@ import aiohttp
 import structlog
 from pydantic import ValidationError
 
+from moe_watch.safe_io import BodyTooLarge, read_body
 from moe_watch.sources.base import Problems, SourceError
 
 log = structlog.get_logger("moe_watch.discovery")
@@ -266,7 +267,11 @@ class PodWatcher:
             allow_redirects=False,
         ) as response:
             self._check_status(response, "list")
-            raw = await _read_bounded(response, self._max_list)
+            try:
+                raw = await read_body(response, self._max_list)
+            except BodyTooLarge as exc:
+                size = f"over {self._max_list}" if exc.declared is None else exc.declared
+                raise DiscoveryError("too_large", f"the pod list is {size} bytes") from None
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as exc:
@@ -417,19 +422,6 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> bool:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
     return stop.is_set()
-
-
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    if response.content_length is not None and response.content_length > limit:
-        raise DiscoveryError("too_large", f"the pod list is {response.content_length} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise DiscoveryError("too_large", f"the pod list is over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def _lines(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from moe_watch.config import TargetConfig
+from moe_watch.safe_io import BodyTooLarge, read_body
 from moe_watch.samples import EngineScrape
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.exposition import ExpositionError, parse_engine_exposition
@@ -106,19 +107,15 @@ class EngineSource:
         ) as response:
             if response.status != 200:
                 raise SourceError("http_status", f"{url} answered HTTP {response.status}")
-            if response.content_length is not None and response.content_length > limit:
-                raise SourceError(
-                    "body_too_large",
-                    f"{url} sent {response.content_length} bytes, over the {limit}-byte cap",
+            try:
+                return await read_body(response, limit)
+            except BodyTooLarge as exc:
+                sent = (
+                    f"more than {limit} bytes"
+                    if exc.declared is None
+                    else f"{exc.declared} bytes, over the {limit}-byte cap"
                 )
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                size += len(chunk)
-                if size > limit:  # stop reading: the cap protects the agent's memory
-                    raise SourceError("body_too_large", f"{url} sent more than {limit} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
+                raise SourceError("body_too_large", f"{url} sent {sent}") from None
 
     async def _refresh_metadata(self, problems: Problems) -> None:
         """max_model_len from /v1/models and the version; failures never fail the scrape."""
