@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from moe_watch.exporter import build_registry  # noqa: E402
 from moe_watch.samples import ExpertCounts  # noqa: E402
+from moe_watch.serving.exporter import build_registry  # noqa: E402
 from moe_watch.signals.experts import derive_expert_signals  # noqa: E402
 from moe_watch.snapshot import EngineExperts, Snapshot  # noqa: E402
 from moe_watch.sources.exposition import parse_engine_exposition  # noqa: E402

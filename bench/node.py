@@ -42,9 +42,9 @@ from moe_watch.config import load_settings  # noqa: E402
 from moe_watch.demo.fake_nvml import FakeNvml  # noqa: E402
 from moe_watch.demo.replay_server import ReplayServer  # noqa: E402
 from moe_watch.expert_file import CountsFile, write_counts_file  # noqa: E402
-from moe_watch.exporter import build_registry  # noqa: E402
-from moe_watch.server import make_app, start_server  # noqa: E402
-from moe_watch.service import freeze_startup_heap  # noqa: E402
+from moe_watch.serving.exporter import build_registry  # noqa: E402
+from moe_watch.serving.server import make_app, start_server  # noqa: E402
+from moe_watch.serving.service import freeze_startup_heap  # noqa: E402
 
 CAPTURES = ROOT / "tests" / "fixtures" / "vllm"  # data files only: no pytest needed
 LAYERS, EXPERTS, TOP_K, EP_SIZE = 58, 256, 8, 32

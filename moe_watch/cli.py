@@ -254,7 +254,7 @@ def _size(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from moe_watch.logs import configure_logging
-    from moe_watch.service import ListenError, install_stop_signals, serve
+    from moe_watch.serving.service import ListenError, install_stop_signals, serve
 
     settings = _settings_from(args)
     configure_logging(settings.log_format, settings.log_level)

@@ -256,7 +256,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_web_config(cls, value: Path | None) -> Path | None:
         if value is not None:
-            from moe_watch.web_config import load_web_config
+            from moe_watch.serving.web_config import load_web_config
 
             load_web_config(value)  # WebConfigError (a ValueError) names the file and the problem
         return value

@@ -17,7 +17,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from moe_watch.safe_io import FileRejected, read_regular
+from moe_watch.sources.safe_io import FileRejected, read_regular
 
 FORMAT = "moe-watch-expert-counts/1"
 SUFFIX = ".experts.json"

@@ -156,7 +156,7 @@ class ExpertCounts:
     counts: Matrix  # build with matrix()
     started: float = 0.0
     # Expert parallelism: the EP rank each logical expert lives on; empty = no placement known
-    # (vLLM's default linear placement is assumed: moe_watch/expert_placement.py).
+    # (vLLM's default linear placement is assumed: moe_watch/signals/expert_placement.py).
     ep_size: int = 1
     placement: tuple[int, ...] = ()
     source: str = "plugin"  # plugin | sglang

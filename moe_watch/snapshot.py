@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from moe_watch.drift import Drift
-from moe_watch.runner import SourceStatus
 from moe_watch.samples import ExpertCounts, GpuSample
 from moe_watch.signals.engine import EngineSignals
 from moe_watch.signals.eplb_whatif import EplbWhatIf
 from moe_watch.signals.experts import ExpertSignals
+from moe_watch.sources.runner import SourceStatus
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 
 from moe_watch.demo.replay_server import ReplayServer
-from moe_watch.server import start_server
+from moe_watch.serving.server import start_server
 from tests.alerting import PagerDutyReceiver, Processes
 
 FIXTURES = Path(__file__).parent / "fixtures"

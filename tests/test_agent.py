@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from moe_watch.agent import Agent
 from moe_watch.config import load_settings
-from moe_watch.exporter import build_registry
+from moe_watch.serving.exporter import build_registry
 from moe_watch.snapshot import Snapshot
 from tests.conftest import EngineStub, free_port, read_capture
 
@@ -260,7 +260,7 @@ def recorder_csv(rows: list[list[int]]) -> str:
 async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
     engine_stub: EngineStub, tmp_path: Path
 ) -> None:
-    from moe_watch.views import experts_document
+    from moe_watch.serving.views import experts_document
 
     engine_stub.recorder_dir = tmp_path
     even = [[10] * 8, [10] * 8]
@@ -313,7 +313,7 @@ async def test_sglangs_first_dump_counts_because_its_recorder_starts_at_zero(
     """Defect (issue 17): the first dump after the agent starts recording was the window's
     baseline and its traffic was lost. SGLang's recorder starts at zero when recording starts,
     so the first dump is an increase like any other."""
-    from moe_watch.views import experts_document
+    from moe_watch.serving.views import experts_document
 
     engine_stub.recorder_dir = tmp_path
     hot = [[40, 10, 10, 10, 10, 10, 5, 5], [10] * 8]
@@ -373,7 +373,7 @@ async def test_the_eplb_whatif_is_exported_shown_and_cached_between_recomputatio
     per expert), the placement in /experts, the answer in /status; recomputed at most every
     eplb_whatif_interval_seconds."""
     from moe_watch.expert_file import CountsFile, write_counts_file
-    from moe_watch.views import experts_document, status_document
+    from moe_watch.serving.views import experts_document, status_document
 
     target = {"name": "ds", "url": engine_stub.url, "experts": {"directory": str(tmp_path)}}
     clock = Clock()

@@ -15,10 +15,10 @@ from moe_watch.config import load_settings
 from moe_watch.demo.fake_nvml import FakeNvml
 from moe_watch.expert_file import All2AllTimes, CountsFile, write_counts_file
 from moe_watch.samples import ExpertCounts, GpuLink, GpuSample, Histogram, matrix
+from moe_watch.serving.views import status_document
 from moe_watch.signals.experts import all2all_window
 from moe_watch.signals.gpu import interconnect
 from moe_watch.sources.expert_plugin import all2all_histogram
-from moe_watch.views import status_document
 from tests.conftest import EngineStub
 from tests.test_agent import exposition, value
 from tests.test_drift import read_capture

@@ -172,8 +172,8 @@ def test_the_layer_grid_is_a_coloured_layer_x_load_rank_table_per_engine() -> No
 def test_every_metric_a_panel_reads_is_exported_or_recorded() -> None:
     from prometheus_client import generate_latest
 
-    from moe_watch.exporter import build_registry
-    from tests.test_exporter_and_server import deepseek_v3_snapshot, snapshot
+    from moe_watch.serving.exporter import build_registry
+    from tests.serving.test_exporter_and_server import deepseek_v3_snapshot, snapshot
 
     exported: set[str] = set()
     for snap in (snapshot(), deepseek_v3_snapshot(engine_group="dsv3-group")):

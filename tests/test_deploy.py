@@ -132,7 +132,7 @@ def test_the_eks_overlay_adds_the_kube_prometheus_stack_release_label() -> None:
 
 
 def test_the_example_workloads_are_valid_and_discoverable() -> None:
-    from moe_watch.k8s.discovery import SCRAPE
+    from moe_watch.sources.discovery import SCRAPE
 
     deployment, plan = yaml.safe_load_all((ROOT / "deploy/examples/vllm-mixtral.yaml").read_text())
     kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)

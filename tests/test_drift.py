@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from moe_watch.drift import Running, find_drift, running_from
+from moe_watch.serving.views import status_document
 from moe_watch.sizing.plan import PlanError, PlanFile, VllmSettings, load_plan
 from moe_watch.sources.exposition import parse_engine_exposition
-from moe_watch.views import status_document
 from tests.conftest import read_capture
 
 VLLM_SERVE = [

@@ -25,12 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from moe_watch.agent import Agent
 from moe_watch.config import ExpertsConfig, Settings, TargetConfig
 from moe_watch.expert_file import CountsFile, counts_file_name, write_counts_file
-from moe_watch.exporter import build_registry
 from moe_watch.rules import render, rule_groups
-from moe_watch.server import make_app, start_server
+from moe_watch.serving.exporter import build_registry
+from moe_watch.serving.server import make_app, start_server
 from tests.alerting import binary
 from tests.conftest import free_port
-from tests.test_exporter_and_server import deepseek_v3_snapshot
+from tests.serving.test_exporter_and_server import deepseek_v3_snapshot
 from tests.test_metrics_lint import promtool_check_metrics
 
 GROUP = "dsv3-group"

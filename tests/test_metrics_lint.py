@@ -12,9 +12,9 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moe_watch.exporter import build_registry
+from moe_watch.serving.exporter import build_registry
 from tests.conftest import free_port
-from tests.test_exporter_and_server import deepseek_v3_snapshot, snapshot
+from tests.serving.test_exporter_and_server import deepseek_v3_snapshot, snapshot
 from tests.test_rules import tool
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from moe_watch.rules import (
     render,
     rule_groups,
 )
-from tests.test_exporter_and_server import deepseek_v3_snapshot, snapshot
+from tests.serving.test_exporter_and_server import deepseek_v3_snapshot, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_every_alert_has_a_runbook_section_and_a_complete_description() -> None:
 
 
 def test_every_metric_the_rules_read_is_one_the_agent_exports() -> None:
-    from moe_watch.exporter import build_registry
+    from moe_watch.serving.exporter import build_registry
 
     exported = set()
     for snap in (snapshot(), deepseek_v3_snapshot(engine_group="dsv3-group")):

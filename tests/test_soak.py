@@ -13,12 +13,12 @@ from pathlib import Path
 
 from moe_watch.agent import Agent
 from moe_watch.config import load_settings
-from moe_watch.demo.engine_server import SimServer, start_engine_server
-from moe_watch.demo.engine_sim import EngineSim
 from moe_watch.demo.fake_nvml import FakeNvml
 from moe_watch.demo.scenarios import SCENARIOS
+from moe_watch.demo.simulated_engine import EngineSim
+from moe_watch.demo.simulated_engine_server import SimServer, start_engine_server
 from moe_watch.expert_file import CountsFile, write_counts_file
-from moe_watch.k8s.discovery import PodTarget
+from moe_watch.sources.discovery import PodTarget
 from tests.test_agent import exposition
 
 CYCLES = 240

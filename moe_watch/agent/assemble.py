@@ -6,11 +6,11 @@ from collections.abc import Mapping, Sequence
 
 from moe_watch.agent.engine_target import EngineTarget, TargetCycle
 from moe_watch.agent.ownership import gpu_allocations, gpu_owners, sole_owner
-from moe_watch.runner import SourceStatus
 from moe_watch.samples import GpuReading, ProcessInfo
 from moe_watch.signals.gpu import interconnect, memory_used_ratio, utilization_spread
 from moe_watch.snapshot import GpuView, Snapshot
 from moe_watch.sources.podresources import Allocation, DeviceOwner
+from moe_watch.sources.runner import SourceStatus
 
 
 def gpu_views(

@@ -15,12 +15,12 @@ import structlog
 from moe_watch.agent.assemble import assemble_snapshot, gpu_views
 from moe_watch.agent.engine_target import EngineTarget, nothing
 from moe_watch.config import Settings, TargetConfig
-from moe_watch.k8s.discovery import PodTarget, PodWatcher
-from moe_watch.runner import SourceRunner
 from moe_watch.samples import GpuReading, ProcessInfo
 from moe_watch.snapshot import Snapshot
+from moe_watch.sources.discovery import PodTarget, PodWatcher
 from moe_watch.sources.podresources import Allocation, PodResourcesSource
 from moe_watch.sources.proc import ProcSource
+from moe_watch.sources.runner import SourceRunner
 
 log = structlog.get_logger("moe_watch.agent")
 
@@ -125,8 +125,8 @@ class Agent:
         self._targets[config.name] = EngineTarget(config, self.settings, self._session, self._clock)
 
     def _start_discovery(self) -> None:
-        from moe_watch.k8s.client import ca_context, token_headers
-        from moe_watch.k8s.discovery import DiscoverySource
+        from moe_watch.sources.discovery import DiscoverySource
+        from moe_watch.sources.kube_client import ca_context, token_headers
 
         assert self._session is not None
         assert self.settings.node_name is not None

@@ -18,7 +18,6 @@ import structlog
 
 from moe_watch.config import Settings, TargetConfig
 from moe_watch.drift import Drift, find_drift, running_from
-from moe_watch.runner import SourceRunner
 from moe_watch.samples import EngineScrape, EplbBalance, ExpertCounts, ModelSample, ProcessInfo
 from moe_watch.signals.engine import derive_engine_signals
 from moe_watch.signals.eplb_whatif import EplbWhatIf, eplb_whatif
@@ -34,6 +33,7 @@ from moe_watch.snapshot import EngineExperts, EngineView, GpuView, WhatIfView
 from moe_watch.sources.base import Source
 from moe_watch.sources.engine import EngineSource
 from moe_watch.sources.eplb_log import EplbLogSource
+from moe_watch.sources.runner import SourceRunner
 
 log = structlog.get_logger("moe_watch.agent")
 

@@ -6,9 +6,9 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from moe_watch.demo.engine_sim import EngineSim
 from moe_watch.demo.exposition_sglang import SglangCollector
 from moe_watch.demo.exposition_vllm import VllmCollector
+from moe_watch.demo.simulated_engine import EngineSim
 
 Flavor = Literal["vllm", "vllm_legacy", "sglang"]
 FLAVORS: tuple[Flavor, ...] = ("vllm", "vllm_legacy", "sglang")

@@ -14,7 +14,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from moe_watch.demo.engine_sim import EngineSim
+from moe_watch.demo.simulated_engine import EngineSim
 
 
 class VllmCollector(Collector):

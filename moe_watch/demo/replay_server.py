@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from moe_watch.server import start_server
+from moe_watch.serving.server import start_server
 
 
 class ReplayServer:

@@ -24,15 +24,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moe_watch.agent import Agent
 from moe_watch.config import ConfigError, Settings, load_settings
-from moe_watch.demo.engine_server import start_engine_server
-from moe_watch.demo.engine_sim import EngineSim
 from moe_watch.demo.fake_kubelet import FakeKubelet, gpu_allocation
 from moe_watch.demo.fake_nvml import FakeNvml
 from moe_watch.demo.scenarios import SCENARIOS, Scenario
+from moe_watch.demo.simulated_engine import EngineSim
+from moe_watch.demo.simulated_engine_server import start_engine_server
 from moe_watch.expert_file import All2AllTimes, CountsFile, write_counts_file
-from moe_watch.exporter import build_registry
 from moe_watch.logs import configure_logging
-from moe_watch.service import ListenError, install_stop_signals, serve
+from moe_watch.serving.exporter import build_registry
+from moe_watch.serving.service import ListenError, install_stop_signals, serve
 from moe_watch.vllm_plugin.all2all import BOUNDS as ALL2ALL_BOUNDS
 
 ENGINE_ID = "demo-mixtral"

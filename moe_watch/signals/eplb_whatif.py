@@ -38,7 +38,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moe_watch.expert_placement import expert_ranks
+from moe_watch.signals.expert_placement import expert_ranks
 
 VLLM_VERSION = "0.32.0"  # the vLLM whose policy/default.py this transcribes (and the tests check)
 ALGORITHM = "vllm.distributed.eplb.policy.default.DefaultEplbPolicy"

@@ -20,8 +20,8 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from moe_watch.expert_placement import expert_ranks
 from moe_watch.samples import ExpertCounts, Histogram, Matrix
+from moe_watch.signals.expert_placement import expert_ranks
 from moe_watch.signals.histograms import quantile, window_delta
 from moe_watch.thresholds import DEFAULT
 

@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 
 from moe_watch.config import TargetConfig
-from moe_watch.safe_io import BodyTooLarge, read_body
 from moe_watch.samples import EngineScrape
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.exposition import ExpositionError, parse_engine_exposition
+from moe_watch.sources.safe_io import BodyTooLarge, read_body
 
 # /v1/models and /version change only on restart; re-read them this often.
 METADATA_REFRESH_SECONDS = 60.0

@@ -23,9 +23,9 @@ import os
 import re
 from pathlib import Path
 
-from moe_watch.safe_io import FileRejected, open_regular
 from moe_watch.samples import EplbBalance
 from moe_watch.sources.base import Problems, SourceError
+from moe_watch.sources.safe_io import FileRejected, open_regular
 
 MAX_LINE_BYTES = 64 * 1024  # an EPLB line is ~200 bytes
 

@@ -31,9 +31,9 @@ from moe_watch.expert_file import (
     CountsFile,
     read_counts_file,
 )
-from moe_watch.safe_io import FileRejected
 from moe_watch.samples import ExpertCounts, Histogram
 from moe_watch.sources.base import Problems, SourceError
+from moe_watch.sources.safe_io import FileRejected
 
 # Files read per cycle (one per counting worker: a node has a few). More is a flood: only the
 # most recently written are read and ``too_many_files`` is counted.

@@ -28,9 +28,9 @@ from typing import Any
 import aiohttp
 import structlog
 
-from moe_watch.safe_io import FileRejected, read_regular
 from moe_watch.samples import ExpertCounts, matrix
 from moe_watch.sources.base import Problems, SourceError
+from moe_watch.sources.safe_io import FileRejected, read_regular
 from moe_watch.sources.torch_file import (
     MAX_FILE_BYTES,
     MAX_MEMBER_BYTES,

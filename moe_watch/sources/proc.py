@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
-from moe_watch.k8s.cgroup import PodRef, parse_cgroup
 from moe_watch.samples import ProcessInfo
 from moe_watch.sources.base import Problems
+from moe_watch.sources.cgroup import PodRef, parse_cgroup
 
 PARENT_DEPTH = 6  # vLLM workers are multiprocessing children a few levels below the server
 

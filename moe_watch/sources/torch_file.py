@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from moe_watch.safe_io import FileRejected, read_regular
+from moe_watch.sources.safe_io import FileRejected, read_regular
 
 # Bounds (docs/configuration.md, "Bounds"): a real SGLang dump is [passes, layers, experts] int32,
 # a few MB at DeepSeek-V3 scale; its data.pkl is a few hundred bytes.

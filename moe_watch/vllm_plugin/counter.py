@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_watch.expert_file import All2AllTimes, CountsFile, counts_file_name
-from moe_watch.expert_placement import STRATEGIES, expert_ranks
+from moe_watch.signals.expert_placement import STRATEGIES, expert_ranks
 from moe_watch.vllm_plugin import config_readers as read
 from moe_watch.vllm_plugin.all2all import All2AllTimer, attach_timer, bind_timer
 from moe_watch.vllm_plugin.config_readers import DEFAULT_INTERVAL_SECONDS, Layout

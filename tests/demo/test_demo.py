@@ -12,11 +12,11 @@ import yaml
 
 from moe_watch.agent import Agent
 from moe_watch.config import load_settings
-from moe_watch.demo.engine_server import SimServer, start_engine_server
-from moe_watch.demo.engine_sim import EngineSim
 from moe_watch.demo.exposition import render_exposition
 from moe_watch.demo.run import DEMO_PLAN
 from moe_watch.demo.scenarios import SCENARIOS
+from moe_watch.demo.simulated_engine import EngineSim
+from moe_watch.demo.simulated_engine_server import SimServer, start_engine_server
 from moe_watch.drift import find_drift, running_from
 from moe_watch.sizing.plan import PlanFile
 from moe_watch.sources.exposition import parse_engine_exposition

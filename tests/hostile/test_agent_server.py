@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_watch.server import ServerLimits, make_app, start_server
-from moe_watch.web_config import WebConfigError, load_web_config
+from moe_watch.serving.server import ServerLimits, make_app, start_server
+from moe_watch.serving.web_config import WebConfigError, load_web_config
 
 # Cost 10: what `htpasswd -nBC 10` makes and the review measured (~75 ms per check).
 HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=10)).decode()

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_watch.config import TargetConfig
-from moe_watch.server import start_server
+from moe_watch.serving.server import start_server
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.engine import EngineSource
 from moe_watch.sources.exposition import (

@@ -16,11 +16,11 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_watch.k8s.discovery import BadPod, DiscoverySource, PodWatcher, target_of
-from moe_watch.runner import SourceRunner
-from moe_watch.server import start_server
+from moe_watch.serving.server import start_server
+from moe_watch.sources.discovery import BadPod, DiscoverySource, PodWatcher, target_of
+from moe_watch.sources.runner import SourceRunner
 from tests.hostile.conftest import peak_memory
-from tests.k8s.test_discovery import pod
+from tests.sources.test_discovery import pod
 
 
 class RawApi:

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_watch.expert_file import SUFFIX, CountsFile, read_counts_file, write_counts_file
-from moe_watch.safe_io import FileRejected
 from moe_watch.sources.base import Problems
 from moe_watch.sources.expert_plugin import PluginExpertSource
+from moe_watch.sources.safe_io import FileRejected
 from tests.hostile.conftest import peak_memory
 
 NOW = 1_000.0

@@ -18,10 +18,10 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_watch.safe_io import FileRejected
-from moe_watch.server import start_server
+from moe_watch.serving.server import start_server
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_sglang import SGLangExpertSource
+from moe_watch.sources.safe_io import FileRejected
 from tests.hostile.conftest import (
     _global,
     _str,

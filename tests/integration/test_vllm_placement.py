@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from bench.vllm_env import ensure_vllm_venv
-from moe_watch.expert_placement import STRATEGIES, expert_ranks
+from moe_watch.signals.expert_placement import STRATEGIES, expert_ranks
 from moe_watch.signals.experts import rank_loads
 
 pytestmark = pytest.mark.vllm

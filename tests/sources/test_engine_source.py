@@ -13,7 +13,7 @@ from aiohttp import web
 
 from moe_watch import samples as s
 from moe_watch.config import TargetConfig
-from moe_watch.server import start_server
+from moe_watch.serving.server import start_server
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.engine import EngineSource
 from tests.conftest import FIXTURES, read_capture

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from bench.vllm_env import torch_python
 from moe_watch.samples import matrix
-from moe_watch.server import start_server
+from moe_watch.serving.server import start_server
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_sglang import SGLangExpertSource, read_recorder_file
 from moe_watch.sources.torch_file import TorchFileError, load_torch_file

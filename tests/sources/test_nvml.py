@@ -453,7 +453,7 @@ WEDGED_AGENT = """
 import asyncio, threading
 from moe_watch.config import load_settings
 from moe_watch.demo.fake_nvml import FakeNvml
-from moe_watch.service import install_stop_signals, serve
+from moe_watch.serving.service import install_stop_signals, serve
 
 class Wedged(FakeNvml):
     def nvmlDeviceGetCount(self) -> int:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from moe_watch.drift import parse_vllm_args
-from moe_watch.k8s.cgroup import PodRef
 from moe_watch.samples import ProcessInfo
 from moe_watch.sources.base import Problems
+from moe_watch.sources.cgroup import PodRef
 from moe_watch.sources.proc import ProcSource, pod_of_pid, server_cmdline
 
 UID = "3f2a1b7c-1234-4d5e-8f90-abcdef012345"

@@ -13,8 +13,8 @@ import bcrypt
 import pytest
 
 from moe_watch.config import ConfigError, load_settings
-from moe_watch.server import make_app, start_server
-from moe_watch.web_config import WebConfigError, load_web_config, ssl_context
+from moe_watch.serving.server import make_app, start_server
+from moe_watch.serving.web_config import WebConfigError, load_web_config, ssl_context
 
 
 @pytest.fixture(scope="module")

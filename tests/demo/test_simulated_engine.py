@@ -16,10 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_watch import samples as s
-from moe_watch.demo.engine_server import SimServer, start_engine_server
-from moe_watch.demo.engine_sim import EngineSim, SimHistogram
 from moe_watch.demo.exposition import FLAVORS, Flavor, render_exposition
 from moe_watch.demo.scenarios import GIB, SCENARIOS, Scenario
+from moe_watch.demo.simulated_engine import EngineSim, SimHistogram
+from moe_watch.demo.simulated_engine_server import SimServer, start_engine_server
 from moe_watch.signals.experts import skew, token_shares
 from moe_watch.sources.exposition import parse_engine_exposition
 from tests.conftest import FIXTURES, read_capture

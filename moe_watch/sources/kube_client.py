@@ -10,7 +10,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from moe_watch.safe_io import read_regular
+from moe_watch.sources.safe_io import read_regular
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MAX_TOKEN_BYTES = 64 * 1024

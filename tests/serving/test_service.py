@@ -9,7 +9,7 @@ FROZEN_AGENT = """
 import asyncio, gc
 from moe_watch.config import load_settings
 from moe_watch.demo.fake_nvml import FakeNvml
-from moe_watch.service import serve
+from moe_watch.serving.service import serve
 
 async def main() -> None:
     stop = asyncio.Event()
@@ -46,8 +46,8 @@ async def test_shutdown_is_bounded_whatever_a_source_is_doing() -> None:
     from aiohttp import web
 
     from moe_watch.config import load_settings
-    from moe_watch.server import start_server
-    from moe_watch.service import serve
+    from moe_watch.serving.server import start_server
+    from moe_watch.serving.service import serve
 
     arrived = asyncio.Event()
     never = asyncio.Event()

@@ -38,8 +38,8 @@ import aiohttp
 import structlog
 from pydantic import ValidationError
 
-from moe_watch.safe_io import BodyTooLarge, read_body
 from moe_watch.sources.base import Problems, SourceError
+from moe_watch.sources.safe_io import BodyTooLarge, read_body
 
 log = structlog.get_logger("moe_watch.discovery")
 

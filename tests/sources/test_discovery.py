@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from moe_watch.k8s.client import token_headers
-from moe_watch.k8s.discovery import PodWatcher, target_of
-from moe_watch.server import start_server
+from moe_watch.serving.server import start_server
+from moe_watch.sources.discovery import PodWatcher, target_of
+from moe_watch.sources.kube_client import token_headers
 
 
 def pod(

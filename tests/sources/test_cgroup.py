@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from moe_watch.k8s.cgroup import PodRef, parse_cgroup
+from moe_watch.sources.cgroup import PodRef, parse_cgroup
 
 UID = "3f2a1b7c-1234-4d5e-8f90-abcdef012345"
 CID = "8b1a9953c4611296a827abf8c47804d7e6c49c6b3f0c7b0d7d5c1e0a9f8e7d6c"

@@ -6,8 +6,8 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from moe_watch.runner import SourceRunner
 from moe_watch.sources.base import Problems, SourceError
+from moe_watch.sources.runner import SourceRunner
 
 
 class ScriptedSource:

@@ -11,12 +11,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from moe_watch.exporter import build_registry
-from moe_watch.runner import SourceStatus
 from moe_watch.samples import GpuSample
-from moe_watch.server import make_app, start_server
+from moe_watch.serving.exporter import build_registry
+from moe_watch.serving.server import make_app, start_server
 from moe_watch.signals.engine import EngineSignals
 from moe_watch.snapshot import EngineView, GpuView, Snapshot
+from moe_watch.sources.runner import SourceStatus
 
 GIB = 1024**3
 

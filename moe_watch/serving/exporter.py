@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from moe_watch import __version__
-from moe_watch.expert_placement import expert_ranks
+from moe_watch.signals.expert_placement import expert_ranks
 from moe_watch.snapshot import Snapshot
 from moe_watch.thresholds import DEFAULT as T
 

@@ -21,7 +21,7 @@ from moe_watch.sources.base import Problems, Source, SourceError
 
 T = TypeVar("T")
 
-log = structlog.get_logger("moe_watch.runner")
+log = structlog.get_logger("moe_watch.sources.runner")
 
 
 @dataclass(frozen=True, slots=True)

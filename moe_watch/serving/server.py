@@ -26,12 +26,12 @@ import structlog
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from moe_watch.exporter import build_registry
+from moe_watch.serving.exporter import build_registry
+from moe_watch.serving.views import experts_document, status_document
+from moe_watch.serving.web_config import basic_auth_middleware
 from moe_watch.snapshot import Snapshot
-from moe_watch.views import experts_document, status_document
-from moe_watch.web_config import basic_auth_middleware
 
-log = structlog.get_logger("moe_watch.server")
+log = structlog.get_logger("moe_watch.serving.server")
 
 
 def make_app(

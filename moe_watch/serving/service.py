@@ -13,10 +13,10 @@ import structlog
 
 from moe_watch.agent import Agent
 from moe_watch.config import Settings
-from moe_watch.server import ServerLimits, make_app, start_server
-from moe_watch.web_config import load_web_config, ssl_context
+from moe_watch.serving.server import ServerLimits, make_app, start_server
+from moe_watch.serving.web_config import load_web_config, ssl_context
 
-log = structlog.get_logger("moe_watch.service")
+log = structlog.get_logger("moe_watch.serving.service")
 
 
 class ListenError(Exception):

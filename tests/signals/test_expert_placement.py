@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from moe_watch.expert_placement import expert_ranks
+from moe_watch.signals.expert_placement import expert_ranks
 from moe_watch.signals.experts import rank_loads
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from moe_watch.demo.engine_sim import EngineSim
 from moe_watch.demo.exposition import Flavor, render_exposition
-from moe_watch.server import start_server
+from moe_watch.demo.simulated_engine import EngineSim
+from moe_watch.serving.server import start_server
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _HUGE_LINE = b"# " + b"x" * 1021 + b"\n"  # a valid comment line: only a byte cap stops the body
