@@ -16,10 +16,14 @@ neither torch nor numpy:
   one node (the "global" policy).
 
 Where the transcription can differ from vLLM (docs/experts.md, "What-if"):
-- vLLM sorts with ``np.argsort`` (not stable): among items of exactly equal weight the order is
-  numpy's; here it is the lower index first. Equal weights give equal pack loads either way, so
-  the per-rank loads agree; only which of two equally loaded experts sits where may differ (and,
-  in the hierarchical policy, which node gets one of two groups with exactly equal totals).
+- vLLM sorts with ``np.argsort`` (not stable), and numpy orders exactly equal keys by the CPU's
+  sort kernel (AVX-512, AVX2 or neither), so vLLM itself places them differently on different
+  machines; here it is the lower index first, one of those orders. In the packing onto GPUs,
+  equal per-replica loads (equal counts, or made by replication: 83,208 tokens over two replicas
+  tie with 41,604 over one) take the same slots in any order: replica counts, per-rank loads and
+  balancedness agree on every machine, only which of the tied experts sits where may differ. In
+  the hierarchical policy, groups with exactly equal token sums can land on other nodes, and
+  then the loads after can differ too.
 - vLLM casts the load to float32 (``weight.float()``); so does this module (``array('f')``), and
   sums a group in float64 before rounding it to float32 once, where numpy sums in float32:
   identical while a group's tokens stay below 2**24 (16.7 M assignments per window).

@@ -1,7 +1,8 @@
 """vLLM's EPLB placement in pure Python, on cases small enough to compute by hand.
 
 The same functions are checked against vLLM's own ``rebalance_experts`` on DeepSeek-V3 shapes in
-tests/integration/test_vllm_eplb_whatif.py (marker ``vllm``)."""
+tests/integration/test_vllm_eplb_whatif.py (marker ``vllm``), with the check of
+tests/eplb_crosscheck.py, whose own cases are here too."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ from moe_watch.signals.eplb_whatif import (
     search_range,
     static_rank_loads,
     valid_redundancy,
+)
+from tests.eplb_crosscheck import (
+    difference,
+    group_ties,
+    match_layer,
+    placements,
+    slot_ties,
 )
 
 
@@ -121,3 +129,54 @@ def test_eplb_whatif_needs_expert_parallelism_and_traffic() -> None:
     result = eplb_whatif([[float("nan"), 1], [3, 1]], [0, 1], 2)
     assert result is not None
     assert result.layers == (1,)
+
+
+def test_the_check_allows_experts_of_equal_per_replica_load_to_trade_slots_and_nothing_else() -> (
+    None
+):
+    # Expert 0 gets 2 redundant replicas (6 -> 3 -> 2 per replica; the second is argmax's first
+    # of the tie 3 = 3), and then carries 2 per replica, like expert 2: the packing's sort may
+    # take those four items in any order, vLLM's np.argsort in the order of the CPU's kernel.
+    weight = [6.0, 3.0, 2.0, 1.0]
+    ours = rebalance_layer(weight, 6, 1, 1, 2)
+    assert ours == [1, 0, 3, 0, 2, 0]  # GPU 0: e1 e0 e3 (3 + 2 + 1); GPU 1: e0 e2 e0 (2 + 2 + 2)
+    assert slot_ties(weight, ours, 1, 2) == [(0, (0, 2))]
+    assert difference(weight, ours, ours, 1) is None
+    # Expert 2 and a replica of expert 0 trade GPUs: what another CPU's sort gives.
+    assert difference(weight, ours, [1, 2, 3, 0, 0, 0], 1) is None
+    # Experts 1 and 0 trade: the loads move (GPU 0: 2 + 2 + 1), a real difference.
+    assert difference(weight, ours, [0, 0, 3, 1, 2, 0], 1) == (
+        "slot 0: per-replica load 2.0 (expert 0), expected 3.0 (expert 1)"
+    )
+    # Replica counts are determined (argmax's first maximum): 2 for expert 1 is wrong.
+    assert difference(weight, ours, [1, 0, 3, 1, 2, 0], 1) == "expert 0: 2 replicas, expected 3"
+    assert difference(weight, ours, [1, 0, 3, 0, 0, 0], 1) == (
+        "a logical expert is missing or an expert id is out of range"
+    )
+    # One physical expert per GPU: the packing does not sort, no tie can matter.
+    assert slot_ties([1.0, 1.0], [0, 1], 1, 2) == []
+
+
+def test_tied_group_sums_are_tried_in_every_order_and_can_change_the_balancedness() -> None:
+    # 4 groups of 2 on 2 nodes of 2 GPUs; group sums 6, 6, 4, 4: step 1 packs g0 and g2 on node
+    # 0 when it takes g0 first (the transcription), g1 and g2 when it takes g1 first.
+    weight = [5.0, 1.0, 3.0, 3.0, 2.0, 2.0, 4.0, 0.0]
+    assert group_ties(weight, 4, 2) == [(0, 1), (2, 3)]
+    assert group_ties(weight, 4, 4) == []  # one group per node: no sort, no tie matters
+    found = placements(weight, 8, 4, 2, 4)
+    assert len(found) == 4
+    assert found[0] == rebalance_layer(weight, 8, 4, 2, 4) == [0, 1, 4, 5, 6, 7, 2, 3]
+    assert found[1] == [0, 7, 6, 1, 2, 4, 3, 5]  # g3 before g2: node 0 holds g0 and g3
+    # The order of equal group sums is the CPU's, and it changes the rank loads.
+    assert physical_rank_loads(weight, found[0], 4) == [6.0, 4.0, 4.0, 6.0]
+    assert physical_rank_loads(weight, found[1], 4) == [5.0, 5.0, 5.0, 5.0]
+    for placement in found:
+        assert match_layer(weight, placement, 8, 4, 2, 4) == (placement, "")
+    # Not an order of tied groups: experts 0 and 2 trade nodes.
+    assert match_layer(weight, [2, 1, 4, 5, 6, 7, 0, 3], 8, 4, 2, 4) == (
+        None,
+        "slot 0: per-replica load 3.0 (expert 2), expected 5.0 (expert 0)",
+    )
+    # Eight equal groups would be 40,320 orders: the check refuses rather than guesses.
+    with pytest.raises(ValueError, match="orders of tied groups"):
+        placements([1.0] * 16, 16, 8, 2, 4)
