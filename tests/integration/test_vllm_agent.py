@@ -102,7 +102,7 @@ async def wait_snapshot(
 
 
 def engine_view(snap: Snapshot) -> EngineView:
-    views = [v for v in snap.engines if v.engine == ENGINE]
+    views = [v for r in snap.engines for v in r.views if v.engine == ENGINE]
     assert len(views) == 1, f"expected one view of {ENGINE}, got {snap.engines}"
     return views[0]
 
