@@ -109,7 +109,6 @@ class EngineRecord:
     # Its stages failing as of this cycle (agent/stages.py): their series are left out, and
     # none is stood in for (no "0 layers observed" while the expert stage is what failed).
     failing: frozenset[str] = frozenset()
-    failed: Mapping[str, str] = field(default_factory=dict)  # stage -> error, this cycle
 
 
 @dataclass(frozen=True, slots=True)
