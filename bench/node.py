@@ -106,7 +106,11 @@ async def main() -> int:
         gc.collect()
         rss_end = rss_mb()
         whatif_views = (
-            [v.whatif for v in agent.snapshot.experts if v.whatif is not None]
+            [
+                r.experts.whatif
+                for r in agent.snapshot.engines
+                if r.experts is not None and r.experts.whatif is not None
+            ]
             if agent.snapshot
             else []
         )
@@ -180,8 +184,8 @@ def whatif_costs(agent: Agent) -> tuple[float, float, float]:
 
     snapshot = agent.snapshot
     assert snapshot is not None
-    assert snapshot.experts
-    view = snapshot.experts[0]
+    view = snapshot.engines[0].experts
+    assert view is not None
     counts, layers = view.signals.window_counts, view.latest.layers
     rng = random.Random(1)
     skewed = [

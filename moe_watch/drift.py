@@ -7,18 +7,40 @@ large MoE or >= 0.95 anywhere; max_num_seqs above 8 on a large MoE; max_model_le
 plan; prefix caching with an FP8 KV cache; expert parallelism off on a multi-GPU MoE; expert
 parallelism on GPUs without NVLink (the interconnect is given by the agent, from NVML); dtype or
 GPU count differing from the plan. No plan: only the rules apply.
+
+A running value that is not a finite number in its range (``--max-num-seqs nan``, ``1e400``, a
+negative GPU memory fraction) is refused: it is unknown, and ``Running.refused`` names it so
+the agent counts it (``bad_value``). Anything a neighbour can put on a command line ends here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from moe_watch.samples import MAX_MODEL_LEN_TOKENS
 from moe_watch.sizing.catalog import ModelSpec, UnknownModel, find_model
 from moe_watch.sizing.plan import PlanFile
 from moe_watch.thresholds import DEFAULT as T
 
 MAX_MODEL_LEN_FACTOR = 2.0  # "far above the plan"
+# The most sequences a running engine may claim to batch: far above any real one (vLLM's
+# default is 256-1024); more is refused as a value, not believed.
+MAX_NUM_SEQS = 1 << 20
+
+# Every setting find_drift checks, in name order: the agent exports each for every engine it
+# checks (0 = fine), so alerts and dashboards see them before anything drifts.
+SETTINGS = (
+    "dtype",
+    "enable_expert_parallel",
+    "enable_prefix_caching",
+    "gpu_memory_utilization",
+    "gpus",
+    "interconnect",
+    "max_model_len",
+    "max_num_seqs",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +57,9 @@ class Running:
     expert_parallel: bool | None = None
     gpus: int | None = None
     interconnect: str | None = None  # "nvlink" | "pcie": how its GPUs reach each other (NVML)
+    # Settings whose observed value was refused (not a finite number in its range), as
+    # "setting=value"; their fields above are None.
+    refused: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +68,16 @@ class Drift:
     running: str
     expected: str
     rule: str
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:  # one list of settings: SETTINGS above
+            raise ValueError(f"drift setting {self.setting!r} is not in drift.SETTINGS")
+
+
+def setting_flags(findings: Iterable[Drift]) -> tuple[tuple[str, bool], ...]:
+    """Every checked setting, in name order, and whether ``findings`` say it drifted."""
+    drifted = {d.setting for d in findings}
+    return tuple((setting, setting in drifted) for setting in SETTINGS)
 
 
 def running_from(
@@ -58,6 +93,7 @@ def running_from(
     (expert parallelism is on even where the command line cannot be read); ``interconnect``: how
     its GPUs reach each other (NVML)."""
     args = parse_vllm_args(cmdline or ())
+    numbers = _Numbers()
     expert_parallel = ("--enable-expert-parallel" in args) if cmdline else None
     if ep_size is not None and ep_size > 1:
         expert_parallel = True
@@ -66,11 +102,14 @@ def running_from(
         prefix = False
     return Running(
         model=args.get("--served-model-name") or args.get("--model") or args.get("model"),
-        gpu_memory_utilization=_float(
-            cache_config.get("gpu_memory_utilization") or args.get("--gpu-memory-utilization")
+        gpu_memory_utilization=numbers.read(
+            "gpu_memory_utilization",
+            cache_config.get("gpu_memory_utilization") or args.get("--gpu-memory-utilization"),
+            high=1.0,
         ),
-        max_num_seqs=_int(args.get("--max-num-seqs")),
-        max_model_len=max_model_len or _int(args.get("--max-model-len")),
+        max_num_seqs=numbers.integer("max_num_seqs", args.get("--max-num-seqs"), MAX_NUM_SEQS),
+        max_model_len=max_model_len
+        or numbers.integer("max_model_len", args.get("--max-model-len"), MAX_MODEL_LEN_TOKENS),
         enable_prefix_caching=prefix,
         kv_cache_dtype=_kv_dtype(cache_config.get("cache_dtype"))
         or _kv_dtype(args.get("--kv-cache-dtype")),
@@ -78,7 +117,39 @@ def running_from(
         expert_parallel=expert_parallel,
         gpus=gpus,
         interconnect=interconnect,
+        refused=tuple(numbers.refused),
     )
+
+
+class _Numbers:
+    """Reads running values as numbers in their range; keeps what it refused."""
+
+    def __init__(self) -> None:
+        self.refused: list[str] = []
+
+    def read(self, setting: str, text: str | None, *, high: float) -> float | None:
+        """A number in [0, high]. Text that is no number at all (a form this parser does not
+        know) is unknown; a number outside the range, NaN or infinite is refused."""
+        if text is None or text in ("", "None"):
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        if not (math.isfinite(value) and 0 <= value <= high):
+            self.refused.append(f"{setting}={text[:32]}")
+            return None
+        return value
+
+    def integer(self, setting: str, text: str | None, high: int) -> int | None:
+        """A whole number in [1, high]."""
+        value = self.read(setting, text, high=high)
+        if value is None:
+            return None
+        if value < 1 or not value.is_integer():
+            self.refused.append(f"{setting}={str(text)[:32]}")
+            return None
+        return int(value)
 
 
 def parse_vllm_args(cmdline: Sequence[str]) -> dict[str, str]:
@@ -223,18 +294,6 @@ def _spec_for(model: str | None) -> ModelSpec | None:
         except UnknownModel:
             continue
     return None
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value not in (None, "", "None") else None
-    except ValueError:
-        return None
-
-
-def _int(value: str | None) -> int | None:
-    number = _float(value)
-    return int(number) if number is not None else None
 
 
 def _bool(value: str | None) -> bool | None:

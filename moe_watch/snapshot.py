@@ -17,6 +17,16 @@ from moe_watch.signals.eplb_whatif import EplbWhatIf
 from moe_watch.signals.experts import ExpertSignals
 from moe_watch.sources.runner import SourceStatus
 
+# The stages of one engine's part of a cycle (agent/stages.py): the names EngineRecord.failing
+# holds, and the `reason` of collect_errors_total under the engine's source (docs/metrics.md).
+SIGNALS = "signals"  # the engine's windowed signals from its scrapes
+EXPERTS = "experts"  # the expert-load window and its signals
+WHATIF = "whatif"  # the EPLB what-if
+DRIFT = "drift"  # the running settings against the plan and the rules
+GPU_SIGNALS = "gpu_signals"  # the engine's GPU spread, interconnect and budget ratios
+ASSEMBLE = "assemble"  # anything else of the engine's (or the node's) part of the cycle
+BAD_VALUE = "bad_value"  # a value a stage refused: not a finite number in its range
+
 
 @dataclass(frozen=True, slots=True)
 class EngineView:
@@ -51,6 +61,8 @@ class EngineExperts:
     # Set for an engine whose workers span nodes (experts.engine_group): the exporter then also
     # publishes this node's window counts for the group-level recording rules.
     engine_group: str | None = None
+    # For an engine group under expert parallelism: this node's window assignments per EP rank.
+    group_rank_tokens: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +70,7 @@ class GpuView:
     sample: GpuSample
     engine: str | None
     memory_used_ratio: float | None
+    memory_headroom_ratio: float | None = None
     # Kubernetes owner of the GPU (kubelet pod-resources): namespace, pod, container.
     owner: tuple[str, str, str] | None = None
     # Every kubelet allocation on the GPU (whole, time-slice replica, MIG or DRA device):
@@ -66,29 +79,53 @@ class GpuView:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineRecord:
+    """Everything one cycle knows about one engine target, built in one pass
+    (agent/assemble.py) and rendered as one unit (exporter, views).
+
+    It is also the unit that fails alone: a stage of the engine that raised (its signals,
+    expert signals, what-if, drift, GPU-derived values or assembly) is named in ``failing`` and
+    leaves only its own fields empty; the other engines' records are untouched.
+    """
+
+    name: str
+    up: bool  # its last /metrics scrape succeeded; a down engine exports target_up 0 only
+    views: tuple[EngineView, ...] = ()  # one per served model, while up
+    # Settings the engine publishes about itself (vLLM cache_config_info, ...), while up.
+    settings: Mapping[str, str] = field(default_factory=dict)
+    pod: tuple[str, str] | None = None  # (namespace, pod) of a discovered engine
+    # An expert-count source is configured: expert_layers_observed is exported (0 while empty).
+    expert_source: bool = False
+    experts: EngineExperts | None = None
+    eplb_balancedness: Mapping[str, float] = field(default_factory=dict)  # model -> its log's
+    budget_bytes: float | None = None  # per-GPU memory budget of its plan
+    budget_used: tuple[tuple[int, float], ...] = ()  # (GPU index, memory used / budget)
+    # Drift findings; None when not checked (down, not vLLM, or the check failed).
+    drift: tuple[Drift, ...] | None = None
+    # Every setting drift checks, in name order, and whether it drifted (drift.setting_flags).
+    drift_flags: tuple[tuple[str, bool], ...] = ()
+    interconnect: str | None = None  # "nvlink" | "pcie": how its GPUs reach each other
+    gpu_spread: float | None = None  # max - min utilization of its GPUs
+    # Its stages failing as of this cycle (agent/stages.py): their series are left out, and
+    # none is stood in for (no "0 layers observed" while the expert stage is what failed).
+    failing: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     timestamp: float
     cycle: int
     cycle_duration_seconds: float
     sources: tuple[SourceStatus, ...]
-    targets_up: Mapping[str, bool]
-    engines: tuple[EngineView, ...] = ()
+    engines: tuple[EngineRecord, ...] = ()  # one per target, in target order
     gpus: tuple[GpuView, ...] = ()
     driver_version: str | None = None
     xid_totals: Mapping[tuple[int, int], int] = field(default_factory=dict)
-    engine_gpu_spread: Mapping[str, float] = field(default_factory=dict)
     node_gpu_spread: float | None = None
-    # Settings engines publish about themselves (vLLM cache_config_info, ...), by engine.
-    engine_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    experts: tuple[EngineExperts, ...] = ()
-    # Engines with an expert-count source configured (exported even while it yields nothing).
-    expert_engines: tuple[str, ...] = ()
-    # vLLM EPLB balancedness from its log, by (engine, model).
-    eplb_balancedness: Mapping[tuple[str, str], float] = field(default_factory=dict)
-    # Per-GPU memory budget of each engine's plan, bytes; and drift findings by engine.
-    budgets: Mapping[str, float] = field(default_factory=dict)
-    drift: Mapping[str, tuple[Drift, ...]] = field(default_factory=dict)
-    # Discovered engines: engine -> (namespace, pod).
-    engine_pods: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-    # How each multi-GPU engine's GPUs reach each other: "nvlink" | "pcie" (NVML; issue #19).
-    engine_interconnect: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def targets_up(self) -> Mapping[str, bool]:
+        return {record.name: record.up for record in self.engines}
+
+    def engine(self, name: str) -> EngineRecord | None:
+        return next((record for record in self.engines if record.name == name), None)

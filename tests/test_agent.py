@@ -54,7 +54,7 @@ async def test_a_dead_target_is_isolated_counted_and_exported_as_down(
     async with Agent(config) as agent:
         snap = await agent.run_cycle()
     assert dict(snap.targets_up) == {"live": True, "dead": False}
-    assert [view.engine for view in snap.engines] == ["live"]
+    assert [view.engine for record in snap.engines for view in record.views] == ["live"]
     metrics = exposition(snap)
     assert value(metrics, "moe_watch_target_up", engine="live") == 1.0
     assert value(metrics, "moe_watch_target_up", engine="dead") == 0.0
@@ -86,7 +86,7 @@ async def test_counter_reset_on_engine_restart_gives_the_traffic_after_it_not_a_
             engine_stub.serve(read_capture(state))
             snap = await agent.run_cycle()
             clock.now += 10.0
-    signals = snap.engines[0].signals
+    signals = snap.engines[0].views[0].signals
     # increase = 0 (reset to 0) + 80 tokens over the 20 s window; 5 requests finished after it
     assert signals.generation_tokens_per_second == pytest.approx(80 / 20)
     assert signals.requests_per_second == pytest.approx(5 / 20)
@@ -109,10 +109,10 @@ async def test_quantiles_come_from_the_window_and_an_empty_window_exports_none(
         loaded = await agent.run_cycle()
         clock.now += 120  # the load leaves the 60 s window; nothing new happened since
         idle = await agent.run_cycle()
-    assert first.engines[0].signals.latency_seconds == {}
-    e2e_p95 = loaded.engines[0].signals.latency_seconds[("e2e", 0.95)]
+    assert first.engines[0].views[0].signals.latency_seconds == {}
+    e2e_p95 = loaded.engines[0].views[0].signals.latency_seconds[("e2e", 0.95)]
     assert 0.0 < e2e_p95 < 60.0
-    assert idle.engines[0].signals.latency_seconds == {}
+    assert idle.engines[0].views[0].signals.latency_seconds == {}
     metrics = exposition(idle)
     assert not any(name == "moe_watch_latency_seconds" for name, _ in metrics)
 
@@ -213,7 +213,7 @@ async def test_a_gpu_lost_mid_run_exports_gpu_up_0_and_the_rest_keeps_reporting(
         healthy = await agent.run_cycle()
         fake.gpus[1].lost = True
         lost = await agent.run_cycle()
-    assert healthy.engine_gpu_spread["e"] == pytest.approx(0.65)
+    assert healthy.engines[0].gpu_spread == pytest.approx(0.65)
     metrics = exposition(lost)
     gpu1 = frozenset({("gpu", "1"), ("engine", "e")})
     assert metrics[("moe_watch_gpu_up", gpu1)] == 0.0
@@ -224,7 +224,7 @@ async def test_a_gpu_lost_mid_run_exports_gpu_up_0_and_the_rest_keeps_reporting(
     )
     assert value(metrics, "moe_watch_collect_errors_total", source="nvml", reason="gpu_lost") == 1.0
     assert value(metrics, "moe_watch_source_up", source="nvml") == 1.0
-    assert "e" not in lost.engine_gpu_spread  # one GPU left: no spread to speak of
+    assert lost.engines[0].gpu_spread is None  # one GPU left: no spread to speak of
     assert value(metrics, "moe_watch_target_up", engine="e") == 1.0
 
 
@@ -409,7 +409,7 @@ async def test_the_eplb_whatif_is_exported_shown_and_cached_between_recomputatio
         await agent.run_cycle()  # stale: recomputed in the background ...
         await agent.settle()
         later = await agent.run_cycle()  # ... and published by the next cycle
-    assert started.experts[0].whatif is None  # no cycle waits for the what-if
+    assert started.engines[0].experts.whatif is None  # no cycle waits for the what-if
     metrics = exposition(first)
     # Today: layer 0 ranks (8, 2), layer 1 (2, 2): (5 + 2) / (8 + 2).
     assert value(metrics, "moe_watch_expert_rank_balancedness_ratio", engine="ds") == pytest.approx(
@@ -446,11 +446,11 @@ async def test_the_eplb_whatif_is_exported_shown_and_cached_between_recomputatio
     assert two["redundant_experts"] == 2
     assert two["layers"][0]["rank_experts"] == [[0, 0, 2], [1, 0, 3]]
     assert two["layers"][0]["rank_loads"] == [5.0, 5.0]
-    assert first.experts[0].whatif is not None
-    assert first.experts[0].whatif.computed_at == computed_at
-    assert cached.experts[0].whatif is first.experts[0].whatif
-    assert later.experts[0].whatif is not None
-    assert later.experts[0].whatif.computed_at == clock.now  # the stale cycle's time
+    assert first.engines[0].experts.whatif is not None
+    assert first.engines[0].experts.whatif.computed_at == computed_at
+    assert cached.engines[0].experts.whatif is first.engines[0].experts.whatif
+    assert later.engines[0].experts.whatif is not None
+    assert later.engines[0].experts.whatif.computed_at == clock.now  # the stale cycle's time
 
 
 async def test_no_whatif_without_expert_parallelism(
@@ -470,8 +470,8 @@ async def test_no_whatif_without_expert_parallelism(
             )  # fmt: skip
             clock.now += 5
             snap = await agent.run_cycle()
-    assert snap.experts[0].signals.layers  # the skew signals are there ...
-    assert snap.experts[0].whatif is None  # ... but one rank has nothing to rebalance
+    assert snap.engines[0].experts.signals.layers  # the skew signals are there ...
+    assert snap.engines[0].experts.whatif is None  # ... but one rank has nothing to rebalance
     assert not [name for name, _ in exposition(snap) if "eplb_whatif" in name]
 
 
@@ -511,12 +511,13 @@ async def test_a_cycle_never_waits_for_the_eplb_whatif_and_its_failure_stays_con
             write(scale)
             clock.now += 5
             snap = await agent.run_cycle()
-            assert snap.experts == () or snap.experts[0].whatif is None
+            experts = snap.engines[0].experts
+            assert experts is None or experts.whatif is None
         assert entered.is_set()
-        assert snap.experts[0].signals.layers  # the expert signals flow meanwhile
+        assert snap.engines[0].experts.signals.layers  # the expert signals flow meanwhile
         release.set()
         await agent.settle()
         after = await agent.run_cycle()
     assert calls == [1]  # one computation in flight at a time, not one per cycle
-    assert after.experts[0].whatif is None  # the failure left no answer and raised nothing
+    assert after.engines[0].experts.whatif is None  # the failure left no answer and raised nothing
     assert value(exposition(after), "moe_watch_expert_skew_ratio", engine="ds", layer="0") > 0

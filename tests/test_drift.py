@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_watch.drift import Running, find_drift, running_from
+from moe_watch.drift import SETTINGS, Drift, Running, find_drift, running_from, setting_flags
 from moe_watch.serving.views import status_document
 from moe_watch.sizing.plan import PlanError, PlanFile, VllmSettings, load_plan
 from moe_watch.sources.exposition import parse_engine_exposition
@@ -194,3 +194,52 @@ def test_expert_parallelism_without_nvlink_drifts() -> None:
     )
     assert settings(find_drift(Running(expert_parallel=None, gpus=4, interconnect="pcie"))) == set()
     assert settings(find_drift(Running(expert_parallel=True, gpus=4))) == set()  # unknown link
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--max-num-seqs", "nan"),
+        ("--max-num-seqs", "1e400"),
+        ("--max-num-seqs", "inf"),
+        ("--max-num-seqs", "0"),
+        ("--max-num-seqs", "8.5"),
+        ("--max-num-seqs", "99999999999999999999"),
+        ("--max-model-len", "nan"),
+        ("--max-model-len", "1" + "0" * 309),
+        ("--gpu-memory-utilization", "nan"),
+        ("--gpu-memory-utilization", "1.5"),
+        ("--gpu-memory-utilization", "inf"),
+    ],
+)
+def test_a_running_value_that_is_no_number_in_range_is_refused_and_named(
+    flag: str, value: str
+) -> None:
+    # Before: int(float("nan")) raised ValueError and int(float("1e400")) OverflowError inside
+    # the agent's cycle; "1.5" was believed.
+    running = running_from({}, ["vllm", "serve", "m", flag, value], None, 1)
+    setting = flag.removeprefix("--").replace("-", "_")
+    assert getattr(running, setting) is None
+    assert running.refused == (f"{setting}={value[:32]}",)
+    find_drift(running)  # and the rules run on what is left
+
+
+def test_values_in_range_are_read_and_forms_the_parser_does_not_know_are_unknown() -> None:
+    running = running_from(
+        {"gpu_memory_utilization": "0.9"},
+        ["vllm", "serve", "m", "--max-num-seqs", "256", "--max-model-len", "32k"],
+        None,
+        2,
+    )
+    assert (running.max_num_seqs, running.gpu_memory_utilization) == (256, 0.9)
+    assert running.max_model_len is None  # vLLM's "32k": not read, and not refused either
+    assert running.refused == ()
+
+
+def test_every_drift_names_one_of_the_settings_and_all_are_exported() -> None:
+    with pytest.raises(ValueError, match=r"not in drift\.SETTINGS"):
+        Drift("max_num_seq", "9", "8", "typo")
+    assert list(SETTINGS) == sorted(SETTINGS)
+    flags = setting_flags([Drift("dtype", "fp8", "bf16", "differs from the plan")])
+    assert [name for name, _ in flags] == list(SETTINGS)
+    assert dict(flags) == {name: name == "dtype" for name in SETTINGS}

@@ -135,7 +135,7 @@ async def three_agents(tmp_path: Path) -> AsyncIterator[dict[str, Agent]]:
 def expected(agent: Agent) -> dict[str, dict[tuple[str, ...], float]]:
     """The unified series' values, keyed like the Prometheus answers, from one agent's snapshot."""
     assert agent.snapshot is not None
-    (view,) = agent.snapshot.experts
+    (view,) = [r.experts for r in agent.snapshot.engines if r.experts is not None]
     signals = view.signals
     assert len(signals.layers) == len(LAYERS)
     out: dict[str, dict[tuple[str, ...], float]] = {

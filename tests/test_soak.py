@@ -135,7 +135,7 @@ async def test_soak_with_faults(tmp_path: Path) -> None:
                 assert snap.targets_up["steady"] is True
                 gpu2 = next(v.sample for v in snap.gpus if v.sample.index == 2)
                 assert gpu2.up is not (100 <= cycle < 150)
-                restarts = next(v for v in snap.engines if v.engine == "restarts").signals
+                restarts = next(r for r in snap.engines if r.name == "restarts").views[0].signals
                 assert all(
                     (getattr(restarts, f) or 0.0) >= 0.0
                     for f in (
@@ -160,7 +160,11 @@ async def test_soak_with_faults(tmp_path: Path) -> None:
             nvml_errors = next(s for s in snap.sources if s.name == "nvml").errors_total
             expert_status = next(s for s in snap.sources if s.name == "experts:steady")
             eplb_status = next(s for s in snap.sources if s.name == "eplb:steady")
-            balancedness = dict(snap.eplb_balancedness)
+            balancedness = {
+                (r.name, model): value
+                for r in snap.engines
+                for model, value in r.eplb_balancedness.items()
+            }
     finally:
         for server in servers.values():
             await server.stop()

@@ -1,4 +1,5 @@
-"""The one place a Snapshot is constructed, from everything one cycle read and derived (pure)."""
+"""The one place a Snapshot is constructed, from everything one cycle read and derived: the GPU
+views of the node, one EngineRecord per engine (built in one pass each), then the Snapshot."""
 
 from __future__ import annotations
 
@@ -6,11 +7,21 @@ from collections.abc import Mapping, Sequence
 
 from moe_watch.agent.engine_target import EngineTarget, TargetCycle
 from moe_watch.agent.ownership import gpu_allocations, gpu_owners, sole_owner
-from moe_watch.samples import GpuReading, ProcessInfo
-from moe_watch.signals.gpu import interconnect, memory_used_ratio, utilization_spread
-from moe_watch.snapshot import GpuView, Snapshot
+from moe_watch.drift import setting_flags
+from moe_watch.samples import GpuReading, GpuSample, ProcessInfo
+from moe_watch.signals.gpu import (
+    budget_used_ratio,
+    interconnect,
+    memory_headroom_ratio,
+    memory_used_ratio,
+    utilization_spread,
+)
+from moe_watch.snapshot import GPU_SIGNALS, EngineRecord, GpuView, Snapshot
 from moe_watch.sources.podresources import Allocation, DeviceOwner
 from moe_watch.sources.runner import SourceStatus
+
+# An engine's GPU utilization spread, interconnect and memory used / budget per GPU.
+GpuSignals = tuple[float | None, str | None, tuple[tuple[int, float], ...]]
 
 
 def gpu_views(
@@ -36,6 +47,7 @@ def gpu_views(
             sample=gpu,
             engine=owners.get(gpu.index),
             memory_used_ratio=memory_used_ratio(gpu),
+            memory_headroom_ratio=memory_headroom_ratio(gpu),
             owner=_owner_labels(sole_owner(allocated.get(gpu.index, ()))),
             allocations=tuple(
                 (a.device_id, a.resource, a.owner.namespace, a.owner.pod, a.owner.container)
@@ -46,67 +58,78 @@ def gpu_views(
     )
 
 
+def engine_record(
+    target: EngineTarget,
+    part: TargetCycle,
+    *,
+    gpus: Sequence[GpuView],
+    nvlink_pairs: Mapping[tuple[int, int], bool],
+    processes: Mapping[int, ProcessInfo],
+    pod: tuple[str, str] | None,
+) -> EngineRecord:
+    """Everything the snapshot says about one engine, in one pass. Its GPU-derived values and
+    its drift are stages of their own (``target.stages``): either failing leaves the rest."""
+    scrape = part.scrape
+    mine = [view.sample for view in gpus if view.engine == target.name]
+    nothing: GpuSignals = (None, None, ())
+    spread, link, budget_used = target.stages.run(
+        GPU_SIGNALS, lambda: _gpu_signals(mine, nvlink_pairs, target.budget_bytes), nothing
+    )
+    drift = None
+    if scrape is not None and scrape.kind == "vllm":
+        ep_size = part.experts.latest.ep_size if part.experts is not None else None
+        drift = target.drift(scrape, mine, processes, interconnect=link, ep_size=ep_size)
+    return EngineRecord(
+        name=target.name,
+        up=scrape is not None,
+        views=part.engines,
+        settings=dict(scrape.info) if scrape is not None else {},
+        pod=pod,
+        expert_source=target.config.experts is not None,
+        experts=part.experts,
+        eplb_balancedness=dict(part.eplb),
+        budget_bytes=target.budget_bytes,
+        budget_used=budget_used,
+        drift=drift,
+        drift_flags=setting_flags(drift) if drift is not None else (),
+        interconnect=link,
+        gpu_spread=spread,
+    )
+
+
+def _gpu_signals(
+    mine: Sequence[GpuSample],
+    nvlink_pairs: Mapping[tuple[int, int], bool],
+    budget_bytes: float | None,
+) -> GpuSignals:
+    used = ((gpu.index, budget_used_ratio(gpu, budget_bytes)) for gpu in mine)
+    return (
+        utilization_spread(mine),
+        interconnect(mine, nvlink_pairs),
+        tuple((index, ratio) for index, ratio in used if ratio is not None),
+    )
+
+
 def assemble_snapshot(
     *,
     timestamp: float,
     cycle: int,
     duration_seconds: float,
     sources: Sequence[SourceStatus],
-    targets: Sequence[tuple[EngineTarget, TargetCycle]],
+    engines: Sequence[EngineRecord],
     reading: GpuReading | None,
     gpus: tuple[GpuView, ...],
-    processes: Mapping[int, ProcessInfo],
-    engine_pods: Mapping[str, tuple[str, str]],
 ) -> Snapshot:
-    up = [(target, part, part.scrape) for target, part in targets if part.scrape is not None]
-    spreads = {
-        target.name: utilization_spread(v.sample for v in gpus if v.engine == target.name)
-        for target, _ in targets
-    }
-    links = {
-        target.name: interconnect(
-            [v.sample for v in gpus if v.engine == target.name],
-            reading.nvlink_pairs if reading else {},
-        )
-        for target, _ in targets
-    }
-    engine_links = {name: kind for name, kind in links.items() if kind is not None}
     return Snapshot(
         timestamp=timestamp,
         cycle=cycle,
         cycle_duration_seconds=duration_seconds,
         sources=tuple(sources),
-        targets_up={part.name: part.scrape is not None for _, part in targets},
-        engines=tuple(view for _, part in targets for view in part.engines),
+        engines=tuple(engines),
         gpus=gpus,
         driver_version=reading.driver_version if reading else None,
         xid_totals=dict(reading.xid_totals) if reading else {},
-        engine_gpu_spread={name: value for name, value in spreads.items() if value is not None},
         node_gpu_spread=utilization_spread(v.sample for v in gpus),
-        engine_settings={part.name: dict(scrape.info) for _, part, scrape in up},
-        experts=tuple(part.experts for _, part in targets if part.experts is not None),
-        expert_engines=tuple(t.name for t, _ in targets if t.config.experts is not None),
-        eplb_balancedness={
-            (part.name, model): value for _, part in targets for model, value in part.eplb.items()
-        },
-        budgets={
-            target.name: target.budget_bytes
-            for target, _ in targets
-            if target.budget_bytes is not None
-        },
-        drift={
-            target.name: target.drift(
-                scrape,
-                gpus,
-                processes,
-                interconnect=engine_links.get(target.name),
-                ep_size=part.experts.latest.ep_size if part.experts is not None else None,
-            )
-            for target, part, scrape in up
-            if scrape.kind == "vllm"
-        },
-        engine_pods=dict(engine_pods),
-        engine_interconnect=engine_links,
     )
 
 

@@ -7,20 +7,22 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import structlog
 
-from moe_watch.agent.assemble import assemble_snapshot, gpu_views
-from moe_watch.agent.engine_target import EngineTarget, nothing
+from moe_watch.agent.assemble import assemble_snapshot, engine_record, gpu_views
+from moe_watch.agent.engine_target import EngineTarget, TargetReading, nothing
+from moe_watch.agent.stages import Stages
 from moe_watch.config import Settings, TargetConfig
 from moe_watch.samples import GpuReading, ProcessInfo
-from moe_watch.snapshot import Snapshot
+from moe_watch.snapshot import ASSEMBLE, EngineRecord, GpuView, Snapshot
 from moe_watch.sources.discovery import PodTarget, PodWatcher
 from moe_watch.sources.podresources import Allocation, PodResourcesSource
 from moe_watch.sources.proc import ProcSource
-from moe_watch.sources.runner import SourceRunner
+from moe_watch.sources.runner import SourceRunner, SourceStatus
 
 log = structlog.get_logger("moe_watch.agent")
 
@@ -48,6 +50,8 @@ class Agent:
         self._proc_runner: SourceRunner[dict[int, ProcessInfo]] | None = None
         self._pod_resources_runner: SourceRunner[tuple[Allocation, ...]] | None = None
         self._pids: tuple[int, ...] = ()  # on the GPUs in the latest NVML reading
+        # The node's part of the cycle (GPU ownership); its failures count under nvml.
+        self._node_stages = Stages({"source": "nvml"})
         self._kubelet: tuple[Allocation, ...] = ()  # the node's GPU allocations (pod-resources)
         self.discovery: PodWatcher | None = None
         self._discovery_runner: SourceRunner[int] | None = None  # discovery in /status
@@ -185,31 +189,64 @@ class Agent:
         self._pids = tuple(pid for gpu in reading.gpus for pid in gpu.pids) if reading else ()
         processes = (await self._proc_runner.run() if self._proc_runner else None) or {}
         now = self._clock()
-        parts = [(t, t.advance(r, now)) for t, r in zip(targets, readings, strict=True)]
         self._cycle += 1
-        gpus = gpu_views(
-            reading,
-            targets,
-            kubelet=self._kubelet,
-            pod_engines=self._pod_engines,
-            processes=processes,
+        gpus = self._node_stages.run(
+            ASSEMBLE,
+            lambda: gpu_views(
+                reading,
+                targets,
+                kubelet=self._kubelet,
+                pod_engines=self._pod_engines,
+                processes=processes,
+            ),
+            tuple(GpuView(gpu, None, None) for gpu in reading.gpus) if reading else (),
         )
+        records = [
+            self._record(target, target_reading, now, gpus, reading, processes)
+            for target, target_reading in zip(targets, readings, strict=True)
+        ]
         snapshot = assemble_snapshot(
             timestamp=now,
             cycle=self._cycle,
             duration_seconds=time.perf_counter() - started,
-            sources=[runner.status() for runner in self._runners()],
-            targets=parts,
+            sources=self._statuses(),
+            engines=records,
             reading=reading,
             gpus=gpus,
-            processes=processes,
-            engine_pods=self._engine_pods,
         )
         self._snapshot = snapshot
         self.first_cycle_done.set()
         self._cycle_done.set()
         self._cycle_done = asyncio.Event()
         return snapshot
+
+    def _record(
+        self,
+        target: EngineTarget,
+        target_reading: TargetReading,
+        now: float,
+        gpus: tuple[GpuView, ...],
+        reading: GpuReading | None,
+        processes: Mapping[int, ProcessInfo],
+    ) -> EngineRecord:
+        """One engine's record: its signals, then everything derived from them. The stages
+        inside contain their own failures; whatever else fails leaves only the engine's up
+        state (counted as ``assemble`` under the engine's source)."""
+
+        def build() -> EngineRecord:
+            part = target.advance(target_reading, now)
+            return engine_record(
+                target,
+                part,
+                gpus=gpus,
+                nvlink_pairs=reading.nvlink_pairs if reading else {},
+                processes=processes,
+                pod=self._engine_pods.get(target.name),
+            )
+
+        up = target_reading.scrape is not None
+        record = target.stages.run(ASSEMBLE, build, EngineRecord(name=target.name, up=up))
+        return replace(record, failing=frozenset(target.stages.failing))
 
     async def wait_for_cycle(self, cycle: int) -> Snapshot:
         """Wait until the snapshot of cycle number ``cycle`` (1 = the first) is published."""
@@ -237,6 +274,19 @@ class Agent:
             owners = await self._pod_resources_runner.run()
             if owners is not None:  # on failure keep the last known allocation
                 self._kubelet = owners
+
+    def _statuses(self) -> list[SourceStatus]:
+        """Every runner's status; an engine's and the node's count their stages' failures."""
+        scrapes = {target.scrape_runner: target for target in self._targets.values()}
+        statuses = []
+        for runner in self._runners():
+            if runner in scrapes:
+                statuses.append(scrapes[runner].scrape_status())
+            elif runner is self._nvml_runner:
+                statuses.append(self._node_stages.merged(runner.status()))
+            else:
+                statuses.append(runner.status())
+        return statuses
 
     def _runners(self) -> list[SourceRunner[Any]]:
         """Every runner, in the order their self-metrics are exported."""

@@ -1,7 +1,8 @@
 """One engine target and everything the agent keeps for it.
 
 Its runners (/metrics, expert counts, EPLB log), its sliding windows, its plan and budget live
-here, so discovering or losing an engine adds or drops one object.
+here, so discovering or losing an engine adds or drops one object. So does the boundary around
+the stages derived from them (``stages``): one engine's failure stays in that engine.
 """
 
 from __future__ import annotations
@@ -16,24 +17,41 @@ from typing import Any
 import aiohttp
 import structlog
 
+from moe_watch.agent.stages import Stages
 from moe_watch.config import Settings, TargetConfig
 from moe_watch.drift import Drift, find_drift, running_from
-from moe_watch.samples import EngineScrape, EplbBalance, ExpertCounts, ModelSample, ProcessInfo
+from moe_watch.samples import (
+    EngineScrape,
+    EplbBalance,
+    ExpertCounts,
+    GpuSample,
+    ModelSample,
+    ProcessInfo,
+)
 from moe_watch.signals.engine import derive_engine_signals
 from moe_watch.signals.eplb_whatif import EplbWhatIf, eplb_whatif
 from moe_watch.signals.experts import (
     ExpertSignals,
     derive_expert_signals,
     needs_zero_baseline,
+    rank_tokens,
     zero_baseline,
 )
 from moe_watch.signals.window import SlidingWindow
 from moe_watch.sizing.plan import PlanFile
-from moe_watch.snapshot import EngineExperts, EngineView, GpuView, WhatIfView
+from moe_watch.snapshot import (
+    DRIFT,
+    EXPERTS,
+    SIGNALS,
+    WHATIF,
+    EngineExperts,
+    EngineView,
+    WhatIfView,
+)
 from moe_watch.sources.base import Source
 from moe_watch.sources.engine import EngineSource
 from moe_watch.sources.eplb_log import EplbLogSource
-from moe_watch.sources.runner import SourceRunner
+from moe_watch.sources.runner import SourceRunner, SourceStatus
 
 log = structlog.get_logger("moe_watch.agent")
 
@@ -101,7 +119,8 @@ class EngineTarget:
             self.budget_bytes = self.plan.sized(config.plan.parent).itemised.total_gb * 1e9
         self._model_windows: dict[str, SlidingWindow[ModelSample]] = {}
         self._expert_window = SlidingWindow[ExpertCounts](settings.window_seconds)
-        self._whatif = WhatIfCache(settings, config)
+        self.stages = Stages(fields)
+        self._whatif = WhatIfCache(settings, config, self.stages)
 
     async def collect(self) -> TargetReading:
         scrape, counts, balance = await asyncio.gather(
@@ -112,26 +131,17 @@ class EngineTarget:
         return TargetReading(scrape, counts, balance)
 
     def advance(self, reading: TargetReading, now: float) -> TargetCycle:
-        """Add this cycle's samples to the windows, expire old ones, derive the signals."""
+        """Add this cycle's samples to the windows, expire old ones, derive the signals.
+
+        The engine's signals and its expert signals are separate stages: one failing leaves
+        the other's series (and every other engine's) in place."""
         scrape = reading.scrape
-        engines = tuple(self._engine_views(scrape)) if scrape is not None else ()
+        engines: tuple[EngineView, ...] = ()
+        if scrape is not None:
+            engines = self.stages.run(SIGNALS, lambda: tuple(self._engine_views(scrape)), ())
         for window in self._model_windows.values():
             window.expire(now)
-        if reading.counts is not None:  # on failure the window keeps what it had, and expires
-            self._append_counts(reading.counts, now)
-        self._expert_window.expire(now)
-        latest = self._expert_window.latest()
-        experts = None
-        if latest is not None:
-            signals = derive_expert_signals([c for _, c in self._expert_window], top_n=self._top_n)
-            group = self.config.experts.engine_group if self.config.experts else None
-            experts = EngineExperts(
-                engine=latest.engine,
-                latest=latest,
-                signals=signals,
-                whatif=self._whatif.get(latest, signals, now),  # computed beside the cycle
-                engine_group=group,
-            )
+        experts = self.stages.run(EXPERTS, lambda: self._experts(reading.counts, now), None)
         balance = reading.balance
         return TargetCycle(
             name=self.name,
@@ -139,6 +149,28 @@ class EngineTarget:
             engines=engines,
             experts=experts,
             eplb=dict(balance.balancedness) if balance is not None else {},
+        )
+
+    def _experts(self, counts: ExpertCounts | None, now: float) -> EngineExperts | None:
+        if counts is not None:  # on failure the window keeps what it had, and expires
+            self._append_counts(counts, now)
+        self._expert_window.expire(now)
+        latest = self._expert_window.latest()
+        if latest is None:
+            return None
+        signals = derive_expert_signals([c for _, c in self._expert_window], top_n=self._top_n)
+        group = self.config.experts.engine_group if self.config.experts else None
+        return EngineExperts(
+            engine=latest.engine,
+            latest=latest,
+            signals=signals,
+            whatif=self._whatif.get(latest, signals, now),  # computed beside the cycle
+            engine_group=group,
+            group_rank_tokens=rank_tokens(
+                signals.window_counts, latest.num_experts, latest.ep_size, latest.placement
+            )
+            if group is not None
+            else (),
         )
 
     async def settle(self) -> None:
@@ -177,16 +209,29 @@ class EngineTarget:
     def drift(
         self,
         scrape: EngineScrape,
-        gpus: Sequence[GpuView],
+        mine: Sequence[GpuSample],
         processes: Mapping[int, ProcessInfo],
         *,
         interconnect: str | None = None,
         ep_size: int | None = None,
-    ) -> tuple[Drift, ...]:
-        """The rules (and the plan, where there is one) against what the engine runs with.
+    ) -> tuple[Drift, ...] | None:
+        """The rules (and the plan, where there is one) against what the engine runs with, on
+        its GPUs ``mine``; None when the check failed (counted, logged once). A running value
+        that is not a number in its range is left out and counted as ``bad_value``.
 
         ``interconnect`` and ``ep_size``: see drift.running_from."""
-        mine = [view.sample for view in gpus if view.engine == self.name]
+        return self.stages.run(
+            DRIFT, lambda: self._drift(scrape, mine, processes, interconnect, ep_size), None
+        )
+
+    def _drift(
+        self,
+        scrape: EngineScrape,
+        mine: Sequence[GpuSample],
+        processes: Mapping[int, ProcessInfo],
+        interconnect: str | None,
+        ep_size: int | None,
+    ) -> tuple[Drift, ...]:
         cmdline = next(
             (
                 info.server_cmdline
@@ -203,7 +248,12 @@ class EngineTarget:
             ep_size=ep_size,
             interconnect=interconnect,
         )
+        self.stages.refuse("running", running.refused)
         return tuple(find_drift(running, self.plan))
+
+    def scrape_status(self) -> SourceStatus:
+        """The /metrics runner's status, with the failures of the engine's stages counted in."""
+        return self.stages.merged(self.scrape_runner.status())
 
     def runners(self) -> list[SourceRunner[Any]]:
         optional = (self.experts_runner, self.eplb_runner)
@@ -219,14 +269,15 @@ class WhatIfCache:
     stale starts a computation in a worker thread and publishes the last finished answer
     (``computed_at`` says from when); a later cycle picks the new one up. A new model shape, EP
     size, placement or counter set drops the old answer at once. A failure of the computation
-    is logged and leaves the previous answer; it never reaches the cycle.
+    is counted and logged once (``stages``, stage ``whatif``) and leaves the previous answer;
+    it never reaches the cycle.
     """
 
-    def __init__(self, settings: Settings, config: TargetConfig) -> None:
+    def __init__(self, settings: Settings, config: TargetConfig, stages: Stages) -> None:
+        self._stages = stages
         self._interval = settings.eplb_whatif_interval_seconds
         self._redundant = settings.eplb_whatif_redundant
         self._target = settings.eplb_whatif_target
-        self._engine = config.name
         experts = config.experts
         self._ep_size = experts.ep_size if experts is not None else 1
         self._groups = experts.num_expert_groups if experts is not None else 1
@@ -240,6 +291,13 @@ class WhatIfCache:
 
     def get(self, latest: ExpertCounts, signals: ExpertSignals, now: float) -> WhatIfView | None:
         """The newest finished answer for this counter set; starts a computation if stale."""
+        try:
+            return self._get(latest, signals, now)
+        except Exception as exc:  # the what-if's failure is the what-if's, not the experts'
+            self._stages.fail(WHATIF, exc)
+            return None
+
+    def _get(self, latest: ExpertCounts, signals: ExpertSignals, now: float) -> WhatIfView | None:
         self._harvest()
         ep_size = latest.ep_size if latest.ep_size > 1 else self._ep_size
         key = (latest.layers, latest.num_experts, ep_size, latest.placement, latest.started)
@@ -285,9 +343,10 @@ class WhatIfCache:
         key, started_at = self._running_for
         self.computations += 1
         if task.cancelled() or task.exception() is not None:
-            log.error("eplb what-if failed", engine=self._engine, error=repr(task.exception()))
+            self._stages.fail(WHATIF, task.exception() or asyncio.CancelledError())
             self._key, self._started_at = key, started_at  # retry after the interval
             return
+        self._stages.ok(WHATIF)
         result, seconds = task.result()
         if result is None:  # no traffic in the window: nothing to cache
             self._key, self._result = None, None

@@ -1,20 +1,30 @@
-"""A prometheus_client Collector that renders the latest Snapshot (no work beyond formatting).
+"""A prometheus_client Collector that renders the latest Snapshot (no work beyond formatting:
+every number is computed in signals/ or drift.py and stored in the snapshot).
 
 Metric names are the published contract (docs/metrics.md): renaming one is a breaking change.
+
+The body is rendered part by part: the agent's self-metrics, each GPU, the node, each engine.
+A part whose rendering raises, or holds a value that is not a number (an integer with 310
+digits), is left out whole; every other part is rendered, ``render_failed{part}`` says which
+part is missing, and the failure is logged when it starts and when it ends.
 """
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Protocol
 
+import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from moe_watch import __version__
-from moe_watch.signals.expert_placement import expert_ranks
-from moe_watch.snapshot import Snapshot
+from moe_watch.snapshot import EXPERTS, EngineRecord, GpuView, Snapshot
 from moe_watch.thresholds import DEFAULT as T
+
+log = structlog.get_logger("moe_watch.serving.exporter")
 
 PREFIX = "moe_watch_"
 ENGINE_LABELS = ["engine", "model"]
@@ -22,6 +32,12 @@ ENGINE_LABELS = ["engine", "model"]
 # `pod`, `container`: the Prometheus Operator sets those to the agent's own pod on every series it
 # scrapes, so ours would arrive renamed to `exported_*` (docs/metrics.md, "Labels and the scrape").
 K8S_LABELS = ["k8s_namespace_name", "k8s_pod_name", "k8s_container_name"]
+
+RENDER_FAILED_HELP = (
+    "1 while the part's series (part: agent, node, gpu:<index>, engine:<id>; all: the whole "
+    "body) are left out of /metrics because they could not be rendered (the log has why); 0 "
+    "after it rendered again; absent for a part that never failed."
+)
 
 # (metric suffix, EngineSignals attribute, help). One gauge each, labelled by engine and model.
 ENGINE_GAUGES: tuple[tuple[str, str, str], ...] = (
@@ -42,15 +58,43 @@ def gauge(name: str, documentation: str, labels: list[str]) -> GaugeMetricFamily
     return GaugeMetricFamily(PREFIX + name, documentation, labels=labels)
 
 
+def counter(name: str, documentation: str, labels: list[str]) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, documentation, labels=labels)
+
+
 class Quantiles(Metric):
     """A summary of quantiles only: windowed quantiles are not counters, so no _sum/_count
-    (`promtool check metrics` accepts this; it rejects a `quantile` label on a gauge)."""
+    (`promtool check metrics` accepts this; it rejects a `quantile` label on a gauge).
+    ``labels`` are given without ``quantile``, their values with it, last."""
 
-    def __init__(self, name: str, documentation: str) -> None:
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
         super().__init__(PREFIX + name, documentation, "summary")
+        self._labelnames = (*labels, "quantile")
 
-    def add(self, labels: dict[str, str], quantile: float, value: float) -> None:
-        self.add_sample(self.name, labels | {"quantile": f"{quantile:g}"}, value)
+    def add_metric(self, labels: Sequence[str], value: float) -> None:
+        self.add_sample(self.name, dict(zip(self._labelnames, labels, strict=True)), value)
+
+
+class Family(Protocol):
+    def add_metric(self, labels: Sequence[str], value: float) -> None: ...
+
+
+class Part:
+    """The samples of one part of the body, added to their families only once the whole part
+    is rendered: a part that raises, or holds a value that is no number, leaves no half."""
+
+    __slots__ = ("_samples",)
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[Family, Sequence[str], float]] = []
+
+    def add(self, family: Family, labels: Sequence[str], value: float) -> None:
+        # float() here, not in the encoder: an int past float's range raises now, in its part
+        self._samples.append((family, labels, float(value)))
+
+    def commit(self) -> None:
+        for family, labels, value in self._samples:
+            family.add_metric(labels, value)
 
 
 class SnapshotCollector(Collector):
@@ -61,6 +105,8 @@ class SnapshotCollector(Collector):
     ) -> None:
         self._get_snapshot = get_snapshot
         self._full_detail = expert_full_detail
+        self._failing: set[str] = set()  # parts left out of the last body
+        self._failed: set[str] = set()  # parts left out of some body, still in the snapshot
 
     def collect(self) -> Iterator[Metric]:
         build = gauge("build_info", "moe-watch build; value is always 1.", ["version", "python"])
@@ -69,516 +115,550 @@ class SnapshotCollector(Collector):
         snapshot = self._get_snapshot()
         if snapshot is None:
             return  # before the first cycle: only build_info (and /readyz says not ready)
-        yield from _self_metrics(snapshot)
-        yield from _gpu_metrics(snapshot)
-        yield from _engine_metrics(snapshot)
-        yield from _expert_metrics(snapshot, full_detail=self._full_detail)
-        yield from _whatif_metrics(snapshot)
-        yield from _all2all_metrics(snapshot)
-        yield from _interconnect_metrics(snapshot)
-        yield from _plan_metrics(snapshot)
-        yield from _expert_group_metrics(snapshot)
+        families = Families(full_detail=self._full_detail)
+        full = self._full_detail
+        parts: list[tuple[str, Callable[[Part], None]]] = [
+            ("agent", partial(_self_part, f=families, snap=snapshot))
+        ]
+        parts += [
+            (
+                f"gpu:{view.sample.index}",
+                partial(_gpu_part, f=families, view=view, driver=snapshot.driver_version),
+            )
+            for view in snapshot.gpus
+        ]
+        parts.append(("node", partial(_node_part, f=families, snap=snapshot)))
+        parts += [
+            (
+                f"engine:{record.name}",
+                partial(_engine_part, f=families, record=record, full_detail=full),
+            )
+            for record in snapshot.engines
+        ]
+        failed: dict[str, Exception] = {}
+        for name, render in parts:
+            part = Part()
+            try:
+                render(part)
+            except Exception as exc:  # this part only: the others are rendered
+                failed[name] = exc
+                continue
+            part.commit()
+        yield from families.in_order()
+        yield self._render_failed(failed, {name for name, _ in parts})
+
+    def _render_failed(self, failed: dict[str, Exception], present: set[str]) -> Metric:
+        """The render_failed series, and the log lines when a part starts or stops failing."""
+        for name in sorted(failed.keys() - self._failing):
+            log.error("rendering /metrics left a part out", part=name, exc_info=failed[name])
+        for name in sorted(self._failing - failed.keys()):
+            log.info("rendering /metrics works again for a part it left out", part=name)
+        self._failing = set(failed)
+        self._failed = (self._failed & present) | self._failing
+        family = gauge("render_failed", RENDER_FAILED_HELP, ["part"])
+        for name in sorted(self._failed):
+            family.add_metric([name], 1.0 if name in self._failing else 0.0)
+        return family
 
 
-def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
-    up = gauge("source_up", "1 if the source's last collection succeeded.", ["source"])
-    duration = gauge(
-        "collect_duration_seconds", "Duration of the source's last collection.", ["source"]
-    )
-    last_ok = gauge(
-        "last_success_timestamp_seconds", "Unix time of the source's last success.", ["source"]
-    )
-    errors = CounterMetricFamily(
-        PREFIX + "collect_errors", "Collection errors by source and reason.", labels=["source", "reason"]
-    )  # fmt: skip
+class Families:
+    """Every family of one body, empty, in the order they are published."""
+
+    def __init__(self, *, full_detail: bool) -> None:
+        self.full_detail = full_detail
+        # the agent itself
+        self.source_up = gauge(
+            "source_up", "1 if the source's last collection succeeded.", ["source"]
+        )
+        self.collect_duration = gauge(
+            "collect_duration_seconds", "Duration of the source's last collection.", ["source"]
+        )
+        self.last_success = gauge(
+            "last_success_timestamp_seconds", "Unix time of the source's last success.", ["source"]
+        )
+        self.collect_errors = counter(
+            "collect_errors", "Collection errors by source and reason.", ["source", "reason"]
+        )
+        self.target_up = gauge("target_up", "1 if the engine's last scrape succeeded.", ["engine"])
+        self.cycle_duration = gauge(
+            "cycle_duration_seconds", "Wall time of the agent's last collection cycle.", []
+        )
+        # GPUs and the node
+        gpu = ["gpu", "engine"]
+        self.gpu_info = gauge(
+            "gpu_info",
+            "GPU identity; value is always 1.",
+            ["gpu", "uuid", "name", "driver_version", "engine", *K8S_LABELS],
+        )
+        self.gpu_up = gauge("gpu_up", "1 if NVML could read the GPU, 0 if it is lost.", gpu)
+        self.gpu_utilization = gauge("gpu_utilization_ratio", "GPU utilization, 0-1.", gpu)
+        self.gpu_memory_used = gauge(
+            "gpu_memory_used_bytes", "GPU memory in use, bytes (NVML v2: excludes reserved).", gpu
+        )
+        self.gpu_memory_total = gauge("gpu_memory_total_bytes", "GPU memory, bytes.", gpu)
+        self.gpu_memory_ratio = gauge(
+            "gpu_memory_used_ratio", "GPU memory in use / total, 0-1 (> 0.95 leaves no room).", gpu
+        )
+        self.gpu_temperature = gauge("gpu_temperature_celsius", "GPU temperature.", gpu)
+        self.gpu_power = gauge("gpu_power_watts", "GPU power draw.", gpu)
+        self.xid = counter(
+            "gpu_xid_errors", "Xid errors seen since the agent started.", ["gpu", "xid"]
+        )
+        self.engine_spread = gauge(
+            "engine_gpu_utilization_spread_ratio",
+            "max - min GPU utilization across one engine's GPUs (a hot expert makes one GPU hot).",
+            ["engine"],
+        )
+        self.node_spread = gauge(
+            "node_gpu_utilization_spread_ratio", "max - min GPU utilization across the node.", []
+        )
+        self.gpu_allocation = gauge(
+            "gpu_allocation_info",
+            "A GPU device the kubelet allocated (whole GPU, time-slice replica, MIG or DRA device) and the container holding it; value is always 1.",
+            ["gpu", "uuid", "k8s_device_id", "k8s_resource_name", *K8S_LABELS],
+        )
+        # engines
+        self.engine_info = gauge(
+            "engine_info",
+            "Serving engine identity; value is always 1.",
+            ["engine", "model", "kind", "version", *K8S_LABELS[:2]],
+        )
+        self.max_model_len = gauge(
+            "engine_max_model_len_tokens", "The engine's max_model_len.", ENGINE_LABELS
+        )
+        self.engine_gauges = [
+            (attr, gauge(name, doc, ENGINE_LABELS)) for name, attr, doc in ENGINE_GAUGES
+        ]
+        self.latency = Quantiles(
+            "latency_seconds",
+            "Request latency quantiles over the window, from histogram bucket deltas "
+            "(kind: e2e, ttft, itl, queue).",
+            ["engine", "model", "kind"],
+        )
+        self._experts()
+        self._whatif()
+        self._all2all()
+        self._interconnect()
+        self._plan()
+        self._groups()
+
+    def _experts(self) -> None:
+        """Per-layer skew and the layer x load-rank grid by default: ~470 series for DeepSeek-V3.
+
+        No series is keyed by a value that moves: which expert is hottest is the *value* of
+        expert_load_rank_expert_id, so skew, share and rank series keep their identity (and
+        alerts their `for:` timers) while two experts trade places.
+        """
+        layer_labels = ["engine", "layer"]
+        rank_labels = ["engine", "layer", "load_rank"]
+        self.skew = gauge(
+            "expert_skew_ratio",
+            "max/mean - 1 of tokens per expert in the layer over the window "
+            f"(0.5 = 50 % skew; alert above {T.expert_skew:g}).",
+            layer_labels,
+        )
+        self.balance = gauge(
+            "expert_balancedness_ratio",
+            "mean/max of tokens per expert in the layer over the window (1 = even).",
+            layer_labels,
+        )
+        self.share = gauge(
+            "expert_max_token_share",
+            "Fraction of the layer's tokens that visited its most loaded expert over the window "
+            f"(collapse above {T.expert_collapse_share:g}).",
+            layer_labels,
+        )
+        self.ranked_share = gauge(
+            "expert_load_rank_token_share",
+            "Token share of the layer's load_rank-th most loaded expert over the window "
+            "(load_rank 1 = the hottest; top N per layer).",
+            rank_labels,
+        )
+        self.ranked_id = gauge(
+            "expert_load_rank_expert_id",
+            "Logical id of the layer's load_rank-th most loaded expert over the window "
+            "(the value is the expert id: join it to the share, never key alerts on it).",
+            rank_labels,
+        )
+        self.max_skew = gauge(
+            "expert_max_skew_ratio",
+            "The highest per-layer skew of the engine over the window.",
+            ["engine"],
+        )
+        self.collapsed = gauge(
+            "expert_collapsed_layers",
+            f"Layers whose hottest expert took > {T.expert_collapse_share:g} of the tokens over the window.",
+            ["engine"],
+        )
+        self.rank_load = gauge(
+            "expert_rank_load_ratio",
+            "Tokens routed to the experts on an EP rank / the mean rank (1 = even).",
+            ["engine", "rank"],
+        )
+        self.eplb = gauge(
+            "expert_eplb_balancedness_ratio",
+            "vLLM EPLB balancedness (mean/max EP-rank load) from its log.",
+            ["engine", "model"],
+        )
+        self.observed = gauge(
+            "expert_layers_observed",
+            "MoE layers with routed tokens in the window; 0 while an engine with an expert source "
+            "shows none (plugin missing or not writing).",
+            ["engine"],
+        )
+        self.tokens = counter(
+            "expert_tokens",
+            "Token-to-expert assignments per (layer, expert) since the counters started (opt-in).",
+            ["engine", "layer", "expert"],
+        )
+
+    def _whatif(self) -> None:
+        """The EPLB what-if (docs/experts.md): a handful of series per engine, none per expert.
+
+        ``redundant_experts`` takes the few configured counts (eplb_whatif_redundant), fixed for
+        the agent's life: not a value that moves. The smallest count that reaches the target is
+        a value; absent when no count in the searched range does (``..._searched_max`` says how
+        far it went).
+        """
+        self.balancedness_today = gauge(
+            "expert_rank_balancedness_ratio",
+            "EP-rank balancedness today (static placement): sum over layers of the mean rank's "
+            "tokens / sum of the busiest rank's, over the window (vLLM EPLB's definition; 1 = even).",
+            ["engine"],
+        )
+        self.whatif = gauge(
+            "expert_eplb_whatif_balancedness_ratio",
+            "EP-rank balancedness vLLM's EPLB would reach on the window's load with this many "
+            "redundant experts (moe-watch what-if, recomputed every eplb_whatif_interval_seconds).",
+            ["engine", "redundant_experts"],
+        )
+        self.needed = gauge(
+            "expert_eplb_redundant_needed",
+            "Smallest redundant-expert count with which vLLM's EPLB reaches the what-if target "
+            f"balancedness (default {T.eplb_whatif_target:g}); absent when none in the searched range.",
+            ["engine"],
+        )
+        self.reached = gauge(
+            "expert_eplb_redundant_needed_balancedness_ratio",
+            "EP-rank balancedness vLLM's EPLB reaches with expert_eplb_redundant_needed redundant experts.",
+            ["engine"],
+        )
+        self.searched = gauge(
+            "expert_eplb_redundant_searched_max",
+            "Largest redundant-expert count the what-if tried (the end of its search range).",
+            ["engine"],
+        )
+
+    def _all2all(self) -> None:
+        """Expert-parallel exchange time per forward pass, from the vLLM plugin's files."""
+        self.all2all_seconds = Quantiles(
+            "expert_all2all_seconds",
+            "All-to-all (EP dispatch + combine) time per forward pass over the window, quantiles "
+            f"(healthy < {T.all2all_healthy_seconds:g} s, alert > {T.all2all_seconds:g} s).",
+            ["engine"],
+        )
+        self.all2all_passes = gauge(
+            "expert_all2all_passes_timed",
+            "Forward passes whose all-to-all time was measured in the window.",
+            ["engine"],
+        )
+        self.all2all_info = gauge(
+            "expert_all2all_info",
+            "The all2all backend the engine's workers use; value is always 1.",
+            ["engine", "backend"],
+        )
+
+    def _interconnect(self) -> None:
+        """NVLink / PCIe topology per GPU, and each engine's interconnect."""
+        labels = ["gpu", "engine"]
+        self.nvlink_links = gauge(
+            "gpu_nvlink_links_up",
+            "NVLink links in the active state (0 on a GPU without NVLink).",
+            labels,
+        )
+        self.nvlink_transmit = counter(
+            "gpu_nvlink_transmit_bytes",
+            "Bytes sent over all the GPU's NVLink links (NVML throughput counter).",
+            labels,
+        )
+        self.nvlink_receive = counter(
+            "gpu_nvlink_receive_bytes",
+            "Bytes received over all the GPU's NVLink links (NVML throughput counter).",
+            labels,
+        )
+        self.pcie_generation = gauge(
+            "gpu_pcie_link_generation", "Current PCIe link generation.", labels
+        )
+        self.pcie_max_generation = gauge(
+            "gpu_pcie_link_max_generation", "Maximum PCIe link generation of GPU and slot.", labels
+        )
+        self.pcie_width = gauge("gpu_pcie_link_width", "Current PCIe link width (lanes).", labels)
+        self.pcie_max_width = gauge(
+            "gpu_pcie_link_max_width", "Maximum PCIe link width (lanes).", labels
+        )
+        self.interconnect = gauge(
+            "engine_interconnect_info",
+            "How an engine's GPUs reach each other: nvlink (every pair over NVLink) or pcie (some "
+            "pair only over PCIe/the host); multi-GPU engines; value is always 1.",
+            ["engine", "interconnect"],
+        )
+
+    def _plan(self) -> None:
+        self.budget = gauge(
+            "sized_budget_bytes",
+            "Per-GPU memory budget of the engine's plan (moe-watch size).",
+            ["engine"],
+        )
+        self.budget_used = gauge(
+            "budget_used_ratio",
+            "GPU memory used / the plan's per-GPU budget (> 1: above plan).",
+            ["engine", "gpu"],
+        )
+        self.headroom = gauge(
+            "memory_headroom_ratio", "GPU memory still free / total, 0-1.", ["gpu"]
+        )
+        self.drift = gauge(
+            "config_drift",
+            "1 if the running setting breaks the plan or an MoE rule.",
+            ["engine", "setting"],
+        )
+        self.drift_info = gauge(
+            "config_drift_info",
+            "A drifted setting: running and expected values; always 1.",
+            ["engine", "setting", "running", "expected", "rule"],
+        )
+
+    def _groups(self) -> None:
+        """For engines whose workers span nodes (experts.engine_group) only: this node's share
+        of the engine's window counts, which recording rules sum over nodes into exact
+        engine-level signals (rules.py expert_group_rules; docs/experts.md "Engines that span
+        nodes").
+
+        Window counts rather than cumulative counters: every agent's window is the same length
+        and ends at its last cycle, and a sum of window counts is exact where increase() would
+        extrapolate each node's counter over a different scrape alignment. Per (layer, expert) on
+        purpose: the hottest expert of a layer is a max over the *sum* across nodes, which no
+        per-node summary gives.
+        """
+        self.group_tokens = gauge(
+            "expert_group_window_tokens",
+            "Token-to-expert assignments per (layer, expert) routed by this node's workers of the "
+            "engine group over the window (summed over nodes by the recording rules).",
+            ["engine_group", "layer", "expert"],
+        )
+        self.group_ranks = gauge(
+            "expert_group_rank_window_tokens",
+            "Assignments over the window, all layers, to the experts an EP rank holds, routed by "
+            "this node's workers of the engine group.",
+            ["engine_group", "rank"],
+        )
+        self.group_expert_id = gauge(
+            "expert_group_expert_id",
+            "The value is the logical expert id (constant): lets rules turn the expert label into "
+            "a number (load-rank ids, ties to the lower id).",
+            ["engine_group", "expert"],
+        )
+        self.group_top_k = gauge(
+            "expert_group_top_k", "Experts per token (top-k) of the engine group.", ["engine_group"]
+        )
+        self.group_info = gauge(
+            "expert_group_info",
+            "This node's engine is part of the engine group; value is always 1.",
+            ["engine", "engine_group"],
+        )
+
+    def in_order(self) -> list[Metric]:
+        return [
+            self.source_up, self.collect_duration, self.last_success, self.collect_errors,
+            self.target_up, self.cycle_duration,
+            self.gpu_info, self.gpu_up, self.gpu_utilization, self.gpu_memory_used,
+            self.gpu_memory_total, self.gpu_memory_ratio, self.gpu_temperature, self.gpu_power,
+            self.xid, self.engine_spread, self.node_spread, self.gpu_allocation,
+            self.engine_info, self.max_model_len, *(family for _, family in self.engine_gauges),
+            self.latency,
+            self.skew, self.balance, self.share, self.ranked_share, self.ranked_id,
+            self.max_skew, self.collapsed, self.rank_load, self.eplb, self.observed,
+            *([self.tokens] if self.full_detail else []),
+            self.balancedness_today, self.whatif, self.needed, self.reached, self.searched,
+            self.all2all_seconds, self.all2all_passes, self.all2all_info,
+            self.nvlink_links, self.nvlink_transmit, self.nvlink_receive, self.pcie_generation,
+            self.pcie_max_generation, self.pcie_width, self.pcie_max_width, self.interconnect,
+            self.budget, self.budget_used, self.headroom, self.drift, self.drift_info,
+            self.group_tokens, self.group_ranks, self.group_expert_id, self.group_top_k,
+            self.group_info,
+        ]  # fmt: skip
+
+
+def _self_part(part: Part, *, f: Families, snap: Snapshot) -> None:
     for status in snap.sources:
-        up.add_metric([status.name], 1.0 if status.up else 0.0)
-        duration.add_metric([status.name], status.duration_seconds)
+        part.add(f.source_up, [status.name], 1.0 if status.up else 0.0)
+        part.add(f.collect_duration, [status.name], status.duration_seconds)
         if status.last_success_timestamp is not None:
-            last_ok.add_metric([status.name], status.last_success_timestamp)
+            part.add(f.last_success, [status.name], status.last_success_timestamp)
         for reason, count in sorted(status.errors_total.items()):
-            errors.add_metric([status.name, reason], count)
-    targets = gauge("target_up", "1 if the engine's last scrape succeeded.", ["engine"])
-    for engine, is_up in sorted(snap.targets_up.items()):
-        targets.add_metric([engine], 1.0 if is_up else 0.0)
-    cycle = gauge("cycle_duration_seconds", "Wall time of the agent's last collection cycle.", [])
-    cycle.add_metric([], snap.cycle_duration_seconds)
-    yield from (up, duration, last_ok, errors, targets, cycle)
+            part.add(f.collect_errors, [status.name, reason], count)
+    for record in snap.engines:  # every engine's up state, whatever its own part does
+        part.add(f.target_up, [record.name], 1.0 if record.up else 0.0)
+    part.add(f.cycle_duration, [], snap.cycle_duration_seconds)
 
 
-def _gpu_metrics(snap: Snapshot) -> Iterator[Metric]:
-    labels = ["gpu", "engine"]
-    info = gauge(
-        "gpu_info",
-        "GPU identity; value is always 1.",
-        ["gpu", "uuid", "name", "driver_version", "engine", *K8S_LABELS],
-    )
-    up = gauge("gpu_up", "1 if NVML could read the GPU, 0 if it is lost.", labels)
-    util = gauge("gpu_utilization_ratio", "GPU utilization, 0-1.", labels)
-    used = gauge(
-        "gpu_memory_used_bytes", "GPU memory in use, bytes (NVML v2: excludes reserved).", labels
-    )
-    total = gauge("gpu_memory_total_bytes", "GPU memory, bytes.", labels)
-    ratio = gauge(
-        "gpu_memory_used_ratio", "GPU memory in use / total, 0-1 (> 0.95 leaves no room).", labels
-    )
-    temp = gauge("gpu_temperature_celsius", "GPU temperature.", labels)
-    power = gauge("gpu_power_watts", "GPU power draw.", labels)
-    for view in snap.gpus:
-        g = view.sample
-        key = [str(g.index), view.engine or ""]
-        namespace, pod, container = view.owner or ("", "", "")
-        info.add_metric(
-            [
-                str(g.index),
-                g.uuid,
-                g.name,
-                snap.driver_version or "",
-                view.engine or "",
-                namespace,
-                pod,
-                container,
-            ],
+def _gpu_part(part: Part, *, f: Families, view: GpuView, driver: str | None) -> None:
+    g = view.sample
+    key = [str(g.index), view.engine or ""]
+    namespace, pod, container = view.owner or ("", "", "")
+    part.add(
+        f.gpu_info,
+        [str(g.index), g.uuid, g.name, driver or "", view.engine or "", namespace, pod,
+         container],
+        1,
+    )  # fmt: skip
+    part.add(f.gpu_up, key, 1.0 if g.up else 0.0)
+    for family, value in (
+        (f.gpu_utilization, g.utilization_ratio),
+        (f.gpu_memory_used, g.memory_used_bytes),
+        (f.gpu_memory_total, g.memory_total_bytes),
+        (f.gpu_memory_ratio, view.memory_used_ratio),
+        (f.gpu_temperature, g.temperature_celsius),
+        (f.gpu_power, g.power_watts),
+    ):
+        if value is not None:
+            part.add(family, key, value)
+    # One series per kubelet allocation on the GPU: shared GPUs (time-slicing, MIG, DRA) too.
+    for device_id, resource, namespace, pod, container in view.allocations:
+        part.add(
+            f.gpu_allocation,
+            [str(g.index), g.uuid, device_id, resource, namespace, pod, container],
             1,
         )
-        up.add_metric(key, 1.0 if g.up else 0.0)
-        for family, value in (
-            (util, g.utilization_ratio),
-            (used, g.memory_used_bytes),
-            (total, g.memory_total_bytes),
-            (ratio, view.memory_used_ratio),
-            (temp, g.temperature_celsius),
-            (power, g.power_watts),
+    link = g.link
+    if link is not None and g.up:
+        for link_family, number in (
+            (f.nvlink_links, link.nvlink_links_up),
+            (f.nvlink_transmit, link.nvlink_transmit_bytes),
+            (f.nvlink_receive, link.nvlink_receive_bytes),
+            (f.pcie_generation, link.pcie_generation),
+            (f.pcie_max_generation, link.pcie_max_generation),
+            (f.pcie_width, link.pcie_width),
+            (f.pcie_max_width, link.pcie_max_width),
         ):
-            if value is not None:
-                family.add_metric(key, value)
-    xid = CounterMetricFamily(
-        PREFIX + "gpu_xid_errors", "Xid errors seen since the agent started.", labels=["gpu", "xid"]
-    )
+            if number is not None:
+                part.add(link_family, key, number)
+    if view.memory_headroom_ratio is not None:
+        part.add(f.headroom, [str(g.index)], view.memory_headroom_ratio)
+
+
+def _node_part(part: Part, *, f: Families, snap: Snapshot) -> None:
     for (index, code), count in sorted(snap.xid_totals.items()):
-        xid.add_metric([str(index), str(code)], count)
-    spread = gauge(
-        "engine_gpu_utilization_spread_ratio",
-        "max - min GPU utilization across one engine's GPUs (a hot expert makes one GPU hot).",
-        ["engine"],
-    )
-    for engine, value in sorted(snap.engine_gpu_spread.items()):
-        spread.add_metric([engine], value)
-    node = gauge(
-        "node_gpu_utilization_spread_ratio", "max - min GPU utilization across the node.", []
-    )
+        part.add(f.xid, [str(index), str(code)], count)
     if snap.node_gpu_spread is not None:
-        node.add_metric([], snap.node_gpu_spread)
-    yield from (info, up, util, used, total, ratio, temp, power, xid, spread, node)  # fmt: skip
-    yield _gpu_allocations(snap)
+        part.add(f.node_spread, [], snap.node_gpu_spread)
 
 
-def _gpu_allocations(snap: Snapshot) -> Metric:
-    """One series per kubelet allocation on a GPU: shared GPUs (time-slicing, MIG, DRA) too."""
-    allocation = gauge(
-        "gpu_allocation_info",
-        "A GPU device the kubelet allocated (whole GPU, time-slice replica, MIG or DRA device) and the container holding it; value is always 1.",
-        ["gpu", "uuid", "k8s_device_id", "k8s_resource_name", *K8S_LABELS],
-    )
-    for view in snap.gpus:
-        for device_id, resource, namespace, pod, container in view.allocations:
-            allocation.add_metric(
-                [
-                    str(view.sample.index),
-                    view.sample.uuid,
-                    device_id,
-                    resource,
-                    namespace,
-                    pod,
-                    container,
-                ],
-                1,
-            )
-    return allocation
-
-
-def _engine_metrics(snap: Snapshot) -> Iterator[Metric]:
-    info = gauge(
-        "engine_info",
-        "Serving engine identity; value is always 1.",
-        ["engine", "model", "kind", "version", *K8S_LABELS[:2]],
-    )
-    max_len = gauge("engine_max_model_len_tokens", "The engine's max_model_len.", ENGINE_LABELS)
-    families = {attr: gauge(name, doc, ENGINE_LABELS) for name, attr, doc in ENGINE_GAUGES}
-    latency = Quantiles(
-        "latency_seconds",
-        "Request latency quantiles over the window, from histogram bucket deltas "
-        "(kind: e2e, ttft, itl, queue).",
-    )
-    for view in snap.engines:
+def _engine_part(part: Part, *, f: Families, record: EngineRecord, full_detail: bool) -> None:
+    """Everything one engine publishes (its up state is the agent's part: it always stays)."""
+    name = record.name
+    namespace, pod = record.pod or ("", "")
+    for view in record.views:
         key = [view.engine, view.model]
-        namespace, pod = snap.engine_pods.get(view.engine, ("", ""))
-        info.add_metric([*key, view.kind, view.version, namespace, pod], 1)
+        part.add(f.engine_info, [*key, view.kind, view.version, namespace, pod], 1)
         if view.max_model_len is not None:
-            max_len.add_metric(key, view.max_model_len)
-        for attr, family in families.items():
+            part.add(f.max_model_len, key, view.max_model_len)
+        for attr, family in f.engine_gauges:
             value = getattr(view.signals, attr)
             if value is not None:
-                family.add_metric(key, value)
+                part.add(family, key, value)
         for (kind, q), seconds in sorted(view.signals.latency_seconds.items()):
-            latency.add({"engine": view.engine, "model": view.model, "kind": kind}, q, seconds)
-    yield info
-    yield max_len
-    yield from families.values()
-    yield latency
+            part.add(f.latency, [*key, kind, f"{q:g}"], seconds)
+    if record.experts is not None:
+        _expert_samples(part, f, record, full_detail=full_detail)
+    elif record.expert_source and EXPERTS not in record.failing:
+        part.add(f.observed, [name], 0)  # configured, nothing yet: the plugin missing?
+    for model, value in sorted(record.eplb_balancedness.items()):
+        part.add(f.eplb, [name, model], value)
+    if record.interconnect is not None:
+        part.add(f.interconnect, [name, record.interconnect], 1)
+    if record.gpu_spread is not None:
+        part.add(f.engine_spread, [name], record.gpu_spread)
+    if record.budget_bytes is not None:
+        part.add(f.budget, [name], record.budget_bytes)
+    for index, ratio in record.budget_used:
+        part.add(f.budget_used, [name, str(index)], ratio)
+    if record.drift is not None:
+        for setting, drifted in record.drift_flags:
+            part.add(f.drift, [name, setting], 1.0 if drifted else 0.0)
+        for d in record.drift:
+            part.add(f.drift_info, [name, d.setting, d.running, d.expected, d.rule], 1)
 
 
-def _expert_metrics(snap: Snapshot, *, full_detail: bool) -> Iterator[Metric]:
-    """Per-layer skew and the layer x load-rank grid by default: ~470 series for DeepSeek-V3.
-
-    No series is keyed by a value that moves: which expert is hottest is the *value* of
-    expert_load_rank_expert_id, so skew, share and rank series keep their identity (and alerts
-    their `for:` timers) while two experts trade places.
-    """
-    layer_labels = ["engine", "layer"]
-    rank_labels = ["engine", "layer", "load_rank"]
-    skew = gauge(
-        "expert_skew_ratio",
-        "max/mean - 1 of tokens per expert in the layer over the window "
-        f"(0.5 = 50 % skew; alert above {T.expert_skew:g}).",
-        layer_labels,
-    )
-    balance = gauge(
-        "expert_balancedness_ratio",
-        "mean/max of tokens per expert in the layer over the window (1 = even).",
-        layer_labels,
-    )
-    share = gauge(
-        "expert_max_token_share",
-        "Fraction of the layer's tokens that visited its most loaded expert over the window "
-        f"(collapse above {T.expert_collapse_share:g}).",
-        layer_labels,
-    )
-    ranked_share = gauge(
-        "expert_load_rank_token_share",
-        "Token share of the layer's load_rank-th most loaded expert over the window "
-        "(load_rank 1 = the hottest; top N per layer).",
-        rank_labels,
-    )
-    ranked_id = gauge(
-        "expert_load_rank_expert_id",
-        "Logical id of the layer's load_rank-th most loaded expert over the window "
-        "(the value is the expert id: join it to the share, never key alerts on it).",
-        rank_labels,
-    )
-    max_skew = gauge(
-        "expert_max_skew_ratio",
-        "The highest per-layer skew of the engine over the window.",
-        ["engine"],
-    )
-    collapsed = gauge(
-        "expert_collapsed_layers",
-        f"Layers whose hottest expert took > {T.expert_collapse_share:g} of the tokens over the window.",
-        ["engine"],
-    )
-    rank = gauge(
-        "expert_rank_load_ratio",
-        "Tokens routed to the experts on an EP rank / the mean rank (1 = even).",
-        ["engine", "rank"],
-    )
-    eplb = gauge(
-        "expert_eplb_balancedness_ratio",
-        "vLLM EPLB balancedness (mean/max EP-rank load) from its log.",
-        ["engine", "model"],
-    )
-    observed = gauge(
-        "expert_layers_observed",
-        "MoE layers with routed tokens in the window; 0 while an engine with an expert source "
-        "shows none (plugin missing or not writing).",
-        ["engine"],
-    )
-    tokens = CounterMetricFamily(
-        PREFIX + "expert_tokens",
-        "Token-to-expert assignments per (layer, expert) since the counters started (opt-in).",
-        labels=["engine", "layer", "expert"],
-    )
-    layers_seen = dict.fromkeys(snap.expert_engines, 0)
-    for view in snap.experts:
-        signals = view.signals
-        layers_seen[view.engine] = len(signals.layers)
-        for layer in signals.layers:
-            key = [view.engine, str(layer.layer)]
-            skew.add_metric(key, layer.skew)
-            balance.add_metric(key, layer.balancedness)
-            share.add_metric(key, layer.max_share)
-            for load_rank, (expert, token_share) in enumerate(layer.ranked, start=1):
-                cell = [*key, str(load_rank)]
-                ranked_share.add_metric(cell, token_share)
-                ranked_id.add_metric(cell, expert)
-        if signals.max_skew is not None:
-            max_skew.add_metric([view.engine], signals.max_skew)
-            collapsed.add_metric([view.engine], len(signals.collapsed_layers))
-        for ep_rank, load in sorted(signals.rank_load.items()):
-            rank.add_metric([view.engine, str(ep_rank)], load)
-        if full_detail:
-            for layer_index, row in zip(view.latest.layers, view.latest.counts, strict=True):
-                for expert, count in enumerate(row):
-                    tokens.add_metric([view.engine, str(layer_index), str(expert)], count)
-    for engine, count in sorted(layers_seen.items()):
-        observed.add_metric([engine], count)
-    for (engine, model), value in sorted(snap.eplb_balancedness.items()):
-        eplb.add_metric([engine, model], value)
-    yield from (skew, balance, share, ranked_share, ranked_id, max_skew, collapsed, rank, eplb)
-    yield observed
+def _expert_samples(part: Part, f: Families, record: EngineRecord, *, full_detail: bool) -> None:
+    view = record.experts
+    assert view is not None
+    engine, signals = view.engine, view.signals
+    part.add(f.observed, [engine], len(signals.layers))
+    for layer in signals.layers:
+        key = [engine, str(layer.layer)]
+        part.add(f.skew, key, layer.skew)
+        part.add(f.balance, key, layer.balancedness)
+        part.add(f.share, key, layer.max_share)
+        for load_rank, (expert, token_share) in enumerate(layer.ranked, start=1):
+            cell = [*key, str(load_rank)]
+            part.add(f.ranked_share, cell, token_share)
+            part.add(f.ranked_id, cell, expert)
+    if signals.max_skew is not None:
+        part.add(f.max_skew, [engine], signals.max_skew)
+        part.add(f.collapsed, [engine], len(signals.collapsed_layers))
+    for ep_rank, load in sorted(signals.rank_load.items()):
+        part.add(f.rank_load, [engine, str(ep_rank)], load)
     if full_detail:
-        yield tokens
-
-
-def _whatif_metrics(snap: Snapshot) -> Iterator[Metric]:
-    """The EPLB what-if (docs/experts.md): a handful of series per engine, none per expert.
-
-    ``redundant_experts`` takes the few configured counts (eplb_whatif_redundant), fixed for the
-    agent's life: not a value that moves. The smallest count that reaches the target is a value;
-    absent when no count in the searched range does (``..._searched_max`` says how far it went).
-    """
-    today = gauge(
-        "expert_rank_balancedness_ratio",
-        "EP-rank balancedness today (static placement): sum over layers of the mean rank's "
-        "tokens / sum of the busiest rank's, over the window (vLLM EPLB's definition; 1 = even).",
-        ["engine"],
-    )
-    whatif = gauge(
-        "expert_eplb_whatif_balancedness_ratio",
-        "EP-rank balancedness vLLM's EPLB would reach on the window's load with this many "
-        "redundant experts (moe-watch what-if, recomputed every eplb_whatif_interval_seconds).",
-        ["engine", "redundant_experts"],
-    )
-    needed = gauge(
-        "expert_eplb_redundant_needed",
-        "Smallest redundant-expert count with which vLLM's EPLB reaches the what-if target "
-        f"balancedness (default {T.eplb_whatif_target:g}); absent when none in the searched range.",
-        ["engine"],
-    )
-    reached = gauge(
-        "expert_eplb_redundant_needed_balancedness_ratio",
-        "EP-rank balancedness vLLM's EPLB reaches with expert_eplb_redundant_needed redundant experts.",
-        ["engine"],
-    )
-    searched = gauge(
-        "expert_eplb_redundant_searched_max",
-        "Largest redundant-expert count the what-if tried (the end of its search range).",
-        ["engine"],
-    )
-    for view in snap.experts:
-        if view.whatif is None:
-            continue
-        result = view.whatif.result
-        key = [view.engine]
-        today.add_metric(key, result.balancedness_today)
-        for case in result.cases:
-            whatif.add_metric([view.engine, str(case.redundant_experts)], case.balancedness)
-        if result.searched:
-            searched.add_metric(key, result.searched[-1])
-        if result.redundant_needed is not None and result.needed_balancedness is not None:
-            needed.add_metric(key, result.redundant_needed)
-            reached.add_metric(key, result.needed_balancedness)
-    yield from (today, whatif, needed, reached, searched)
-
-
-def _all2all_metrics(snap: Snapshot) -> Iterator[Metric]:
-    """Expert-parallel exchange time per forward pass (issue #19), from the vLLM plugin's files."""
-    seconds = Quantiles(
-        "expert_all2all_seconds",
-        "All-to-all (EP dispatch + combine) time per forward pass over the window, quantiles "
-        f"(healthy < {T.all2all_healthy_seconds:g} s, alert > {T.all2all_seconds:g} s).",
-    )
-    passes = gauge(
-        "expert_all2all_passes_timed",
-        "Forward passes whose all-to-all time was measured in the window.",
-        ["engine"],
-    )
-    info = gauge(
-        "expert_all2all_info",
-        "The all2all backend the engine's workers use; value is always 1.",
-        ["engine", "backend"],
-    )
-    for view in snap.experts:
-        if view.latest.all2all is None:
-            continue
-        info.add_metric([view.engine, view.latest.all2all_backend], 1)
-        passes.add_metric([view.engine], view.signals.all2all_passes)
-        for q, value in sorted(view.signals.all2all_seconds.items()):
-            seconds.add({"engine": view.engine}, q, value)
-    yield from (seconds, passes, info)
-
-
-def _interconnect_metrics(snap: Snapshot) -> Iterator[Metric]:
-    """NVLink / PCIe topology per GPU, and each engine's interconnect (issue #19)."""
-    labels = ["gpu", "engine"]
-    links = gauge(
-        "gpu_nvlink_links_up",
-        "NVLink links in the active state (0 on a GPU without NVLink).",
-        labels,
-    )
-    transmit = CounterMetricFamily(
-        PREFIX + "gpu_nvlink_transmit_bytes",
-        "Bytes sent over all the GPU's NVLink links (NVML throughput counter).",
-        labels=labels,
-    )
-    receive = CounterMetricFamily(
-        PREFIX + "gpu_nvlink_receive_bytes",
-        "Bytes received over all the GPU's NVLink links (NVML throughput counter).",
-        labels=labels,
-    )
-    generation = gauge("gpu_pcie_link_generation", "Current PCIe link generation.", labels)
-    generation_max = gauge(
-        "gpu_pcie_link_max_generation", "Maximum PCIe link generation of GPU and slot.", labels
-    )
-    width = gauge("gpu_pcie_link_width", "Current PCIe link width (lanes).", labels)
-    width_max = gauge("gpu_pcie_link_max_width", "Maximum PCIe link width (lanes).", labels)
-    for view in snap.gpus:
-        link = view.sample.link
-        if link is None or not view.sample.up:
-            continue
-        key = [str(view.sample.index), view.engine or ""]
-        for family, value in (
-            (links, link.nvlink_links_up),
-            (transmit, link.nvlink_transmit_bytes),
-            (receive, link.nvlink_receive_bytes),
-            (generation, link.pcie_generation),
-            (generation_max, link.pcie_max_generation),
-            (width, link.pcie_width),
-            (width_max, link.pcie_max_width),
-        ):
-            if value is not None:
-                family.add_metric(key, value)
-    interconnect = gauge(
-        "engine_interconnect_info",
-        "How an engine's GPUs reach each other: nvlink (every pair over NVLink) or pcie (some "
-        "pair only over PCIe/the host); multi-GPU engines; value is always 1.",
-        ["engine", "interconnect"],
-    )
-    for engine, kind in sorted(snap.engine_interconnect.items()):
-        interconnect.add_metric([engine, kind], 1)
-    yield from (links, transmit, receive, generation, generation_max, width, width_max)
-    yield interconnect
-
-
-def _plan_metrics(snap: Snapshot) -> Iterator[Metric]:
-    budget = gauge(
-        "sized_budget_bytes",
-        "Per-GPU memory budget of the engine's plan (moe-watch size).",
-        ["engine"],
-    )
-    used = gauge(
-        "budget_used_ratio",
-        "GPU memory used / the plan's per-GPU budget (> 1: above plan).",
-        ["engine", "gpu"],
-    )
-    headroom = gauge("memory_headroom_ratio", "GPU memory still free / total, 0-1.", ["gpu"])
-    drift = gauge(
-        "config_drift",
-        "1 if the running setting breaks the plan or an MoE rule.",
-        ["engine", "setting"],
-    )
-    info = gauge(
-        "config_drift_info",
-        "A drifted setting: running and expected values; always 1.",
-        ["engine", "setting", "running", "expected", "rule"],
-    )
-    for engine, value in sorted(snap.budgets.items()):
-        budget.add_metric([engine], value)
-    for view in snap.gpus:
-        g = view.sample
-        if not g.up or g.memory_used_bytes is None:
-            continue
-        if g.memory_total_bytes:
-            headroom.add_metric(
-                [str(g.index)], max(0.0, 1 - g.memory_used_bytes / g.memory_total_bytes)
-            )
-        budget_bytes = snap.budgets.get(view.engine or "")
-        if view.engine and budget_bytes:
-            used.add_metric([view.engine, str(g.index)], g.memory_used_bytes / budget_bytes)
-    for engine, findings in sorted(snap.drift.items()):
-        drifted = {d.setting for d in findings}
-        for setting in sorted(drifted | DRIFT_SETTINGS):
-            drift.add_metric([engine, setting], 1.0 if setting in drifted else 0.0)
-        for d in findings:
-            info.add_metric([engine, d.setting, d.running, d.expected, d.rule], 1)
-    yield from (budget, used, headroom, drift, info)
-
-
-def _expert_group_metrics(snap: Snapshot) -> Iterator[Metric]:
-    """For engines whose workers span nodes (experts.engine_group) only: this node's share of the
-    engine's window counts, which recording rules sum over nodes into exact engine-level signals
-    (rules.py expert_group_rules; docs/experts.md "Engines that span nodes").
-
-    Window counts rather than cumulative counters: every agent's window is the same length and
-    ends at its last cycle, and a sum of window counts is exact where increase() would
-    extrapolate each node's counter over a different scrape alignment. Per (layer, expert) on
-    purpose: the hottest expert of a layer is a max over the *sum* across nodes, which no
-    per-node summary gives.
-    """
-    labels = ["engine_group", "layer", "expert"]
-    tokens = gauge(
-        "expert_group_window_tokens",
-        "Token-to-expert assignments per (layer, expert) routed by this node's workers of the "
-        "engine group over the window (summed over nodes by the recording rules).",
-        labels,
-    )
-    ranks = gauge(
-        "expert_group_rank_window_tokens",
-        "Assignments over the window, all layers, to the experts an EP rank holds, routed by "
-        "this node's workers of the engine group.",
-        ["engine_group", "rank"],
-    )
-    expert_id = gauge(
-        "expert_group_expert_id",
-        "The value is the logical expert id (constant): lets rules turn the expert label into "
-        "a number (load-rank ids, ties to the lower id).",
-        ["engine_group", "expert"],
-    )
-    top_k = gauge(
-        "expert_group_top_k", "Experts per token (top-k) of the engine group.", ["engine_group"]
-    )
-    info = gauge(
-        "expert_group_info",
-        "This node's engine is part of the engine group; value is always 1.",
-        ["engine", "engine_group"],
-    )
-    for view in snap.experts:
-        group = view.engine_group
-        if group is None:
-            continue
-        info.add_metric([view.engine, group], 1)
-        latest, window = view.latest, view.signals.window_counts
-        if not window:
-            continue  # fewer than two samples: no window yet (absent, never a made-up 0)
-        top_k.add_metric([group], latest.top_k)
-        for expert in range(latest.num_experts):
-            expert_id.add_metric([group, str(expert)], expert)
-        for layer, row in zip(latest.layers, window, strict=True):
+        for layer_index, row in zip(view.latest.layers, view.latest.counts, strict=True):
             for expert, count in enumerate(row):
-                tokens.add_metric([group, str(layer), str(expert)], count)
-        if latest.ep_size > 1:
-            per_rank = [0.0] * latest.ep_size
-            placement = latest.placement or expert_ranks(latest.num_experts, latest.ep_size)
-            for row in window:
+                part.add(f.tokens, [engine, str(layer_index), str(expert)], count)
+    if view.whatif is not None:
+        result = view.whatif.result
+        part.add(f.balancedness_today, [engine], result.balancedness_today)
+        for case in result.cases:
+            part.add(f.whatif, [engine, str(case.redundant_experts)], case.balancedness)
+        if result.searched:
+            part.add(f.searched, [engine], result.searched[-1])
+        if result.redundant_needed is not None and result.needed_balancedness is not None:
+            part.add(f.needed, [engine], result.redundant_needed)
+            part.add(f.reached, [engine], result.needed_balancedness)
+    if view.latest.all2all is not None:
+        part.add(f.all2all_info, [engine, view.latest.all2all_backend], 1)
+        part.add(f.all2all_passes, [engine], signals.all2all_passes)
+        for q, seconds in sorted(signals.all2all_seconds.items()):
+            part.add(f.all2all_seconds, [engine, f"{q:g}"], seconds)
+    group = view.engine_group
+    if group is not None:
+        part.add(f.group_info, [engine, group], 1)
+        latest, window = view.latest, signals.window_counts
+        if window:  # fewer than two samples: no window yet (absent, never a made-up 0)
+            part.add(f.group_top_k, [group], latest.top_k)
+            for expert in range(latest.num_experts):
+                part.add(f.group_expert_id, [group, str(expert)], expert)
+            for layer_index, row in zip(latest.layers, window, strict=True):
                 for expert, count in enumerate(row):
-                    per_rank[placement[expert]] += count
-            for rank, count in enumerate(per_rank):
-                ranks.add_metric([group, str(rank)], count)
-    yield from (tokens, ranks, expert_id, top_k, info)
+                    part.add(f.group_tokens, [group, str(layer_index), str(expert)], count)
+            for rank, count in enumerate(view.group_rank_tokens):
+                part.add(f.group_ranks, [group, str(rank)], count)
 
 
-# Settings always exported for every engine checked (0 = fine), so alerts and dashboards see them.
-DRIFT_SETTINGS = frozenset(
-    {
-        "gpu_memory_utilization",
-        "max_num_seqs",
-        "max_model_len",
-        "enable_prefix_caching",
-        "enable_expert_parallel",
-        "dtype",
-        "gpus",
-        "interconnect",
-    }
-)
+def fallback_body(encoder: Callable[[CollectorRegistry], bytes]) -> bytes:
+    """What /metrics serves when no body could be rendered at all and there is no earlier one:
+    build_info and ``render_failed{part="all"} 1``, so a scrape is never empty and the failure
+    is itself a series."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fallback())
+    return encoder(registry)
+
+
+class _Fallback(Collector):
+    def collect(self) -> Iterator[Metric]:
+        build = gauge("build_info", "moe-watch build; value is always 1.", ["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1)
+        failed = gauge("render_failed", RENDER_FAILED_HELP, ["part"])
+        failed.add_metric(["all"], 1)
+        yield from (build, failed)
 
 
 def build_registry(

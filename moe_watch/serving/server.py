@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from moe_watch.serving.exporter import build_registry
+from moe_watch.serving.exporter import build_registry, fallback_body
 from moe_watch.serving.views import experts_document, status_document
 from moe_watch.serving.web_config import basic_auth_middleware
 from moe_watch.snapshot import Snapshot
@@ -60,7 +60,10 @@ def make_app(
             last_good[content_type] = (body, content_type)
         except Exception:  # never answer a scrape with 500: serve what we last rendered
             log.exception("rendering /metrics failed; serving the last good body")
-            body, content_type = last_good.get(content_type, (b"", content_type))
+            body, content_type = last_good.get(content_type) or (
+                fallback_body(encoder),  # never empty: the failure is a series
+                content_type,
+            )
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def healthz(request: web.Request) -> web.Response:

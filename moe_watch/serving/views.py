@@ -1,5 +1,6 @@
 """The JSON views of a Snapshot: /status (what a human at 3 a.m. wants first) and /experts (the
-full expert matrix). Like the exporter, they only format what the snapshot already holds."""
+full expert matrix). Like the exporter, they only format what the snapshot already holds, and
+iterate its engines' records."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from dataclasses import asdict
 from typing import Any
 
 from moe_watch.signals.eplb_whatif import ALGORITHM, VLLM_VERSION
-from moe_watch.snapshot import Snapshot, WhatIfView
+from moe_watch.snapshot import EngineExperts, Snapshot, WhatIfView
 
 
 def status_document(snapshot: Snapshot) -> dict[str, Any]:
     """JSON-friendly summary for /status: what a human at 3 a.m. wants first."""
+    records = snapshot.engines
+    experts = _experts(snapshot)
     return {
         "timestamp": snapshot.timestamp,
         "cycle": snapshot.cycle,
@@ -34,26 +37,32 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
                 "kind": view.kind,
                 "version": view.version,
                 "max_model_len": view.max_model_len,
-                "settings": dict(snapshot.engine_settings.get(view.engine, {})),
+                "settings": dict(record.settings),
             }
-            for view in snapshot.engines
+            for record in records
+            for view in record.views
         ],
         "drift": {
-            engine: [
+            record.name: [
                 {
                     "setting": d.setting,
                     "running": d.running,
                     "expected": d.expected,
                     "rule": d.rule,
                 }
-                for d in findings
+                for d in record.drift
             ]
-            for engine, findings in snapshot.drift.items()
+            for record in records
+            if record.drift is not None
         },
-        "sized_budget_bytes": dict(snapshot.budgets),
+        "sized_budget_bytes": {
+            record.name: record.budget_bytes
+            for record in records
+            if record.budget_bytes is not None
+        },
         "eplb_whatif": {
             view.engine: whatif_document(view.whatif, full=False)
-            for view in snapshot.experts
+            for view in experts
             if view.whatif is not None
         },
         "gpus": [
@@ -75,7 +84,11 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
             for view in snapshot.gpus
             if view.sample.link is not None
         },
-        "interconnect": dict(snapshot.engine_interconnect),
+        "interconnect": {
+            record.name: record.interconnect
+            for record in records
+            if record.interconnect is not None
+        },
         "all2all": {
             view.engine: {
                 "backend": view.latest.all2all_backend,
@@ -84,10 +97,14 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
                 },
                 "passes_timed": view.signals.all2all_passes,
             }
-            for view in snapshot.experts
+            for view in experts
             if view.latest.all2all is not None
         },
     }
+
+
+def _experts(snapshot: Snapshot) -> list[EngineExperts]:
+    return [record.experts for record in snapshot.engines if record.experts is not None]
 
 
 def experts_document(snapshot: Snapshot | None) -> dict[str, Any]:
@@ -95,7 +112,7 @@ def experts_document(snapshot: Snapshot | None) -> dict[str, Any]:
     if snapshot is None:
         return {"ready": False, "engines": []}
     engines = []
-    for view in snapshot.experts:
+    for view in _experts(snapshot):
         counts, signals = view.latest, view.signals
         engines.append(
             {

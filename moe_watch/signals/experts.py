@@ -118,6 +118,26 @@ def rank_loads(
     return {rank: load / mean for rank, load in enumerate(per_rank)}
 
 
+def rank_tokens(
+    window_counts: Matrix, num_experts: int, ep_size: int, placement: Sequence[int] = ()
+) -> tuple[float, ...]:
+    """Assignments over the window, all layers summed, to the experts each EP rank holds
+    (``placement``, or vLLM's linear one); empty without expert parallelism or a window.
+
+    Unlike ``rank_loads`` these are absolute: recording rules add them up across the nodes of
+    an engine group before dividing."""
+    if ep_size < 2 or not window_counts:
+        return ()
+    if placement and len(placement) != num_experts:
+        raise ValueError(f"placement names {len(placement)} experts, counts have {num_experts}")
+    ranks = placement or expert_ranks(num_experts, ep_size)
+    per_rank = [0.0] * ep_size
+    for row in window_counts:
+        for expert, count in enumerate(row):
+            per_rank[ranks[expert]] += count
+    return tuple(per_rank)
+
+
 def window_increase(window: Sequence[ExpertCounts]) -> Matrix:
     """Assignments per (layer, expert) over the window, oldest first, reset-safe.
 

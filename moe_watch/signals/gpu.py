@@ -1,4 +1,5 @@
-"""GPU-level signals: memory ratio and utilization spread (the hot-expert-makes-a-hot-GPU sign)."""
+"""GPU-level signals: memory ratios, headroom against the plan's budget and utilization spread
+(the hot-expert-makes-a-hot-GPU sign)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ def memory_used_ratio(gpu: GpuSample) -> float | None:
     if not gpu.up or gpu.memory_used_bytes is None or not gpu.memory_total_bytes:
         return None
     return min(1.0, max(0.0, gpu.memory_used_bytes / gpu.memory_total_bytes))
+
+
+def memory_headroom_ratio(gpu: GpuSample) -> float | None:
+    """GPU memory still free / total, 0-1; None for a lost GPU or one without memory figures."""
+    if not gpu.up or gpu.memory_used_bytes is None or not gpu.memory_total_bytes:
+        return None
+    return max(0.0, 1 - gpu.memory_used_bytes / gpu.memory_total_bytes)
+
+
+def budget_used_ratio(gpu: GpuSample, budget_bytes: float | None) -> float | None:
+    """GPU memory used / the plan's per-GPU budget (> 1: above plan); None without a budget or
+    a reading."""
+    if not gpu.up or gpu.memory_used_bytes is None or not budget_bytes:
+        return None
+    return gpu.memory_used_bytes / budget_bytes
 
 
 def utilization_spread(gpus: Iterable[GpuSample]) -> float | None:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from moe_watch.config import TargetConfig
-from moe_watch.samples import EngineScrape
+from moe_watch.samples import MAX_MODEL_LEN_TOKENS, EngineScrape
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.exposition import ExpositionError, parse_engine_exposition
 from moe_watch.sources.safe_io import BodyTooLarge, read_body
@@ -124,8 +124,11 @@ class EngineSource:
         models = await self._json(self.target.url + "/v1/models", problems)
         if isinstance(models, dict):
             for entry in models.get("data") or []:
-                if isinstance(entry, dict) and isinstance(entry.get("max_model_len"), int):
-                    self._max_model_len = entry["max_model_len"]
+                value = entry.get("max_model_len") if isinstance(entry, dict) else None
+                if isinstance(value, int | float):  # the first model that states one decides
+                    self._max_model_len = max_model_len(value)
+                    if self._max_model_len is None:
+                        problems.add("bad_value")
                     break
         version = await self._json(self.target.url + "/version", problems)
         if isinstance(version, dict) and isinstance(version.get("version"), str):
@@ -141,3 +144,11 @@ class EngineSource:
 
     async def close(self) -> None:
         """The shared session belongs to the agent."""
+
+
+def max_model_len(value: float) -> int | None:
+    """A context length as /v1/models states it: a whole number of tokens in
+    [1, MAX_MODEL_LEN_TOKENS]; None (refused) for anything else, a bool or 1e309 included."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 1 <= value <= MAX_MODEL_LEN_TOKENS else None

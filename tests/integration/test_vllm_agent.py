@@ -102,7 +102,7 @@ async def wait_snapshot(
 
 
 def engine_view(snap: Snapshot) -> EngineView:
-    views = [v for v in snap.engines if v.engine == ENGINE]
+    views = [v for r in snap.engines for v in r.views if v.engine == ENGINE]
     assert len(views) == 1, f"expected one view of {ENGINE}, got {snap.engines}"
     return views[0]
 
@@ -155,7 +155,7 @@ def vllm_kv_capacity_tokens(vllm_metrics: str) -> float:
 async def test_agent_reports_real_vllm_under_load(vllm_server: str) -> None:
     async with running_agent(vllm_server) as (agent_url, agent):
         # Before any traffic: the target is up and identified; no rate without a second sample.
-        first = await wait_snapshot(agent, until=lambda s: bool(s.engines))
+        first = await wait_snapshot(agent, until=lambda s: any(r.views for r in s.engines))
         assert first.targets_up == {ENGINE: True}
         view = engine_view(first)
         assert view.kind == "vllm"
@@ -277,7 +277,7 @@ async def test_agent_survives_engine_shutdown(vllm_process: VllmServer) -> None:
         [status] = [s for s in down.sources if s.name == SOURCE]
         assert not status.up
         assert status.last_error, status
-        assert down.engines == ()  # a failed target exports only target_up 0
+        assert [r.views for r in down.engines] == [()]  # a failed target: only target_up 0
 
         # The loop keeps going, and keeps counting the failures.
         later = await wait_snapshot(agent, after_cycle=down.cycle)

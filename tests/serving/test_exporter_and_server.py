@@ -15,7 +15,7 @@ from moe_watch.samples import GpuSample
 from moe_watch.serving.exporter import build_registry
 from moe_watch.serving.server import make_app, start_server
 from moe_watch.signals.engine import EngineSignals
-from moe_watch.snapshot import EngineView, GpuView, Snapshot
+from moe_watch.snapshot import EngineRecord, EngineView, GpuView, Snapshot
 from moe_watch.sources.runner import SourceStatus
 
 GIB = 1024**3
@@ -45,12 +45,17 @@ def snapshot() -> Snapshot:
             SourceStatus("nvml", True, 0.004, 1_700_000_000.0, {"gpu_lost": 3}, None),
             SourceStatus("engine:mixtral-0", True, 0.008, 1_700_000_000.0, {}, None),
         ),
-        targets_up={"mixtral-0": True},
-        engines=(EngineView("mixtral-0", "mixtral-8x7b", "vllm", "0.32.0", signals, 32768),),
+        engines=(
+            EngineRecord(
+                "mixtral-0",
+                up=True,
+                views=(EngineView("mixtral-0", "mixtral-8x7b", "vllm", "0.32.0", signals, 32768),),
+                gpu_spread=0.65,
+            ),
+        ),
         gpus=(GpuView(hot, "mixtral-0", 0.9), GpuView(lost, "mixtral-0", None)),
         driver_version="570.133.20",
         xid_totals={(1, 79): 2},
-        engine_gpu_spread={"mixtral-0": 0.65},
         node_gpu_spread=0.65,
     )
 
@@ -189,6 +194,23 @@ async def test_a_rendering_failure_serves_the_last_good_body_never_500(
     assert "moe_watch_gpu_up" in good_body
 
 
+@pytest.mark.parametrize("accept", ["", "application/openmetrics-text;version=1.0.0"])
+async def test_a_rendering_failure_without_a_good_body_still_serves_a_series(
+    served: tuple[str, dict[str, Snapshot | Exception | None]], accept: str
+) -> None:
+    # Before: 200 with an empty body, so nothing told Prometheus the node went blind.
+    url, state = served
+    state["snapshot"] = RuntimeError("a bug while rendering")
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(url + "/metrics", headers={"Accept": accept}) as response,
+    ):
+        assert response.status == 200
+        body = await response.text()
+    assert "moe_watch_build_info{" in body
+    assert 'moe_watch_render_failed{part="all"} 1.0' in body
+
+
 async def test_openmetrics_is_negotiated_by_accept_header(
     served: tuple[str, dict[str, Snapshot | Exception | None]],
 ) -> None:
@@ -218,7 +240,7 @@ async def test_openmetrics_is_negotiated_by_accept_header(
 def deepseek_v3_snapshot(ep_size: int = 32, engine_group: str | None = None) -> Snapshot:
     """58 MoE layers x 256 experts, top-8, EP over 32 GPUs: the cardinality worst case."""
     from moe_watch.samples import ExpertCounts, matrix
-    from moe_watch.signals.experts import derive_expert_signals
+    from moe_watch.signals.experts import derive_expert_signals, rank_tokens
     from moe_watch.snapshot import EngineExperts
 
     layers = tuple(range(3, 61))  # DeepSeek-V3: the first 3 layers are dense
@@ -241,14 +263,14 @@ def deepseek_v3_snapshot(ep_size: int = 32, engine_group: str | None = None) -> 
         signals,
         whatif=WhatIfView(whatif, 0.0, 0.0) if whatif is not None else None,
         engine_group=engine_group,
+        group_rank_tokens=rank_tokens(signals.window_counts, 256, ep_size) if engine_group else (),
     )
     return Snapshot(
         timestamp=0.0,
         cycle=1,
         cycle_duration_seconds=0.0,
         sources=(),
-        targets_up={},
-        experts=(view,),
+        engines=(EngineRecord("dsv3", up=True, expert_source=True, experts=view),),
     )
 
 

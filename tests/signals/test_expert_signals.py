@@ -11,6 +11,7 @@ from moe_watch.signals.experts import (
     balancedness,
     derive_expert_signals,
     rank_loads,
+    rank_tokens,
     skew,
     token_shares,
     window_increase,
@@ -106,6 +107,18 @@ def test_ep_rank_load_contiguous_and_with_a_placement() -> None:
     assert rank_loads([1.0] * 10, 4) == pytest.approx({0: 1.2, 1: 1.2, 2: 0.8, 3: 0.8})
     with pytest.raises(ValueError, match="placement names 2 experts"):
         rank_loads(per_expert, 4, (0, 1))
+
+
+def test_rank_tokens_sum_every_layer_over_the_experts_each_rank_holds() -> None:
+    window = matrix([[40.0, 10, 10, 10, 10, 10, 5, 5], [1.0, 2, 3, 4, 5, 6, 7, 8]])
+    # linear placement, 4 ranks: experts (0, 1), (2, 3), (4, 5), (6, 7)
+    assert rank_tokens(window, 8, 4) == (53.0, 27.0, 31.0, 25.0)
+    placement = (3, 0, 1, 2, 0, 1, 2, 3)
+    assert rank_tokens(window, 8, 4, placement) == (27.0, 29.0, 26.0, 54.0)
+    assert rank_tokens(window, 8, 1) == ()  # no expert parallelism
+    assert rank_tokens((), 8, 4) == ()  # no window yet
+    with pytest.raises(ValueError, match="placement names 2 experts"):
+        rank_tokens(window, 8, 4, (0, 1))
 
 
 def test_rank_load_is_published_only_under_expert_parallelism() -> None:

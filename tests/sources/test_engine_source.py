@@ -15,7 +15,7 @@ from moe_watch import samples as s
 from moe_watch.config import TargetConfig
 from moe_watch.serving.server import start_server
 from moe_watch.sources.base import Problems, SourceError
-from moe_watch.sources.engine import EngineSource
+from moe_watch.sources.engine import EngineSource, max_model_len
 from tests.conftest import FIXTURES, read_capture
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -96,6 +96,26 @@ async def test_missing_metadata_endpoints_are_counted_but_do_not_fail_the_scrape
     result, problems = await scrape({"/metrics": text(read_capture("fresh"))}, session)
     assert result.max_model_len is None
     assert problems.reasons["metadata"] == 2
+
+
+@pytest.mark.parametrize(
+    ("stated", "read"),
+    [(1024, 1024), (10_000_000, 10_000_000), (10**309, None), (0, None), (-5, None),
+     (True, None), (1024.0, None), (s.MAX_MODEL_LEN_TOKENS + 1, None)],
+)  # fmt: skip
+async def test_max_model_len_must_be_a_whole_number_in_range(
+    session: aiohttp.ClientSession, stated: object, read: int | None
+) -> None:
+    # Before: a 1 followed by 309 zeros went into the snapshot and the exporter's float() blanked
+    # /metrics for every engine; True was exported as 1.
+    assert max_model_len(stated) == read  # type: ignore[arg-type]
+    models = {"data": [{"id": "m", "max_model_len": stated}]}
+    result, problems = await scrape(
+        {"/metrics": text(read_capture("fresh")), "/v1/models": text(json.dumps(models))},
+        session,
+    )
+    assert result.max_model_len == read
+    assert problems.reasons.get("bad_value", 0) == (0 if read else 1)
 
 
 async def test_a_hanging_target_times_out_within_the_bound(session: aiohttp.ClientSession) -> None:
