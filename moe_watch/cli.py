@@ -2,7 +2,7 @@
 
 ``run`` the agent, ``demo`` it against a simulated engine and GPUs, ``size`` an MoE model for a
 GPU, write the generated ``rules`` and ``dashboards``, ``check`` a settings file. Exit status 2
-means a bad setting (one line says which)."""
+means a bad setting (one line for each problem found)."""
 
 from __future__ import annotations
 
@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {target.name}: {target.url}{target.metrics_path} ({target.kind})")
             return 0
     except ConfigError as exc:
-        print(f"moe-watch: {exc}", file=sys.stderr)
+        for problem in exc.problems:  # every one, one line each
+            print(f"moe-watch: {problem}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     raise AssertionError(f"unhandled command {args.command}")
 

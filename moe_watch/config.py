@@ -41,7 +41,12 @@ _HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*):(?P<port
 
 
 class ConfigError(Exception):
-    """A setting is missing or invalid. ``str()`` is one line meant for a human."""
+    """A setting is missing or invalid. ``str()`` is one line meant for a human; ``problems``
+    has every problem found, one line each (the CLI prints them all)."""
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems or (message,)
 
 
 class ExpertsConfig(BaseModel):
@@ -318,7 +323,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     try:
         return _settings_class(config_file)(**cli)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, config_file)) from None
+        problems = describe_validation_errors(exc, config_file)
+        raise ConfigError(describe_validation_error(exc, config_file), problems) from None
     except ValueError as exc:  # e.g. JSON in MOE_WATCH_TARGETS that does not parse
         raise ConfigError(f"invalid setting: {exc}") from None
 
@@ -341,16 +347,24 @@ def _check_yaml(path: Path) -> None:
         raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
 
 
-def describe_validation_error(exc: ValidationError, config_file: Path | None = None) -> str:
-    """First error of a ValidationError as one line: ``setting 'x.y': what is wrong``."""
-    first = exc.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"]) or "settings"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown setting (check the spelling; see docs/configuration.md)"
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
+def describe_validation_errors(
+    exc: ValidationError, config_file: Path | None = None
+) -> tuple[str, ...]:
+    """Every error of a ValidationError, one line each: ``invalid setting 'x.y': what is wrong``."""
     where = f" (config file {config_file} or MOE_WATCH_* environment)" if config_file else ""
-    more = len(exc.errors()) - 1
-    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"invalid setting '{loc}'{where}: {message}{suffix}"
+    lines = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting (check the spelling; see docs/configuration.md)"
+        message = " ".join(message.removeprefix("Value error, ").split())  # one line, always
+        lines.append(f"invalid setting '{loc}'{where}: {message}")
+    return tuple(lines)
+
+
+def describe_validation_error(exc: ValidationError, config_file: Path | None = None) -> str:
+    """The first error of a ValidationError as one line, counting the others."""
+    first, *rest = describe_validation_errors(exc, config_file)
+    suffix = f" (and {len(rest)} more problem{'s' if len(rest) > 1 else ''})" if rest else ""
+    return first + suffix

@@ -38,6 +38,7 @@ NON_DEFAULT: dict[str, Any] = {
     "kubeletPath": "/var/lib/kubelet-custom/",
     "webConfig": {"secretName": "moe-watch-web", "tls": True},
     "priorityClassName": "gpu-node-agents",
+    "runtimeClassName": "nvidia",
     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     "nodeSelector": {"karpenter.sh/nodepool": "gpu"},
     "affinity": None,  # Helm: null drops a default map (an empty one would merge into it)
@@ -146,6 +147,7 @@ def test_non_default_values_reach_every_object_and_still_pass_the_schemas() -> N
     assert container["image"].endswith("moe-watch:0.1.0@sha256:" + "ab" * 32)
     assert container["args"][-2:] == ["--interval", "10"]
     assert pod["priorityClassName"] == "gpu-node-agents"
+    assert pod["runtimeClassName"] == "nvidia"
     assert pod["nodeSelector"] == {"karpenter.sh/nodepool": "gpu"}
     assert "affinity" not in pod
     assert pod["tolerations"] == NON_DEFAULT["tolerations"]
@@ -185,6 +187,44 @@ def test_non_default_values_reach_every_object_and_still_pass_the_schemas() -> N
     dashboards = [c for c in configs.values() if "grafana_dashboard_moe" in c["metadata"]["labels"]]
     assert len(dashboards) == 4
     assert {d["metadata"]["annotations"]["grafana_folder"] for d in dashboards} == {"MoE"}
+
+
+def test_runtime_class_security_contexts_and_service_type_reach_the_objects() -> None:
+    values = {
+        "runtimeClassName": "nvidia",
+        "podResources": {"enabled": False},
+        "podSecurityContext": {"fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+        # Helm merges maps: these override the defaults' uid 0, the rest stays
+        "securityContext": {"runAsUser": 65532, "runAsGroup": 65532, "runAsNonRoot": True},
+        "service": {"type": "NodePort", "nodePort": 30663},
+    }
+    objects = render_chart.objects(render_chart.render(values))
+    validate_all(objects)
+    (ds,) = by_kind(objects, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["securityContext"] == values["podSecurityContext"]
+    (container,) = pod["containers"]
+    assert container["securityContext"] == {
+        "runAsUser": 65532, "runAsGroup": 65532, "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }  # fmt: skip
+    (service,) = by_kind(objects, "Service")
+    assert service["spec"]["type"] == "NodePort"
+    assert "clusterIP" not in service["spec"]  # headless is ClusterIP's alone
+    assert service["spec"]["externalTrafficPolicy"] == "Local"  # a node's port, that node's agent
+    assert service["spec"]["ports"][0]["nodePort"] == 30663
+
+    objects = render_chart.objects(render_chart.render({"service": {"type": "LoadBalancer"}}))
+    validate_all(objects)
+    (service,) = by_kind(objects, "Service")
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert "nodePort" not in service["spec"]["ports"][0]  # null: the API server picks one
+
+    (service,) = by_kind(render_chart.objects(render_chart.render()), "Service")
+    assert (service["spec"]["type"], service["spec"]["clusterIP"]) == ("ClusterIP", "None")
+    assert "externalTrafficPolicy" not in service["spec"]
 
 
 def test_optional_objects_can_be_switched_off() -> None:
@@ -233,3 +273,54 @@ def test_the_crd_validator_rejects_what_the_operator_would() -> None:
     monitor["spec"]["endpoints"][0]["interval"] = "15 seconds"
     with pytest.raises(jsonschema.ValidationError, match="15 seconds"):
         validate_crd(monitor)
+
+
+# -- values.schema.json: bad values are refused at render, with the key named ----------------
+
+
+@pytest.mark.parametrize(
+    ("set_flags", "message"),
+    [
+        ("port=abc", r"at '/port': got string, want integer"),
+        ("port=0", r"at '/port': minimum"),
+        ("port=70000", r"at '/port': maximum"),
+        ("hostPID=yes", r"at '/hostPID': got string, want boolean"),
+        ("prot=9555", r"additional propert.*prot"),  # a typo is refused, not ignored
+        ("serviceMonitor.interavl=30s", r"additional propert.*interavl"),
+        ("serviceMonitor.interval=30 seconds", r"at '/serviceMonitor/interval'"),
+        ("image.pullPolicy=Sometimes", r"at '/image/pullPolicy'"),
+        ("image.digest=latest", r"at '/image/digest'"),
+        ("runtimeClassName=Nvidia_GPU", r"at '/runtimeClassName'"),
+        ("service.type=Headless", r"at '/service/type'"),
+        ("service.nodePort=abc", r"at '/service/nodePort'"),
+        ("tolerations.key=nvidia.com/gpu", r"at '/tolerations': got object, want array"),
+        ("extraEnv[0].value=x", r"at '/extraEnv/0': missing propert.*name"),
+        ("securityContext=root", r"at '/securityContext': got string, want object"),
+        ("serviceMonitor.additionalLabels.release=1", r"additionalLabels/release': got number"),
+    ],
+)
+def test_bad_values_are_refused_at_render_naming_the_key(set_flags: str, message: str) -> None:
+    values = helm.parse_set_string(set_flags)  # what `helm --set` hands the chart
+    with pytest.raises(helm.HelmValuesError, match=message):
+        render_chart.render(values)
+
+
+def test_the_schema_accepts_the_defaults_and_every_documented_form() -> None:
+    good = [
+        None,
+        NON_DEFAULT,
+        helm.parse_set_string("port=9555,runtimeClassName=nvidia,service.type=NodePort"),
+        helm.parse_set_string("extraArgs={--interval,10}"),  # --set makes 10 a number
+        {"affinity": None, "serviceAccount": {"name": "existing", "create": False}},
+        {"global": {"imageRegistry": "example"}},  # a parent chart's globals
+        {"securityContext": {"runAsUser": 65532, "runAsNonRoot": True},
+         "podResources": {"enabled": False}},
+    ]  # fmt: skip
+    with helm.Chart.load(CHART) as chart:
+        schema = chart.schema
+        for values in good:
+            chart.validate_schema(values)
+    assert schema is not None
+    # every top-level value is described, so a new one cannot skip the schema
+    assert set(schema["properties"]) >= set(yaml.safe_load((CHART / "values.yaml").read_text()))
+    assert schema["additionalProperties"] is False

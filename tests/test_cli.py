@@ -89,6 +89,31 @@ def test_check_rejects_a_bad_file_with_one_line(
     assert expected in err
 
 
+def test_check_lists_every_problem_one_line_each(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "interval_secs: 5\n"
+        "window_seconds: -1\n"
+        "listen: nowhere\n"
+        "targets:\n"
+        "  - {name: a, url: ftp://h}\n"
+        "  - {name: b, url: http://h:1, colour: red}\n"
+    )
+    code, out, err = run_cli(capsys, "check", "--config", str(config))
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    named = ["'interval_secs'", "'window_seconds'", "'listen'", "'targets.0.url'",
+             "'targets.1.colour'"]  # fmt: skip
+    assert len(lines) == len(named), lines
+    for line, setting in zip(sorted(lines), sorted(named), strict=True):
+        assert line.startswith("moe-watch: invalid setting ")
+        assert setting in line
+    assert "more problem" not in err  # listed, not counted
+
+
 def test_the_console_script_is_declared() -> None:
     scripts = entry_points(group="console_scripts")
     assert any(ep.name == "moe-watch" and ep.value == "moe_watch.cli:main" for ep in scripts)

@@ -62,12 +62,13 @@ def test_the_daemonset_is_locked_down_and_requests_no_gpu(objects: list[dict[str
     pod = daemonset(objects)["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     security = container["securityContext"]
-    assert security == {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
-    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}  # no capability, not even as uid 0
+    # uid 0 only to open the kubelet's pod-resources socket (root's, in a 0750 directory)
+    assert (security["runAsUser"], security["runAsNonRoot"]) == (0, False)
+    assert pod["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    assert "runtimeClassName" not in pod  # the node's default runtime unless the value is set
     assert pod["hostPID"] is True
     assert pod["priorityClassName"] == "system-node-critical"
     # every NoSchedule taint (nvidia.com/gpu, Karpenter / Auto Mode NodePool taints), no NoExecute

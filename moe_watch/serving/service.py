@@ -13,8 +13,9 @@ import structlog
 
 from moe_watch.agent import Agent
 from moe_watch.config import Settings
+from moe_watch.serving.cert_reload import CertificateReloader
 from moe_watch.serving.server import ServerLimits, make_app, start_server
-from moe_watch.serving.web_config import load_web_config, ssl_context
+from moe_watch.serving.web_config import load_web_config
 
 log = structlog.get_logger("moe_watch.serving.service")
 
@@ -68,7 +69,8 @@ async def serve(
                 app,
                 settings.listen_host,
                 settings.listen_port,
-                ssl_context(tls) if tls else None,
+                # a rotated certificate reaches new connections without a restart
+                CertificateReloader(tls, settings.web_config_file).context if tls else None,
                 limits=limits,
             )
         except OSError as exc:

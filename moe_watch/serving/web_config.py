@@ -9,10 +9,17 @@ tls_server_config:
   key_file: /etc/moe-watch/tls/tls.key
   client_ca_file: /etc/moe-watch/tls/ca.crt        # optional: mutual TLS
   client_auth_type: RequireAndVerifyClientCert     # or NoClientCert (default)
+  min_version: TLS12                               # TLS12 (default) or TLS13
+  max_version: TLS13                               # TLS12 or TLS13 (default)
+  cipher_suites: [TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256]  # Go's names; TLS 1.2 only
+  curve_preferences: [X25519]                      # one of CurveP256, CurveP384, CurveP521, X25519
+  prefer_server_cipher_suites: true                # the default
 basic_auth_users:
   prometheus: $2y$10$...                           # bcrypt hash (htpasswd -nBC 10 prometheus)
 ```
-/healthz and /readyz stay open: kubelet probes carry no credentials.
+/healthz and /readyz stay open: kubelet probes carry no credentials. How the Go names map onto
+OpenSSL, and what Python's ssl cannot do: ``moe_watch.serving.tls_options``. The certificate,
+key and client CA are read again when they change on disk (``cert_reload``).
 
 bcrypt is slow by design (~75 ms at cost 10), so it never runs on the event loop: checks run on
 a small thread pool (``workers``), at most ``max_pending`` at a time (more get 429 at once), and
@@ -37,7 +44,11 @@ from typing import Literal
 import yaml
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from moe_watch.serving import tls_options
+
+TlsVersion = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _BCRYPT = re.compile(r"^\$2[aby]\$(?P<cost>0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
@@ -51,6 +62,43 @@ class TlsServerConfig(BaseModel):
     key_file: Path
     client_ca_file: Path | None = None
     client_auth_type: Literal["NoClientCert", "RequireAndVerifyClientCert"] = "NoClientCert"
+    min_version: TlsVersion = "TLS12"
+    max_version: TlsVersion = "TLS13"
+    cipher_suites: tuple[str, ...] = ()
+    curve_preferences: tuple[str, ...] = ()
+    prefer_server_cipher_suites: bool = True
+
+    @field_validator("min_version", "max_version")
+    @classmethod
+    def _offered(cls, value: str) -> str:
+        return tls_options.offered_version(value)
+
+    @field_validator("cipher_suites")
+    @classmethod
+    def _known_ciphers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        tls_options.openssl_ciphers(value)
+        return value
+
+    @field_validator("curve_preferences")
+    @classmethod
+    def _one_curve(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        tls_options.openssl_curve(value)
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> TlsServerConfig:
+        tls_options.version_order(self.min_version, self.max_version)
+        if (
+            self.cipher_suites
+            and not tls_options.openssl_ciphers(self.cipher_suites)
+            and self.min_version != "TLS13"
+        ):
+            raise ValueError(
+                "cipher_suites lists only TLS 1.3 suites, which cannot be chosen (they are "
+                "always on), leaving TLS 1.2 without any: add TLS 1.2 suites or set "
+                "min_version: TLS13"
+            )
+        return self
 
 
 class WebConfig(BaseModel):
@@ -91,8 +139,31 @@ def load_web_config(path: Path) -> WebConfig:
 
 
 def ssl_context(tls: TlsServerConfig, source: Path | None = None) -> ssl.SSLContext:
+    """A server context with the certificate, key and client CA as they are on disk now."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = tls_options.VERSIONS[tls.min_version]
+    context.maximum_version = tls_options.VERSIONS[tls.max_version]
+    if tls.prefer_server_cipher_suites:
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    ciphers = tls_options.openssl_ciphers(tls.cipher_suites)
+    for name in tls.cipher_suites:
+        openssl_name = tls_options.CIPHERS.get(name)
+        if openssl_name is None:
+            continue  # a TLS 1.3 suite: always on
+        try:  # one at a time, to name a suite this Python's OpenSSL lacks
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).set_ciphers(openssl_name)
+        except ssl.SSLError:
+            raise WebConfigError(
+                f"web config {source}: cipher suite {name} ({openssl_name}) is not available "
+                f"in this Python's {ssl.OPENSSL_VERSION}"
+            ) from None
+    if ciphers:
+        context.set_ciphers(":".join(ciphers))
+    curve = tls_options.openssl_curve(tls.curve_preferences)
+    if curve is not None:
+        context.set_ecdh_curve(curve)
     try:
         context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
         if tls.client_ca_file is not None:
@@ -220,5 +291,6 @@ def _basic_credentials(header: str) -> tuple[str, str] | None:
 def _first_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
-        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{where}: {first['msg'].removeprefix('Value error, ')}"
     return str(exc)

@@ -85,8 +85,11 @@ def _init_error(nvml: Any, exc: BaseException) -> SourceError:
     if code == nvml.NVML_ERROR_LIBRARY_NOT_FOUND:
         return SourceError(
             "library_missing",
-            "libnvidia-ml.so not found: is the NVIDIA driver installed and the container started "
-            "with the nvidia runtime (runtimeClassName: nvidia, NVIDIA_VISIBLE_DEVICES)?",
+            "libnvidia-ml.so not found: no NVIDIA driver here, or the NVIDIA runtime did not start "
+            "this container. In Kubernetes set the "
+            "Helm value runtimeClassName (e.g. nvidia) where that runtime is not the node's "
+            "default; Bottlerocket and EKS Auto Mode ignore NVIDIA_VISIBLE_DEVICES in unprivileged "
+            "containers (docs/deploy.md, GPU visibility)",
         )
     if code == nvml.NVML_ERROR_DRIVER_NOT_LOADED:
         return SourceError(

@@ -224,7 +224,9 @@ async def test_a_missing_library_fails_clearly_and_init_retries_are_throttled() 
             await source.collect(Problems())
         assert err.value.reason == "library_missing"
         assert "libnvidia-ml.so" in err.value.message
-        assert "nvidia runtime" in err.value.message
+        # names the chart value to set, and where the unprivileged-pod cases are explained
+        assert "Helm value runtimeClassName" in err.value.message
+        assert "docs/deploy.md" in err.value.message
         clock.now += INIT_RETRY_SECONDS - 1
         with pytest.raises(SourceError) as again:
             await source.collect(Problems())
