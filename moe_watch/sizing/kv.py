@@ -142,7 +142,8 @@ def window_tokens(
         blocks = -(-min(window - 1 + in_flight, max_model_len) // GPU_BLOCK_SIZE) + 1
         return blocks * GPU_BLOCK_SIZE
     if kind == CHUNKED and chunked_hybrid:
-        return min(window + in_flight, max_model_len)
+        # ChunkedLocalAttentionSpec.max_admission_blocks_per_request
+        return -(-min(window + in_flight, max_model_len) // GPU_BLOCK_SIZE) * GPU_BLOCK_SIZE
     return 0
 
 
