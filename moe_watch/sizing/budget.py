@@ -322,8 +322,8 @@ def size(
         chosen = options[0]
         fitting = sum(option.fits for option in options)
         source = (
-            f"picked: most free memory per GPU of the {len(options)} deployable layouts"
-            f" ({fitting} fit)"
+            f"picked: most free memory per GPU of {len(options)} deployable "
+            f"layout{'s' if len(options) > 1 else ''}, {fitting} fit"
         )
     else:
         raise ValueError(
@@ -423,9 +423,9 @@ def recommended_settings(
             "gpu_memory_utilization",
             gmu,
             (
-                "design notes: 0.75-0.80 for large MoE (> 100B total)"
+                "design notes: 0.75-0.80 for large MoE, over 100B total"
                 if spec.is_large
-                else "design notes: 0.90, the dense default (not a large MoE)"
+                else "design notes: 0.90, the dense default, for MoE under 100B"
             )
             + f"; your target needs {need:.2f} under {layout.label}",
         )

@@ -11,7 +11,6 @@ from moe_watch.sizing.budget import (
     LayoutOption,
     Plan,
 )
-from moe_watch.sizing.layout import nodes_text
 
 
 def render_plan(plan: Plan) -> str:
@@ -20,7 +19,7 @@ def render_plan(plan: Plan) -> str:
     kv = chosen.kv
     lines = [
         f"{plan.model}: {plan.attention} attention, {plan.dtype} weights, {plan.kv_dtype} KV cache, "
-        f"{nodes_text(plan.gpus, plan.gpus_per_node)} x {plan.gpu}",
+        f"{plan.gpus} x {plan.gpu} ({_nodes(plan.gpus, plan.gpus_per_node)})",
         f"  target (yours): {plan.max_num_seqs} concurrent sequences x max_model_len {plan.max_model_len}",
         f"  layout: {chosen.label} ({plan.layout_source})",
         "",
@@ -34,8 +33,13 @@ def render_plan(plan: Plan) -> str:
     lines += [
         f"  rule 'weights x {OVERHEAD_FACTOR} + KV' per GPU {under}: {chosen.weights_gb:,.1f} GB x {OVERHEAD_FACTOR}"
         f" + {chosen.kv_gb:,.1f} GB = {chosen.rule_115_gb:,.1f} GB of {g.gpu_gb:g} GB",
-        f"    (published form: {plan.weights_gb:,.1f} GB x {OVERHEAD_FACTOR} + {plan.kv_total_gb:,.1f} GB"
-        f" = {plan.rule_115_total_gb:,.1f} GB for all {plan.gpus} GPUs, {plan.rule_115_total_gb / plan.gpus:,.1f} GB each)",
+    ]
+    if plan.gpus > 1:
+        lines.append(
+            f"    (published form: {plan.weights_gb:,.1f} GB x {OVERHEAD_FACTOR} + {plan.kv_total_gb:,.1f} GB"
+            f" = {plan.rule_115_total_gb:,.1f} GB for all {plan.gpus} GPUs, {plan.rule_115_total_gb / plan.gpus:,.1f} GB each)"
+        )
+    lines += [
         f"  rule 'itemised' per GPU {under}:",
         f"    weights        {g.weights_gb:9.1f} GB   (routed experts / {chosen.layout.tp * chosen.layout.dp} TP x DP ranks"
         f" + dense part / TP {chosen.layout.tp}{f', / PP {chosen.layout.pp}' if chosen.layout.pp > 1 else ''})",
@@ -68,6 +72,12 @@ def render_plan(plan: Plan) -> str:
     if plan.interconnect:
         lines.append(f"  interconnect: {plan.interconnect}")
     return "\n".join(lines)
+
+
+def _nodes(gpus: int, gpus_per_node: int) -> str:
+    if gpus <= gpus_per_node:
+        return f"one node of {gpus_per_node}"
+    return f"{gpus // gpus_per_node} nodes of {gpus_per_node}"
 
 
 def _row(*cells: str) -> str:
