@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from moe_watch.cli import main
@@ -14,6 +16,7 @@ from moe_watch.sizing.layout import (
     layout_problem,
     resolve_layout,
 )
+from moe_watch.sizing.plan import PlanError, load_plan
 
 
 def test_labels_name_every_parallel_dimension() -> None:
@@ -122,3 +125,22 @@ def test_gpus_per_node_changes_what_is_deployable(capsys: pytest.CaptureFixture[
         == 2
     )
     assert "(4 or 8" in capsys.readouterr().err
+
+
+def test_plan_files_carry_the_layout_and_refuse_undeployable_ones(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "model: deepseek-v3\ndtype: fp8\ngpu: h200\ngpus: 8\ndata_parallel_size: 8\n"
+        "vllm:\n  max_num_seqs: 256\n"
+    )
+    plan = load_plan(good)
+    sized = plan.sized(tmp_path)
+    assert sized.layout == Layout(tp=1, dp=8)
+    assert sized.kv_per_gpu_gb == pytest.approx(70_272 * 8192 * 32 / 1e9)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: mixtral-8x7b\ngpus: 3\ntensor_parallel_size: 3\n")
+    with pytest.raises(PlanError, match="TP 3 does not divide mixtral-8x7b's 32 attention heads"):
+        load_plan(bad)
+    no_ep = tmp_path / "no-ep.yaml"
+    no_ep.write_text("model: mixtral-8x7b\ngpus: 2\nexpert_parallel: false\n")
+    assert load_plan(no_ep).sized(tmp_path).ep == 1
