@@ -127,9 +127,34 @@ def build_parser() -> argparse.ArgumentParser:
         default="h100-80",
         help="a100-40|a100-80|h100-80|h200-141|b200-192|l40s-48|a10g-24|l4-24",
     )
-    size.add_argument("--gpus", type=_positive_int, default=1)
+    size.add_argument("--gpus", type=_positive_int, help="GPU count (default 1, or TP x DP x PP)")
+    size.add_argument("--tp", type=_positive_int, help="tensor_parallel_size (default: picked)")
+    size.add_argument("--dp", type=_positive_int, help="data_parallel_size: DP attention")
+    size.add_argument("--pp", type=_positive_int, help="pipeline_parallel_size")
+    size.add_argument(
+        "--ep", type=_positive_int, help="expert-parallel ranks: TP x DP, or 1 for no EP"
+    )
+    size.add_argument(
+        "--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default 8)"
+    )
     size.add_argument("--max-model-len", type=_positive_int, default=8192)
-    size.add_argument("--max-num-seqs", type=_positive_int, default=8)
+    size.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=8,
+        help="concurrent sequences the deployment must hold (the target; default 8)",
+    )
+    size.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        help="vLLM's max_num_batched_tokens (sizes sliding windows; default: vLLM's for the GPU)",
+    )
+    size.add_argument(
+        "--chunked-local-hybrid",
+        action="store_true",
+        help="size chunked local attention by its chunk, as vLLM does with "
+        "VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE=1 (default: as full attention)",
+    )
     size.add_argument("--json", action="store_true", help="machine-readable output")
 
     rules = commands.add_parser(
@@ -244,8 +269,15 @@ def _size(args: argparse.Namespace) -> int:
             kv_dtype=args.kv_dtype,
             gpu=args.gpu,
             gpus=args.gpus,
+            tp=args.tp,
+            dp=args.dp,
+            pp=args.pp,
+            ep=args.ep,
+            gpus_per_node=args.gpus_per_node,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            chunked_hybrid=args.chunked_local_hybrid,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

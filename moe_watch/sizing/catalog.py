@@ -3,16 +3,24 @@
 Numbers are from the models' published config.json files and model cards. `total_params_b` is the
 checkpoint's parameter count (what must sit in VRAM: every expert stays resident); the routed
 expert parameters follow from the shape (moe_layers x experts x 3 x hidden x moe_intermediate).
+The attention numbers are the ones vLLM reads to size its KV cache (docs/sizing.md); the test
+suite checks them against vLLM's own arithmetic on the same config.json (tests/sizing/configs/).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+# Weights. MXFP4 (gpt-oss's experts): 4-bit values plus one 8-bit scale per 32 = 4.25 bits.
+DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "mxfp4": 4.25 / 8, "int4": 0.5}
+# KV cache element sizes vLLM stores (its kv_cache_dtype: auto = the model's bf16/fp16, or fp8).
+KV_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
+
+SLIDING = "sliding"  # sliding-window attention (gpt-oss, Mistral-style)
+CHUNKED = "chunked"  # chunked local attention (Llama 4)
 
 
 @dataclass(frozen=True)
@@ -28,17 +36,33 @@ class ModelSpec:
     hidden_size: int
     moe_intermediate_size: int
     attention_heads: int
-    # GQA: kv_heads x head_dim per layer for K and V. MLA: kv_lora_rank + qk_rope_head_dim per layer.
+    # GQA/MQA/MHA: kv_heads x head_dim per layer for K and V. MLA: kv_lora_rank + qk_rope_head_dim
+    # per layer, one latent vector shared by every head.
     kv_heads: int = 0
     head_dim: int = 0
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
+    # DeepSeek sparse attention (V3.2, GLM-5): the lightning indexer keeps its own key cache per
+    # layer (index_head_dim FP8 values + one FP32 scale per 128), beside the MLA latent.
+    index_head_dim: int = 0
+    # Local attention: `window` tokens on the layers in `window_layers` (0-based), of `window_kind`.
+    window: int = 0
+    window_kind: str = ""
+    window_layers: tuple[int, ...] = ()
     default_dtype: str = "bf16"
     aliases: tuple[str, ...] = ()
 
     @property
     def uses_mla(self) -> bool:
         return self.kv_lora_rank > 0
+
+    @property
+    def attention_kind(self) -> str:
+        if self.uses_mla:
+            return "MLA+DSA" if self.index_head_dim else "MLA"
+        if self.kv_heads == self.attention_heads:
+            return "MHA"
+        return "MQA" if self.kv_heads == 1 else "GQA"
 
     @property
     def routed_expert_params_b(self) -> float:
@@ -63,15 +87,24 @@ class ModelSpec:
 
 
 def _gqa(name: str, total: float, active: float, layers: int, moe_layers: int, experts: int, shared: int, top_k: int,
-         hidden: int, moe_inter: int, heads: int, kv_heads: int, head_dim: int, *aliases: str, dtype: str = "bf16") -> ModelSpec:  # fmt: skip
+         hidden: int, moe_inter: int, heads: int, kv_heads: int, head_dim: int, *aliases: str, dtype: str = "bf16",
+         window: int = 0, window_kind: str = "", window_layers: tuple[int, ...] = ()) -> ModelSpec:  # fmt: skip
     return ModelSpec(name, total, active, layers, moe_layers, experts, shared, top_k, hidden, moe_inter, heads,
-                     kv_heads=kv_heads, head_dim=head_dim, default_dtype=dtype, aliases=aliases)  # fmt: skip
+                     kv_heads=kv_heads, head_dim=head_dim, window=window, window_kind=window_kind,
+                     window_layers=window_layers, default_dtype=dtype, aliases=aliases)  # fmt: skip
 
 
 def _mla(name: str, total: float, active: float, layers: int, moe_layers: int, experts: int, shared: int, top_k: int,
-         hidden: int, moe_inter: int, heads: int, *aliases: str, dtype: str = "fp8") -> ModelSpec:  # fmt: skip
+         hidden: int, moe_inter: int, heads: int, *aliases: str, dtype: str = "fp8", index_head_dim: int = 0) -> ModelSpec:  # fmt: skip
     return ModelSpec(name, total, active, layers, moe_layers, experts, shared, top_k, hidden, moe_inter, heads,
-                     kv_lora_rank=512, qk_rope_head_dim=64, default_dtype=dtype, aliases=aliases)  # fmt: skip
+                     kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=index_head_dim,
+                     default_dtype=dtype, aliases=aliases)  # fmt: skip
+
+
+def llama4_chunked_layers(layers: int, nope_interval: int = 4) -> tuple[int, ...]:
+    """Llama 4's RoPE layers, which use chunked local attention: every layer but each
+    ``nope_interval``-th (the NoPE layers attend globally; transformers' ``no_rope_layers``)."""
+    return tuple(i for i in range(layers) if (i + 1) % nope_interval != 0)
 
 
 CATALOG: tuple[ModelSpec, ...] = (
@@ -123,6 +156,7 @@ CATALOG: tuple[ModelSpec, ...] = (
         128,
         "deepseek-ai/DeepSeek-V3.2-Exp",
         "deepseek-v3.2-exp",
+        index_head_dim=128,
     ),
     _mla("kimi-k2", 1000.0, 32.0, 61, 60, 384, 1, 8, 7168, 2048, 64, "moonshotai/Kimi-K2-Instruct"),
     _gqa(
@@ -207,11 +241,37 @@ CATALOG: tuple[ModelSpec, ...] = (
         8,
         128,
         "meta-llama/Llama-4-Maverick-17B-128E-Instruct",
+        window=8192,
+        window_kind=CHUNKED,
+        window_layers=llama4_chunked_layers(48),
     ),
     _gqa("grok-1", 314.0, 86.0, 64, 64, 8, 0, 2, 6144, 32768, 48, 8, 128, "xai-org/grok-1"),
-    # GLM-5: numbers from its model card (744B total, 40B active, DeepSeek-style MLA and sparse
-    # attention); check them against the released config.json before relying on them.
-    _mla("glm-5", 744.0, 40.0, 78, 75, 256, 1, 8, 6144, 2048, 64, "zai-org/GLM-5"),
+    # GLM-5: its model card (744B total, 40B active) and transformers' GlmMoeDsaConfig, whose
+    # defaults follow GLM-5 (78 layers, MLA 512 + 64, DSA indexer 128); not its released config.json.
+    _mla(
+        "glm-5", 744.0, 40.0, 78, 75, 256, 1, 8, 6144, 2048, 64, "zai-org/GLM-5", index_head_dim=128
+    ),
+    # gpt-oss-120b: 116.8B total, 5.1B active (model card); sliding window 128 on even layers.
+    _gqa(
+        "gpt-oss-120b",
+        116.8,
+        5.1,
+        36,
+        36,
+        128,
+        0,
+        4,
+        2880,
+        2880,
+        64,
+        8,
+        64,
+        "openai/gpt-oss-120b",
+        dtype="mxfp4",
+        window=128,
+        window_kind=SLIDING,
+        window_layers=tuple(range(0, 36, 2)),
+    ),
 )
 
 
@@ -229,32 +289,72 @@ def find_model(name: str) -> ModelSpec:
 
 
 def from_hf_config(path: Path, total_params_b: float | None = None) -> ModelSpec:
-    """A ModelSpec from a Hugging Face config.json (Mixtral-, Qwen-MoE- and DeepSeek-style keys)."""
+    """A ModelSpec from a Hugging Face config.json.
+
+    Reads Mixtral-, Qwen-MoE-, DeepSeek-, DBRX-, Llama-4- and gpt-oss-style keys, the way vLLM's
+    model config reads them (KV heads, head size, MLA ranks, sliding window, chunked attention).
+    """
     try:
         raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: cannot read a config.json ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a config.json (expected a JSON object)")
     config = raw.get("text_config", raw)  # multimodal wrappers (Llama 4) nest the LM config
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: text_config is not a JSON object")
+    attn: dict[str, Any] = config.get("attn_config") or {}
+    ffn: dict[str, Any] = config.get("ffn_config") or {}
+    if not isinstance(attn, dict) or not isinstance(ffn, dict):
+        raise ValueError(f"{path}: attn_config / ffn_config is not a JSON object")
 
     def first(*keys: str, default: Any = None) -> Any:
         for key in keys:
-            if key in config and config[key] is not None:
-                return config[key]
+            for where in (config, attn, ffn):  # DBRX nests attention and MoE keys
+                if key in where and where[key] is not None:
+                    return where[key]
         return default
 
+    try:
+        return _spec_from(raw, config, first, path, total_params_b)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: unreadable attention or MoE shape ({exc})") from None
+
+
+def _spec_from(
+    raw: dict[str, Any],
+    config: dict[str, Any],
+    first: Any,
+    path: Path,
+    total_params_b: float | None,
+) -> ModelSpec:
     layers = int(first("num_hidden_layers", "n_layers", default=0))
-    experts = int(first("num_local_experts", "n_routed_experts", "num_experts", default=0))
+    experts = int(
+        first("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts", default=0)
+    )
     if not layers or not experts:
         raise ValueError(
             f"{path}: not an MoE config (num_hidden_layers / num_local_experts|n_routed_experts missing)"
         )
     hidden = int(first("hidden_size", "d_model"))
     heads = int(first("num_attention_heads", "n_heads"))
-    moe_inter = int(first("moe_intermediate_size", "intermediate_size_moe", "intermediate_size"))
+    moe_inter = int(
+        first(
+            "moe_intermediate_size", "intermediate_size", "ffn_hidden_size", "intermediate_size_moe"
+        )
+    )
     dense_first = int(first("first_k_dense_replace", default=0))
     step = int(first("interleave_moe_layer_step", "moe_layer_freq", default=1)) or 1
     moe_layers = (layers - dense_first) // step
     kv_lora = int(first("kv_lora_rank", default=0) or 0)
+    # vLLM's attribute order for the KV-head count; models without one are MHA.
+    kv_heads = int(
+        first("n_head_kv", "num_kv_heads", "num_key_value_heads", "kv_n_heads", default=heads)
+    )
+    head_dim = int(first("head_dim", default=0) or 0) or hidden // heads
+    window, kind, window_layers = _local_attention(config, layers)
     spec = ModelSpec(
         name=str(raw.get("_name_or_path") or path.parent.name),
         total_params_b=0.0,
@@ -267,15 +367,41 @@ def from_hf_config(path: Path, total_params_b: float | None = None) -> ModelSpec
         hidden_size=hidden,
         moe_intermediate_size=moe_inter,
         attention_heads=heads,
-        kv_heads=0 if kv_lora else int(first("num_key_value_heads", default=heads)),
-        head_dim=0 if kv_lora else int(first("head_dim", default=hidden // heads)),
+        kv_heads=0 if kv_lora else kv_heads,
+        head_dim=0 if kv_lora else head_dim,
         kv_lora_rank=kv_lora,
         qk_rope_head_dim=int(first("qk_rope_head_dim", default=0) or 0),
+        # vLLM builds the DSA indexer (and its cache) where the config has index_topk.
+        index_head_dim=int(first("index_head_dim", default=128)) if "index_topk" in config else 0,
+        window=window,
+        window_kind=kind,
+        window_layers=window_layers,
         default_dtype="bf16",
     )
     total = total_params_b or _estimate_total_b(spec, config)
     active = spec.dense_params_b if total_params_b else 0.0
     return _with_params(spec, total, active)
+
+
+def _local_attention(config: dict[str, Any], layers: int) -> tuple[int, str, tuple[int, ...]]:
+    """(window, kind, layers using it) from a config's sliding-window or chunked-attention keys."""
+    chunk = config.get("attention_chunk_size")
+    if chunk:
+        nope = config.get("no_rope_layers")
+        if isinstance(nope, list) and len(nope) == layers:
+            local = tuple(i for i, rope in enumerate(nope) if rope)  # 0 = NoPE = global
+        else:
+            local = llama4_chunked_layers(layers, int(config.get("no_rope_layer_interval", 4)))
+        return int(chunk), CHUNKED, local
+    window = config.get("sliding_window")
+    if not window or config.get("use_sliding_window") is False:
+        return 0, "", ()
+    types = config.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        local = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    else:
+        local = tuple(range(layers))  # a model-level window applies to every layer
+    return (int(window), SLIDING, local) if local else (0, "", ())
 
 
 def _estimate_total_b(spec: ModelSpec, config: dict[str, Any]) -> float:
@@ -290,8 +416,6 @@ def _estimate_total_b(spec: ModelSpec, config: dict[str, Any]) -> float:
 
 
 def _with_params(spec: ModelSpec, total: float, active: float) -> ModelSpec:
-    from dataclasses import replace
-
     routed_per_token = (
         spec.moe_layers * spec.top_k * 3 * spec.hidden_size * spec.moe_intermediate_size / 1e9
     )

@@ -6,15 +6,15 @@ dtype: bf16
 kv_dtype: bf16
 gpu: h100-80
 gpus: 2
-tensor_parallel_size: 2
-expert_parallel: true
+tensor_parallel_size: 2      # optional, with data_parallel_size and pipeline_parallel_size:
+expert_parallel: true        #   the layout (picked as `moe-watch size` does when absent)
 vllm:                        # the settings the engine is expected to run with
   gpu_memory_utilization: 0.80
   max_num_seqs: 8
   max_model_len: 8192
   enable_prefix_caching: true
 ```
-Errors name the file and the line of the offending key.
+Errors name the file and the line of the offending key; a layout vLLM cannot deploy is an error.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moe_watch.sizing.budget import Plan, gpu_memory_gb, size
-from moe_watch.sizing.catalog import DTYPE_BYTES, ModelSpec, find_model, from_hf_config
+from moe_watch.sizing.catalog import (
+    DTYPE_BYTES,
+    KV_DTYPE_BYTES,
+    ModelSpec,
+    find_model,
+    from_hf_config,
+)
+from moe_watch.sizing.layout import GPUS_PER_NODE
 
 
 class PlanError(ValueError):
@@ -50,15 +57,27 @@ class PlanFile(BaseModel):
     kv_dtype: str = "bf16"
     gpu: str = "h100-80"
     gpus: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=GPUS_PER_NODE, ge=1)
     tensor_parallel_size: int | None = Field(default=None, ge=1)
+    data_parallel_size: int | None = Field(default=None, ge=1)
+    pipeline_parallel_size: int | None = Field(default=None, ge=1)
     expert_parallel: bool | None = None
     vllm: VllmSettings = VllmSettings()
 
-    @field_validator("dtype", "kv_dtype")
+    @field_validator("dtype")
     @classmethod
     def _dtype(cls, value: str) -> str:
         if value.lower() not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {value!r} (one of {', '.join(DTYPE_BYTES)})")
+        return value.lower()
+
+    @field_validator("kv_dtype")
+    @classmethod
+    def _kv_dtype(cls, value: str) -> str:
+        if value.lower() not in KV_DTYPE_BYTES:
+            raise ValueError(
+                f"unknown KV cache dtype {value!r} (one of {', '.join(KV_DTYPE_BYTES)})"
+            )
         return value.lower()
 
     @field_validator("gpu")
@@ -91,6 +110,11 @@ class PlanFile(BaseModel):
             kv_dtype=self.kv_dtype,
             gpu=self.gpu,
             gpus=self.gpus,
+            tp=self.tensor_parallel_size,
+            dp=self.data_parallel_size,
+            pp=self.pipeline_parallel_size,
+            ep=1 if self.expert_parallel is False else None,
+            gpus_per_node=self.gpus_per_node,
             max_model_len=settings.max_model_len or 8192,
             max_num_seqs=settings.max_num_seqs or 8,
         )
@@ -111,7 +135,7 @@ def load_plan(path: Path) -> PlanFile:
         raise PlanError(f"{path}: expected a mapping of plan settings")
     try:
         plan = PlanFile(**data)
-        plan.spec(path.parent)
+        plan.sized(path.parent)  # the model resolves and the layout is deployable
         return plan
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -65,16 +65,18 @@ def test_per_gpu_split_and_the_smallest_fitting_count() -> None:
         max_num_seqs=8,
     )
     kv = 131_072 * 8192 * 8 / GB
-    assert plan.kv_budget_gb == pytest.approx(kv)
+    assert plan.kv_total_gb == pytest.approx(kv)
     assert plan.rule_115_total_gb == pytest.approx(93.4 * 1.15 + kv)
-    assert plan.itemised.weights_gb == pytest.approx(93.4 / 2, rel=0.01)  # TP 2 and EP 2: halves
-    assert plan.tp == 2
+    # picked: TP 2 (the dense part halves too); 8 KV heads split 4 + 4, so the KV halves
+    assert (plan.tp, plan.dp, plan.ep) == (2, 1, 2)
+    assert plan.itemised.weights_gb == pytest.approx(93.4 / 2, rel=0.01)
+    assert plan.kv_per_gpu_gb == pytest.approx(kv / 2)
+    assert plan.rule_115_per_gpu_gb == pytest.approx(plan.itemised.weights_gb * 1.15 + kv / 2)
     assert plan.fits
-    assert (
-        size(find_model("mixtral-8x7b"), dtype="bf16", gpu="h100-80", gpus=1).smallest_fitting_gpus
-        == 2
-    )
-    assert plan.recommended["enable_expert_parallel"] is True
+    assert {option.label for option in plan.options} == {"TP 2, EP 2", "DP 2 + EP 2"}
+    one = size(find_model("mixtral-8x7b"), dtype="bf16", gpu="h100-80", gpus=1)
+    assert one.smallest_fitting_gpus == 2
+    assert {s.name: s.value for s in plan.recommended}["enable_expert_parallel"] is True
 
 
 def test_every_model_design_md_names_is_in_the_catalog() -> None:
@@ -104,12 +106,13 @@ def test_size_cli_prints_a_table_and_json(capsys: pytest.CaptureFixture[str]) ->
         == 0
     )
     table = capsys.readouterr().out
-    assert "DOES NOT FIT on 8 x h100" in table
-    assert "smallest h100 count that fits: 11 (tensor_parallel_size 8" in table
+    assert "DOES NOT FIT on 8 x h100 under " in table
+    assert "smallest h100 count that fits: 16 = 2 nodes x 8: " in table
     assert main(["size", "--model", "qwen2-57b-a14b", "--dtype", "fp8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is True
-    assert data["itemised"]["free_gb"] > 0
+    assert data["layout"]["label"] == "TP 1"
+    assert data["layout"]["itemised"]["free_gb"] > 0
     assert main(["size", "--model", "mixtral-8x7"]) == 2
     assert "unknown model 'mixtral-8x7'" in capsys.readouterr().err
 
