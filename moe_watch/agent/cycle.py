@@ -15,6 +15,7 @@ import structlog
 from moe_watch.agent.assemble import assemble_snapshot, gpu_views
 from moe_watch.agent.engine_target import EngineTarget, nothing
 from moe_watch.config import Settings, TargetConfig
+from moe_watch.limits import TARGETS_PER_AGENT
 from moe_watch.samples import GpuReading, ProcessInfo
 from moe_watch.snapshot import Snapshot
 from moe_watch.sources.discovery import PodTarget, PodWatcher
@@ -137,6 +138,8 @@ class Agent:
             credentials=token_headers,  # bound tokens rotate: re-read on every connect
             ssl=ca_context(),
             on_change=self.set_discovered,
+            # the configured targets count against the same limit
+            max_targets=max(0, TARGETS_PER_AGENT - len(self._static)),
         )
         self.discovery = watcher
         # Discovery runs on its own task; its runner reports what it saw, like any source.
