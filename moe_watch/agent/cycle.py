@@ -108,7 +108,8 @@ class Agent:
         await asyncio.gather(*(target.settle() for target in self._targets.values()))
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.settle()  # a what-if thread in flight: take it down with the agent
+        for target in self._targets.values():
+            target.abandon()  # a what-if in flight is cancelled, never waited for
         if self._discovery_task is not None:
             self._discovery_stop.set()
             self._discovery_task.cancel()

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from moe_watch.agent import Agent
+from moe_watch.background import DaemonThreadExecutor
 from moe_watch.config import Settings
 from moe_watch.serving.server import ServerLimits, make_app, start_server
 from moe_watch.serving.web_config import load_web_config, ssl_context
@@ -38,6 +39,8 @@ async def serve(
     and the agent are closed within what is left. Kubernetes' default grace period is 30 s.
     """
     loop = asyncio.get_running_loop()
+    # File and /proc reads run on daemon threads: one stuck in the kernel never holds the exit.
+    loop.set_default_executor(DaemonThreadExecutor(name="moe-watch-io"))
     agent = Agent(settings, nvml=nvml)
     await agent.__aenter__()
     deadline: list[float] = []  # set when stop is seen
