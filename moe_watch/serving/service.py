@@ -58,10 +58,13 @@ async def serve(
             basic_auth_users=web_config.basic_auth_users if web_config else None,
             auth_workers=settings.auth_workers,
             auth_max_pending=settings.auth_max_pending,
+            write_timeout_seconds=settings.server_write_timeout_seconds,
         )
         tls = web_config.tls_server_config if web_config else None
         limits = ServerLimits(
             max_connections=settings.server_max_connections,
+            probe_connections=settings.server_probe_connections,
+            write_timeout_seconds=settings.server_write_timeout_seconds,
             idle_timeout_seconds=settings.server_idle_timeout_seconds,
             header_timeout_seconds=settings.server_header_timeout_seconds,
             max_header_bytes=settings.server_max_header_bytes,
