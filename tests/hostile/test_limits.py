@@ -260,3 +260,62 @@ async def test_a_command_line_past_its_limit_is_not_used(tmp_path: Path) -> None
     assert found[11].server_cmdline is None
     assert found[12].server_cmdline is None
     assert problems.reasons == {"too_large": 2}
+
+
+def test_the_real_agent_refuses_unbounded_ranks_and_keeps_the_good_engine(
+    tmp_path: Path,
+) -> None:
+    # Before: ep_size 2**62 pinned the event loop (healthz timed out, SIGTERM ignored), with a
+    # placement it raised MemoryError out of the cycle; ep_size 200000 on an 8-expert model
+    # exported 200,000 rank series.
+    import time
+    import urllib.request
+
+    from tests.hostile.conftest import running_agent
+
+    engines: dict[str, dict[str, Any]] = {
+        "good": {"ep_size": 2},
+        "huge": {"ep_size": 2**62, "placement": [0, 1, 2, 2**61]},
+        "wide": {"ep_size": 200_000},
+    }
+    started = time.time() - 10
+
+    def traffic(step: int) -> None:
+        for name, change in engines.items():
+            counts = [[step * (1 + e) for e in range(4)]]
+            data = raw(started=started, updated=time.time() + 3600, counts=counts, **change)
+            write(tmp_path / name, "w", data)
+
+    targets = []
+    for name in engines:
+        directory = tmp_path / name
+        directory.mkdir()
+        targets.append(
+            {"name": name, "url": "http://127.0.0.1:1", "experts": {"directory": str(directory)}}
+        )
+    traffic(1)
+    settings = {"targets": targets, "interval_seconds": 0.5, "shutdown_timeout_seconds": 2.0}
+    with running_agent(tmp_path, settings) as agent:
+        agent.wait_for("source down")
+        metrics = ""
+        for step in range(2, 42):  # bounded: until the good engine's ranks are exported
+            traffic(step)
+            with urllib.request.urlopen(agent.url + "/healthz", timeout=2) as response:
+                assert response.status == 200
+            with urllib.request.urlopen(agent.url + "/metrics", timeout=2) as response:
+                metrics = response.read().decode()
+            if "moe_watch_expert_rank_load_ratio{" in metrics:
+                break
+            time.sleep(0.25)  # the next cycle
+        ranks = [line for line in metrics.splitlines() if line.startswith("moe_watch_expert_rank")]
+        assert ranks  # the good engine's two ranks
+        assert all('engine="good"' in line for line in ranks)
+        assert len(ranks) <= 4
+        for source in ("experts:huge", "experts:wide"):
+            assert any(
+                line.startswith("moe_watch_collect_errors_total")
+                and f'source="{source}"' in line
+                and 'reason="too_large"' in line
+                for line in metrics.splitlines()
+            ), source
+        assert agent.stop(2.0) < 3.5
