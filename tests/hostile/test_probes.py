@@ -36,7 +36,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
                 pid=1, started=now - 60, updated=now + 3600, model="deepseek-ai/DeepSeek-V3",
                 top_k=8, num_experts=256, layers=list(range(3, 61)),
                 counts=[[2**52 + (layer * 7919 + e * 104729) % 2**40 for e in range(256)]
-                        for layer in range(58)],  # long numbers: a ~7 MB document
+                        for layer in range(58)],  # long numbers: a ~4.5 MB document
             ),
         )  # fmt: skip
         targets.append(
@@ -132,7 +132,7 @@ async def test_connections_that_never_read_are_dropped_and_cost_bounded_memory(
 ) -> None:
     # Before: every unread answer was buffered whole; 100 such connections held 2 GB.
     size = await experts_size(agent.url)
-    assert size > 4_000_000  # the point: an answer far larger than any socket buffer
+    assert size > 4_000_000  # ~4.5 MB: far larger than what the sockets buffer
     before = agent.rss_bytes()
     sockets = []
     for _ in range(100):
@@ -152,7 +152,7 @@ async def test_connections_that_never_read_are_dropped_and_cost_bounded_memory(
     finally:
         for sock in sockets:
             sock.close()
-    assert during - before < 200 * 2**20, (before, during)
+    assert during - before < 64 * 2**20, (before, during)  # 11 MB measured here
     assert all(0 < got < size for got in received), received  # cut, not completed
 
 
