@@ -291,8 +291,10 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     configure_logging(settings.log_format, settings.log_level)
-    if not settings.targets and settings.nvml == "off":
-        raise ConfigError("invalid setting 'targets': nothing to watch (no targets and nvml off)")
+    if not settings.targets and not settings.discovery and settings.nvml == "off":
+        raise ConfigError(
+            "invalid setting 'targets': nothing to watch (no targets, no discovery, nvml off)"
+        )
 
     async def body() -> None:
         stop = asyncio.Event()

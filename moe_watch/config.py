@@ -31,6 +31,7 @@ from pydantic_settings import (
 if TYPE_CHECKING:
     from moe_watch.sizing.plan import PlanFile
 
+from moe_watch import limits
 from moe_watch.thresholds import DEFAULT
 
 ENGINE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -58,14 +59,18 @@ class ExpertsConfig(BaseModel):
     # sglang: dumps of SGLang's expert-distribution recorder (SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR).
     source: Literal["plugin", "sglang"] = "plugin"
     directory: Path
-    top_k: int | None = Field(default=None, ge=1, description="experts per token (sglang only)")
-    num_experts: int | None = Field(default=None, ge=1)
-    ep_size: int = Field(default=1, ge=1, description="expert-parallel ranks (sglang only)")
+    top_k: int | None = Field(
+        default=None, ge=1, le=limits.EXPERTS_PER_LAYER, description="experts per token (sglang)"
+    )
+    num_experts: int | None = Field(default=None, ge=1, le=limits.EXPERTS_PER_LAYER)
+    ep_size: int = Field(
+        default=1, ge=1, le=limits.EP_RANKS, description="expert-parallel ranks (sglang only)"
+    )
     # For the EPLB what-if (docs/experts.md): the model's expert groups (DeepSeek-V3's n_group, 8)
     # and the nodes the engine's EP ranks span. vLLM's EPLB is hierarchical when the groups divide
     # by the nodes; 1 and 1 is its global policy.
-    num_expert_groups: int = Field(default=1, ge=1)
-    num_nodes: int = Field(default=1, ge=1)
+    num_expert_groups: int = Field(default=1, ge=1, le=limits.EXPERTS_PER_LAYER)
+    num_nodes: int = Field(default=1, ge=1, le=limits.EP_RANKS)
     # An engine whose workers span nodes (LeaderWorkerSet, DP+EP): the same id on every node's
     # agent. Those agents then also export this node's window counts under `engine_group`, and
     # recording rules rebuild the engine's expert signals from all nodes (docs/experts.md).
@@ -175,12 +180,14 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    targets: Annotated[tuple[TargetConfig, ...], NoDecode] = ()
+    targets: Annotated[
+        tuple[TargetConfig, ...], NoDecode, Field(max_length=limits.TARGETS_PER_AGENT)
+    ] = ()
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
     interval_seconds: float = Field(default=5.0, ge=0.05, le=300)  # a floor: no busy loop
     window_seconds: float = Field(default=300.0, gt=0, le=86_400)
     scrape_timeout_seconds: float = Field(default=3.0, gt=0, le=120)
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=limits.ENGINE_BODY_BYTES, ge=1024, le=1 << 30)
     # auto: read GPUs through NVML; without a driver the nvml source reports down, the agent runs on.
     nvml: Literal["auto", "off"] = "auto"
     nvml_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
@@ -207,11 +214,13 @@ class Settings(BaseSettings):
     # TLS and basic auth on the agent's endpoints (exporter-toolkit web config format); off by default.
     web_config_file: Path | None = None
     # hardening(#15): bounds on the agent's own server, its basic auth and its shutdown
-    # (docs/configuration.md, "Bounds"). Readers' bounds are constants of their modules.
-    server_max_connections: int = Field(default=128, ge=1, le=65_536)
+    # (docs/configuration.md, "Bounds"). Readers' bounds are declared in moe_watch/limits.py.
+    server_max_connections: int = Field(default=limits.SERVER_CONNECTIONS, ge=1, le=65_536)
+    server_probe_connections: int = Field(default=limits.PROBE_CONNECTIONS, ge=1, le=1024)
     server_idle_timeout_seconds: float = Field(default=15.0, gt=0, le=3600)
-    server_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
-    server_max_header_bytes: int = Field(default=8190, ge=1024, le=65_536)
+    server_header_timeout_seconds: float = Field(default=limits.HEADER_SECONDS, gt=0, le=300)
+    server_write_timeout_seconds: float = Field(default=limits.WRITE_SECONDS, gt=0, le=3600)
+    server_max_header_bytes: int = Field(default=limits.HEADER_BYTES, ge=1024, le=65_536)
     auth_workers: int = Field(default=2, ge=1, le=16)
     auth_max_pending: int = Field(default=16, ge=1, le=1024)
     shutdown_timeout_seconds: float = Field(default=10.0, gt=0, le=300)

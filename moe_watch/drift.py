@@ -19,15 +19,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from moe_watch.samples import MAX_MODEL_LEN_TOKENS
+from moe_watch import limits
 from moe_watch.sizing.catalog import ModelSpec, UnknownModel, find_model
 from moe_watch.sizing.plan import PlanFile
 from moe_watch.thresholds import DEFAULT as T
 
 MAX_MODEL_LEN_FACTOR = 2.0  # "far above the plan"
-# The most sequences a running engine may claim to batch: far above any real one (vLLM's
-# default is 256-1024); more is refused as a value, not believed.
-MAX_NUM_SEQS = 1 << 20
 
 # Every setting find_drift checks, in name order: the agent exports each for every engine it
 # checks (0 = fine), so alerts and dashboards see them before anything drifts.
@@ -107,9 +104,9 @@ def running_from(
             cache_config.get("gpu_memory_utilization") or args.get("--gpu-memory-utilization"),
             high=1.0,
         ),
-        max_num_seqs=numbers.integer("max_num_seqs", args.get("--max-num-seqs"), MAX_NUM_SEQS),
+        max_num_seqs=numbers.integer("max_num_seqs", args.get("--max-num-seqs"), limits.NUM_SEQS),
         max_model_len=max_model_len
-        or numbers.integer("max_model_len", args.get("--max-model-len"), MAX_MODEL_LEN_TOKENS),
+        or numbers.integer("max_model_len", args.get("--max-model-len"), limits.MODEL_LEN),
         enable_prefix_caching=prefix,
         kv_cache_dtype=_kv_dtype(cache_config.get("cache_dtype"))
         or _kv_dtype(args.get("--kv-cache-dtype")),

@@ -17,14 +17,12 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from moe_watch.sources.safe_io import FileRejected, read_regular
+from moe_watch import limits
+from moe_watch.sources.safe_io import FileRejected, TooDeep, loads_json, read_regular
 
 FORMAT = "moe-watch-expert-counts/1"
 SUFFIX = ".experts.json"
 TEMP_PREFIX = ".tmp-"  # temporary files: never read (the suffix alone would match them)
-# Bounds (docs/configuration.md, "Bounds"). A DeepSeek-V3 worker's file is ~100 KB and 15,616 cells.
-MAX_BYTES = 8 * 1024 * 1024
-MAX_CELLS = 1 << 17  # layers x experts of one file
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,6 @@ class All2AllTimes:
 
 _A2A_REQUIRED = ("bounds", "buckets", "count", "sum")
 _A2A_KNOWN = frozenset(f.name for f in fields(All2AllTimes))
-MAX_BOUNDS = 64
 
 
 @dataclass(frozen=True)
@@ -94,25 +91,28 @@ def write_counts_file(path: Path, data: CountsFile) -> None:
 
 
 def read_counts_file(
-    path: Path, *, max_bytes: int = MAX_BYTES, max_cells: int = MAX_CELLS
+    path: Path,
+    *,
+    max_bytes: int = limits.PLUGIN_FILE_BYTES,
+    max_cells: int = limits.CELLS_PER_FILE,
 ) -> CountsFile:
     """Parse and validate one file. Raises FileRejected (a ValueError) saying what is wrong,
     with a ``reason``: ``bad_file``, ``too_large``, ``not_regular``, ``symlink``, ``unreadable``.
 
     The file must be a regular file (opened non-blocking, symlinks not followed) of at most
-    ``max_bytes`` with at most ``max_cells`` counts. Fields this reader does not know are
+    ``max_bytes`` with at most ``max_cells`` counts; every field within its limit
+    (moe_watch/limits.py: ranks, experts, layer indices, counts, string lengths, nesting). Fields this reader does not know are
     ignored (a newer plugin may add some within format /1); a missing required field, a wrong
     type or inconsistent shapes are errors. A file that does not exist (a worker removed it at
     exit) raises FileNotFoundError.
     """
     try:
-        raw: Any = json.loads(read_regular(path, max_bytes).decode("utf-8"))
+        raw: Any = loads_json(read_regular(path, max_bytes).decode("utf-8"))
     except FileNotFoundError:
         raise
     except FileRejected as exc:
         raise FileRejected(exc.reason, f"{path.name}: unreadable ({exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        # RecursionError: JSON nested thousands deep; it must not take the source down
+    except (UnicodeDecodeError, json.JSONDecodeError, TooDeep) as exc:
         raise FileRejected("bad_file", f"{path.name}: unreadable ({type(exc).__name__})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise FileRejected("bad_file", f"{path.name}: not a {FORMAT} file")
@@ -145,7 +145,7 @@ def _all2all(name: str, raw: object) -> All2AllTimes | None:
     bounds, buckets = times.bounds, times.buckets
     if (
         not isinstance(bounds, list)
-        or not 1 <= len(bounds) <= MAX_BOUNDS
+        or not 1 <= len(bounds) <= limits.A2A_BOUNDS
         or not all(_is_number(b) and b > 0 for b in bounds)
         or any(b >= c for b, c in pairwise(bounds))
     ):
@@ -160,8 +160,11 @@ def _all2all(name: str, raw: object) -> All2AllTimes | None:
         raise ValueError(f"{name}: all2all count is not the sum of its buckets")
     if not _is_number(times.sum) or times.sum < 0:
         raise ValueError(f"{name}: all2all sum is not a non-negative number")
-    if not isinstance(times.backend, str) or not isinstance(times.method, str):
-        raise ValueError(f"{name}: all2all backend and method must be strings")
+    if not _is_label(times.backend) or not _is_label(times.method):
+        raise ValueError(
+            f"{name}: all2all backend and method must be strings of at most "
+            f"{limits.LABEL_VALUE_CHARS} characters"
+        )
     for key in ("sample_every", "exchanges"):
         value = getattr(times, key)
         if not _is_int(value) or value < (1 if key == "sample_every" else 0):
@@ -177,18 +180,39 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check(name: str, data: CountsFile, max_cells: int = MAX_CELLS) -> None:
+def _is_label(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= limits.LABEL_VALUE_CHARS
+
+
+def _check(name: str, data: CountsFile, max_cells: int = limits.CELLS_PER_FILE) -> None:
     for key in ("pid", "top_k", "num_experts", "dp_rank", "tp_rank", "pp_rank", "ep_rank"):
         value = getattr(data, key)
         if not _is_int(value) or value < 0:
             raise ValueError(f"{name}: {key} is not a non-negative integer ({value!r})")
     if not _is_int(data.ep_size) or data.ep_size < 1:
         raise ValueError(f"{name}: ep_size is not a positive integer ({data.ep_size!r})")
+    if data.ep_size > limits.EP_RANKS:  # one series per rank; the what-if allocates per rank
+        raise FileRejected(
+            "too_large", f"{name}: ep_size {data.ep_size} is over {limits.EP_RANKS} ranks"
+        )
+    for key in ("dp_rank", "tp_rank", "pp_rank", "ep_rank"):
+        if getattr(data, key) >= limits.EP_RANKS:
+            raise ValueError(f"{name}: {key} is not below {limits.EP_RANKS}")
+    if data.pid > limits.PROCESS_ID:
+        raise ValueError(f"{name}: pid {data.pid} is over {limits.PROCESS_ID}")
+    if data.num_experts > limits.EXPERTS_PER_LAYER:
+        raise FileRejected(
+            "too_large",
+            f"{name}: {data.num_experts} experts is over {limits.EXPERTS_PER_LAYER} per layer",
+        )
     for key in ("started", "updated"):
         if not _is_number(getattr(data, key)):
             raise ValueError(f"{name}: {key} is not a number")
-    if not isinstance(data.model, str) or not isinstance(data.vllm_version, str):
-        raise ValueError(f"{name}: model and vllm_version must be strings")
+    if not _is_label(data.model) or not _is_label(data.vllm_version):
+        raise ValueError(
+            f"{name}: model and vllm_version must be strings of at most "
+            f"{limits.LABEL_VALUE_CHARS} characters"
+        )
     if not isinstance(data.sequence_parallel, bool):
         raise ValueError(f"{name}: sequence_parallel is not a boolean")
     if not (1 <= data.top_k <= data.num_experts):
@@ -201,8 +225,8 @@ def _check(name: str, data: CountsFile, max_cells: int = MAX_CELLS) -> None:
             f"{name}: {len(data.layers)} layers x {data.num_experts} experts is over "
             f"{max_cells} cells",
         )
-    if not all(_is_int(layer) and layer >= 0 for layer in data.layers):
-        raise ValueError(f"{name}: layers is not a list of layer indices")
+    if not all(_is_int(layer) and 0 <= layer <= limits.LAYER_INDEX for layer in data.layers):
+        raise ValueError(f"{name}: layers is not a list of layer indices (0-{limits.LAYER_INDEX})")
     if len(set(data.layers)) != len(data.layers):
         raise ValueError(f"{name}: a layer is listed twice")
     if not isinstance(data.counts, list) or len(data.counts) != len(data.layers):
@@ -213,7 +237,10 @@ def _check(name: str, data: CountsFile, max_cells: int = MAX_CELLS) -> None:
             or len(row) != data.num_experts
             or not _non_negative_integers(row)
         ):
-            raise ValueError(f"{name}: a count row is not {data.num_experts} non-negative integers")
+            raise ValueError(
+                f"{name}: a count row is not {data.num_experts} non-negative integers "
+                f"(at most {limits.COUNT})"
+            )
     if not isinstance(data.placement, list):
         raise ValueError(f"{name}: placement is not a list")
     if data.placement and (
@@ -229,4 +256,4 @@ def _check(name: str, data: CountsFile, max_cells: int = MAX_CELLS) -> None:
 def _non_negative_integers(row: list[Any]) -> bool:
     # C-level passes instead of a generator over 14,848 cells per file per cycle at DeepSeek-V3
     # scale (2x faster); bool is a subclass of int but not a count.
-    return not row or (set(map(type, row)) == {int} and min(row) >= 0 and max(row) < 2**63)
+    return not row or (set(map(type, row)) == {int} and min(row) >= 0 and max(row) <= limits.COUNT)

@@ -73,11 +73,6 @@ class ModelSample:
     histograms: Mapping[str, Histogram] = field(default_factory=dict)
 
 
-# The longest context an engine may claim (/v1/models, --max-model-len): 400 x the longest served
-# today (10M tokens); more, or not a whole number, is refused as a value (docs/configuration.md).
-MAX_MODEL_LEN_TOKENS = 1 << 32
-
-
 @dataclass(frozen=True, slots=True)
 class EngineScrape:
     """One successful scrape of one serving engine (a target)."""

@@ -17,6 +17,7 @@ from moe_watch.agent.assemble import assemble_snapshot, engine_record, gpu_views
 from moe_watch.agent.engine_target import EngineTarget, TargetReading, nothing
 from moe_watch.agent.stages import Stages
 from moe_watch.config import Settings, TargetConfig
+from moe_watch.limits import TARGETS_PER_AGENT
 from moe_watch.samples import GpuReading, ProcessInfo
 from moe_watch.snapshot import ASSEMBLE, EngineRecord, GpuView, Snapshot
 from moe_watch.sources.discovery import PodTarget, PodWatcher
@@ -111,7 +112,8 @@ class Agent:
         await asyncio.gather(*(target.settle() for target in self._targets.values()))
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.settle()  # a what-if thread in flight: take it down with the agent
+        for target in self._targets.values():
+            target.abandon()  # a what-if in flight is cancelled, never waited for
         if self._discovery_task is not None:
             self._discovery_stop.set()
             self._discovery_task.cancel()
@@ -141,6 +143,8 @@ class Agent:
             credentials=token_headers,  # bound tokens rotate: re-read on every connect
             ssl=ca_context(),
             on_change=self.set_discovered,
+            # the configured targets count against the same limit
+            max_targets=max(0, TARGETS_PER_AGENT - len(self._static)),
         )
         self.discovery = watcher
         # Discovery runs on its own task; its runner reports what it saw, like any source.

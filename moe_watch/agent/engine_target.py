@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import aiohttp
 import structlog
 
 from moe_watch.agent.stages import Stages
+from moe_watch.background import in_daemon_thread
 from moe_watch.config import Settings, TargetConfig
 from moe_watch.drift import Drift, find_drift, running_from
 from moe_watch.samples import (
@@ -177,6 +179,10 @@ class EngineTarget:
         """Wait for background work (the what-if) to finish."""
         await self._whatif.settle()
 
+    def abandon(self) -> None:
+        """Stop background work (the what-if) without waiting for it: shutdown."""
+        self._whatif.abandon()
+
     def _append_counts(self, counts: ExpertCounts, now: float) -> None:
         window = self._expert_window
         if needs_zero_baseline(window.latest(), counts):
@@ -275,6 +281,7 @@ class WhatIfCache:
 
     def __init__(self, settings: Settings, config: TargetConfig, stages: Stages) -> None:
         self._stages = stages
+        self._engine = config.name
         self._interval = settings.eplb_whatif_interval_seconds
         self._redundant = settings.eplb_whatif_redundant
         self._target = settings.eplb_whatif_target
@@ -285,8 +292,9 @@ class WhatIfCache:
         self._key: tuple[object, ...] | None = None  # what the cached answer was computed for
         self._started_at = float("-inf")  # when the cached (or running) computation started
         self._result: WhatIfView | None = None
-        self._running: asyncio.Task[tuple[EplbWhatIf | None, float]] | None = None
+        self._running: asyncio.Future[tuple[EplbWhatIf | None, float]] | None = None
         self._running_for: tuple[tuple[object, ...], float] | None = None
+        self._cancel = threading.Event()  # set once: the agent is stopping
         self.computations = 0
 
     def get(self, latest: ExpertCounts, signals: ExpertSignals, now: float) -> WhatIfView | None:
@@ -310,27 +318,36 @@ class WhatIfCache:
             self._key, self._result = None, None  # nothing to compute yet: try next cycle
             return None
         self._running_for = (key, now)
-        self._running = asyncio.get_running_loop().create_task(
-            asyncio.to_thread(
-                _timed_whatif,
-                signals.window_counts,
-                latest.layers,
-                ep_size,
-                redundant=self._redundant,
-                target=self._target,
-                num_groups=self._groups,
-                num_nodes=self._nodes,
-                placement=latest.placement,
-            )
+        log.debug("eplb what-if started", engine=self._engine, layers=len(latest.layers))
+        # A daemon thread, and a cancel checked inside the computation: a what-if that would run
+        # for an hour (131,072 cells, target 1.0) never holds SIGTERM.
+        self._running = in_daemon_thread(
+            _timed_whatif,
+            signals.window_counts,
+            latest.layers,
+            ep_size,
+            redundant=self._redundant,
+            target=self._target,
+            num_groups=self._groups,
+            num_nodes=self._nodes,
+            placement=latest.placement,
+            cancel=self._cancel,
         )
         return self._result
 
     async def settle(self) -> None:
-        """Wait for a running computation (tests, and shutdown) and take its answer."""
+        """Wait for a running computation and take its answer (tests; shutdown abandons it)."""
         if self._running is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._running)
         self._harvest()
+
+    def abandon(self) -> None:
+        """Cancel a running computation and forget it (it ends at its next check)."""
+        self._cancel.set()
+        task, self._running = self._running, None
+        if task is not None:
+            task.add_done_callback(_retrieve)
 
     def _harvest(self) -> None:
         task, self._running = self._running, None
@@ -353,6 +370,12 @@ class WhatIfCache:
             return
         self._key, self._started_at = key, started_at
         self._result = WhatIfView(result, started_at, seconds)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Take an abandoned computation's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _timed_whatif(*args: Any, **kwargs: Any) -> tuple[EplbWhatIf | None, float]:

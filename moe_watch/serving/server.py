@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import resource
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,12 +27,22 @@ import structlog
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from moe_watch.limits import (
+    HEADER_BYTES,
+    HEADER_SECONDS,
+    PROBE_CONNECTIONS,
+    SERVER_CONNECTIONS,
+    WRITE_SECONDS,
+)
 from moe_watch.serving.exporter import build_registry, fallback_body
 from moe_watch.serving.views import experts_document, status_document
 from moe_watch.serving.web_config import basic_auth_middleware
 from moe_watch.snapshot import Snapshot
 
 log = structlog.get_logger("moe_watch.serving.server")
+
+
+CHUNK_BYTES = 64 * 1024  # written per step: a client that does not read holds at most this
 
 
 def make_app(
@@ -41,46 +52,42 @@ def make_app(
     basic_auth_users: Mapping[str, str] | None = None,
     auth_workers: int = 2,
     auth_max_pending: int = 16,
+    write_timeout_seconds: float = WRITE_SECONDS,
 ) -> web.Application:
     registry = build_registry(get_snapshot, expert_full_detail=expert_full_detail)
-    last_good: dict[str, tuple[bytes, str]] = {}
+    rendered = _Rendered()
 
-    rendered: dict[str, tuple[object, bytes]] = {}  # content type -> (snapshot, body)
-
-    async def metrics(request: web.Request) -> web.Response:
+    async def metrics(request: web.Request) -> web.StreamResponse:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        try:
-            snapshot = get_snapshot()
-            cached = rendered.get(content_type)
-            if cached is not None and snapshot is not None and cached[0] is snapshot:
-                body = cached[1]  # the snapshot changes once a cycle: render once, serve many
-            else:
-                body = encoder(registry)
-                rendered[content_type] = (snapshot, body)
-            last_good[content_type] = (body, content_type)
-        except Exception:  # never answer a scrape with 500: serve what we last rendered
-            log.exception("rendering /metrics failed; serving the last good body")
-            body, content_type = last_good.get(content_type) or (
-                fallback_body(encoder),  # never empty: the failure is a series
-                content_type,
-            )
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        body = rendered.get(f"metrics {content_type}", get_snapshot, lambda _: encoder(registry))
+        if body is None:  # nothing rendered yet: never empty, the failure is itself a series
+            body = fallback_body(encoder)
+        return await send(request, body, content_type, write_timeout_seconds)
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+    async def healthz(request: web.Request) -> web.StreamResponse:
+        return await send(request, b"ok\n", TEXT, write_timeout_seconds)
 
-    async def readyz(request: web.Request) -> web.Response:
+    async def readyz(request: web.Request) -> web.StreamResponse:
         if get_snapshot() is None:
-            return web.Response(status=503, text="waiting for the first collection cycle\n")
-        return web.Response(text="ready\n")
+            waiting = b"waiting for the first collection cycle\n"
+            return await send(request, waiting, TEXT, write_timeout_seconds, status=503)
+        return await send(request, b"ready\n", TEXT, write_timeout_seconds)
 
-    async def status(request: web.Request) -> web.Response:
-        snapshot = get_snapshot()
-        payload = status_document(snapshot) if snapshot else {"ready": False}
-        return web.json_response(payload, dumps=lambda obj: json.dumps(obj, indent=2))
+    def json_view(
+        name: str, document: Callable[[Snapshot | None], Any], indent: int | None
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def view(request: web.Request) -> web.StreamResponse:
+            body = rendered.get(
+                name,
+                get_snapshot,
+                lambda snapshot: json.dumps(document(snapshot), indent=indent).encode(),
+            )
+            if body is None:
+                return await send(request, b'{"error": "rendering failed"}', JSON,
+                                  write_timeout_seconds, status=503)  # fmt: skip
+            return await send(request, body, JSON, write_timeout_seconds)
 
-    async def experts(request: web.Request) -> web.Response:
-        return web.json_response(experts_document(get_snapshot()))
+        return view
 
     app = web.Application()
     if basic_auth_users:
@@ -92,21 +99,99 @@ def make_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/status", status)
-    app.router.add_get("/experts", experts)
+    app.router.add_get("/status", json_view("status", _status, 2))
+    app.router.add_get("/experts", json_view("experts", experts_document, None))
     return app
+
+
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json; charset=utf-8"
+
+
+def _status(snapshot: Snapshot | None) -> dict[str, Any]:
+    return status_document(snapshot) if snapshot else {"ready": False}
+
+
+class _Rendered:
+    """Each body rendered once per snapshot (the snapshot changes once a cycle) and served to
+    every request of that cycle; a rendering that fails serves the last good body."""
+
+    def __init__(self) -> None:
+        self._bodies: dict[str, tuple[object, bytes]] = {}
+
+    def get(
+        self,
+        name: str,
+        get_snapshot: Callable[[], Snapshot | None],
+        render: Callable[[Snapshot | None], bytes],
+    ) -> bytes | None:
+        cached = self._bodies.get(name)
+        try:
+            snapshot = get_snapshot()
+            if cached is not None and snapshot is not None and cached[0] is snapshot:
+                return cached[1]
+            body = render(snapshot)
+        except Exception:  # never a 500 because of one snapshot: the last good body instead
+            log.exception("rendering failed; serving the last good body", view=name)
+            return cached[1] if cached is not None else None
+        self._bodies[name] = (snapshot, body)
+        return body
+
+
+async def send(
+    request: web.Request,
+    body: bytes,
+    content_type: str,
+    deadline_seconds: float,
+    *,
+    status: int = 200,
+) -> web.StreamResponse:
+    """Write ``body`` in CHUNK_BYTES steps, each waiting for the client to take the previous
+    ones, within ``deadline_seconds`` for the whole answer; past it the connection is closed.
+    A client that does not read thus holds at most a chunk of the agent's memory, for a
+    bounded time, whatever the size of the answer."""
+    response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+    response.content_length = len(body)
+
+    async def write() -> None:
+        await response.prepare(request)
+        view = memoryview(body)
+        for start in range(0, len(body), CHUNK_BYTES):
+            await response.write(view[start : start + CHUNK_BYTES])
+        await response.write_eof()
+
+    try:
+        await asyncio.wait_for(write(), deadline_seconds)
+    except asyncio.TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+    except ConnectionError:
+        pass  # the client went away
+    return response
 
 
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
-    max_connections: int = 128
+    max_connections: int = SERVER_CONNECTIONS
+    probe_connections: int = PROBE_CONNECTIONS
     idle_timeout_seconds: float = 15.0
-    header_timeout_seconds: float = 10.0
-    max_header_bytes: int = 8190
+    header_timeout_seconds: float = HEADER_SECONDS
+    write_timeout_seconds: float = WRITE_SECONDS
+    max_header_bytes: int = HEADER_BYTES
+
+
+_PROBE_REQUEST = re.compile(rb"(GET|HEAD) /(healthz|readyz)[ ?]")
+_PROBE_HEADER_SECONDS = 2.0  # the kubelet sends its request at once
 
 
 class _Guard:
-    """Counts the server's connections and wraps each protocol in a header deadline."""
+    """Counts the server's connections and wraps each protocol in a header deadline.
+
+    Probes never starve: when every connection is taken, the oldest connection still sending
+    its request headers is closed to make room (a client that trickles its headers is the one
+    an attacker holds, and the cheapest to drop); when none is, up to ``probe_connections``
+    more are accepted for /healthz and /readyz only. Past that a connection is closed at once.
+    """
 
     def __init__(self, factory: Callable[[], Any], limits: ServerLimits) -> None:
         self.factory = factory
@@ -116,11 +201,38 @@ class _Guard:
         if soft != resource.RLIM_INFINITY:  # leave descriptors for scrapes, files and discovery
             cap = max(1, min(cap, soft // 2))
         self.max_connections = cap
-        self.open = 0
+        self.connections: dict[_GuardedProtocol, None] = {}  # oldest first
+        self.probes: dict[_GuardedProtocol, None] = {}
         self.refused = 0
+        self.evicted = 0
+
+    @property
+    def open(self) -> int:
+        return len(self.connections) + len(self.probes)
 
     def protocol(self) -> asyncio.Protocol:
         return _GuardedProtocol(self)
+
+    def admit(self, protocol: _GuardedProtocol) -> bool | None:
+        """True: a connection for anything; False: for a probe only; None: refused."""
+        if len(self.connections) >= self.max_connections:
+            oldest = next((c for c in self.connections if c.sending_headers), None)
+            if oldest is not None:
+                self.evicted += 1
+                del self.connections[oldest]
+                oldest.abort()
+        if len(self.connections) < self.max_connections:
+            self.connections[protocol] = None
+            return True
+        if len(self.probes) < self.limits.probe_connections:
+            self.probes[protocol] = None
+            return False
+        self.refused += 1
+        return None
+
+    def release(self, protocol: _GuardedProtocol) -> None:
+        self.connections.pop(protocol, None)
+        self.probes.pop(protocol, None)
 
 
 class _GuardedProtocol(asyncio.Protocol):
@@ -131,27 +243,36 @@ class _GuardedProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._awaiting = True  # waiting for the end of a request's headers
         self._tail = b""
-        self._seen = 0
+        self._probe_only = False
+        self._probe_seen = False
+        self._held = b""  # a probe-only connection's first bytes, until they name a probe
+
+    @property
+    def sending_headers(self) -> bool:
+        return self._awaiting and self._inner is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        guard = self._guard
-        if guard.open >= guard.max_connections:
-            guard.refused += 1
-            cast(
-                asyncio.Transport, transport
-            ).abort()  # over the limit: closed at once, nothing logged per connection
-            return
-        guard.open += 1
         self._transport = cast(asyncio.Transport, transport)
-        self._inner = guard.factory()
+        admitted = self._guard.admit(self)
+        if admitted is None:
+            self._transport.abort()  # over the limit: closed at once, nothing logged
+            return
+        self._probe_only = not admitted
+        self._inner = self._guard.factory()
         self._arm()
         self._inner.connection_made(transport)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def _arm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._guard.limits.header_timeout_seconds, self._expire)
+        seconds = self._guard.limits.header_timeout_seconds
+        if self._probe_only:
+            seconds = min(seconds, _PROBE_HEADER_SECONDS)
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
 
     def _expire(self) -> None:
         if self._awaiting and self._transport is not None:
@@ -161,10 +282,21 @@ class _GuardedProtocol(asyncio.Protocol):
         if self._inner is None:
             return
         if not self._awaiting:  # the next request on a kept-alive connection begins
-            self._awaiting, self._tail, self._seen = True, b"", 0
+            self._awaiting, self._tail, self._probe_seen = True, b"", False
             self._arm()
+        if self._probe_only and not self._probe_seen:
+            # a reserved connection serves probes only: hold its bytes until the request line
+            # says which path it asks for
+            self._held += data
+            if _PROBE_REQUEST.match(self._held):
+                self._probe_seen = True
+                data, self._held = self._held, b""
+            elif len(self._held) >= 16 or b"\n" in self._held:
+                self.abort()
+                return
+            else:
+                return
         window = self._tail + data
-        self._seen += len(data)
         if b"\r\n\r\n" in window or b"\n\n" in window:
             self._awaiting = False
             if self._timer is not None:
@@ -186,8 +318,8 @@ class _GuardedProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self._guard.release(self)
         if self._inner is not None:
-            self._guard.open -= 1
             self._inner.connection_lost(exc)
             self._inner = None
 

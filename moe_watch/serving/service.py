@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from moe_watch.agent import Agent
+from moe_watch.background import DaemonThreadExecutor
 from moe_watch.config import Settings
 from moe_watch.serving.cert_reload import CertificateReloader
 from moe_watch.serving.server import ServerLimits, make_app, start_server
@@ -39,6 +40,8 @@ async def serve(
     and the agent are closed within what is left. Kubernetes' default grace period is 30 s.
     """
     loop = asyncio.get_running_loop()
+    # File and /proc reads run on daemon threads: one stuck in the kernel never holds the exit.
+    loop.set_default_executor(DaemonThreadExecutor(name="moe-watch-io"))
     agent = Agent(settings, nvml=nvml)
     await agent.__aenter__()
     deadline: list[float] = []  # set when stop is seen
@@ -56,10 +59,13 @@ async def serve(
             basic_auth_users=web_config.basic_auth_users if web_config else None,
             auth_workers=settings.auth_workers,
             auth_max_pending=settings.auth_max_pending,
+            write_timeout_seconds=settings.server_write_timeout_seconds,
         )
         tls = web_config.tls_server_config if web_config else None
         limits = ServerLimits(
             max_connections=settings.server_max_connections,
+            probe_connections=settings.server_probe_connections,
+            write_timeout_seconds=settings.server_write_timeout_seconds,
             idle_timeout_seconds=settings.server_idle_timeout_seconds,
             header_timeout_seconds=settings.server_header_timeout_seconds,
             max_header_bytes=settings.server_max_header_bytes,

@@ -46,13 +46,14 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from moe_watch import limits
 from moe_watch.serving import tls_options
 
 TlsVersion = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _BCRYPT = re.compile(r"^\$2[aby]\$(?P<cost>0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
-MAX_PASSWORD_BYTES = 72  # bcrypt's limit: longer passwords are refused, not truncated
+MAX_PASSWORD_BYTES = limits.PASSWORD_BYTES  # bcrypt's: longer ones are refused, not truncated
 _VERIFIED_MAX = 256
 
 

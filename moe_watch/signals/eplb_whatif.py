@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import threading
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -254,6 +255,10 @@ class EplbWhatIf:
         return next((c for c in self.cases if c.redundant_experts == redundant), None)
 
 
+class WhatIfCancelled(Exception):
+    """The ``cancel`` event was set: the computation was abandoned (the agent is stopping)."""
+
+
 def default_redundancies(ep_size: int) -> tuple[int, ...]:
     """The what-ifs reported by default: no redundant expert, one per rank, two per rank."""
     return (0, ep_size, 2 * ep_size)
@@ -287,13 +292,15 @@ def eplb_whatif(
     num_nodes: int = 1,
     placement: Sequence[int] = (),
     search_limit: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> EplbWhatIf | None:
     """The what-if for one engine's window of per-(layer, logical expert) assignments.
 
     ``redundant``: the counts to report in full (placement per layer); default 0, EP, 2 x EP.
     ``placement``: each expert's rank today (empty: vLLM's linear placement). Layers whose
     counts are not finite or negative are left out, like the skew signals. None when there is
-    no expert parallelism or no traffic.
+    no expert parallelism or no traffic. ``cancel``: checked before every layer of every
+    placement computed (milliseconds apart); once set, WhatIfCancelled is raised.
     """
     rows = [
         (layer, list(row))
@@ -321,6 +328,8 @@ def eplb_whatif(
         placed: list[LayerPlacement] = []
         loads: list[list[float]] = []
         for (layer, row), weight in zip(rows, weights, strict=True):
+            if cancel is not None and cancel.is_set():
+                raise WhatIfCancelled
             phy2log = rebalance_layer(weight, num_experts + count, groups, nodes, ep_size)
             after = physical_rank_loads(row, phy2log, ep_size)
             loads.append(after)

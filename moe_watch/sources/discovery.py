@@ -15,6 +15,8 @@ Friendly to the API server and contained (docs/configuration.md, "Bounds"):
 - an annotated pod whose annotations or names do not make a valid target (a path without a
   leading ``/``, a port out of range, a namespace/pod id over 128 characters) is counted as
   ``bad_pod`` and skipped: someone else's pod never takes this node's agent down;
+- at most ``max_targets`` pods are targets (first by namespace/pod in a list; a watch adds no
+  more once full); the others are counted as ``too_many_targets`` and logged;
 - the service-account token is re-read on every connection (bound tokens rotate; EKS rejects
   stale ones after 90 days), so a 401 is followed by a connection with the current token;
 - ``DiscoverySource`` shows the watcher in /status and ``moe_watch_collect_errors_total``
@@ -26,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import random
 import ssl as ssl_module
 from collections import Counter
@@ -38,8 +39,9 @@ import aiohttp
 import structlog
 from pydantic import ValidationError
 
+from moe_watch import limits
 from moe_watch.sources.base import Problems, SourceError
-from moe_watch.sources.safe_io import BodyTooLarge, read_body
+from moe_watch.sources.safe_io import BodyTooLarge, loads_json, read_body
 
 log = structlog.get_logger("moe_watch.discovery")
 
@@ -47,9 +49,9 @@ SCRAPE = "moe-watch.io/scrape"
 PORT = "moe-watch.io/port"
 PATH = "moe-watch.io/path"
 
-# Bounds (docs/configuration.md, "Bounds").
-MAX_LIST_BYTES = 32 * 1024 * 1024  # one pod list (a node runs at most a few hundred pods)
-MAX_LINE_BYTES = 2 * 1024 * 1024  # one watch event (one pod object)
+# Bounds (moe_watch/limits.py, docs/limits.md); the rest is pacing toward the API server.
+MAX_LIST_BYTES = limits.LIST_BYTES  # one pod list
+MAX_LINE_BYTES = limits.WATCH_LINE_BYTES  # one watch event (one pod object)
 MIN_RELIST_SECONDS = 5.0  # floor between two lists
 MIN_WATCH_SECONDS = 1.0  # a watch that ends sooner is a failure: back off before the next
 MAX_BACKOFF_SECONDS = 30.0
@@ -158,6 +160,7 @@ class PodWatcher:
         max_list_bytes: int = MAX_LIST_BYTES,
         max_line_bytes: int = MAX_LINE_BYTES,
         request_timeout_seconds: float = REQUEST_TIMEOUT_SECONDS,
+        max_targets: int = limits.TARGETS_PER_AGENT,
     ) -> None:
         self._session = session
         self._api = api.rstrip("/")
@@ -173,6 +176,7 @@ class PodWatcher:
         self._max_list = max_list_bytes
         self._max_line = max_line_bytes
         self._request_timeout = request_timeout_seconds
+        self._max_targets = max_targets
         self.targets: dict[str, PodTarget] = {}
         self.resource_version = ""
         self.lists = 0
@@ -273,8 +277,8 @@ class PodWatcher:
                 size = f"over {self._max_list}" if exc.declared is None else exc.declared
                 raise DiscoveryError("too_large", f"the pod list is {size} bytes") from None
         try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
+            body = loads_json(raw)
+        except ValueError as exc:  # TooDeep too
             raise DiscoveryError("bad_list", f"the pod list is not JSON ({exc})"[:300]) from None
         meta = body.get("metadata") if isinstance(body, dict) else None
         items = body.get("items") if isinstance(body, dict) else None
@@ -291,6 +295,11 @@ class PodWatcher:
             target = self._target(item)
             if target is not None:
                 targets[target.uid] = target
+        if len(targets) > self._max_targets:
+            ordered = sorted(targets.values(), key=lambda t: (t.namespace, t.pod, t.uid))
+            kept, dropped = ordered[: self._max_targets], ordered[self._max_targets :]
+            self._over_limit(len(dropped), tuple(t.engine for t in dropped[:5]))
+            targets = {t.uid: t for t in kept}
         self.targets = targets
         self.failing = None
         self._changed()
@@ -322,8 +331,8 @@ class PodWatcher:
 
     def _apply_line(self, line: bytes) -> None:
         try:
-            event = json.loads(line)
-        except (ValueError, RecursionError):
+            event = loads_json(line)
+        except ValueError:  # TooDeep too
             self._count("bad_event", "a watch line is not JSON")
             return
         self._apply(event)
@@ -355,6 +364,9 @@ class PodWatcher:
             return
         target = self._target(obj) if kind in ("ADDED", "MODIFIED") else None
         before = self.targets.get(uid)
+        if target is not None and before is None and len(self.targets) >= self._max_targets:
+            self._over_limit(1, (target.engine,), logged=self.errors["too_many_targets"] % 100 == 0)
+            return
         if target is None:
             self.targets.pop(uid, None)
         else:
@@ -371,6 +383,18 @@ class PodWatcher:
             where = f"{str(meta.get('namespace'))[:63]}/{str(meta.get('name'))[:253]}"
             self._count("bad_pod", f"pod {where} is annotated but not a valid target: {exc}")
             return None
+
+    def _over_limit(self, dropped: int, first: tuple[str, ...], *, logged: bool = True) -> None:
+        self.errors["too_many_targets"] += 1
+        if not logged:  # a watch adding pods past the limit: one line per hundred
+            return
+        log.warning(
+            "pod discovery dropped targets over the limit",
+            reason="too_many_targets",
+            limit=self._max_targets,
+            dropped=dropped,
+            first_dropped=first,
+        )
 
     def _count(self, reason: str, message: str) -> None:
         self.errors[reason] += 1

@@ -7,22 +7,21 @@ counts them per target, so one dead engine never hides the others.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
+from moe_watch import limits
 from moe_watch.config import TargetConfig
-from moe_watch.samples import MAX_MODEL_LEN_TOKENS, EngineScrape
+from moe_watch.samples import EngineScrape
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.exposition import ExpositionError, parse_engine_exposition
-from moe_watch.sources.safe_io import BodyTooLarge, read_body
+from moe_watch.sources.safe_io import BodyTooLarge, loads_json, read_body
 
 # /v1/models and /version change only on restart; re-read them this often.
 METADATA_REFRESH_SECONDS = 60.0
-_METADATA_MAX_BYTES = 1024 * 1024
 ACCEPT = "text/plain;version=0.0.4;q=0.9,*/*;q=0.1"
 
 
@@ -71,6 +70,8 @@ class EngineSource:
         self._kind = parsed.kind  # detected once, then fixed: a later garbage body is an error
         if parsed.series_dropped:
             problems.add("series_limit")
+        if parsed.labels_dropped:
+            problems.add("label_too_long")
         now = self._clock()
         if self._metadata_at is None or now - self._metadata_at >= METADATA_REFRESH_SECONDS:
             await self._refresh_metadata(problems)
@@ -131,13 +132,17 @@ class EngineSource:
                         problems.add("bad_value")
                     break
         version = await self._json(self.target.url + "/version", problems)
-        if isinstance(version, dict) and isinstance(version.get("version"), str):
-            self._version = version["version"]
+        text = version.get("version") if isinstance(version, dict) else None
+        if isinstance(text, str):
+            if len(text) <= limits.LABEL_VALUE_CHARS:
+                self._version = text
+            else:
+                problems.add("label_too_long")
 
     async def _json(self, url: str, problems: Problems) -> Any:
         try:
-            body = await self._fetch(url, _METADATA_MAX_BYTES)
-            return json.loads(body)
+            body = await self._fetch(url, limits.METADATA_BYTES)
+            return loads_json(body)
         except (SourceError, ValueError):
             problems.add("metadata")
             return None
@@ -148,7 +153,7 @@ class EngineSource:
 
 def max_model_len(value: float) -> int | None:
     """A context length as /v1/models states it: a whole number of tokens in
-    [1, MAX_MODEL_LEN_TOKENS]; None (refused) for anything else, a bool or 1e309 included."""
+    [1, limits.MODEL_LEN]; None (refused) for anything else, a bool or 1e309 included."""
     if isinstance(value, bool) or not isinstance(value, int):
         return None
-    return value if 1 <= value <= MAX_MODEL_LEN_TOKENS else None
+    return value if 1 <= value <= limits.MODEL_LEN else None

@@ -23,11 +23,12 @@ import os
 import re
 from pathlib import Path
 
+from moe_watch import limits
 from moe_watch.samples import EplbBalance
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.safe_io import FileRejected, open_regular
 
-MAX_LINE_BYTES = 64 * 1024  # an EPLB line is ~200 bytes
+MAX_LINE_BYTES = limits.LOG_LINE_BYTES  # an EPLB line is ~200 bytes
 
 EPLB_LINE = re.compile(
     r"EPLB step: (?P<step>\d+) for model (?P<model>\S+?): avg_tokens=(?P<avg>[0-9.eE+-]+), "
@@ -51,7 +52,7 @@ class EplbLogSource:
         engine: str,
         path: Path,
         *,
-        max_bytes_per_cycle: int = 4 * 1024 * 1024,
+        max_bytes_per_cycle: int = limits.LOG_BYTES_PER_CYCLE,
         max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         self.engine = engine
@@ -70,7 +71,13 @@ class EplbLogSource:
 
     async def collect(self, problems: Problems) -> EplbBalance:
         text = await asyncio.to_thread(self._read_new, problems)
-        self._latest.update(parse_eplb_lines(text))
+        for model, value in parse_eplb_lines(text).items():
+            if len(model) > limits.LABEL_VALUE_CHARS:  # the `model` label of its series
+                problems.add("label_too_long")
+            elif model in self._latest or len(self._latest) < limits.MODELS_PER_ENGINE:
+                self._latest[model] = value
+            else:  # kept for ever otherwise: a log naming a new model per line would grow it
+                problems.add("series_limit")
         return EplbBalance(self.engine, dict(self._latest))
 
     def _read_new(self, problems: Problems) -> str:

@@ -22,9 +22,8 @@ from collections.abc import Callable
 from operator import add
 from pathlib import Path
 
+from moe_watch import limits
 from moe_watch.expert_file import (
-    MAX_BYTES,
-    MAX_CELLS,
     SUFFIX,
     TEMP_PREFIX,
     All2AllTimes,
@@ -34,11 +33,6 @@ from moe_watch.expert_file import (
 from moe_watch.samples import ExpertCounts, Histogram
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.safe_io import FileRejected
-
-# Files read per cycle (one per counting worker: a node has a few). More is a flood: only the
-# most recently written are read and ``too_many_files`` is counted.
-MAX_FILES_PER_CYCLE = 64
-MAX_SCAN_ENTRIES = 4096  # directory entries looked at per cycle
 
 
 def usable(files: list[CountsFile]) -> list[CountsFile]:
@@ -52,6 +46,19 @@ def usable(files: list[CountsFile]) -> list[CountsFile]:
         if other is None or (item.started, item.updated) > (other.started, other.updated):
             newest[key] = item
     return list(newest.values())
+
+
+def check_engine_shape(files: list[CountsFile]) -> None:
+    """The engine's files joined stay within the per-engine limits (each file alone is within
+    the per-file ones; pipeline stages add layers). Raises SourceError ``too_large``."""
+    layers = len({layer for item in files for layer in item.layers})
+    experts = max((item.num_experts for item in files), default=0)
+    if layers > limits.ENGINE_LAYERS or layers * experts > limits.ENGINE_CELLS:
+        raise SourceError(
+            "too_large",
+            f"the engine's {len(files)} plugin files join to {layers} layers x {experts} experts, "
+            f"over {limits.ENGINE_LAYERS} layers or {limits.ENGINE_CELLS} cells per engine",
+        )
 
 
 def combine(engine: str, files: list[CountsFile]) -> ExpertCounts:
@@ -117,9 +124,9 @@ class PluginExpertSource:
         *,
         stale_after_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
-        max_file_bytes: int = MAX_BYTES,
-        max_cells: int = MAX_CELLS,
-        max_files: int = MAX_FILES_PER_CYCLE,
+        max_file_bytes: int = limits.PLUGIN_FILE_BYTES,
+        max_cells: int = limits.CELLS_PER_FILE,
+        max_files: int = limits.FILES_PER_CYCLE,
     ) -> None:
         self.engine = engine
         self._max_file_bytes = max_file_bytes
@@ -151,6 +158,7 @@ class PluginExpertSource:
         same = [f for f in files if (f.model, f.top_k, f.num_experts) == shape]
         if len(same) != len(files):
             problems.add("mixed_models")
+        check_engine_shape(same)
         return combine(self.engine, same)
 
     def _names(self, problems: Problems) -> list[str]:
@@ -160,7 +168,7 @@ class PluginExpertSource:
         try:
             with os.scandir(self._directory) as entries:
                 for scanned, entry in enumerate(entries):
-                    if scanned >= MAX_SCAN_ENTRIES:
+                    if scanned >= limits.SCAN_ENTRIES:
                         break
                     if not entry.name.endswith(SUFFIX) or entry.name.startswith(TEMP_PREFIX):
                         continue

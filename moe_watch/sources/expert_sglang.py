@@ -28,15 +28,11 @@ from typing import Any
 import aiohttp
 import structlog
 
+from moe_watch import limits
 from moe_watch.samples import ExpertCounts, matrix
 from moe_watch.sources.base import Problems, SourceError
-from moe_watch.sources.safe_io import FileRejected, read_regular
-from moe_watch.sources.torch_file import (
-    MAX_FILE_BYTES,
-    MAX_MEMBER_BYTES,
-    Tensor,
-    load_torch_file,
-)
+from moe_watch.sources.safe_io import FileRejected, read_head, read_regular
+from moe_watch.sources.torch_file import Tensor, load_torch_file
 
 log = structlog.get_logger("moe_watch.experts.sglang")
 
@@ -46,11 +42,9 @@ PT_PATTERN = "expert_distribution_recorder_*.pt"
 CSV_PATTERN = "expert_distribution_rank*_timestamp*.csv"
 
 Matrix = list[list[float]]
-# Bounds (docs/configuration.md, "Bounds").
-MAX_CELLS = 1 << 17  # layers x experts of one matrix; DeepSeek-V3 is 61 x 256 = 15,616
-MAX_COUNT = float(2**53)  # a routed-token count beyond this is corruption, not traffic
-MAX_FILES_PER_CYCLE = 64  # dumps read per cycle; the rest wait for the next cycle
-MAX_SCAN_ENTRIES = 4096  # directory entries looked at per cycle
+# The bounds are declared in moe_watch/limits.py (docs/limits.md).
+MAX_CELLS = limits.CELLS_PER_FILE  # layers x experts of one matrix
+MAX_COUNT = float(limits.COUNT)  # a routed-token count beyond this is corruption, not traffic
 _FORGET_AFTER = 1024  # names of files that could not be removed, remembered to be skipped
 
 
@@ -58,8 +52,8 @@ def read_recorder_file(
     path: Path,
     num_experts: int | None = None,
     *,
-    max_file_bytes: int = MAX_FILE_BYTES,
-    max_member_bytes: int = MAX_MEMBER_BYTES,
+    max_file_bytes: int = limits.DUMP_FILE_BYTES,
+    max_member_bytes: int = limits.DUMP_MEMBER_BYTES,
     max_cells: int = MAX_CELLS,
 ) -> Matrix:
     """One dump as ``[layer][expert]`` counts: finite, non-negative, at most ``max_cells``.
@@ -86,8 +80,20 @@ def read_recorder_file(
         rows = tensor.sum_leading_axis()
     else:
         rows = _read_csv(path, num_experts, max_file_bytes, max_cells)
+    _check_shape(path, rows)
     _check_counts(path, rows)
     return rows
+
+
+def _check_shape(path: Path, rows: Matrix) -> None:
+    """Within the per-engine limits: a dump is the whole engine's matrix."""
+    layers, experts = len(rows), len(rows[0]) if rows else 0
+    if layers > limits.ENGINE_LAYERS or experts > limits.EXPERTS_PER_LAYER:
+        raise FileRejected(
+            "too_large",
+            f"{path}: {layers} layers x {experts} experts is over {limits.ENGINE_LAYERS} layers "
+            f"or {limits.EXPERTS_PER_LAYER} experts",
+        )
 
 
 def _check_counts(path: Path, rows: Matrix) -> None:
@@ -166,10 +172,10 @@ class SGLangExpertSource:
         ep_size: int = 1,
         timeout_seconds: float = 3.0,
         clock: Callable[[], float] = time.time,
-        max_file_bytes: int = MAX_FILE_BYTES,
-        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_file_bytes: int = limits.DUMP_FILE_BYTES,
+        max_member_bytes: int = limits.DUMP_MEMBER_BYTES,
         max_cells: int = MAX_CELLS,
-        max_files_per_cycle: int = MAX_FILES_PER_CYCLE,
+        max_files_per_cycle: int = limits.FILES_PER_CYCLE,
     ) -> None:
         self.engine = engine
         self._max_file_bytes = max_file_bytes
@@ -234,7 +240,10 @@ class SGLangExpertSource:
     async def _request(self, url: str, reason: str) -> None:
         async with self._session.post(url) as response:
             if response.status != 200:
-                body = (await response.text())[:200]
+                # the first bytes only, for the message: a refusal's body is as untrusted as a
+                # dump, and an endless one must not grow the agent
+                head = await read_head(response, limits.ERROR_BODY_BYTES)
+                body = head.decode("utf-8", "replace")[:200]
                 raise SourceError(
                     reason,
                     f"{url} answered HTTP {response.status}: {body!r} "
@@ -279,7 +288,7 @@ class SGLangExpertSource:
         found: list[tuple[float, str]] = []
         with os.scandir(self._directory) as entries:
             for scanned, entry in enumerate(entries):
-                if scanned >= MAX_SCAN_ENTRIES:
+                if scanned >= limits.SCAN_ENTRIES:
                     break
                 if entry.name in self._stuck or not _is_dump(entry.name):
                     continue

@@ -15,6 +15,7 @@ from itertools import pairwise
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from moe_watch import limits
 from moe_watch import samples as s
 from moe_watch.samples import Histogram, ModelSample
 from moe_watch.sources.engine_names import BY_KIND, MODEL_LABEL, PREFIXES, Route
@@ -23,11 +24,11 @@ from moe_watch.sources.engine_names import BY_KIND, MODEL_LABEL, PREFIXES, Route
 _MAX_AGGREGATED = frozenset({s.GAUGE_KV_CACHE_USAGE, s.GAUGE_KV_CACHE_HIT_RATE})
 _HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
-# Bounds (docs/configuration.md, "Bounds"). A real vLLM exposition has ~110 samples of the
-# families we map per model and data-parallel replica; an engine that exposes 100k label values
-# must not turn into 400k exported series. The excess is dropped and counted (series_limit).
-MAX_SERIES = 10_000  # samples of mapped families kept per scrape
-MAX_MODELS = 16  # distinct model_name values per engine
+# Bounds (moe_watch/limits.py). An engine that exposes 100k label values must not turn into 400k
+# exported series: the excess is dropped and counted (series_limit); so are label values longer
+# than a label value may be (label_too_long).
+MAX_SERIES = limits.SERIES_PER_ENGINE  # samples of mapped families kept per scrape
+MAX_MODELS = limits.MODELS_PER_ENGINE  # distinct model_name values per engine
 
 
 class ExpositionError(ValueError):
@@ -45,6 +46,7 @@ class ParsedExposition:
     info: dict[str, str] = field(default_factory=dict)
     dropped_samples: int = 0
     series_dropped: int = 0  # samples over MAX_SERIES or of models over MAX_MODELS
+    labels_dropped: int = 0  # samples and info labels whose value is over LABEL_VALUE_CHARS
 
 
 def detect_kind(text: str) -> str:
@@ -141,6 +143,7 @@ class _Builder:
         self._info: dict[str, str] = {}
         self._capacity_tokens = 0.0
         self._dropped = 0
+        self.labels_dropped = 0
 
     def add(self, name: str, labels: dict[str, str], value: float) -> None:
         mapping, part = self._lookup(name)
@@ -150,6 +153,9 @@ class _Builder:
             self._add_info(labels)
             return
         model = labels.get(MODEL_LABEL, "")
+        if len(model) > limits.LABEL_VALUE_CHARS:  # it would become the `model` label
+            self.labels_dropped += 1
+            return
         if model not in self._models:
             if len(self._models) >= self._max_models:
                 self.series_dropped += 1
@@ -188,7 +194,14 @@ class _Builder:
             values[mapping.key] = (mapping.priority, combined)
 
     def _add_info(self, labels: dict[str, str]) -> None:
-        info = {k: v for k, v in labels.items() if k != "engine"}
+        info: dict[str, str] = {}
+        for key, value in labels.items():
+            if key == "engine":
+                continue
+            if len(value) > limits.LABEL_VALUE_CHARS or len(info) >= limits.INFO_LABELS:
+                self.labels_dropped += 1  # shown in /status and read by drift: bounded
+                continue
+            info[key] = value
         if not self._info:
             self._info = info
         # KV capacity of this replica, summed over data-parallel replicas.
@@ -242,8 +255,9 @@ class _Builder:
             kind,
             tuple(result),
             self._info,
-            self._dropped + self.series_dropped,
+            self._dropped + self.series_dropped + self.labels_dropped,
             self.series_dropped,
+            self.labels_dropped,
         )
 
     def _merge(self, replicas: list[_RawHist]) -> Histogram | None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from moe_watch import limits
 from moe_watch.sources.safe_io import read_regular
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-MAX_TOKEN_BYTES = 64 * 1024
+MAX_TOKEN_BYTES = limits.TOKEN_BYTES
 
 
 def token_headers(directory: Path = SERVICE_ACCOUNT) -> dict[str, str]:

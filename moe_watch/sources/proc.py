@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
+from moe_watch import limits
 from moe_watch.samples import ProcessInfo
 from moe_watch.sources.base import Problems
 from moe_watch.sources.cgroup import PodRef, parse_cgroup
@@ -33,13 +34,17 @@ class ProcSource:
         pids = sorted(set(self._pids()))
         if not pids:
             return {}
-        return await asyncio.to_thread(self._read, pids)
+        return await asyncio.to_thread(self._read, pids, problems)
 
-    def _read(self, pids: list[int]) -> dict[int, ProcessInfo]:
+    def _read(self, pids: list[int], problems: Problems) -> dict[int, ProcessInfo]:
         result: dict[int, ProcessInfo] = {}
         for pid in pids:
             ref = pod_of_pid(pid, self.root)
-            cmdline = server_cmdline(pid, self.root)
+            try:
+                cmdline = server_cmdline(pid, self.root)
+            except CommandLineTooLarge:
+                problems.add("too_large")  # not used: drift parses it, /status shows it
+                cmdline = None
             result[pid] = ProcessInfo(
                 pod_uid=ref.pod_uid if ref is not None else None,
                 server_cmdline=tuple(cmdline) if cmdline is not None else None,
@@ -50,10 +55,14 @@ class ProcSource:
         """Nothing held open between cycles."""
 
 
+class CommandLineTooLarge(ValueError):
+    """A command line over CMDLINE_BYTES or CMDLINE_ARGS."""
+
+
 def pod_of_pid(pid: int, proc: str = "/proc") -> PodRef | None:
     try:
         with open(f"{proc}/{pid}/cgroup", encoding="utf-8", errors="replace") as stream:
-            return parse_cgroup(stream.read())
+            return parse_cgroup(stream.read(limits.CMDLINE_BYTES))
     except OSError:
         return None  # the process ended, or /proc is not the host's (no hostPID)
 
@@ -62,7 +71,8 @@ def server_cmdline(pid: int, proc: str = "/proc", depth: int = PARENT_DEPTH) -> 
     """The vLLM server command line for one process on an engine's GPU.
 
     GPU processes are vLLM workers (multiprocessing children whose own command line is a spawn
-    stub), so walk up the parents to the first one that names vLLM with arguments.
+    stub), so walk up the parents to the first one that names vLLM with arguments. Raises
+    CommandLineTooLarge for a command line on the way past CMDLINE_BYTES or CMDLINE_ARGS.
     """
     current = pid
     for _ in range(depth):
@@ -83,16 +93,18 @@ def server_cmdline(pid: int, proc: str = "/proc", depth: int = PARENT_DEPTH) -> 
 def _read_cmdline(proc: str, pid: int) -> list[str]:
     try:
         with open(f"{proc}/{pid}/cmdline", "rb") as stream:
-            raw = stream.read()
+            raw = stream.read(limits.CMDLINE_BYTES + 1)
     except OSError:
         return []
+    if len(raw) > limits.CMDLINE_BYTES or raw.count(b"\0") > limits.CMDLINE_ARGS:
+        raise CommandLineTooLarge(f"/proc/{pid}/cmdline is over the limits")
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def _parent(proc: str, pid: int) -> int | None:
     try:
         with open(f"{proc}/{pid}/stat", encoding="utf-8", errors="replace") as stream:
-            stat = stream.read()
+            stat = stream.read(4096)
         return int(stat.rsplit(")", 1)[1].split()[1])  # the comm field may hold spaces
     except (OSError, ValueError, IndexError):
         return None

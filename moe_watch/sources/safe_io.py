@@ -12,11 +12,15 @@ itself (a container log path is a symlink), checked with ``fstat`` to be a regul
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+
+from moe_watch.limits import JSON_DEPTH
 
 
 class FileRejected(ValueError):
@@ -107,3 +111,44 @@ async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise BodyTooLarge(None)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_head(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most the first ``limit`` bytes of the body (a refusal read for its message); the rest
+    is never read, and the connection is closed rather than drained."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(min(limit, 64 * 1024)):
+        chunks.append(chunk[: limit - size])
+        size += len(chunks[-1])
+        if size >= limit:
+            response.close()
+            break
+    return b"".join(chunks)
+
+
+class TooDeep(ValueError):
+    """JSON nested deeper than its limit."""
+
+
+def loads_json(raw: bytes | str, max_depth: int = JSON_DEPTH) -> Any:
+    """``json.loads`` with a bound on nesting: TooDeep (a ValueError) past ``max_depth``
+    levels, also where the parser itself would run out of stack (RecursionError)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise TooDeep(f"JSON nested deeper than {max_depth} levels") from None
+    level: list[Any] = [value] if isinstance(value, (list, dict)) else []
+    depth = 0
+    while level:  # level by level over containers only: rows of numbers cost one C-level pass
+        depth += 1
+        if depth > max_depth:
+            raise TooDeep(f"JSON nested deeper than {max_depth} levels")
+        below: list[Any] = []
+        for item in level:
+            values = item.values() if isinstance(item, dict) else item
+            kinds = set(map(type, values))
+            if list in kinds or dict in kinds:
+                below.extend(v for v in values if isinstance(v, (list, dict)))
+        level = below
+    return value

@@ -20,14 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from moe_watch import limits
 from moe_watch.sources.safe_io import FileRejected, read_regular
 
-# Bounds (docs/configuration.md, "Bounds"): a real SGLang dump is [passes, layers, experts] int32,
-# a few MB at DeepSeek-V3 scale; its data.pkl is a few hundred bytes.
-MAX_FILE_BYTES = 64 * 1024 * 1024  # the .pt file as stored
-MAX_MEMBER_BYTES = 64 * 1024 * 1024  # one decompressed member (a storage): zip bombs stop here
-MAX_PICKLE_BYTES = 1024 * 1024  # data.pkl, decompressed
-MAX_TENSOR_CELLS = 1 << 24  # elements of one tensor as declared (before it is rebuilt)
+# Bounds (moe_watch/limits.py): a real SGLang dump is [passes, layers, experts] int32, a few MB
+# at DeepSeek-V3 scale; its data.pkl is a few hundred bytes.
+MAX_FILE_BYTES = limits.DUMP_FILE_BYTES  # the .pt file as stored
+MAX_MEMBER_BYTES = limits.DUMP_MEMBER_BYTES  # one decompressed member: zip bombs stop here
+MAX_PICKLE_BYTES = limits.DUMP_PICKLE_BYTES  # data.pkl, decompressed
+MAX_TENSOR_CELLS = limits.TENSOR_CELLS  # elements of one tensor as declared
 # Legacy typed-storage class name -> array typecode (torch.save still writes these names).
 _STORAGE_TYPES = {
     "IntStorage": "i",

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+import threading
+import time
 import tracemalloc
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 # Every case of the corpus runs under this bound on Python allocations (tracemalloc peak), unless
 # it states its own: far below what the unbounded readers took (2.3 GB for /dev/zero, 5.5 GB
@@ -101,3 +111,93 @@ def write_pt(
 
 def floats(values: list[float]) -> bytes:
     return struct.pack(f"<{len(values)}f", *values)
+
+
+# The real agent, as a process: `moe-watch run` with a settings file, on a free loopback port.
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class AgentProcess:
+    """``python -m moe_watch.cli run`` with JSON logs read on a thread (the pipe never fills)."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.lines: list[dict[str, Any]] = []
+        self._seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.url = self.wait_for("serving")["url"].removesuffix("/metrics")
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"event": raw.decode(errors="replace").rstrip()}
+            with self._seen:
+                self.lines.append(line if isinstance(line, dict) else {"event": str(line)})
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    def wait_for(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
+        """The first log line whose event is ``event`` (waits for it)."""
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while True:
+                found = next((x for x in self.lines if x.get("event") == event), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._reader.is_alive():
+                    raise AssertionError(f"no {event!r} log line; log: {self.lines[-20:]}")
+                self._seen.wait(left)
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as stream:
+            for line in stream:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self, bound: float) -> float:
+        """SIGTERM; the seconds until the process exited (fails past ``bound`` + slack)."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=bound + 5)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {bound + 5:g}s after SIGTERM") from None
+        elapsed = time.monotonic() - started
+        assert code == 0, (code, self.lines[-20:])
+        return elapsed
+
+
+@contextmanager
+def running_agent(
+    directory: Path, settings: dict[str, Any], *, env: dict[str, str] | None = None
+) -> Iterator[AgentProcess]:
+    """Run the agent with ``settings`` (YAML) until the block ends; killed if still alive."""
+    config = directory / "agent.yaml"
+    config.write_text(yaml.safe_dump({"nvml": "off", **settings}))
+    extra = dict(env or {})
+    path = [*extra.pop("PYTHONPATH", "").split(os.pathsep), str(REPO)]
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MOE_WATCH_")},
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+        **extra,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moe_watch.cli", "run", "--config", str(config),
+         "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "debug"],
+        cwd=directory, env=environment, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield AgentProcess(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)

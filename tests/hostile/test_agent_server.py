@@ -171,7 +171,8 @@ async def test_a_kept_alive_connection_is_closed_when_idle(guarded: str) -> None
     assert answer.startswith(b"HTTP/1.1 200")
 
 
-async def test_connections_over_the_limit_are_refused_and_probes_recover() -> None:
+async def test_connections_still_sending_headers_make_room_oldest_first() -> None:
+    # Before: held connections took every slot and a probe was closed at once.
     app = make_app(lambda: None)
     runner, url = await start_server(
         app, "127.0.0.1", 0, limits=ServerLimits(max_connections=4, header_timeout_seconds=30)
@@ -179,19 +180,44 @@ async def test_connections_over_the_limit_are_refused_and_probes_recover() -> No
     host, port = url.removeprefix("http://").rsplit(":", 1)
     held = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
     try:
-        extra_reader, extra_writer = await asyncio.open_connection(host, int(port))
-        assert await asyncio.wait_for(extra_reader.read(), 5) == b""  # closed at once
-        extra_writer.close()
+        async with aiohttp.ClientSession() as client:
+            assert await get(client, url + "/healthz") == 200
+        oldest_reader, _ = held[0]
+        assert await asyncio.wait_for(oldest_reader.read(), 5) == b""  # made room
+    finally:
         for _, writer in held:
             writer.close()
-            await writer.wait_closed()
-        async with aiohttp.ClientSession() as client:
-            for _ in range(50):  # bounded: the server sees the closes
-                try:
-                    if await get(client, url + "/healthz") == 200:
-                        break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.02)
-            assert await get(client, url + "/healthz") == 200
+        await runner.cleanup()
+
+
+async def answered(host: str, port: int, path: str) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        return await asyncio.wait_for(reader.read(), 5)
     finally:
+        writer.close()
+
+
+async def test_reserved_connections_serve_probes_only_and_then_refuse() -> None:
+    app = make_app(lambda: None)
+    limits = ServerLimits(max_connections=2, probe_connections=1, idle_timeout_seconds=30)
+    runner, url = await start_server(app, "127.0.0.1", 0, limits=limits)
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    busy = []
+    try:
+        for _ in range(2):  # two kept-alive connections between requests: not made room from
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await reader.readuntil(b"ok\n")).startswith(b"HTTP/1.1 200")
+            busy.append(writer)
+        assert (await answered(host, int(port), "/healthz")).startswith(b"HTTP/1.1 200")
+        assert (await answered(host, int(port), "/readyz")).startswith(b"HTTP/1.1 503")
+        assert await answered(host, int(port), "/metrics") == b""  # a reserved one: probes only
+        _, silent = await asyncio.open_connection(host, int(port))  # the reserve
+        assert await answered(host, int(port), "/healthz") == b""  # nothing left: refused
+        silent.close()
+    finally:
+        for writer in busy:
+            writer.close()
         await runner.cleanup()

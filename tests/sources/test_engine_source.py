@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from moe_watch import limits
 from moe_watch import samples as s
 from moe_watch.config import TargetConfig
 from moe_watch.serving.server import start_server
@@ -101,7 +102,7 @@ async def test_missing_metadata_endpoints_are_counted_but_do_not_fail_the_scrape
 @pytest.mark.parametrize(
     ("stated", "read"),
     [(1024, 1024), (10_000_000, 10_000_000), (10**309, None), (0, None), (-5, None),
-     (True, None), (1024.0, None), (s.MAX_MODEL_LEN_TOKENS + 1, None)],
+     (True, None), (1024.0, None), (limits.MODEL_LEN + 1, None)],
 )  # fmt: skip
 async def test_max_model_len_must_be_a_whole_number_in_range(
     session: aiohttp.ClientSession, stated: object, read: int | None
