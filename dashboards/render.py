@@ -27,9 +27,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe_watch.alerting.rule_file import render, rule_groups  # noqa: E402
 from moe_watch.dashboards.build import substitute_all  # noqa: E402
 from moe_watch.dashboards.definitions import DASHBOARDS  # noqa: E402
-from moe_watch.rules import render, rule_groups  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 

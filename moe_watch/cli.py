@@ -208,8 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _rules(args: argparse.Namespace) -> int:
-    from moe_watch.rules import OPERATOR_FILE, RULES_FILE, TESTS_FILE, generated_files, load_config
-    from moe_watch.rules import write_all as write_rules
+    from moe_watch.alerting.config import load_config
+    from moe_watch.alerting.files import generated_files
+    from moe_watch.alerting.rule_file import OPERATOR_FILE, RULES_FILE, TESTS_FILE
+    from moe_watch.generated import write_generated
 
     try:
         config = load_config(args.config, args.set)
@@ -219,7 +221,7 @@ def _rules(args: argparse.Namespace) -> int:
         path = {"rules": RULES_FILE, "tests": TESTS_FILE, "prometheusrule": OPERATOR_FILE}
         sys.stdout.write(generated_files(config)[path[args.print_only]])
         return 0
-    for written in write_rules(args.out, config):
+    for written in write_generated(args.out, generated_files(config)):
         print(f"wrote {written}")
     return 0
 

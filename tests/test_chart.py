@@ -200,7 +200,8 @@ def test_optional_objects_can_be_switched_off() -> None:
 
 
 def test_rule_overrides_from_the_cli_replace_the_shipped_groups() -> None:
-    from moe_watch.rules import RulesConfig, operator_manifest
+    from moe_watch.alerting.config import RulesConfig
+    from moe_watch.alerting.rule_file import operator_manifest
 
     custom = operator_manifest(RulesConfig(additional_labels={"team": "ml-platform"}))
     objects = render_chart.objects(
@@ -216,7 +217,7 @@ def test_rule_overrides_from_the_cli_replace_the_shipped_groups() -> None:
 
 
 def test_the_shipped_rules_are_the_generator_s() -> None:
-    from moe_watch.rules import operator_manifest
+    from moe_watch.alerting.rule_file import operator_manifest
 
     objects = render_chart.objects(render_chart.render())
     (rule,) = by_kind(objects, "PrometheusRule")

@@ -17,9 +17,11 @@ import aiohttp
 import pytest
 import yaml
 
+from moe_watch.alerting.config import RulesConfig
+from moe_watch.alerting.promql import RECORDING
+from moe_watch.alerting.rule_file import render, rule_groups
 from moe_watch.dashboards.build import substitute_all
 from moe_watch.dashboards.definitions import DASHBOARDS, generated_files
-from moe_watch.rules import RECORDING, RulesConfig, render, rule_groups
 from moe_watch.thresholds import DEFAULT
 from tests.alerting import binary
 from tests.conftest import free_port

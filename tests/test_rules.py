@@ -1,7 +1,8 @@
-"""The shipped rules: generated from moe_watch/rules.py, valid, unit-tested by promtool, documented."""
+"""The shipped rules: generated from moe_watch/alerting/, valid, unit-tested by promtool, documented."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -10,19 +11,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from moe_watch.alerting.config import RulesConfig, load_config
+from moe_watch.alerting.files import generated_files
+from moe_watch.alerting.fixtures import FIXTURES, Fixture
+from moe_watch.alerting.promql import RECORDING
+from moe_watch.alerting.promtool_tests import promtool_tests
+from moe_watch.alerting.rule_file import RULES_FILE, TESTS_FILE, render, rule_groups
+from moe_watch.alerting.specs import ALERTS, Alert
 from moe_watch.cli import main
-from moe_watch.rules import (
-    ALERTS,
-    RECORDING,
-    RULES_FILE,
-    TESTS_FILE,
-    RulesConfig,
-    generated_files,
-    load_config,
-    promtool_tests,
-    render,
-    rule_groups,
-)
 from tests.serving.test_exporter_and_server import deepseek_v3_snapshot, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +57,13 @@ def test_promtool_accepts_the_rules_and_every_alert_fires_at_threshold_and_not_b
     assert "SUCCESS" in unit.stdout
     tested = set(re.findall(r"alertname: (\w+)", (ROOT / TESTS_FILE).read_text()))
     assert tested == {alert.name for alert in ALERTS}  # every alert has a test
+
+
+def test_every_alert_has_exactly_one_fixture_and_the_specs_are_production_data() -> None:
+    assert set(FIXTURES) == {alert.name for alert in ALERTS}
+    assert len({alert.name for alert in ALERTS}) == len(ALERTS)
+    spec_fields = {f.name for f in dataclasses.fields(Alert)}
+    assert not spec_fields & {f.name for f in dataclasses.fields(Fixture)}
 
 
 def test_amtool_accepts_the_alertmanager_example() -> None:

@@ -175,7 +175,7 @@ def gpus() -> dict[str, Any]:
 
 
 def engine_forecasts() -> tuple[Panel, ...]:
-    """Time until the KV cache is full (moe_watch:kv_cache_full:seconds, rules.py)."""
+    """Time until the KV cache is full (moe_watch:kv_cache_full:seconds, alerting/promql.py)."""
     window, rise = D.kv_cache_forecast_window_seconds / 60, D.kv_cache_forecast_min_rise_per_hour
     return (
         Panel("timeseries", "Time until the KV cache is full", f"At the least-squares trend of the last {window:g} minutes; only while usage rises faster than {rise:g} per hour (no line: not filling). Below {D.kv_cache_full_seconds:g} s for 5 minutes pages (MoEKVCacheFullSoon).",
@@ -184,7 +184,7 @@ def engine_forecasts() -> tuple[Panel, ...]:
 
 
 def gpu_forecasts() -> tuple[Panel, ...]:
-    """Time until a GPU's used memory crosses its sized budget (rules.py)."""
+    """Time until a GPU's used memory crosses its sized budget (alerting/promql.py)."""
     window, rise = D.budget_forecast_window_seconds / 60, D.budget_forecast_min_rise_per_hour
     return (
         Panel("timeseries", "Time until the sized budget", f"When a GPU's used memory crosses the engine's per-GPU budget at the least-squares trend of the last {window:g} minutes; only while it rises faster than {rise:g} of the budget per hour (no line: not growing). Below {D.budget_exhausted_seconds:g} s warns (MoEGPUBudgetExhaustedSoon).",
