@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from moe_watch import thresholds as thresholds_module
 from moe_watch.alerting.config import RulesConfig, load_config
 from moe_watch.alerting.files import generated_files
 from moe_watch.alerting.fixtures import FIXTURES, Fixture
@@ -18,7 +19,9 @@ from moe_watch.alerting.promql import RECORDING
 from moe_watch.alerting.promtool_tests import promtool_tests
 from moe_watch.alerting.rule_file import RULES_FILE, TESTS_FILE, render, rule_groups
 from moe_watch.alerting.specs import ALERTS, Alert
+from moe_watch.alerting.thresholds_doc import thresholds_doc
 from moe_watch.cli import main
+from moe_watch.thresholds import DEFAULT, NOTES, Thresholds
 from tests.serving.test_exporter_and_server import deepseek_v3_snapshot, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,6 +223,34 @@ def test_rules_cli_prints_a_prometheusrule_with_overrides_and_exits_2_on_a_bad_o
 
 def test_defaults_are_the_thresholds_module() -> None:
     assert RulesConfig().limits.expert_skew == 0.5
+
+
+def test_every_threshold_has_a_meaning_one_source_and_a_default_in_its_range() -> None:
+    assert set(NOTES) == {f.name for f in dataclasses.fields(Thresholds)}
+    for name, note in NOTES.items():
+        assert note.meaning, name
+        assert bool(note.design) != bool(note.ours), name  # a design row or our reason
+        low, high = note.range
+        assert low <= getattr(DEFAULT, name) <= high, name
+    with pytest.raises(ValueError, match="exactly one of design and ours"):
+
+        @dataclasses.dataclass
+        class Unsourced:
+            x: float = thresholds_module._t(1.0, "ratio", "a number from nowhere")
+
+
+def test_the_thresholds_doc_is_the_table_one_row_per_threshold() -> None:
+    doc = thresholds_doc(DEFAULT.replaced({"expert_skew": 0.625}))
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(NOTES)
+    for row, (name, note) in zip(rows, NOTES.items(), strict=True):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[0] == f"`{name}`"
+        assert cells[4] == note.meaning
+        assert (note.design or note.ours) in cells[5]
+        assert cells[5].startswith("[design](design.md#") == bool(note.design)
+    assert "| `expert_skew` | 0.625 | 0 - 10000 | MoEExpertSkewHigh |" in doc
+    assert "../" not in doc  # no path outside the repository
 
 
 # Forecasts as one would first write them: the last sample over a 10-minute slope, any rise.

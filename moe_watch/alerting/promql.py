@@ -7,7 +7,7 @@ import re
 
 from moe_watch.alerting.config import RulesConfig
 
-# Autoscale signals (design.md) as recording rules KEDA/HPA can read: 1 = scale, 0 = hold. Each
+# Autoscale signals (the design notes, docs/design.md) as recording rules KEDA/HPA can read: 1 = scale, 0 = hold. Each
 # condition is its own labelled arm so `max` sees them all: `A > bool x or B > bool y` keeps A
 # alone, because A has a 0/1 value for every engine.
 RECORDING: tuple[tuple[str, str], ...] = (
@@ -18,7 +18,7 @@ RECORDING: tuple[tuple[str, str], ...] = (
      ' or label_replace(max by ($by) (moe_watch_latency_seconds{kind="e2e",quantile="0.95"}) > bool $autoscale_up_p95_seconds, "signal", "p95", "", "")'
      ' or label_replace(min_over_time(moe_watch:engine_gpu_utilization:avg[5m]) > bool $autoscale_up_gpu_utilization, "signal", "gpu", "", "")'
      ")"),
-    # Down only when the GPUs idled for 15 minutes *and* nothing queued for 10 (issue #19): low
+    # Down only when the GPUs idled for 15 minutes *and* nothing queued for 10: low
     # utilization with a queue is a stalled engine (a slow all-to-all, a full KV cache), not a
     # spare one.
     ("moe_watch:autoscale_down:bool",
