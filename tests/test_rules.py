@@ -311,3 +311,89 @@ def promtool_test_in_tmp(config: RulesConfig) -> str:
 
     with tempfile.TemporaryDirectory() as directory:
         return promtool_test(Path(directory), rule_groups(config), promtool_tests(config))
+
+
+# Every threshold and every alert's `for:` overridden to a value no default has: a number in an
+# annotation that was written by hand, not generated from them, shows as one none of them makes.
+UNUSUAL_THRESHOLDS = {
+    name: round(getattr(DEFAULT, name) * 0.83 + 0.0011 * (i + 1), 4) for i, name in enumerate(NOTES)
+}
+UNUSUAL_FOR = {alert.name: f"{41 + i}m" for i, alert in enumerate(ALERTS)}
+# Numbers that are definitions, not thresholds.
+DEFINITIONS = ("max/mean - 1",)
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
+
+
+def unusual_config() -> RulesConfig:
+    assignments = [f"thresholds.{name}={value}" for name, value in UNUSUAL_THRESHOLDS.items()]
+    assignments += [f"alerts.{name}.for={duration}" for name, duration in UNUSUAL_FOR.items()]
+    return load_config(None, assignments)
+
+
+def readable_numbers(text: str) -> list[float]:
+    """The numbers a reader sees in an annotation: Go template actions (values read when the
+    notification is sent) and definitions left out."""
+    text = re.sub(r"\{\{.*?\}\}", " ", text)
+    for phrase in DEFINITIONS:
+        text = text.replace(phrase, " ")
+    return [float(n) for n in NUMBER.findall(text)]
+
+
+def allowed_numbers(config: RulesConfig, rule: dict[str, object]) -> list[float]:
+    """Every way a text may spell a threshold (as is, in percent, 1 - x in percent, in ms, in
+    minutes or hours), the alert's `for:` (seconds, minutes, hours) and its expression's numbers."""
+    out: list[float] = []
+    for name in NOTES:
+        v = getattr(config.limits, name)
+        out += [v, v * 100, (1 - v) * 100, v * 1000, v / 60, v / 3600]
+    minutes = float(str(rule["for"]).removesuffix("m"))
+    out += [minutes * 60, minutes, minutes / 60]
+    return out + [float(n) for n in NUMBER.findall(str(rule["expr"]))]
+
+
+def test_unusual_overrides_are_in_range_and_distinct() -> None:
+    assert len(set(UNUSUAL_THRESHOLDS.values())) == len(UNUSUAL_THRESHOLDS)
+    limits = unusual_config().limits
+    for name, value in UNUSUAL_THRESHOLDS.items():
+        assert getattr(limits, name) == value != getattr(DEFAULT, name)
+
+
+def test_every_number_in_every_annotation_follows_the_overridden_thresholds() -> None:
+    config = unusual_config()
+    alerts = [r for g in rule_groups(config)["groups"] for r in g["rules"] if "alert" in r]
+    assert len(alerts) == len(ALERTS)
+    wrong = []
+    for rule in alerts:
+        allowed = allowed_numbers(config, rule)
+        for key, text in rule["annotations"].items():
+            for number in readable_numbers(text):
+                if not any(abs(number - a) <= 1e-5 * max(1.0, abs(a)) for a in allowed):
+                    wrong.append(f"{rule['alert']} {key}: {number:g} in {text!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_prometheus_renders_the_overridden_annotations_as_the_generated_tests_expect(
+    tmp_path: Path,
+) -> None:
+    """promtool renders each alert's annotations with Prometheus' own template engine and
+    compares them with the generated expectations, under every threshold overridden."""
+    config = load_config(None, [f"thresholds.{k}={v}" for k, v in UNUSUAL_THRESHOLDS.items()])
+    output = promtool_test(tmp_path, rule_groups(config), promtool_tests(config))
+    assert output.startswith("SUCCESS"), output
+
+
+def test_rules_cli_says_the_overridden_number(capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = [
+        "thresholds.expert_skew=0.7",
+        "thresholds.vram_used=0.9",
+        "thresholds.e2e_p95_seconds=12",
+    ]
+    overrides += ["thresholds.requests_waiting=40", "alerts.MoEGPUUtilizationLow.for=45m"]
+    assert main(["rules", "--print", "rules", *(f"--set={o}" for o in overrides)]) == 0
+    out = capsys.readouterr().out
+    assert "summary: Expert load skewed > 70 % in one MoE layer\n" in out
+    assert "summary: GPU memory above 90 %\n" in out
+    assert "summary: P95 end-to-end latency above 12 s\n" in out
+    assert "More than 40 requests waiting: scale out" in out
+    assert "for 45 minutes\n" in out
+    assert "50 %" not in out

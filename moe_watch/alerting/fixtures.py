@@ -22,7 +22,7 @@ class Fixture:
     value_at_eval: float | None = None  # the alert's value then; None: fire's last value
     extra_series: tuple[tuple[str, str], ...] = ()  # (series, values) the alert also reads
     hottest: str = ""  # what texts.HOTTEST_EXPERT renders to
-    whatif_rendered: str = ""  # what the `eplb_whatif` annotation renders to
+    whatif_rendered: str = ""  # what the `eplb_whatif` annotation renders to (texts.fill'ed)
 
 
 def _v(value: float, minutes: int = 60) -> str:
@@ -69,7 +69,7 @@ FIXTURES: dict[str, Fixture] = {
     "MoEHotEPRank": Fixture(
         series=f'moe_watch_expert_rank_load_ratio{{{ENGINE},rank="1"}}',
         extra_series=_whatif_none("256", "0.41"),
-        whatif_rendered="No EPLB redundancy up to 256 experts reaches EP-rank balancedness 0.9 (today 0.41): placement alone will not even the load.",
+        whatif_rendered="No EPLB redundancy up to 256 experts reaches EP-rank balancedness ${eplb_whatif_target:g} (today 0.41): placement alone will not even the load.",
     ),
     "MoEExpertDataMissing": Fixture(
         series=f"moe_watch_expert_layers_observed{{{ENGINE}}}",

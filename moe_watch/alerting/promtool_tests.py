@@ -15,9 +15,9 @@ from typing import Any
 
 from moe_watch.alerting.config import RulesConfig
 from moe_watch.alerting.fixtures import ENGINE, FIXTURES, Fixture
-from moe_watch.alerting.rule_file import RULES_FILE, runbook
+from moe_watch.alerting.rule_file import RULES_FILE, alert_annotations, text_values
 from moe_watch.alerting.specs import ALERTS, FORECAST_ALERTS, Alert
-from moe_watch.alerting.texts import NO_WHATIF, expand
+from moe_watch.alerting.texts import NO_WHATIF, expand, fill
 
 
 def _expected_annotations(
@@ -29,14 +29,10 @@ def _expected_annotations(
     whatif: str,
 ) -> dict[str, str]:
     """All of an alert's annotations as promtool must see them rendered."""
-    expected = {
-        "summary": alert.summary,
-        "description": expand(alert.description, labels, value, hottest),
-        "runbook_url": runbook(alert, config),
-    }
-    expected |= {k: expand(v, labels, value, hottest) for k, v in alert.annotations}
+    templates = alert_annotations(alert, config)
+    expected = {k: expand(v, labels, value, hottest) for k, v in templates.items()}
     if alert.whatif:
-        expected["eplb_whatif"] = whatif
+        expected["eplb_whatif"] = fill(whatif, text_values(alert, config))
     return expected
 
 

@@ -16,8 +16,9 @@ from moe_watch.alerting.promql import (
     forecast_rules,
     unified_expert_rules,
 )
-from moe_watch.alerting.specs import ALERTS, Alert
-from moe_watch.alerting.texts import eplb_whatif_template
+from moe_watch.alerting.specs import ALERTS, XID_WINDOW, Alert
+from moe_watch.alerting.syntax import parse_duration
+from moe_watch.alerting.texts import eplb_whatif_template, fill
 
 RULES_FILE = Path("alerts/moe-watch.rules.yml")
 TESTS_FILE = Path("alerts/tests/moe-watch.rules.test.yml")
@@ -28,13 +29,24 @@ def runbook(alert: Alert, config: RulesConfig) -> str:
     return f"{config.runbook_base_url}#{alert.name.lower()}"
 
 
+def text_values(alert: Alert, config: RulesConfig) -> dict[str, float]:
+    """What an alert's texts may quote (texts.fill): every threshold as the site set it, the
+    alert's own as ``t``, its `for:` in seconds as ``for``."""
+    limits = config.limits
+    values = {name: getattr(limits, name) for name in type(limits).__dataclass_fields__}
+    values |= {"for": parse_duration(config.for_(alert)), "xid_window": parse_duration(XID_WINDOW)}
+    return values | ({"t": values[alert.threshold]} if alert.threshold else {})
+
+
 def alert_annotations(alert: Alert, config: RulesConfig) -> dict[str, str]:
-    """All of an alert's annotations as templates (the rule file)."""
+    """All of an alert's annotations as templates (the rule file), their numbers filled in from
+    the values the expression reads."""
+    values = text_values(alert, config)
     templates = {
-        "summary": alert.summary,
-        "description": alert.description,
+        "summary": fill(alert.summary, values),
+        "description": fill(alert.description, values),
         "runbook_url": runbook(alert, config),
-        **dict(alert.annotations),
+        **{key: fill(text, values) for key, text in alert.annotations},
     }
     if alert.whatif:
         templates["eplb_whatif"] = eplb_whatif_template(config.limits.eplb_whatif_target)

@@ -18,6 +18,7 @@ from typing import Literal
 from moe_watch.alerting.texts import HOTTEST_EXPERT
 
 Severity = Literal["critical", "warning", "info"]
+XID_WINDOW = "15m"  # how far back MoEGPUXidErrors looks for new Xid errors
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +29,9 @@ class Alert:
     for_: str
     severity: Severity  # critical pages (PagerDuty); warning notifies; info is only visible
     summary: str
-    description: str  # may use {{ $labels.x }}, {{ $value | printf "%.2f" }}, HOTTEST_EXPERT
+    # summary and description: numbers only as ${threshold:format} (texts.fill), never spelled;
+    # the description may use {{ $labels.x }}, {{ $value | printf "%.2f" }} and HOTTEST_EXPERT
+    description: str
     annotations: tuple[tuple[str, str], ...] = ()  # extra annotations
     whatif: bool = False  # adds an `eplb_whatif` annotation (texts.eplb_whatif_template)
 
@@ -40,7 +43,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="expert_skew",
         for_="10m",
         severity="critical",
-        summary="Expert load skewed > 50 % in one MoE layer",
+        summary="Expert load skewed > ${t:%} in one MoE layer",
         description='Layer {{ $labels.layer }} of {{ $labels.engine }}: its hottest expert gets {{ $value | printf "%.2f" }} above the mean (max/mean - 1); now expert '
         + HOTTEST_EXPERT
         + ".",
@@ -53,7 +56,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="expert_collapse_share",
         for_="5m",
         severity="critical",
-        summary="Expert collapse: one expert takes > 40 % of a layer's tokens",
+        summary="Expert collapse: one expert takes > ${t:%} of a layer's tokens",
         description='Layer {{ $labels.layer }} of {{ $labels.engine }}: {{ $value | printf "%.2f" }} of its tokens visit one expert, now expert '
         + HOTTEST_EXPERT
         + ".",
@@ -85,7 +88,7 @@ ALERTS: tuple[Alert, ...] = (
         for_="10m",
         severity="warning",
         summary="GPUs of one engine are unevenly busy (hot expert signature)",
-        description='{{ $labels.engine }}: max - min GPU utilization is {{ $value | printf "%.2f" }} (e.g. 95 % vs 30 %).',
+        description='{{ $labels.engine }}: max - min GPU utilization is {{ $value | printf "%.2f" }}, above ${t:g}: one GPU busy while the others idle.',
     ),
     Alert(
         name="MoEVRAMHigh",
@@ -93,7 +96,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="vram_used",
         for_="5m",
         severity="critical",
-        summary="GPU memory above 95 %",
+        summary="GPU memory above ${t:%}",
         description='GPU {{ $labels.gpu }} ({{ $labels.engine }}) uses {{ $value | printf "%.3f" }} of its memory: no room for KV-cache spikes.',
     ),
     Alert(
@@ -102,7 +105,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="kv_cache_usage",
         for_="2m",
         severity="critical",
-        summary="KV cache above 95 %: requests are preempted or rejected",
+        summary="KV cache above ${t:%}: requests are preempted or rejected",
         description='{{ $labels.engine }} ({{ $labels.model }}) KV cache at {{ $value | printf "%.3f" }}.',
     ),
     Alert(
@@ -111,7 +114,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="kv_cache_hit_ratio_low",
         for_="30m",
         severity="warning",
-        summary="Prefix-cache hit ratio below 20 %",
+        summary="Prefix-cache hit ratio below ${t:%}",
         description='{{ $labels.engine }} ({{ $labels.model }}) prefix-cache hit ratio {{ $value | printf "%.2f" }} over the window.',
     ),
     Alert(
@@ -121,7 +124,7 @@ ALERTS: tuple[Alert, ...] = (
         for_="15m",
         severity="warning",
         summary="An engine keeps preempting requests (KV-cache pressure)",
-        description='{{ $labels.engine }} ({{ $labels.model }}) preempts {{ $value | printf "%.2f" }} requests/s, in every window for 15 minutes: running requests lose their KV cache and are recomputed.',
+        description='{{ $labels.engine }} ({{ $labels.model }}) preempts {{ $value | printf "%.2f" }} requests/s, in every window for ${for:words}: running requests lose their KV cache and are recomputed.',
     ),
     Alert(
         name="MoEGPUUtilizationLow",
@@ -129,7 +132,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="gpu_utilization_low",
         for_="30m",
         severity="info",
-        summary="GPU utilization below 60 % for 30 minutes",
+        summary="GPU utilization below ${t:%} for ${for:words}",
         description='GPU {{ $labels.gpu }} ({{ $labels.engine }}) at {{ $value | printf "%.2f" }} utilization: over-provisioned or starved.',
     ),
     Alert(
@@ -138,7 +141,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="gpu_utilization_high",
         for_="15m",
         severity="warning",
-        summary="GPU utilization above 98 % for 15 minutes",
+        summary="GPU utilization above ${t:%} for ${for:words}",
         description='GPU {{ $labels.gpu }} ({{ $labels.engine }}) at {{ $value | printf "%.3f" }} utilization: no headroom left.',
     ),
     Alert(
@@ -147,8 +150,8 @@ ALERTS: tuple[Alert, ...] = (
         threshold="throughput_vs_baseline",
         for_="30m",
         severity="warning",
-        summary="Generated tokens/s 20 % below the engine's own daily baseline",
-        description='{{ $labels.engine }} ({{ $labels.model }}) generates {{ $value | printf "%.0f" }} tokens/s, below 80 % of its 1-day average.',
+        summary="Generated tokens/s ${t:1-%} below the engine's own daily baseline",
+        description='{{ $labels.engine }} ({{ $labels.model }}) generates {{ $value | printf "%.0f" }} tokens/s, below ${t:%} of its 1-day average.',
     ),
     Alert(
         name="MoEP95LatencyHigh",
@@ -156,7 +159,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="e2e_p95_seconds",
         for_="5m",
         severity="warning",
-        summary="P95 end-to-end latency above 30 s",
+        summary="P95 end-to-end latency above ${t:s}",
         description='{{ $labels.engine }} ({{ $labels.model }}) P95 e2e latency is {{ $value | printf "%.1f" }} s.',
     ),
     Alert(
@@ -165,7 +168,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="ttft_p95_seconds",
         for_="10m",
         severity="warning",
-        summary="P95 time to first token above 10 s",
+        summary="P95 time to first token above ${t:s}",
         description='{{ $labels.engine }} ({{ $labels.model }}) P95 time to first token is {{ $value | printf "%.1f" }} s: prefill or the queue is slow.',
     ),
     Alert(
@@ -174,7 +177,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="itl_p95_seconds",
         for_="10m",
         severity="warning",
-        summary="P95 inter-token latency above 200 ms",
+        summary="P95 inter-token latency above ${t:ms}",
         description='{{ $labels.engine }} ({{ $labels.model }}) P95 inter-token latency is {{ $value | printf "%.3f" }} s: decode steps are slow (batch size, hot experts, preemption).',
     ),
     Alert(
@@ -183,7 +186,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="requests_waiting",
         for_="5m",
         severity="warning",
-        summary="More than 100 requests waiting: scale out",
+        summary="More than ${t:g} requests waiting: scale out",
         description='{{ $labels.engine }} ({{ $labels.model }}) has {{ $value | printf "%.0f" }} requests waiting.',
     ),
     Alert(
@@ -200,7 +203,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="budget_used",
         for_="10m",
         severity="warning",
-        summary="GPU memory above the engine's sized per-GPU budget",
+        summary="GPU memory above ${t:x} the engine's sized per-GPU budget",
         description='GPU {{ $labels.gpu }} of {{ $labels.engine }} uses {{ $value | printf "%.2f" }}x its plan\'s per-GPU budget (moe-watch size).',
     ),
     Alert(
@@ -233,7 +236,7 @@ ALERTS: tuple[Alert, ...] = (
         threshold="source_stale_seconds",
         for_="5m",
         severity="warning",
-        summary="A moe-watch source has not succeeded for over 2 minutes",
+        summary="A moe-watch source has not succeeded for over ${t:words}",
         description='Source {{ $labels.source }} last succeeded {{ $value | printf "%.0f" }} s ago.',
     ),
     Alert(
@@ -247,13 +250,13 @@ ALERTS: tuple[Alert, ...] = (
     Alert(
         name="MoEGPUXidErrors",
         # A new (gpu, xid) series starts at its first count: increase() sees nothing there, so a
-        # series that did not exist 15 minutes ago and is above 0 fires too.
-        expr="increase(moe_watch_gpu_xid_errors_total[15m]) > 0"
-        " or (moe_watch_gpu_xid_errors_total unless moe_watch_gpu_xid_errors_total offset 15m) > 0",
+        # series that did not exist one window ago and is above 0 fires too.
+        expr=f"increase(moe_watch_gpu_xid_errors_total[{XID_WINDOW}]) > 0"
+        f" or (moe_watch_gpu_xid_errors_total unless moe_watch_gpu_xid_errors_total offset {XID_WINDOW}) > 0",
         for_="0m",
         severity="warning",
         summary="GPU Xid errors",
-        description='GPU {{ $labels.gpu }} reported Xid {{ $labels.xid }} ({{ $value | printf "%.0f" }} in 15 minutes).',
+        description='GPU {{ $labels.gpu }} reported Xid {{ $labels.xid }} ({{ $value | printf "%.0f" }} in ${xid_window:words}).',
     ),
     Alert(
         name="MoEAll2AllSlow",
@@ -263,7 +266,7 @@ ALERTS: tuple[Alert, ...] = (
         severity="warning",
         summary="Expert-parallel all-to-all is slow: every MoE layer waits on the exchange",
         description="P95 all-to-all (dispatch + combine) time per forward pass of {{ $labels.engine }} is "
-        '{{ $value | printf "%.3f" }} s (healthy < 0.005 s): check the interconnect '
+        '{{ $value | printf "%.3f" }} s (healthy < ${all2all_healthy_seconds:s}): check the interconnect '
         "(moe_watch_engine_interconnect_info, NVLink links up), the EP size, a hot rank "
         "(moe_watch_expert_rank_load_ratio) and the all2all backend (moe_watch_expert_all2all_info).",
     ),
@@ -278,8 +281,8 @@ FORECAST_ALERTS: tuple[Alert, ...] = (
         threshold="kv_cache_full_seconds",
         for_="5m",
         severity="critical",
-        summary="KV cache full in < 15 min at its current trend",
-        description='{{ $labels.engine }} ({{ $labels.model }}) fills its KV cache in {{ $value | printf "%.0f" }} s at the trend of the last 30 minutes: requests will be preempted and queued.',
+        summary="KV cache full in < ${t:short} at its current trend",
+        description='{{ $labels.engine }} ({{ $labels.model }}) fills its KV cache in {{ $value | printf "%.0f" }} s at the trend of the last ${kv_cache_forecast_window_seconds:span}: requests will be preempted and queued.',
     ),
     Alert(
         name="MoEGPUBudgetExhaustedSoon",
@@ -287,8 +290,8 @@ FORECAST_ALERTS: tuple[Alert, ...] = (
         threshold="budget_exhausted_seconds",
         for_="15m",
         severity="warning",
-        summary="GPU memory crosses the sized budget in < 1 h at its current trend",
-        description='GPU {{ $labels.gpu }} of {{ $labels.engine }} reaches its plan\'s per-GPU budget in {{ $value | printf "%.0f" }} s at the trend of the last hour.',
+        summary="GPU memory crosses the sized budget in < ${t:short} at its current trend",
+        description='GPU {{ $labels.gpu }} of {{ $labels.engine }} reaches its plan\'s per-GPU budget in {{ $value | printf "%.0f" }} s at the trend of the last ${budget_forecast_window_seconds:span}.',
     ),
 )
 ALERTS = ALERTS + FORECAST_ALERTS
