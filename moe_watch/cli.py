@@ -210,18 +210,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _rules(args: argparse.Namespace) -> int:
     from moe_watch.alerting.config import load_config
     from moe_watch.alerting.files import generated_files
+    from moe_watch.alerting.promtool import check_rules
     from moe_watch.alerting.rule_file import OPERATOR_FILE, RULES_FILE, TESTS_FILE
     from moe_watch.generated import write_generated
 
     try:
         config = load_config(args.config, args.set)
+        files = generated_files(config)
+        # Nothing is written or printed that Prometheus would refuse to load.
+        if not check_rules(files[RULES_FILE]):
+            print("moe-watch: promtool not on PATH: the rules were not checked", file=sys.stderr)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if args.print_only:
         path = {"rules": RULES_FILE, "tests": TESTS_FILE, "prometheusrule": OPERATOR_FILE}
-        sys.stdout.write(generated_files(config)[path[args.print_only]])
+        sys.stdout.write(files[path[args.print_only]])
         return 0
-    for written in write_generated(args.out, generated_files(config)):
+    for written in write_generated(args.out, files):
         print(f"wrote {written}")
     return 0
 

@@ -198,9 +198,9 @@ def test_a_site_generates_rules_for_its_stack_without_editing_code(tmp_path: Pat
     ("assignment", "message"),
     [
         ("thresholds.expert_skw=0.6", "unknown threshold 'expert_skw'"),
-        ("thresholds.expert_skew=high", "thresholds.expert_skew: Input should be a valid number"),
+        ("thresholds.expert_skew=high", "thresholds: threshold 'expert_skew' must be a number"),
         ("alerts.MoENope.enabled=false", "unknown alert(s) MoENope"),
-        ("alerts.MoEQueueLong.for=5 minutes", "alerts.MoEQueueLong.for: String should match"),
+        ("alerts.MoEQueueLong.for=5 minutes", "alerts.MoEQueueLong.for: not a duration"),
         ("severity_names.fatal=p1", "severity_names.fatal: Input should be 'critical'"),
         ("novalue", "expected KEY=VALUE"),
     ],

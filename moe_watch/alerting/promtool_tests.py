@@ -17,6 +17,7 @@ from moe_watch.alerting.config import RulesConfig
 from moe_watch.alerting.fixtures import ENGINE, FIXTURES, Fixture
 from moe_watch.alerting.rule_file import RULES_FILE, alert_annotations, text_values
 from moe_watch.alerting.specs import ALERTS, FORECAST_ALERTS, Alert
+from moe_watch.alerting.syntax import parse_matchers, unescape
 from moe_watch.alerting.texts import NO_WHATIF, expand, fill
 
 
@@ -56,10 +57,14 @@ def _fire_and_quiet(alert: Alert, fixture: Fixture, config: RulesConfig) -> tupl
     return (above, below) if _op(alert) == ">" else (below, above)
 
 
+def _job_equalities(config: RulesConfig) -> list[tuple[str, str]]:
+    """The job selector's equality matchers (name, value as written)."""
+    return [(name, value) for name, op, value in parse_matchers(config.job_selector) if op == "="]
+
+
 def _job_labels(config: RulesConfig) -> str:
     """A label set the job selector matches (its equality matchers; a regex gets 'moe-watch')."""
-    matchers = re.findall(r'(\w+)="([^"]*)"', config.job_selector)
-    return ",".join(f'{k}="{v}"' for k, v in matchers) or 'job="moe-watch"'
+    return ",".join(f'{k}="{v}"' for k, v in _job_equalities(config)) or 'job="moe-watch"'
 
 
 def _alert_test(alert: Alert, fixture: Fixture, config: RulesConfig) -> dict[str, Any]:
@@ -68,7 +73,7 @@ def _alert_test(alert: Alert, fixture: Fixture, config: RulesConfig) -> dict[str
     minutes = fixture.eval_minutes or _minutes(config.for_(alert)) + 2
     # absent() makes its own labels: the job selector's equality matchers
     exp = (
-        dict(re.findall(r'(\w+)="([^"]*)"', config.job_selector))
+        {name: unescape(value) for name, value in _job_equalities(config)}
         if alert.expr.startswith("absent(")
         else _labels(series)
     )
