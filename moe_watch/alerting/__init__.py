@@ -9,5 +9,5 @@ thresholds table, generated from one place (docs/alerts.md).
 - promtool_tests.py promtool unit tests from the fixtures
 - texts.py          the annotation templates and a small interpreter of them
 - thresholds_doc.py docs/thresholds.md
-- files.py          every file above, by path
+- files.py          the rule files, by path (moe_watch/generate writes them with the rest)
 """

@@ -1,4 +1,5 @@
-"""The files the alerting package generates, by path relative to the repository root."""
+"""The rule files, by path relative to the repository root: what `moe-watch rules` writes
+for a site, and `moe-watch generate` with the defaults."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from moe_watch.alerting.rule_file import (
     render,
     rule_groups,
 )
-from moe_watch.alerting.thresholds_doc import THRESHOLDS_DOC, thresholds_doc
 
 
 def rule_files(config: RulesConfig | None = None) -> dict[Path, str]:
@@ -28,11 +28,4 @@ def rule_files(config: RulesConfig | None = None) -> dict[Path, str]:
         OPERATOR_FILE: render(
             operator_manifest(config), "moe-watch rules for the Prometheus Operator"
         ),
-    }
-
-
-def generated_files(config: RulesConfig | None = None) -> dict[Path, str]:
-    return {
-        THRESHOLDS_DOC: thresholds_doc((config or RulesConfig()).limits),
-        **rule_files(config),
     }
