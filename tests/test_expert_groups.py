@@ -1,4 +1,4 @@
-"""Engines that span nodes (issue #17 part 3): each node's agent exports its own window counts
+"""Engines that span nodes: each node's agent exports its own window counts
 under `engine_group`, and the shipped recording rules rebuild the engine's expert signals.
 
 The proof: two in-process Agents stand for two nodes, each reading half of one engine's worker
