@@ -4,7 +4,7 @@ The end-to-end benchmark (plugin_overhead.py) cannot resolve 1 % on a noisy 2-co
 times the work the plugin adds to every MoE layer of every step: the capture callback the
 router calls (one ``index_add_`` of the step's top-k ids, weighted, into the accumulator), and
 the per-step weight update when the batch size changes. Compare with the server's step time.
-It also times what the all-to-all timer adds to each timed dispatch/combine call (issue #19):
+It also times what the all-to-all timer adds to each timed dispatch/combine call:
 the wrapper around the all2all manager's method, CPU path (``perf_counter``), against the bare
 call, and the per-step bookkeeping (``step_begins``/``step_ends``).
 

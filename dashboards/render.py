@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,10 +28,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe_watch.alerting.rule_file import render, rule_groups  # noqa: E402
 from moe_watch.dashboards.build import substitute_all  # noqa: E402
 from moe_watch.dashboards.definitions import DASHBOARDS  # noqa: E402
-from moe_watch.rules import render, rule_groups  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def query(base: str, path: str, **params: Any) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
-"""``moe-watch``: run | demo | size | rules | dashboards | check.
+"""``moe-watch``: run | demo | size | generate | rules | check.
 
 ``run`` the agent, ``demo`` it against a simulated engine and GPUs, ``size`` an MoE model for a
-GPU, write the generated ``rules`` and ``dashboards``, ``check`` a settings file. Exit status 2
-means a bad setting (one line for each problem found)."""
+GPU, ``generate`` every generated file of the repository, write the ``rules`` with a site's
+overrides, ``check`` a settings file. Exit status 2 means a bad setting (one line for each problem found).
+``dashboards`` is kept for scripts that called it: it writes the dashboard part of ``generate``."""
 
 from __future__ import annotations
 
@@ -157,8 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size.add_argument("--json", action="store_true", help="machine-readable output")
 
+    generate = commands.add_parser(
+        "generate",
+        help="write every generated file: rules, promtool tests, PrometheusRule, dashboards, "
+        "chart files, deploy/base, docs/thresholds.md (the shipped defaults)",
+    )
+    generate.add_argument(
+        "--out", type=Path, default=Path("."), help="repository root to write under (default .)"
+    )
+    generate.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; list the files under --out that are missing or stale, exit 1 if any",
+    )
+
     rules = commands.add_parser(
-        "rules", help="write the Prometheus rules, their promtool tests and the PrometheusRule"
+        "rules",
+        help="write the Prometheus rules, their promtool tests and the PrometheusRule with a "
+        "site's overrides",
     )
     rules.add_argument(
         "--out",
@@ -185,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print one file to stdout instead of writing them",
     )
 
-    dashboards = commands.add_parser("dashboards", help="write the Grafana dashboards (JSON)")
+    dashboards = commands.add_parser(
+        "dashboards", help="write the Grafana dashboards (JSON): the dashboard part of generate"
+    )
     dashboards.add_argument(
         "--out", type=Path, default=Path("."), help="repository root (default .)"
     )
@@ -213,11 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "size":
             return _size(args)
         if args.command == "dashboards":
-            from moe_watch.dashboards.definitions import write_all as write_dashboards
+            from moe_watch.dashboards.definitions import generated_files as dashboard_files
+            from moe_watch.generate import write
 
-            for path in write_dashboards(args.out):
+            for path in write(args.out, dashboard_files()):
                 print(f"wrote {path}")
             return 0
+        if args.command == "generate":
+            return _generate(args)
         if args.command == "rules":
             return _rules(args)
         if args.command == "check":
@@ -234,18 +256,47 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _rules(args: argparse.Namespace) -> int:
-    from moe_watch.rules import OPERATOR_FILE, RULES_FILE, TESTS_FILE, generated_files, load_config
-    from moe_watch.rules import write_all as write_rules
+    from moe_watch.alerting.config import load_config
+    from moe_watch.alerting.files import rule_files
+    from moe_watch.alerting.promtool import check_rules
+    from moe_watch.alerting.rule_file import OPERATOR_FILE, RULES_FILE, TESTS_FILE
+    from moe_watch.generate import write
 
     try:
         config = load_config(args.config, args.set)
+        files = rule_files(config)
+        # Nothing is written or printed that Prometheus would refuse to load.
+        if not check_rules(files[RULES_FILE]):
+            print("moe-watch: promtool not on PATH: the rules were not checked", file=sys.stderr)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if args.print_only:
         path = {"rules": RULES_FILE, "tests": TESTS_FILE, "prometheusrule": OPERATOR_FILE}
-        sys.stdout.write(generated_files(config)[path[args.print_only]])
+        sys.stdout.write(files[path[args.print_only]])
         return 0
-    for written in write_rules(args.out, config):
+    for written in write(args.out, files):
+        print(f"wrote {written}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from moe_watch.alerting.promtool import check_rules
+    from moe_watch.alerting.rule_file import RULES_FILE
+    from moe_watch.generate import generated_files, stale, write
+    from moe_watch.generate.chart import ChartUnavailable
+
+    try:
+        files = generated_files()
+        if not check_rules(files[RULES_FILE]):
+            print("moe-watch: promtool not on PATH: the rules were not checked", file=sys.stderr)
+    except (ChartUnavailable, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if args.check:
+        outdated = stale(args.out, files)
+        for path in outdated:
+            print(f"stale: {path} (run `moe-watch generate` and commit)")
+        return 1 if outdated else 0
+    for written in write(args.out, files):
         print(f"wrote {written}")
     return 0
 

@@ -133,7 +133,7 @@ class TargetConfig(BaseModel):
         return value
 
 
-# hardening(#15): target URLs are validated where they enter. A base URL is scheme://host[:port]
+# target URLs are validated where they enter. A base URL is scheme://host[:port]
 # (a path prefix is allowed); credentials in it would be sent as basic auth and echoed into logs
 # and /status, so they are refused, as are a query, a fragment and an invalid port.
 _URL_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
@@ -213,7 +213,7 @@ class Settings(BaseSettings):
     eplb_whatif_target: float = Field(default=DEFAULT.eplb_whatif_target, gt=0, le=1)
     # TLS and basic auth on the agent's endpoints (exporter-toolkit web config format); off by default.
     web_config_file: Path | None = None
-    # hardening(#15): bounds on the agent's own server, its basic auth and its shutdown
+    # bounds on the agent's own server, its basic auth and its shutdown
     # (docs/configuration.md, "Bounds"). Readers' bounds are declared in moe_watch/limits.py.
     server_max_connections: int = Field(default=limits.SERVER_CONNECTIONS, ge=1, le=65_536)
     server_probe_connections: int = Field(default=limits.PROBE_CONNECTIONS, ge=1, le=1024)

@@ -2,7 +2,7 @@
 
 Running values come from the engine's exposition (vLLM ``cache_config_info`` labels),
 ``/v1/models`` (max_model_len) and its command line (read by ``sources/proc.py`` for the NVML
-PIDs of its GPUs). Rules (../shared/design.md): gpu_memory_utilization above 0.80 on a
+PIDs of its GPUs). Rules (the design notes, docs/design.md): gpu_memory_utilization above 0.80 on a
 large MoE or >= 0.95 anywhere; max_num_seqs above 8 on a large MoE; max_model_len far above the
 plan; prefix caching with an FP8 KV cache; expert parallelism off on a multi-GPU MoE; expert
 parallelism on GPUs without NVLink (the interconnect is given by the agent, from NVML); dtype or

@@ -174,7 +174,7 @@ class ExpertCounts:
 
     def __post_init__(self) -> None:
         total = sum(map(sum, self.counts))
-        # hardening(#15): NaN, infinite or negative counts never reach the signals (sources
+        # NaN, infinite or negative counts never reach the signals (sources
         # refuse them with a reason first; this is the last line).
         if not (math.isfinite(total) and all(min(row, default=0.0) >= 0.0 for row in self.counts)):
             raise ValueError(f"expert counts of {self.engine} are not finite and non-negative")

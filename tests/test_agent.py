@@ -310,7 +310,7 @@ async def test_expert_counts_become_skew_hot_experts_and_the_experts_document(
 async def test_sglangs_first_dump_counts_because_its_recorder_starts_at_zero(
     engine_stub: EngineStub, tmp_path: Path
 ) -> None:
-    """Defect (issue 17): the first dump after the agent starts recording was the window's
+    """Defect: the first dump after the agent starts recording was the window's
     baseline and its traffic was lost. SGLang's recorder starts at zero when recording starts,
     so the first dump is an increase like any other."""
     from moe_watch.serving.views import experts_document

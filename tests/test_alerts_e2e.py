@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from moe_watch.rules import render, rule_groups
+from moe_watch.alerting.rule_file import render, rule_groups
 from tests.alerting import (
     PagerDutyReceiver,
     Processes,

@@ -1,4 +1,4 @@
-"""Issue #19 in the agent: all-to-all time from the plugin's files, NVLink/PCIe topology from
+"""Expert-parallel communication in the agent: all-to-all time from the plugin's files, NVLink/PCIe topology from
 NVML, and the drift rule "expert parallelism on GPUs without NVLink", end to end through
 /metrics and /status."""
 

@@ -158,7 +158,7 @@ def test_a_directory_or_unreadable_path_is_malformed(tmp_path: Path) -> None:
             read_counts_file(path)
 
 
-# --- the optional all2all histogram (issue #19) -----------------------------------------------
+# --- the optional all2all histogram -----------------------------------------------------
 
 A2A = All2AllTimes(
     bounds=[0.005, 0.02],
@@ -178,7 +178,7 @@ def test_all2all_times_round_trip_and_are_absent_by_default(tmp_path: Path) -> N
     assert read_counts_file(path).all2all == A2A
     write_counts_file(path, sample())
     assert read_counts_file(path).all2all is None
-    # A file of a plugin before #19 (no key at all) reads the same.
+    # A file of a plugin from before the all2all key (no key at all) reads the same.
     raw = asdict(sample())
     del raw["all2all"]
     path.write_text(json.dumps(raw))

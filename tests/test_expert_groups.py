@@ -1,4 +1,4 @@
-"""Engines that span nodes (issue #17 part 3): each node's agent exports its own window counts
+"""Engines that span nodes: each node's agent exports its own window counts
 under `engine_group`, and the shipped recording rules rebuild the engine's expert signals.
 
 The proof: two in-process Agents stand for two nodes, each reading half of one engine's worker
@@ -23,9 +23,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_watch.agent import Agent
+from moe_watch.alerting.rule_file import render, rule_groups
 from moe_watch.config import ExpertsConfig, Settings, TargetConfig
 from moe_watch.expert_file import CountsFile, counts_file_name, write_counts_file
-from moe_watch.rules import render, rule_groups
 from moe_watch.serving.exporter import build_registry
 from moe_watch.serving.server import make_app, start_server
 from tests.alerting import binary

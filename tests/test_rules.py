@@ -1,7 +1,8 @@
-"""The shipped rules: generated from moe_watch/rules.py, valid, unit-tested by promtool, documented."""
+"""The shipped rules: generated from moe_watch/alerting/, valid, unit-tested by promtool, documented."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -10,19 +11,16 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from moe_watch import thresholds as thresholds_module
+from moe_watch.alerting.config import RulesConfig, load_config
+from moe_watch.alerting.fixtures import FIXTURES, Fixture
+from moe_watch.alerting.promql import RECORDING
+from moe_watch.alerting.promtool_tests import promtool_tests
+from moe_watch.alerting.rule_file import RULES_FILE, TESTS_FILE, render, rule_groups
+from moe_watch.alerting.specs import ALERTS, Alert
+from moe_watch.alerting.thresholds_doc import thresholds_doc
 from moe_watch.cli import main
-from moe_watch.rules import (
-    ALERTS,
-    RECORDING,
-    RULES_FILE,
-    TESTS_FILE,
-    RulesConfig,
-    generated_files,
-    load_config,
-    promtool_tests,
-    render,
-    rule_groups,
-)
+from moe_watch.thresholds import DEFAULT, NOTES, Thresholds
 from tests.serving.test_exporter_and_server import deepseek_v3_snapshot, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +32,6 @@ def tool(name: str) -> str:
         f"{name} not found: install the Debian packages prometheus and prometheus-alertmanager (scripts/test.sh does)"
     )
     return found
-
-
-def test_committed_rule_files_are_what_the_generator_writes() -> None:
-    for relative, text in generated_files().items():
-        committed = (ROOT / relative).read_text()
-        assert committed == text, f"{relative} is stale: run `moe-watch rules --out .` and commit"
 
 
 def test_promtool_accepts_the_rules_and_every_alert_fires_at_threshold_and_not_below() -> None:
@@ -61,6 +53,13 @@ def test_promtool_accepts_the_rules_and_every_alert_fires_at_threshold_and_not_b
     assert "SUCCESS" in unit.stdout
     tested = set(re.findall(r"alertname: (\w+)", (ROOT / TESTS_FILE).read_text()))
     assert tested == {alert.name for alert in ALERTS}  # every alert has a test
+
+
+def test_every_alert_has_exactly_one_fixture_and_the_specs_are_production_data() -> None:
+    assert set(FIXTURES) == {alert.name for alert in ALERTS}
+    assert len({alert.name for alert in ALERTS}) == len(ALERTS)
+    spec_fields = {f.name for f in dataclasses.fields(Alert)}
+    assert not spec_fields & {f.name for f in dataclasses.fields(Fixture)}
 
 
 def test_amtool_accepts_the_alertmanager_example() -> None:
@@ -192,9 +191,9 @@ def test_a_site_generates_rules_for_its_stack_without_editing_code(tmp_path: Pat
     ("assignment", "message"),
     [
         ("thresholds.expert_skw=0.6", "unknown threshold 'expert_skw'"),
-        ("thresholds.expert_skew=high", "thresholds.expert_skew: Input should be a valid number"),
+        ("thresholds.expert_skew=high", "thresholds: threshold 'expert_skew' must be a number"),
         ("alerts.MoENope.enabled=false", "unknown alert(s) MoENope"),
-        ("alerts.MoEQueueLong.for=5 minutes", "alerts.MoEQueueLong.for: String should match"),
+        ("alerts.MoEQueueLong.for=5 minutes", "alerts.MoEQueueLong.for: not a duration"),
         ("severity_names.fatal=p1", "severity_names.fatal: Input should be 'critical'"),
         ("novalue", "expected KEY=VALUE"),
     ],
@@ -217,6 +216,34 @@ def test_rules_cli_prints_a_prometheusrule_with_overrides_and_exits_2_on_a_bad_o
 
 def test_defaults_are_the_thresholds_module() -> None:
     assert RulesConfig().limits.expert_skew == 0.5
+
+
+def test_every_threshold_has_a_meaning_one_source_and_a_default_in_its_range() -> None:
+    assert set(NOTES) == {f.name for f in dataclasses.fields(Thresholds)}
+    for name, note in NOTES.items():
+        assert note.meaning, name
+        assert bool(note.design) != bool(note.ours), name  # a design row or our reason
+        low, high = note.range
+        assert low <= getattr(DEFAULT, name) <= high, name
+    with pytest.raises(ValueError, match="exactly one of design and ours"):
+
+        @dataclasses.dataclass
+        class Unsourced:
+            x: float = thresholds_module._t(1.0, "ratio", "a number from nowhere")
+
+
+def test_the_thresholds_doc_is_the_table_one_row_per_threshold() -> None:
+    doc = thresholds_doc(DEFAULT.replaced({"expert_skew": 0.625}))
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(NOTES)
+    for row, (name, note) in zip(rows, NOTES.items(), strict=True):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[0] == f"`{name}`"
+        assert cells[4] == note.meaning
+        assert (note.design or note.ours) in cells[5]
+        assert cells[5].startswith("[design](design.md#") == bool(note.design)
+    assert "| `expert_skew` | 0.625 | 0 - 10000 | MoEExpertSkewHigh |" in doc
+    assert "../" not in doc  # no path outside the repository
 
 
 # Forecasts as one would first write them: the last sample over a 10-minute slope, any rise.
@@ -277,3 +304,89 @@ def promtool_test_in_tmp(config: RulesConfig) -> str:
 
     with tempfile.TemporaryDirectory() as directory:
         return promtool_test(Path(directory), rule_groups(config), promtool_tests(config))
+
+
+# Every threshold and every alert's `for:` overridden to a value no default has: a number in an
+# annotation that was written by hand, not generated from them, shows as one none of them makes.
+UNUSUAL_THRESHOLDS = {
+    name: round(getattr(DEFAULT, name) * 0.83 + 0.0011 * (i + 1), 4) for i, name in enumerate(NOTES)
+}
+UNUSUAL_FOR = {alert.name: f"{41 + i}m" for i, alert in enumerate(ALERTS)}
+# Numbers that are definitions, not thresholds.
+DEFINITIONS = ("max/mean - 1",)
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
+
+
+def unusual_config() -> RulesConfig:
+    assignments = [f"thresholds.{name}={value}" for name, value in UNUSUAL_THRESHOLDS.items()]
+    assignments += [f"alerts.{name}.for={duration}" for name, duration in UNUSUAL_FOR.items()]
+    return load_config(None, assignments)
+
+
+def readable_numbers(text: str) -> list[float]:
+    """The numbers a reader sees in an annotation: Go template actions (values read when the
+    notification is sent) and definitions left out."""
+    text = re.sub(r"\{\{.*?\}\}", " ", text)
+    for phrase in DEFINITIONS:
+        text = text.replace(phrase, " ")
+    return [float(n) for n in NUMBER.findall(text)]
+
+
+def allowed_numbers(config: RulesConfig, rule: dict[str, object]) -> list[float]:
+    """Every way a text may spell a threshold (as is, in percent, 1 - x in percent, in ms, in
+    minutes or hours), the alert's `for:` (seconds, minutes, hours) and its expression's numbers."""
+    out: list[float] = []
+    for name in NOTES:
+        v = getattr(config.limits, name)
+        out += [v, v * 100, (1 - v) * 100, v * 1000, v / 60, v / 3600]
+    minutes = float(str(rule["for"]).removesuffix("m"))
+    out += [minutes * 60, minutes, minutes / 60]
+    return out + [float(n) for n in NUMBER.findall(str(rule["expr"]))]
+
+
+def test_unusual_overrides_are_in_range_and_distinct() -> None:
+    assert len(set(UNUSUAL_THRESHOLDS.values())) == len(UNUSUAL_THRESHOLDS)
+    limits = unusual_config().limits
+    for name, value in UNUSUAL_THRESHOLDS.items():
+        assert getattr(limits, name) == value != getattr(DEFAULT, name)
+
+
+def test_every_number_in_every_annotation_follows_the_overridden_thresholds() -> None:
+    config = unusual_config()
+    alerts = [r for g in rule_groups(config)["groups"] for r in g["rules"] if "alert" in r]
+    assert len(alerts) == len(ALERTS)
+    wrong = []
+    for rule in alerts:
+        allowed = allowed_numbers(config, rule)
+        for key, text in rule["annotations"].items():
+            for number in readable_numbers(text):
+                if not any(abs(number - a) <= 1e-5 * max(1.0, abs(a)) for a in allowed):
+                    wrong.append(f"{rule['alert']} {key}: {number:g} in {text!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_prometheus_renders_the_overridden_annotations_as_the_generated_tests_expect(
+    tmp_path: Path,
+) -> None:
+    """promtool renders each alert's annotations with Prometheus' own template engine and
+    compares them with the generated expectations, under every threshold overridden."""
+    config = load_config(None, [f"thresholds.{k}={v}" for k, v in UNUSUAL_THRESHOLDS.items()])
+    output = promtool_test(tmp_path, rule_groups(config), promtool_tests(config))
+    assert output.startswith("SUCCESS"), output
+
+
+def test_rules_cli_says_the_overridden_number(capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = [
+        "thresholds.expert_skew=0.7",
+        "thresholds.vram_used=0.9",
+        "thresholds.e2e_p95_seconds=12",
+    ]
+    overrides += ["thresholds.requests_waiting=40", "alerts.MoEGPUUtilizationLow.for=45m"]
+    assert main(["rules", "--print", "rules", *(f"--set={o}" for o in overrides)]) == 0
+    out = capsys.readouterr().out
+    assert "summary: Expert load skewed > 70 % in one MoE layer\n" in out
+    assert "summary: GPU memory above 90 %\n" in out
+    assert "summary: P95 end-to-end latency above 12 s\n" in out
+    assert "More than 40 requests waiting: scale out" in out
+    assert "for 45 minutes\n" in out
+    assert "50 %" not in out

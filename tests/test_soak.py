@@ -1,7 +1,7 @@
 """A bounded soak with faults: engines flapping, returning garbage, hanging and restarting; a GPU
 lost and back; the expert plugin restarting; a discovered target removed; hostile files next to
 the plugin's (a FIFO, a symlink to /dev/zero, JSON nested 100,000 deep) and an EPLB log line
-that never ends (issue #15). The agent must not crash, must count every fault under its reason,
+that never ends. The agent must not crash, must count every fault under its reason,
 must never export a failed or vanished engine's series as fresh, and must not grow."""
 
 from __future__ import annotations

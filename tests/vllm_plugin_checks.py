@@ -496,7 +496,7 @@ def placement_follows_vllms_expert_map() -> None:
     assert (counter.layout.ep_rank, counter.layout.ep_size) == (1, 2)
 
 
-# --- all-to-all timing (issue #19) --------------------------------------------------------------
+# --- all-to-all timing -----------------------------------------------------------------------
 
 DELAY = 0.02  # an injected delay inside the timed exchange
 

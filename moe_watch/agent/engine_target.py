@@ -187,7 +187,7 @@ class EngineTarget:
         window = self._expert_window
         if needs_zero_baseline(window.latest(), counts):
             # The counter set was 0 at `started` (SGLang's recorder): window that zero, so the
-            # first sample's traffic is an increase, not the baseline (issue 17).
+            # first sample's traffic is an increase, not the baseline.
             last = max((timestamp for timestamp, _ in window), default=counts.started)
             window.append(min(now, max(counts.started, last)), zero_baseline(counts))
         window.append(now, counts)

@@ -1,6 +1,6 @@
 """A small Grafana dashboard builder: panels in rows, variables, thresholds; JSON out.
 
-Dashboards are code (moe_watch/dashboards/definitions.py); `moe-watch dashboards --out .` writes
+Dashboards are code (moe_watch/dashboards/definitions.py); `moe-watch generate` writes
 dashboards/*.json and a test fails when the committed JSON is stale. Every query uses the same
 selector built from the template variables, so a dashboard is one cluster/node/engine view.
 """

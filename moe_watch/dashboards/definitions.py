@@ -24,7 +24,6 @@ from moe_watch.dashboards.build import (
     matrix,
     to_json,
 )
-from moe_watch.generated import write_generated
 from moe_watch.thresholds import DEFAULT as D
 
 T = Target
@@ -68,7 +67,7 @@ def engine() -> dict[str, Any]:
         Panel("timeseries", "End-to-end latency P50 / P95 / P99", f"Side by side: a widening gap between P50 and P95/P99 is the MoE tail (hot experts, preemption). P95 above {D.e2e_p95_seconds:g} s warns.", quantiles("e2e"), "s", ((D.e2e_p95_seconds, RED),), 12),
         Panel("timeseries", "Time to first token P50 / P95 / P99", f"Prefill time: grows with long prompts and queueing. P95 above {D.ttft_p95_seconds:g} s warns.", quantiles("ttft"), "s", ((D.ttft_p95_seconds, RED),), 12),
         Panel("timeseries", "Inter-token latency P50 / P95 / P99", f"Decode time per token: grows with batch size, hot experts and preemption. P95 above {D.itl_p95_seconds:g} s warns.", quantiles("itl"), "s", ((D.itl_p95_seconds, RED),), 12),
-        # Issue #19: beside ITL, the expert-parallel exchange that every decode step waits on.
+        # Beside ITL, the expert-parallel exchange that every decode step waits on.
         Panel("timeseries", "All-to-all time per forward pass P50 / P95 / P99", f"Expert-parallel dispatch + combine of all MoE layers in one forward pass, measured inside vLLM by the moe-watch plugin. Healthy below {D.all2all_healthy_seconds:g} s; above {D.all2all_seconds:g} s warns (PCIe instead of NVLink, a degraded link, a hot rank). Empty without expert parallelism.",
               tuple(T(f'moe_watch_expert_all2all_seconds{{{SEL},quantile="{q}"}}', f"{{{{engine}}}} p{int(float(q) * 100)}") for q in ("0.5", "0.95", "0.99")),
               "s", ((D.all2all_healthy_seconds, YELLOW), (D.all2all_seconds, RED)), 12),
@@ -159,7 +158,7 @@ def gpus() -> dict[str, Any]:
         *gpu_forecasts(),
         Panel("timeseries", "Temperature", "GPU temperature (no moe-watch threshold: compare with the GPU's slowdown temperature).", (T(f"moe_watch_gpu_temperature_celsius{{{SEL}}}", "GPU {{gpu}}"),), "celsius", (), 12),
         Panel("timeseries", "Power", "GPU power draw.", (T(f"moe_watch_gpu_power_watts{{{SEL}}}", "GPU {{gpu}}"),), "watt", (), 12),
-        # Issue #19: per-rank load beside per-GPU link traffic, and the links themselves.
+        # Per-rank load beside per-GPU link traffic, and the links themselves.
         Panel("bargauge", "EP-rank load", f"Tokens to the experts on each expert-parallel rank / the mean rank (1 = even). A hot rank makes every other rank wait in each all-to-all. Alert above {D.ep_rank_load:g}.",
               (T(f"moe_watch_expert_rank_load_ratio{{{SEL}}}", "{{engine}} rank {{rank}}", True),), "short", ((1 + D.expert_skew_healthy, YELLOW), (D.ep_rank_load, RED)), 12),
         Panel("timeseries", "NVLink traffic per GPU", "Bytes per second over all of a GPU's NVLink links (NVML data counters), sent and received. Flat at 0 or empty on PCIe-only GPUs: there the all-to-all crosses PCIe.",
@@ -175,7 +174,7 @@ def gpus() -> dict[str, Any]:
 
 
 def engine_forecasts() -> tuple[Panel, ...]:
-    """Time until the KV cache is full (moe_watch:kv_cache_full:seconds, rules.py)."""
+    """Time until the KV cache is full (moe_watch:kv_cache_full:seconds, alerting/promql.py)."""
     window, rise = D.kv_cache_forecast_window_seconds / 60, D.kv_cache_forecast_min_rise_per_hour
     return (
         Panel("timeseries", "Time until the KV cache is full", f"At the least-squares trend of the last {window:g} minutes; only while usage rises faster than {rise:g} per hour (no line: not filling). Below {D.kv_cache_full_seconds:g} s for 5 minutes pages (MoEKVCacheFullSoon).",
@@ -184,7 +183,7 @@ def engine_forecasts() -> tuple[Panel, ...]:
 
 
 def gpu_forecasts() -> tuple[Panel, ...]:
-    """Time until a GPU's used memory crosses its sized budget (rules.py)."""
+    """Time until a GPU's used memory crosses its sized budget (alerting/promql.py)."""
     window, rise = D.budget_forecast_window_seconds / 60, D.budget_forecast_min_rise_per_hour
     return (
         Panel("timeseries", "Time until the sized budget", f"When a GPU's used memory crosses the engine's per-GPU budget at the least-squares trend of the last {window:g} minutes; only while it rises faster than {rise:g} of the budget per hour (no line: not growing). Below {D.budget_exhausted_seconds:g} s warns (MoEGPUBudgetExhaustedSoon).",
@@ -195,26 +194,6 @@ def gpu_forecasts() -> tuple[Panel, ...]:
 DASHBOARDS = {"fleet": fleet, "engine": engine, "experts": experts, "gpus": gpus}
 
 
-def configmaps_yaml() -> str:
-    """The dashboards as ConfigMaps the Grafana sidecar (kube-prometheus-stack) picks up."""
-    import yaml
-
-    documents = [
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": f"moe-watch-dashboard-{name}",
-                "labels": {"grafana_dashboard": "1"},
-            },
-            "data": {f"moe-watch-{name}.json": to_json(make())},
-        }
-        for name, make in DASHBOARDS.items()
-    ]
-    header = "# Generated by `moe-watch dashboards` from moe_watch/dashboards/definitions.py.\n"
-    return header + yaml.safe_dump_all(documents, sort_keys=False, width=1000)
-
-
 def generated_files() -> dict[Path, str]:
     # dashboards/ for Grafana import; the Helm chart's copies become sidecar ConfigMaps
     return {
@@ -222,7 +201,3 @@ def generated_files() -> dict[Path, str]:
         for folder in ("dashboards", "charts/moe-watch/files/dashboards")
         for name, make in DASHBOARDS.items()
     }
-
-
-def write_all(root: Path) -> list[Path]:
-    return write_generated(root, generated_files())

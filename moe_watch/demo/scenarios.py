@@ -55,7 +55,7 @@ class Scenario:
     hot_flip_every_seconds: float | None = None
     hot_gpu_factor: float = 1.12
     cold_gpu_factor: float = 0.36
-    # Expert-parallel communication (issue #19): NVLink (H100 SXM: 18 links) or PCIe-only GPUs,
+    # Expert-parallel communication: NVLink (H100 SXM: 18 links) or PCIe-only GPUs,
     # the typical all-to-all time per forward pass the plugin files report, and the NVLink
     # bytes each GPU moves per second at full load.
     nvlink: bool = True

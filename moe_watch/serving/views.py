@@ -78,7 +78,7 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
             }
             for view in snapshot.gpus
         ],
-        # Issue #19: each GPU's links, how each engine's GPUs reach each other, EP exchange time.
+        # Each GPU's links, how each engine's GPUs reach each other, EP exchange time.
         "gpu_links": {
             str(view.sample.index): asdict(view.sample.link)
             for view in snapshot.gpus

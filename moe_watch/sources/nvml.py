@@ -430,7 +430,7 @@ class NvmlSource:
             uuids.append(str(nvml.nvmlDeviceGetUUID(mig)))
         return tuple(uuids)
 
-    # -- topology: NVLink and PCIe (issue #19) ----------------------------------------------
+    # -- topology: NVLink and PCIe --------------------------------------------------------
     def _read_link(
         self, nvml: Any, index: int, handle: Any, field: Callable[[Callable[[], Any]], Any]
     ) -> GpuLink:

@@ -187,7 +187,7 @@ def _fields(data: bytes) -> Iterator[tuple[int, bytes | int]]:
             i += length
         elif wire in (1, 5):
             i += 8 if wire == 1 else 4
-            if i > len(data):  # hardening(#15)
+            if i > len(data):
                 raise PodResourcesError("truncated protobuf message")
         else:
             raise PodResourcesError(f"unsupported protobuf wire type {wire}")
@@ -204,7 +204,7 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
         if not byte & 0x80:
             return result, i
         shift += 7
-        if shift >= 70:  # hardening(#15): a varint is at most 10 bytes
+        if shift >= 70:  # a varint is at most 10 bytes
             raise PodResourcesError("varint too long")
 
 

@@ -184,7 +184,7 @@ async def test_source_starts_recording_and_accumulates_dumps(
         "sglang",
     )
     assert list(fake.directory.iterdir()) == []  # dumps are consumed
-    assert first.from_zero  # the recorder starts at zero: the first dump is traffic (issue 17)
+    assert first.from_zero  # the recorder starts at zero: the first dump is traffic
 
 
 async def test_a_server_that_lost_its_recording_is_restarted_and_bad_files_are_counted(

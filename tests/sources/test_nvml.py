@@ -498,7 +498,7 @@ async def test_the_agent_exits_on_sigterm_while_an_nvml_call_hangs_forever() -> 
     assert code == 0
 
 
-# --- topology: NVLink and PCIe (issue #19) -----------------------------------------------------
+# --- topology: NVLink and PCIe ---------------------------------------------------------------
 
 
 def test_the_fake_answers_topology_calls_as_pynvml_does(fake: FakeNvml) -> None:
