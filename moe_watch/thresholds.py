@@ -19,6 +19,7 @@ class Thresholds:
     expert_collapse_share: float = 0.40  # one expert takes > 40 % of a layer's tokens
     ep_rank_load: float = 1.5  # ours: an EP rank at 1.5x the mean rank's tokens
     eplb_whatif_target: float = 0.9  # ours: EP-rank balancedness (mean/max) a what-if must reach
+    expert_dense_coverage: float = 0.90  # ours: a step reaching >= 90 % of a layer's experts reads it like a dense model (the dense point)
     # Expert-parallel communication (per forward pass, all MoE layers' dispatch + combine)
     all2all_healthy_seconds: float = 0.005  # < 5 ms healthy
     all2all_seconds: float = 0.020  # > 20 ms alerts
