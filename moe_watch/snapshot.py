@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from moe_watch.drift import Drift
 from moe_watch.samples import ExpertCounts, GpuSample
+from moe_watch.signals.batching import BatchAnswer
+from moe_watch.signals.coverage import CoverageCurve
 from moe_watch.signals.engine import EngineSignals
 from moe_watch.signals.eplb_whatif import EplbWhatIf
 from moe_watch.signals.experts import ExpertSignals
@@ -51,6 +53,8 @@ class EngineExperts:
     # Set for an engine whose workers span nodes (experts.engine_group): the exporter then also
     # publishes this node's window counts for the group-level recording rules.
     engine_group: str | None = None
+    # Experts reached per step against tokens per step, over the window; None without samples.
+    coverage: CoverageCurve | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +96,5 @@ class Snapshot:
     engine_pods: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     # How each multi-GPU engine's GPUs reach each other: "nvlink" | "pcie" (NVML; issue #19).
     engine_interconnect: Mapping[str, str] = field(default_factory=dict)
+    # The batching curve and its knee, by (engine, model); engines with any evidence.
+    batching: Mapping[tuple[str, str], BatchAnswer] = field(default_factory=dict)

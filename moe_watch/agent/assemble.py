@@ -107,6 +107,13 @@ def assemble_snapshot(
         },
         engine_pods=dict(engine_pods),
         engine_interconnect=engine_links,
+        batching={
+            (target.name, model): answer
+            for target, _, _ in up
+            for model, answer in target.batch_answers(
+                sum(1 for v in gpus if v.engine == target.name) or 1
+            ).items()
+        },
     )
 
 

@@ -18,15 +18,22 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from moe_watch.signals.batching import MAX_HISTOGRAM_BOUNDS, BatchCurve, BinEvidence
 from moe_watch.signals.power_bins import BIN_COUNT
+from moe_watch.sources.runner import SourceStatus
 from moe_watch.sources.safe_io import FileRejected, read_regular
+
+log = structlog.get_logger("moe_watch.agent")
 
 FORMAT = "moe-watch-batching-curves/1"
 FILE_NAME = "batching-curves.json"
@@ -173,3 +180,63 @@ def _buckets(value: Any, bounds: tuple[float, ...]) -> tuple[float, ...]:
     if not isinstance(value, list) or len(value) not in (0, len(bounds) + 1):
         raise ValueError("a bin's buckets do not fit its curve's bounds")
     return tuple(_number(v) for v in value)
+
+
+class CurveStore:
+    """The agent's side of the state file: load once at start, save now and then, and report
+    like a source (``source="state"``: up, last success, failures counted by reason)."""
+
+    name = "state"
+
+    def __init__(self, directory: Path, clock: Callable[[], float]) -> None:
+        self.path = directory / FILE_NAME
+        self._clock = clock
+        self.restored: dict[Key, BatchCurve] = {}
+        self._errors: Counter[str] = Counter()
+        self._last_error: str | None = None
+        self._last_success: float | None = None
+        self._up = True
+        self._duration = 0.0
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        result = load_curves(self.path)
+        self._duration = time.perf_counter() - started
+        self.restored = dict(result.curves)
+        if result.reason is not None:
+            self._failed(result.reason, result.message or result.reason)
+            log.warning("state file refused; starting without it", error=result.message)
+        else:
+            self._succeeded()
+
+    def save(self, curves: Mapping[Key, BatchCurve]) -> None:
+        """Write ``curves`` and whatever was restored for engines not seen since."""
+        started = time.perf_counter()
+        try:
+            save_curves(self.path, {**self.restored, **curves}, self._clock())
+        except (OSError, ValueError) as exc:
+            self._failed("write", f"{self.path}: {exc}")
+        else:
+            self._succeeded()
+        self._duration = time.perf_counter() - started
+
+    def _failed(self, reason: str, message: str) -> None:
+        if self._up:
+            log.warning("state file failure", reason=reason, error=message)
+        self._errors[reason] += 1
+        self._last_error, self._up = message, False
+
+    def _succeeded(self) -> None:
+        if not self._up:
+            log.info("state file written again", path=str(self.path))
+        self._last_success, self._up = self._clock(), True
+
+    def status(self) -> SourceStatus:
+        return SourceStatus(
+            name=self.name,
+            up=self._up,
+            duration_seconds=self._duration,
+            last_success_timestamp=self._last_success,
+            errors_total=dict(self._errors),
+            last_error=self._last_error,
+        )

@@ -18,7 +18,28 @@ import structlog
 
 from moe_watch.config import Settings, TargetConfig
 from moe_watch.drift import Drift, find_drift, running_from
-from moe_watch.samples import EngineScrape, EplbBalance, ExpertCounts, ModelSample, ProcessInfo
+from moe_watch.samples import (
+    EngineScrape,
+    EplbBalance,
+    ExpertCounts,
+    Matrix,
+    ModelSample,
+    ProcessInfo,
+)
+from moe_watch.signals.batching import (
+    BatchAnswer,
+    BatchCurve,
+    add_interval,
+    batch_answer,
+    interval_evidence,
+)
+from moe_watch.signals.coverage import (
+    CoverageCurve,
+    coverage_increase,
+    independent_coverage,
+    observed_coverage,
+    with_independent,
+)
 from moe_watch.signals.engine import derive_engine_signals
 from moe_watch.signals.eplb_whatif import EplbWhatIf, eplb_whatif
 from moe_watch.signals.experts import (
@@ -36,6 +57,10 @@ from moe_watch.sources.eplb_log import EplbLogSource
 from moe_watch.sources.runner import SourceRunner
 
 log = structlog.get_logger("moe_watch.agent")
+
+# The independent-routing prediction of the coverage curve costs ~10 ms at DeepSeek-V3 scale
+# (58 layers x 256 experts x the bins): recomputed at most this often, or when its bins change.
+COVERAGE_PREDICTION_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +127,30 @@ class EngineTarget:
         self._model_windows: dict[str, SlidingWindow[ModelSample]] = {}
         self._expert_window = SlidingWindow[ExpertCounts](settings.window_seconds)
         self._whatif = WhatIfCache(settings, config)
+        self._coverage = CoveragePrediction()
+        # The batching curve per model, and what it takes to be evidence (signals/batching.py).
+        self.batch_curves: dict[str, BatchCurve] = {}
+        self._half_life = settings.batching_half_life_seconds
+        self._max_gap = 4 * settings.interval_seconds + settings.scrape_timeout_seconds
+        self.batch_slo_seconds = settings.batching_itl_p95_slo_seconds
+        self.batch_min_seconds = settings.batching_min_bin_seconds
+
+    def restore(self, curves: Mapping[str, BatchCurve]) -> None:
+        """Batching curves kept across an agent restart (model -> curve)."""
+        for model, curve in curves.items():
+            self.batch_curves.setdefault(model, curve)
+
+    def batch_answers(self, gpus: int) -> dict[str, BatchAnswer]:
+        """Each model's curve and knee, with tokens/s per each of ``gpus`` GPUs."""
+        return {
+            model: batch_answer(
+                curve,
+                gpus=gpus,
+                slo_seconds=self.batch_slo_seconds,
+                min_seconds=self.batch_min_seconds,
+            )
+            for model, curve in self.batch_curves.items()
+        }
 
     async def collect(self) -> TargetReading:
         scrape, counts, balance = await asyncio.gather(
@@ -123,7 +172,8 @@ class EngineTarget:
         latest = self._expert_window.latest()
         experts = None
         if latest is not None:
-            signals = derive_expert_signals([c for _, c in self._expert_window], top_n=self._top_n)
+            counts = [c for _, c in self._expert_window]
+            signals = derive_expert_signals(counts, top_n=self._top_n)
             group = self.config.experts.engine_group if self.config.experts else None
             experts = EngineExperts(
                 engine=latest.engine,
@@ -131,6 +181,7 @@ class EngineTarget:
                 signals=signals,
                 whatif=self._whatif.get(latest, signals, now),  # computed beside the cycle
                 engine_group=group,
+                coverage=self._coverage.curve(counts, signals.window_counts, now),
             )
         balance = reading.balance
         return TargetCycle(
@@ -161,7 +212,9 @@ class EngineTarget:
             if window is None:
                 window = SlidingWindow[ModelSample](self._window_seconds)
                 self._model_windows[model.model] = window
+            previous = window.latest_item()
             window.append(scrape.timestamp, model)
+            self._add_evidence(model.model, previous, (scrape.timestamp, model))
             views.append(
                 EngineView(
                     engine=scrape.engine,
@@ -173,6 +226,21 @@ class EngineTarget:
                 )
             )
         return views
+
+    def _add_evidence(
+        self,
+        model: str,
+        before: tuple[float, ModelSample] | None,
+        after: tuple[float, ModelSample],
+    ) -> None:
+        """The interval between two scrapes of ``model``, into its batching curve."""
+        if before is None:
+            return
+        evidence = interval_evidence(before, after, max_gap_seconds=self._max_gap)
+        if evidence is None:
+            return
+        curve = self.batch_curves.get(model) or BatchCurve(updated=after[0])
+        self.batch_curves[model] = add_interval(curve, evidence, after[0], self._half_life)
 
     def drift(
         self,
@@ -294,6 +362,37 @@ class WhatIfCache:
             return
         self._key, self._started_at = key, started_at
         self._result = WhatIfView(result, started_at, seconds)
+
+
+class CoveragePrediction:
+    """The coverage curve of an engine's expert window, with the independent-routing prediction
+    recomputed at most every COVERAGE_PREDICTION_SECONDS (or when its bins or its counter set
+    change); in between, the last prediction of the same bins is shown."""
+
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] | None = None
+        self._at = float("-inf")
+        self._predicted: list[float | None] = []
+
+    def curve(
+        self, window: Sequence[ExpertCounts], window_counts: Matrix, now: float
+    ) -> CoverageCurve | None:
+        latest = window[-1] if window else None
+        increase = coverage_increase(window)
+        if latest is None or increase is None:
+            return None
+        observed = observed_coverage(increase, latest.layers, latest.num_experts)
+        bins = tuple(b.tokens_bin for b in observed.bins)
+        key = (latest.started, latest.layers, latest.num_experts, bins)
+        if key != self._key or not 0 <= now - self._at < COVERAGE_PREDICTION_SECONDS:
+            self._predicted = independent_coverage(
+                window_counts,
+                latest.top_k,
+                latest.num_experts,
+                [b.mean_tokens for b in observed.bins],
+            )
+            self._key, self._at = key, now
+        return with_independent(observed, self._predicted)
 
 
 def _timed_whatif(*args: Any, **kwargs: Any) -> tuple[EplbWhatIf | None, float]:
