@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from moe_watch.agent.engine_target import EngineTarget, TargetCycle
 from moe_watch.agent.ownership import gpu_allocations, gpu_owners, sole_owner
 from moe_watch.samples import GpuReading, ProcessInfo
+from moe_watch.signals.batching import engine_knee
 from moe_watch.signals.gpu import interconnect, memory_used_ratio, utilization_spread
 from moe_watch.snapshot import GpuView, Snapshot
 from moe_watch.sources.podresources import Allocation, DeviceOwner
@@ -71,6 +72,10 @@ def assemble_snapshot(
         for target, _ in targets
     }
     engine_links = {name: kind for name, kind in links.items() if kind is not None}
+    answers = {
+        target.name: target.batch_answers(sum(1 for v in gpus if v.engine == target.name) or 1)
+        for target, _, _ in up
+    }
     return Snapshot(
         timestamp=timestamp,
         cycle=cycle,
@@ -101,6 +106,7 @@ def assemble_snapshot(
                 processes,
                 interconnect=engine_links.get(target.name),
                 ep_size=part.experts.latest.ep_size if part.experts is not None else None,
+                knee=engine_knee(answers[target.name].values()),
             )
             for target, part, scrape in up
             if scrape.kind == "vllm"
@@ -108,11 +114,9 @@ def assemble_snapshot(
         engine_pods=dict(engine_pods),
         engine_interconnect=engine_links,
         batching={
-            (target.name, model): answer
-            for target, _, _ in up
-            for model, answer in target.batch_answers(
-                sum(1 for v in gpus if v.engine == target.name) or 1
-            ).items()
+            (name, model): answer
+            for name, by_model in answers.items()
+            for model, answer in by_model.items()
         },
     )
 

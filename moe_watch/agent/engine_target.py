@@ -250,10 +250,11 @@ class EngineTarget:
         *,
         interconnect: str | None = None,
         ep_size: int | None = None,
+        knee: BatchAnswer | None = None,
     ) -> tuple[Drift, ...]:
         """The rules (and the plan, where there is one) against what the engine runs with.
 
-        ``interconnect`` and ``ep_size``: see drift.running_from."""
+        ``interconnect`` and ``ep_size``: see drift.running_from; ``knee``: drift.find_drift."""
         mine = [view.sample for view in gpus if view.engine == self.name]
         cmdline = next(
             (
@@ -271,7 +272,7 @@ class EngineTarget:
             ep_size=ep_size,
             interconnect=interconnect,
         )
-        return tuple(find_drift(running, self.plan))
+        return tuple(find_drift(running, self.plan, knee=knee))
 
     def runners(self) -> list[SourceRunner[Any]]:
         optional = (self.experts_runner, self.eplb_runner)

@@ -26,6 +26,7 @@ far", and drift does not compare max_num_seqs with it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -288,3 +289,9 @@ def batch_answer(
         )
     )
     return replace(answer, knee=best.batch_bin, peak_reached=reached, reason=reason)
+
+
+def engine_knee(answers: Iterable[BatchAnswer]) -> BatchAnswer | None:
+    """The answer that speaks for an engine (drift is per engine): the model with the most
+    seconds of evidence (an engine normally serves one)."""
+    return max(answers, key=lambda a: sum(p.seconds for p in a.points), default=None)
