@@ -151,13 +151,19 @@ class StepCoverageCounts:
     tokens: tuple[float, ...]  # per bin
     distinct: Matrix  # [bin][layer of the ExpertCounts' layers]
     sample_every: int = 1
+    # Sum of ``steps``, computed once here: reset detection compares it across the window.
+    total_steps: float = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        values = [*self.steps, *self.tokens, *(v for row in self.distinct for v in row)]
-        if not all(math.isfinite(v) and v >= 0.0 for v in values) or not (
-            len(self.steps) == len(self.tokens) == len(self.distinct)
+        rows = (self.steps, self.tokens, *self.distinct)  # C-level passes, as for the counts
+        total = sum(map(sum, rows))
+        if not (
+            math.isfinite(total)
+            and all(min(row, default=0.0) >= 0.0 for row in rows)
+            and len(self.steps) == len(self.tokens) == len(self.distinct)
         ):
             raise ValueError("step coverage must be finite, non-negative and one row per bin")
+        object.__setattr__(self, "total_steps", sum(self.steps))
 
 
 @dataclass(frozen=True, slots=True)

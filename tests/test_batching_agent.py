@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moe_watch.agent import Agent
 from moe_watch.agent.curve_state import FILE_NAME
@@ -17,6 +19,8 @@ from moe_watch.demo.run import write_expert_counts
 from moe_watch.demo.scenarios import SCENARIOS
 from moe_watch.demo.simulated_engine import EngineSim
 from moe_watch.demo.simulated_engine_server import SimServer, start_engine_server
+from moe_watch.serving.exporter import build_registry
+from moe_watch.serving.views import experts_document, status_document
 from moe_watch.snapshot import Snapshot
 
 ENGINE, MODEL = "sim", "mixtral-8x7b"
@@ -71,6 +75,7 @@ async def run_for(
         sim.advance(clock.now)
         write_expert_counts(experts, sim, now=clock.now)
         snapshot = await agent.run_cycle()
+        await agent.settle()  # the coverage prediction runs beside the cycle: let it land
     assert snapshot is not None
     return snapshot
 
@@ -118,6 +123,39 @@ async def test_the_agent_recovers_the_peak_bin_and_the_dense_point_of_the_sweep(
             assert measured.independent == pytest.approx(measured.observed, abs=0.03)
         else:  # a prompt's tokens keep to its home experts: request locality
             assert measured.independent > measured.observed + 0.03
+
+    # What Prometheus, /status and /experts see: formatted from the snapshot, nothing more.
+    text = generate_latest(build_registry(lambda: snapshot)).decode()
+    series = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    labels = (("engine", ENGINE), ("model", MODEL))
+    assert series[("moe_watch_batch_knee_requests", labels)] == 8
+    assert series[("moe_watch_batch_knee_peak_reached", labels)] == 1
+    for point in answer.points:
+        key = tuple(sorted((*labels, ("batch", str(point.batch_bin)))))
+        assert series[("moe_watch_batch_generation_tokens_per_second_per_gpu", key)] == (
+            point.tokens_per_second_per_gpu
+        )
+        assert series[("moe_watch_batch_itl_p95_seconds", key)] == point.itl_p95_seconds
+        assert series[("moe_watch_batch_evidence_seconds", key)] == point.seconds
+    assert series[("moe_watch_expert_dense_point_tokens", (("engine", ENGINE),))] == 512
+    bins = {
+        dict(key)["tokens"] for name, key in series if name == "moe_watch_expert_coverage_ratio"
+    }
+    assert bins == {"1", "2", "4", "8", "16", "32", "128", "256", "512"}
+    assert len([n for n, _ in series if n.startswith("moe_watch_batch_")]) <= 4 * 12 + 2
+    status = status_document(snapshot)
+    model_status = status["batching"][ENGINE]["models"][MODEL]
+    assert (model_status["knee"], model_status["peak_reached"]) == (8, True)
+    assert status["batching"][ENGINE]["max_num_seqs_rule"] == "measured_knee"
+    assert [b["batch"] for b in model_status["curve"]] == [1, 2, 4, 8, 16, 32]
+    assert status["coverage"][ENGINE]["dense_point_tokens"] == 512
+    [experts_view] = experts_document(snapshot)["engines"]
+    assert len(experts_view["coverage"]["per_layer"]) == len(coverage.bins)
+    assert len(experts_view["coverage"]["per_layer"][0]) == sim.scenario.num_layers
 
 
 async def test_the_curve_survives_an_agent_restart_and_a_corrupt_state_file_is_counted(

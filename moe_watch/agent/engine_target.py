@@ -58,8 +58,7 @@ from moe_watch.sources.runner import SourceRunner
 
 log = structlog.get_logger("moe_watch.agent")
 
-# The independent-routing prediction of the coverage curve costs ~10 ms at DeepSeek-V3 scale
-# (58 layers x 256 experts x the bins): recomputed at most this often, or when its bins change.
+# The independent-routing prediction of the coverage curve (CoveragePrediction): at most this often.
 COVERAGE_PREDICTION_SECONDS = 30.0
 
 
@@ -193,8 +192,9 @@ class EngineTarget:
         )
 
     async def settle(self) -> None:
-        """Wait for background work (the what-if) to finish."""
+        """Wait for background work (the what-if, the coverage prediction) to finish."""
         await self._whatif.settle()
+        await self._coverage.settle()
 
     def _append_counts(self, counts: ExpertCounts, now: float) -> None:
         window = self._expert_window
@@ -367,17 +367,23 @@ class WhatIfCache:
 
 class CoveragePrediction:
     """The coverage curve of an engine's expert window, with the independent-routing prediction
-    recomputed at most every COVERAGE_PREDICTION_SECONDS (or when its bins or its counter set
-    change); in between, the last prediction of the same bins is shown."""
+    computed beside the cycle (like the what-if): ~10-20 ms of CPU per DeepSeek-V3 engine
+    (58 layers x 256 experts x the bins), so a cycle never waits for it. A cycle that finds the
+    prediction older than COVERAGE_PREDICTION_SECONDS, or made for other bins or another
+    counter set, starts one in a worker thread; until it is done the curve carries the last
+    prediction of the same bins (or none)."""
 
     def __init__(self) -> None:
-        self._key: tuple[object, ...] | None = None
+        self._key: tuple[object, ...] | None = None  # what the prediction was made for
         self._at = float("-inf")
         self._predicted: list[float | None] = []
+        self._running: asyncio.Task[list[float | None]] | None = None
+        self._running_for: tuple[tuple[object, ...], float] | None = None
 
     def curve(
         self, window: Sequence[ExpertCounts], window_counts: Matrix, now: float
     ) -> CoverageCurve | None:
+        self._harvest()
         latest = window[-1] if window else None
         increase = coverage_increase(window)
         if latest is None or increase is None:
@@ -385,15 +391,40 @@ class CoveragePrediction:
         observed = observed_coverage(increase, latest.layers, latest.num_experts)
         bins = tuple(b.tokens_bin for b in observed.bins)
         key = (latest.started, latest.layers, latest.num_experts, bins)
-        if key != self._key or not 0 <= now - self._at < COVERAGE_PREDICTION_SECONDS:
-            self._predicted = independent_coverage(
-                window_counts,
-                latest.top_k,
-                latest.num_experts,
-                [b.mean_tokens for b in observed.bins],
+        stale = key != self._key or not 0 <= now - self._at < COVERAGE_PREDICTION_SECONDS
+        if stale and self._running is None and window_counts:
+            self._running_for = (key, now)
+            self._running = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(
+                    independent_coverage,
+                    window_counts,
+                    latest.top_k,
+                    latest.num_experts,
+                    [b.mean_tokens for b in observed.bins],
+                )
             )
-            self._key, self._at = key, now
+        if key != self._key:
+            return observed
         return with_independent(observed, self._predicted)
+
+    async def settle(self) -> None:
+        """Wait for a prediction in flight (tests, shutdown) and take it."""
+        if self._running is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._running)
+        self._harvest()
+
+    def _harvest(self) -> None:
+        task = self._running
+        if task is None or not task.done():
+            return
+        self._running = None
+        assert self._running_for is not None
+        key, at = self._running_for
+        if task.cancelled() or task.exception() is not None:
+            log.error("coverage prediction failed", error=repr(task.exception()))
+            return
+        self._key, self._at, self._predicted = key, at, task.result()
 
 
 def _timed_whatif(*args: Any, **kwargs: Any) -> tuple[EplbWhatIf | None, float]:

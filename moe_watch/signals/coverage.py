@@ -142,7 +142,7 @@ def observed_coverage(
 
 def expected_distinct(misses: Sequence[float], tokens: float) -> float:
     """D(n) for one layer, from its experts' ``1 - q_e`` (see the module's docstring)."""
-    return len(misses) - math.fsum(map(math.pow, misses, repeat(tokens)))
+    return len(misses) - sum(map(math.pow, misses, repeat(tokens)))
 
 
 def miss_probabilities(window_counts: Sequence[float], top_k: int) -> list[float] | None:
@@ -180,4 +180,4 @@ def _was_reset(previous: ExpertCounts, current: ExpertCounts) -> bool:
     if current.started != previous.started or current.total < previous.total:
         return True
     before, after = previous.coverage, current.coverage
-    return before is not None and after is not None and sum(after.steps) < sum(before.steps)
+    return before is not None and after is not None and after.total_steps < before.total_steps
