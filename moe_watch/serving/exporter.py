@@ -78,6 +78,8 @@ class SnapshotCollector(Collector):
         yield from _interconnect_metrics(snapshot)
         yield from _plan_metrics(snapshot)
         yield from _expert_group_metrics(snapshot)
+        yield from _batching_metrics(snapshot)
+        yield from _coverage_metrics(snapshot)
 
 
 def _self_metrics(snap: Snapshot) -> Iterator[Metric]:
@@ -564,6 +566,87 @@ def _expert_group_metrics(snap: Snapshot) -> Iterator[Metric]:
             for rank, count in enumerate(per_rank):
                 ranks.add_metric([group, str(rank)], count)
     yield from (tokens, ranks, expert_id, top_k, info)
+
+
+def _batching_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """The batching curve: one series per (engine, model, batch bin) with evidence (at most 12)."""
+    labels = [*ENGINE_LABELS, "batch"]
+    tokens = gauge(
+        "batch_generation_tokens_per_second_per_gpu",
+        "Generated tokens/s per GPU while the running batch was in this bin (aged evidence).",
+        labels,
+    )
+    itl = gauge("batch_itl_p95_seconds", "ITL P95 while the running batch was in this bin.", labels)
+    ttft = gauge(
+        "batch_ttft_p95_seconds", "TTFT P95 while the running batch was in this bin.", labels
+    )
+    evidence = gauge(
+        "batch_evidence_seconds",
+        "Seconds the running batch spent in this bin (aged: halved every half-life).",
+        labels,
+    )
+    knee = gauge(
+        "batch_knee_requests",
+        "The batch bin with the most tokens/s per GPU within the ITL P95 SLO; absent on thin "
+        "evidence.",
+        ENGINE_LABELS,
+    )
+    peak = gauge(
+        "batch_knee_peak_reached",
+        "1 when a larger batch with evidence did worse than the knee (a measured peak).",
+        ENGINE_LABELS,
+    )
+    for (engine, model), answer in sorted(snap.batching.items()):
+        for point in answer.points:
+            key = [engine, model, str(point.batch_bin)]
+            tokens.add_metric(key, point.tokens_per_second_per_gpu)
+            evidence.add_metric(key, point.seconds)
+            if point.itl_p95_seconds is not None:
+                itl.add_metric(key, point.itl_p95_seconds)
+            if point.ttft_p95_seconds is not None:
+                ttft.add_metric(key, point.ttft_p95_seconds)
+        if answer.knee is not None:
+            knee.add_metric([engine, model], answer.knee)
+            peak.add_metric([engine, model], 1.0 if answer.peak_reached else 0.0)
+    yield from (tokens, itl, ttft, evidence, knee, peak)
+
+
+def _coverage_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Expert coverage per tokens-per-step bin (at most 12 per engine) and the dense point."""
+    labels = ["engine", "tokens"]
+    observed = gauge(
+        "expert_coverage_ratio",
+        "Mean fraction of a layer's experts a step of this many tokens reached (window).",
+        labels,
+    )
+    independent = gauge(
+        "expert_coverage_independent_ratio",
+        "What independent tokens with the window's expert shares would reach; the gap to "
+        "expert_coverage_ratio is request locality.",
+        labels,
+    )
+    steps = gauge(
+        "expert_coverage_steps", "Sampled steps in the window, by tokens per step.", labels
+    )
+    dense = gauge(
+        "expert_dense_point_tokens",
+        f"Smallest tokens-per-step bin whose steps reach >= {T.expert_dense_coverage:g} of the "
+        "experts (a dense model's memory reads).",
+        ["engine"],
+    )
+    for experts in snap.experts:
+        curve = experts.coverage
+        if curve is None:
+            continue
+        for b in curve.bins:
+            key = [experts.engine, str(b.tokens_bin)]
+            observed.add_metric(key, b.observed)
+            steps.add_metric(key, b.steps)
+            if b.independent is not None:
+                independent.add_metric(key, b.independent)
+        if curve.dense_point is not None:
+            dense.add_metric([experts.engine], curve.dense_point)
+    yield from (observed, independent, steps, dense)
 
 
 # Settings always exported for every engine checked (0 = fine), so alerts and dashboards see them.
