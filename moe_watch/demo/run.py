@@ -226,6 +226,9 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
             }
         ],
         expert_full_detail=True,  # 32 layers x 8 experts: small enough, and the heatmap needs it
+        # The batching curve's knee needs this much evidence per batch: 10 s so that the demo
+        # shows one within a minute (a real engine's default is 300 s).
+        batching_min_bin_seconds=10.0,
         listen=args.listen,
         interval_seconds=args.interval_seconds,
         window_seconds=args.window_seconds,
