@@ -31,7 +31,7 @@ from moe_watch.signals.batching import (
     BatchCurve,
     add_interval,
     batch_answer,
-    interval_evidence,
+    next_interval,
 )
 from moe_watch.signals.coverage import (
     CoverageCurve,
@@ -129,6 +129,7 @@ class EngineTarget:
         self._coverage = CoveragePrediction()
         # The batching curve per model, and what it takes to be evidence (signals/batching.py).
         self.batch_curves: dict[str, BatchCurve] = {}
+        self._baselines: dict[str, tuple[float, ModelSample]] = {}  # the last progress seen
         self._half_life = settings.batching_half_life_seconds
         self._max_gap = 4 * settings.interval_seconds + settings.scrape_timeout_seconds
         self.batch_slo_seconds = settings.batching_itl_p95_slo_seconds
@@ -212,9 +213,8 @@ class EngineTarget:
             if window is None:
                 window = SlidingWindow[ModelSample](self._window_seconds)
                 self._model_windows[model.model] = window
-            previous = window.latest_item()
             window.append(scrape.timestamp, model)
-            self._add_evidence(model.model, previous, (scrape.timestamp, model))
+            self._add_evidence(model.model, (scrape.timestamp, model))
             views.append(
                 EngineView(
                     engine=scrape.engine,
@@ -227,20 +227,15 @@ class EngineTarget:
             )
         return views
 
-    def _add_evidence(
-        self,
-        model: str,
-        before: tuple[float, ModelSample] | None,
-        after: tuple[float, ModelSample],
-    ) -> None:
-        """The interval between two scrapes of ``model``, into its batching curve."""
-        if before is None:
-            return
-        evidence = interval_evidence(before, after, max_gap_seconds=self._max_gap)
+    def _add_evidence(self, model: str, current: tuple[float, ModelSample]) -> None:
+        """The interval since the model's last progress, into its batching curve."""
+        evidence, self._baselines[model] = next_interval(
+            self._baselines.get(model), current, max_gap_seconds=self._max_gap
+        )
         if evidence is None:
             return
-        curve = self.batch_curves.get(model) or BatchCurve(updated=after[0])
-        self.batch_curves[model] = add_interval(curve, evidence, after[0], self._half_life)
+        curve = self.batch_curves.get(model) or BatchCurve(updated=current[0])
+        self.batch_curves[model] = add_interval(curve, evidence, current[0], self._half_life)
 
     def drift(
         self,

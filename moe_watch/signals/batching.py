@@ -7,8 +7,9 @@ increase(engine steps)`` (vLLM's ``iteration_tokens_total`` counts the steps); w
 has no step counter (SGLang, old vLLM) it is the mean of ``requests_running`` at both ends. The
 interval goes into the power-of-two bin of that batch (signals/power_bins.py) with its seconds,
 its generation tokens and the increase of the ITL and TTFT histograms. An interval with no
-generated token (idle), a counter that went down (a restart) or a gap longer than
-``max_gap_seconds`` (the agent or the engine was away) is not evidence.
+generated token is carried into the next one (the engine's counters move in lumps; see
+``next_interval``); a counter that went down (a restart) or a gap longer than
+``max_gap_seconds`` (the engine idle, or the agent away) is not evidence.
 
 Evidence ages out: before anything is added, everything held is multiplied by
 ``0.5 ** (elapsed / half_life)``, so evidence from one half-life ago weighs half and a bin the
@@ -128,6 +129,37 @@ def interval_evidence(
         itl=_increase(first, last, s.LATENCY_ITL),
         ttft=_increase(first, last, s.LATENCY_TTFT),
     )
+
+
+def next_interval(
+    baseline: tuple[float, ModelSample] | None,
+    current: tuple[float, ModelSample],
+    *,
+    max_gap_seconds: float,
+) -> tuple[IntervalEvidence | None, tuple[float, ModelSample]]:
+    """The evidence from ``baseline`` (the last scrape that saw the engine make progress) to
+    ``current``, and the next baseline.
+
+    An engine's counters do not move with every step: vLLM 0.32 ships a step's statistics to
+    its /metrics with the step's outputs, so under non-streamed requests (output only when a
+    request finishes) or a starved API server they move in lumps. A scrape that saw no progress
+    is therefore not dropped as idle (that would leave the busy seconds out and overstate the
+    rate) but carried: the next interval that does progress spans from the baseline, up to
+    ``max_gap_seconds``; past that the baseline moves on (the gap was idle, or the agent away).
+    A counter that went down (a restart) starts over.
+    """
+    if baseline is None:
+        return None, current
+    (start, first), (end, last) = baseline, current
+    key = s.COUNTER_GENERATION_TOKENS
+    if key not in first.counters or key not in last.counters:
+        return None, current
+    tokens = last.counters[key] - first.counters[key]
+    if tokens < 0 or not 0 < end - start <= max_gap_seconds:
+        return None, current  # a restart, a clock that went back, or too long a gap
+    if tokens == 0:
+        return None, baseline  # no progress seen (yet): carry the start
+    return interval_evidence(baseline, current, max_gap_seconds=max_gap_seconds), current
 
 
 def _mean_batch(first: ModelSample, last: ModelSample, tokens: float) -> float | None:

@@ -45,7 +45,3 @@ class SlidingWindow(Generic[T]):
 
     def latest(self) -> T | None:
         return self._items[-1][1] if self._items else None
-
-    def latest_item(self) -> tuple[float, T] | None:
-        """The newest ``(timestamp, sample)``."""
-        return self._items[-1] if self._items else None

@@ -16,6 +16,7 @@ from moe_watch.signals.batching import (
     batch_answer,
     bin_p95,
     interval_evidence,
+    next_interval,
 )
 
 ITL_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5)
@@ -79,6 +80,37 @@ def test_an_intervals_batch_is_its_generated_tokens_per_engine_step() -> None:
 )
 def test_what_is_not_evidence(before: ModelSample, after: ModelSample, seconds: float) -> None:
     assert interval_evidence((0.0, before), (seconds, after), max_gap_seconds=30) is None
+
+
+def test_a_scrape_without_progress_is_carried_into_the_next_one_not_dropped() -> None:
+    # The engine's counters move in lumps: 2 s with nothing, then 800 tokens in 100 steps. The
+    # evidence is 3 s at batch 8 (not 1 s, which would make the rate three times too high).
+    start = (10.0, sample(1000, 200))
+    evidence, baseline = next_interval(start, (11.0, sample(1000, 200)), max_gap_seconds=30)
+    assert (evidence, baseline) == (None, start)
+    evidence, baseline = next_interval(baseline, (12.0, sample(1000, 200)), max_gap_seconds=30)
+    assert baseline == start
+    later = (13.0, sample(1800, 300))
+    evidence, baseline = next_interval(baseline, later, max_gap_seconds=30)
+    assert evidence is not None
+    assert (evidence.seconds, evidence.batch, evidence.generation_tokens) == (3.0, 8.0, 800.0)
+    assert baseline == later
+
+
+@pytest.mark.parametrize(
+    ("after", "seconds"),
+    [
+        (sample(1000, 200), 31.0),  # nothing for longer than the gap: idle; start over
+        (sample(1100, 210), 31.0),  # progress, but after too long a gap
+        (sample(50, 10), 5.0),  # the engine restarted
+    ],
+)
+def test_a_long_gap_or_a_restart_starts_over(after: ModelSample, seconds: float) -> None:
+    start = (0.0, sample(1000, 200))
+    evidence, baseline = next_interval(start, (seconds, after), max_gap_seconds=30)
+    assert evidence is None
+    assert baseline == (seconds, after)
+    assert next_interval(None, start, max_gap_seconds=30) == (None, start)
 
 
 def evidence(
