@@ -6,7 +6,10 @@ router calls (one ``index_add_`` of the step's top-k ids, weighted, into the acc
 the per-step weight update when the batch size changes. Compare with the server's step time.
 It also times what the all-to-all timer adds to each timed dispatch/combine call:
 the wrapper around the all2all manager's method, CPU path (``perf_counter``), against the bare
-call, and the per-step bookkeeping (``step_begins``/``step_ends``).
+call, and the per-step bookkeeping (``step_begins``/``step_ends``). And what the coverage
+sampler adds per step: a sampled step (snapshot of the accumulator before, distinct experts per
+layer after) and an unsampled one, for 4 MoE layers x 8 experts (the tiny Mixtral) and 58 x 256
+(DeepSeek-V3), and the mean per step at the default 1-in-4 sampling.
 
     <vllm venv>/bin/python bench/capture_cost.py
 """
@@ -82,7 +85,37 @@ def main() -> int:
             update = median_us(resize) / 2
             print(f"| {experts}, top-{top_k} | {tokens} | {per_layer:.1f} µs | {update:.1f} µs |")
     all2all_cost(torch)
+    coverage_cost(torch)
     return 0
+
+
+def coverage_cost(torch: Any) -> None:
+    from moe_watch.vllm_plugin.coverage import CoverageSampler
+
+    print()
+    print(
+        "| coverage sampler, layers x experts | sampled step | unsampled step | mean per step, 1 in 4 |"
+    )
+    print("|---|---|---|---|")
+    for layers, experts in ((4, 8), (58, 256)):
+        accumulator = torch.zeros((layers, experts + 1), dtype=torch.int64)
+        sampled = CoverageSampler(accumulator, experts, every=1)
+        skipped = CoverageSampler(accumulator, experts, every=10**9)
+        skipped.step_begins(8)  # its first step is sampled: every later one is not
+
+        routed = accumulator[:, 3]  # what a step routes (not part of the sampler's cost)
+
+        def step(sampler: CoverageSampler, routed: Any = routed) -> None:
+            sampler.step_begins(8)
+            routed.add_(1)
+            sampler.step_ends(True)
+
+        bare = median_us(lambda routed=routed: routed.add_(1))
+        on = median_us(lambda sampled=sampled: step(sampled)) - bare
+        off = median_us(lambda skipped=skipped: step(skipped)) - bare
+        print(
+            f"| {layers} x {experts} | {on:.1f} µs | {off:.1f} µs | {(on + 3 * off) / 4:.1f} µs |"
+        )
 
 
 def all2all_cost(torch: Any) -> None:

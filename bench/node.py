@@ -2,7 +2,9 @@
 
 8 simulated GPUs (fake NVML, the real NVML source), 2 engines served over HTTP with the real
 54 KB vLLM capture padded with the simulator's live families, and plugin files with 58 MoE layers
-x 256 experts (top-8, EP 32) per engine. Runs the real agent for --cycles cycles back to back,
+x 256 experts (top-8, EP 32) per engine, with coverage in all 12 tokens-per-step bins; a state
+file gives each engine a batching curve with evidence in all 12 batch bins (the worst case of
+both curves' series). Runs the real agent for --cycles cycles back to back,
 then 20 concurrent scrapers against its /metrics. Every figure has a reference measured in the
 same run. The EPLB what-if (vLLM's EPLB on the window's load) runs in the background every
 eplb_whatif_interval_seconds (default 60 s, so once every 12 cycles of 5 s): no cycle waits for
@@ -38,13 +40,18 @@ from prometheus_client.metrics_core import Metric  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from moe_watch.agent import Agent  # noqa: E402
+from moe_watch.agent.curve_state import FILE_NAME, save_curves  # noqa: E402
 from moe_watch.config import load_settings  # noqa: E402
 from moe_watch.demo.fake_nvml import FakeNvml  # noqa: E402
 from moe_watch.demo.replay_server import ReplayServer  # noqa: E402
-from moe_watch.expert_file import CountsFile, write_counts_file  # noqa: E402
+from moe_watch.demo.simulated_engine import ITL_BUCKETS, TTFT_BUCKETS  # noqa: E402
+from moe_watch.expert_file import CountsFile, StepCoverage, write_counts_file  # noqa: E402
+from moe_watch.samples import Histogram  # noqa: E402
 from moe_watch.serving.exporter import build_registry  # noqa: E402
 from moe_watch.serving.server import make_app, start_server  # noqa: E402
 from moe_watch.serving.service import freeze_startup_heap  # noqa: E402
+from moe_watch.signals.batching import BatchCurve, IntervalEvidence, add_interval  # noqa: E402
+from moe_watch.signals.power_bins import BINS  # noqa: E402
 
 CAPTURES = ROOT / "tests" / "fixtures" / "vllm"  # data files only: no pytest needed
 LAYERS, EXPERTS, TOP_K, EP_SIZE = 58, 256, 8, 32
@@ -60,8 +67,35 @@ def write_experts(directory: Path, step: int, rng: random.Random, now: float) ->
     write_counts_file(
         directory / "worker.experts.json",
         CountsFile(pid=1, started=1.0, updated=now, model="deepseek-v3", top_k=TOP_K,
-                   num_experts=EXPERTS, layers=list(range(3, 61)), counts=counts, ep_size=EP_SIZE),
+                   num_experts=EXPERTS, layers=list(range(3, 61)), counts=counts, ep_size=EP_SIZE,
+                   coverage=full_coverage(step)),
     )  # fmt: skip
+
+
+def full_coverage(step: int) -> StepCoverage:
+    """Sampled steps in every one of the 12 tokens-per-step bins: the most coverage series."""
+    steps = [step * 10] * len(BINS)
+    return StepCoverage(
+        bins=list(BINS), steps=steps, tokens=[n * b for n, b in zip(steps, BINS, strict=True)],
+        distinct=[[min(EXPERTS, b * TOP_K) * n] * LAYERS for n, b in zip(steps, BINS, strict=True)],
+        sample_every=4,
+    )  # fmt: skip
+
+
+def full_curve(now: float) -> BatchCurve:
+    """A batching curve with evidence in every one of its 12 bins, with vLLM's ITL and TTFT
+    layouts: the most batching series an engine can export (the replayed capture never moves,
+    so the agent restores this from its state file)."""
+    curve = BatchCurve(updated=now)
+    for index, batch in enumerate(BINS):
+
+        def latency(bounds: tuple[float, ...]) -> Histogram:  # everything in the first bucket
+            return Histogram((*((b, 100.0) for b in bounds), (float("inf"), 100.0)), 100.0, 1.0)
+
+        evidence = IntervalEvidence(600.0, float(batch), 600.0 * 10 * (index + 1),
+                                    itl=latency(ITL_BUCKETS), ttft=latency(TTFT_BUCKETS))  # fmt: skip
+        curve = add_interval(curve, evidence, now, 6 * 3600.0)
+    return curve
 
 
 async def main() -> int:
@@ -82,7 +116,11 @@ async def main() -> int:
         write_experts(directory, 1, rng, time.time())
         targets.append({"name": f"dsv3-{i}", "url": engine.url, "gpus": [4 * i + g for g in range(4)],
                         "experts": {"source": "plugin", "directory": str(directory)}})  # fmt: skip
-    settings = load_settings(None, targets=targets, window_seconds=300, listen="127.0.0.1:0")
+    state = work / "state"
+    save_curves(state / FILE_NAME, {(t["name"], "tiny-mixtral"): full_curve(time.time())
+                                     for t in targets}, time.time())  # fmt: skip
+    settings = load_settings(None, targets=targets, window_seconds=300, listen="127.0.0.1:0",
+                             state_dir=state)  # fmt: skip
     nvml = FakeNvml.with_gpus(8)
     clock = [time.time()]
     async with Agent(settings, nvml=nvml, clock=lambda: clock[0]) as agent:
@@ -115,6 +153,7 @@ async def main() -> int:
             else []
         )
         typical, worst, skewed = whatif_costs(agent)
+        prediction = coverage_prediction_cost(agent)
         # Reference in the same run: prometheus_client parsing the same engine bytes, twice (2 engines).
         r0 = time.process_time()
         for _ in range(50):
@@ -168,6 +207,9 @@ async def main() -> int:
         f"| EPLB what-if per computation, 58 x 256, EP 32, CPU: uniform load / skewed load / worst case | {typical * 1e3:.0f} / {skewed * 1e3:.0f} / {worst * 1e3:.0f} ms | runs in the background, outside the cycle, every eplb_whatif_interval_seconds (60 s: once per 12 cycles); the last in-agent computation took {max((v.duration_seconds for v in whatif_views), default=0) * 1e3:.0f} ms; what-ifs present for {len(whatif_views)} of 2 engines |"
     )
     print(
+        f"| coverage prediction per computation, 58 x 256, 12 bins | {prediction * 1e3:.1f} ms | runs in the background, outside the cycle, at most every 30 s per engine |"
+    )
+    print(
         f"| /metrics body, series | {len(body) / 1024:.0f} KiB, {series} series | target <= 2,000 series |"
     )
     print(
@@ -200,6 +242,19 @@ def whatif_costs(agent: Agent) -> tuple[float, float, float]:
         return median_seconds(lambda: eplb_whatif(rows, layers, EP_SIZE, target=target), 3)
 
     return cost(counts, 0.9), cost(counts, 1.01), cost(skewed, 0.9)
+
+
+def coverage_prediction_cost(agent: Agent) -> float:
+    """CPU seconds of one independent-routing coverage prediction (median of 5), all 12 bins."""
+    from moe_watch.signals.coverage import independent_coverage
+
+    snapshot = agent.snapshot
+    assert snapshot is not None
+    view = next(record.experts for record in snapshot.engines if record.experts is not None)
+    means = [float(b) for b in BINS]
+    return median_seconds(
+        lambda: independent_coverage(view.signals.window_counts, TOP_K, EXPERTS, means), 5
+    )
 
 
 class Replay:

@@ -191,6 +191,23 @@ def ensure_tiny_mixtral(python: Path) -> Path:
     return target
 
 
+def install_moe_watch(python: Path) -> None:
+    """This checkout of moe-watch, editable, into ``python``'s venv: vLLM finds the plugin through
+    its ``vllm.general_plugins`` entry point (servers opt in with MOE_WATCH_PLUGIN=1)."""
+    root = HERE.parent
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise VllmEnvError(
+            f"installing moe-watch into the vLLM venv failed:\n{done.stderr[-3000:]}"
+        )
+
+
 def torch_python() -> Path:
     """An interpreter with torch: this one, or the cached vLLM venv (built on first use)."""
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -213,39 +214,103 @@ async def drive_load(
     """
     reasons = failures if failures is not None else []
     semaphore = asyncio.Semaphore(concurrency)
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def one(session: aiohttp.ClientSession, index: int) -> bool:
-        payload = {
-            "model": SERVED_MODEL_NAME,
-            "prompt": prompt_for(index),
-            "max_tokens": max_tokens,
-            "ignore_eos": True,
-            "temperature": 0.0,
-        }
         async with semaphore:
-            try:
-                async with session.post(url + "/v1/completions", json=payload) as response:
-                    if response.status != 200:
-                        reasons.append(f"request {index}: HTTP {response.status}")
-                        return False
-                    body = await response.json()
-            except asyncio.TimeoutError:
-                reasons.append(f"request {index}: no answer within {timeout:g} s")
-                return False
-            except (aiohttp.ClientError, ValueError) as exc:
-                reasons.append(f"request {index}: {exc!r}")
-                return False
-        tokens = (body.get("usage") or {}).get("completion_tokens")
-        if tokens != max_tokens:
-            reasons.append(f"request {index}: {tokens} tokens, not {max_tokens}")
-            return False
-        return True
+            return await complete(session, url, index, max_tokens, reasons, timeout)
 
+    async with _session(timeout) as session:
+        results = await asyncio.gather(*(one(session, i) for i in range(n_requests)))
+    return sum(results)
+
+
+async def drive_for(
+    url: str,
+    concurrency: int,
+    seconds: float,
+    max_tokens: int,
+    *,
+    timeout: float = REQUEST_TIMEOUT_SECONDS,
+    failures: list[str] | None = None,
+    stream: bool = True,
+) -> int:
+    """Keep ``concurrency`` completions in flight for ``seconds`` (each of the ``concurrency``
+    clients sends its next request when the last one answered); returns how many succeeded.
+
+    Streamed by default, as chat traffic is: vLLM 0.32 sends a non-streamed request's output
+    (and the step statistics behind its /metrics counters) only when the request finishes, so
+    its counters then move in whole requests, not with the steps."""
+    reasons = failures if failures is not None else []
+    deadline = time.monotonic() + seconds
+
+    async def client(session: aiohttp.ClientSession, first: int) -> int:
+        done, index = 0, first
+        while time.monotonic() < deadline:
+            done += await complete(session, url, index, max_tokens, reasons, timeout, stream=stream)
+            index += concurrency
+        return done
+
+    async with _session(timeout) as session:
+        results = await asyncio.gather(*(client(session, i) for i in range(concurrency)))
+    return sum(results)
+
+
+def _session(timeout: float) -> aiohttp.ClientSession:
     # A fresh connection per request: reusing a kept-alive one races the server closing it
     # (uvicorn's keep-alive timeout), and the load would fail with ServerDisconnectedError
     # for reasons that have nothing to do with vLLM or moe-watch.
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(timeout=client_timeout, connector=connector) as session:
-        results = await asyncio.gather(*(one(session, i) for i in range(n_requests)))
-    return sum(results)
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        connector=aiohttp.TCPConnector(force_close=True),
+    )
+
+
+async def complete(
+    session: aiohttp.ClientSession,
+    url: str,
+    index: int,
+    max_tokens: int,
+    reasons: list[str],
+    timeout: float = REQUEST_TIMEOUT_SECONDS,
+    *,
+    stream: bool = False,
+) -> bool:
+    """One completion of exactly ``max_tokens`` tokens (``ignore_eos``); False says why in
+    ``reasons``. ``stream``: as server-sent events, the usage in the last one."""
+    payload: dict[str, object] = {
+        "model": SERVED_MODEL_NAME,
+        "prompt": prompt_for(index),
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
+    if stream:
+        payload |= {"stream": True, "stream_options": {"include_usage": True}}
+    try:
+        async with session.post(url + "/v1/completions", json=payload) as response:
+            if response.status != 200:
+                reasons.append(f"request {index}: HTTP {response.status}")
+                return False
+            body = await (_last_event(response) if stream else response.json())
+    except asyncio.TimeoutError:
+        reasons.append(f"request {index}: no answer within {timeout:g} s")
+        return False
+    except (aiohttp.ClientError, ValueError) as exc:
+        reasons.append(f"request {index}: {exc!r}")
+        return False
+    tokens = (body.get("usage") or {}).get("completion_tokens")
+    if tokens != max_tokens:
+        reasons.append(f"request {index}: {tokens} tokens, not {max_tokens}")
+        return False
+    return True
+
+
+async def _last_event(response: aiohttp.ClientResponse) -> dict[str, object]:
+    """The last JSON event of a server-sent event stream (with include_usage: the usage).
+    Only the stream's tail is kept and parsed: a client that decoded every token's event would
+    take the CPU the server decodes with."""
+    tail = b""
+    async for chunk in response.content.iter_any():
+        tail = (tail + chunk)[-8192:]
+    events = [line for line in tail.split(b"\n") if line.startswith(b"data: {")]
+    return json.loads(events[-1][len(b"data: ") :]) if events else {}

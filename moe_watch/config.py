@@ -211,6 +211,15 @@ class Settings(BaseSettings):
     eplb_whatif_redundant: tuple[int, ...] | None = Field(default=None, max_length=8)
     eplb_whatif_interval_seconds: float = Field(default=60.0, ge=0, le=3600)
     eplb_whatif_target: float = Field(default=DEFAULT.eplb_whatif_target, gt=0, le=1)
+    # The batching curve (docs/experts.md, "The batching curve"): evidence halves every
+    # half-life; a batch size needs min_bin_seconds of (aged) evidence to count; the knee keeps
+    # ITL P95 within the SLO (by default the ITL P95 alert's threshold).
+    batching_half_life_seconds: float = Field(default=6 * 3600.0, ge=60, le=30 * 86_400)
+    batching_min_bin_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    batching_itl_p95_slo_seconds: float = Field(default=DEFAULT.itl_p95_seconds, gt=0, le=60)
+    # Where the agent keeps what must survive a restart (the batching curves); unset: nothing
+    # is kept (the chart mounts a hostPath at /var/lib/moe-watch).
+    state_dir: Path | None = None
     # TLS and basic auth on the agent's endpoints (exporter-toolkit web config format); off by default.
     web_config_file: Path | None = None
     # bounds on the agent's own server, its basic auth and its shutdown

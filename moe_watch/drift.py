@@ -3,7 +3,9 @@
 Running values come from the engine's exposition (vLLM ``cache_config_info`` labels),
 ``/v1/models`` (max_model_len) and its command line (read by ``sources/proc.py`` for the NVML
 PIDs of its GPUs). Rules (the design notes, docs/design.md): gpu_memory_utilization above 0.80 on a
-large MoE or >= 0.95 anywhere; max_num_seqs above 8 on a large MoE; max_model_len far above the
+large MoE or >= 0.95 anywhere; max_num_seqs above the engine's measured knee (the batch size
+where its tokens/s per GPU peaks within the ITL SLO, signals/batching.py) once there is one,
+else above 8 on a large MoE (the static rule); max_model_len far above the
 plan; prefix caching with an FP8 KV cache; expert parallelism off on a multi-GPU MoE; expert
 parallelism on GPUs without NVLink (the interconnect is given by the agent, from NVML); dtype or
 GPU count differing from the plan. No plan: only the rules apply.
@@ -20,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from moe_watch import limits
+from moe_watch.signals.batching import BatchAnswer
+from moe_watch.signals.power_bins import BINS, bin_edges
 from moe_watch.sizing.catalog import ModelSpec, UnknownModel, find_model
 from moe_watch.sizing.plan import PlanFile
 from moe_watch.thresholds import DEFAULT as T
@@ -173,9 +177,28 @@ def parse_vllm_args(cmdline: Sequence[str]) -> dict[str, str]:
     return args
 
 
+# Which rule judged max_num_seqs (``max_num_seqs_rule``), for /status.
+MEASURED_KNEE = "measured_knee"
+STATIC_RULE = "static_rule"
+
+
+def max_num_seqs_rule(knee: BatchAnswer | None) -> str:
+    """The measured knee decides once it is a real peak with evidence (signals/batching.py);
+    until then the design notes' static rule (large MoE: 4-8) does."""
+    if knee is not None and knee.knee is not None and knee.peak_reached:
+        return MEASURED_KNEE
+    return STATIC_RULE
+
+
 def find_drift(
-    running: Running, plan: PlanFile | None = None, spec: ModelSpec | None = None
+    running: Running,
+    plan: PlanFile | None = None,
+    spec: ModelSpec | None = None,
+    *,
+    knee: BatchAnswer | None = None,
 ) -> list[Drift]:
+    """``knee``: the engine's batching curve; where it has a measured peak, max_num_seqs is
+    judged against it instead of the static rule."""
     spec = spec or _spec_for(running.model)
     large = spec.is_large if spec is not None else False
     found: list[Drift] = []
@@ -200,14 +223,25 @@ def find_drift(
                 )
             )
     seqs_limit = int(T.max_num_seqs_large_moe)
-    if large and running.max_num_seqs is not None and running.max_num_seqs > seqs_limit:
-        found.append(
-            Drift(
-                "max_num_seqs",
-                str(running.max_num_seqs),
-                f"<= {seqs_limit}",
-                "large MoE: start at 4-8",
+    seqs = running.max_num_seqs
+    if max_num_seqs_rule(knee) == MEASURED_KNEE:
+        assert knee is not None
+        assert knee.knee is not None
+        _, high = bin_edges(BINS.index(knee.knee))
+        most = math.ceil(high) - 1  # the knee's bin ends here (the last bin never ends)
+        if seqs is not None and math.isfinite(high) and seqs > most:
+            found.append(
+                Drift(
+                    "max_num_seqs",
+                    str(seqs),
+                    f"<= {most}",
+                    f"measured knee: tokens/s per GPU peaks at batch {knee.knee} with ITL P95 "
+                    f"within {knee.slo_seconds:g} s; larger batches did worse",
+                )
             )
+    elif large and seqs is not None and seqs > seqs_limit:
+        found.append(
+            Drift("max_num_seqs", str(seqs), f"<= {seqs_limit}", "large MoE: start at 4-8")
         )
     if running.enable_prefix_caching and running.kv_cache_dtype == "fp8":
         found.append(

@@ -12,12 +12,13 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from moe_watch import limits
+from moe_watch.signals.power_bins import BINS, bin_edges
 from moe_watch.sources.safe_io import FileRejected, TooDeep, loads_json, read_regular
 
 FORMAT = "moe-watch-expert-counts/1"
@@ -45,6 +46,24 @@ _A2A_KNOWN = frozenset(f.name for f in fields(All2AllTimes))
 
 
 @dataclass(frozen=True)
+class StepCoverage:
+    """How many experts a step touches, per MoE layer, against the step's tokens (optional in
+    the file; cumulative since ``started``). On sampled steps (one in ``sample_every``) the
+    plugin counts, per layer, the experts that received at least one of the step's tokens, and
+    adds that to the step's bin (signals/power_bins.py: by the step's token count)."""
+
+    bins: list[int]  # the bins' labels, 1, 2, 4 ... 2048 (power_bins.BINS): a fixed layout
+    steps: list[int]  # sampled steps per bin
+    tokens: list[int]  # the tokens of those steps, per bin
+    distinct: list[list[int]]  # [bin][layer of ``layers``]: experts hit, summed over the steps
+    sample_every: int = 1
+
+
+_COVERAGE_REQUIRED = ("bins", "steps", "tokens", "distinct")
+_COVERAGE_KNOWN = frozenset(f.name for f in fields(StepCoverage))
+
+
+@dataclass(frozen=True)
 class CountsFile:
     pid: int
     started: float  # unix time counting began (after warm-up); a new value = a reset
@@ -66,6 +85,7 @@ class CountsFile:
     placement: list[int] = field(default_factory=list)  # logical expert -> EP rank, when known
     format: str = FORMAT
     all2all: All2AllTimes | None = None  # expert-parallel exchange time, when timed
+    coverage: StepCoverage | None = None  # experts touched per step, when measured
 
 
 _REQUIRED = ("pid", "started", "updated", "model", "top_k", "num_experts", "layers", "counts")
@@ -95,13 +115,18 @@ def read_counts_file(
     *,
     max_bytes: int = limits.PLUGIN_FILE_BYTES,
     max_cells: int = limits.CELLS_PER_FILE,
+    dropped: list[str] | None = None,
 ) -> CountsFile:
     """Parse and validate one file. Raises FileRejected (a ValueError) saying what is wrong,
     with a ``reason``: ``bad_file``, ``too_large``, ``not_regular``, ``symlink``, ``unreadable``.
 
+    An invalid ``coverage`` object costs only the coverage: the file is read without it and
+    what is wrong is appended to ``dropped`` (the agent counts it as ``bad_coverage``).
+
     The file must be a regular file (opened non-blocking, symlinks not followed) of at most
     ``max_bytes`` with at most ``max_cells`` counts; every field within its limit
-    (moe_watch/limits.py: ranks, experts, layer indices, counts, string lengths, nesting). Fields this reader does not know are
+    (moe_watch/limits.py: ranks, experts, layer indices, counts, string lengths, nesting).
+    Fields this reader does not know are
     ignored (a newer plugin may add some within format /1); a missing required field, a wrong
     type or inconsistent shapes are errors. A file that does not exist (a worker removed it at
     exit) raises FileNotFoundError.
@@ -119,7 +144,7 @@ def read_counts_file(
     missing = [name for name in _REQUIRED if name not in raw]
     if missing:
         raise FileRejected("bad_file", f"{path.name}: missing {', '.join(missing)}")
-    known = {key: value for key, value in raw.items() if key in _KNOWN}
+    known = {key: value for key, value in raw.items() if key in _KNOWN and key != "coverage"}
     try:
         known["all2all"] = _all2all(path.name, raw.get("all2all"))
         data = CountsFile(**known)
@@ -128,7 +153,53 @@ def read_counts_file(
         raise
     except ValueError as exc:
         raise FileRejected("bad_file", str(exc)) from None
-    return data
+    try:
+        coverage = _coverage(path.name, raw.get("coverage"), data, max_cells)
+    except (ValueError, TypeError) as exc:
+        if dropped is not None:
+            dropped.append(str(exc))
+        return data
+    return replace(data, coverage=coverage) if coverage is not None else data
+
+
+def _coverage(name: str, raw: object, data: CountsFile, max_cells: int) -> StepCoverage | None:
+    """The optional ``coverage`` object of a valid file, strictly (a ValueError otherwise)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{name}: coverage is not an object")
+    missing = [key for key in _COVERAGE_REQUIRED if key not in raw]
+    if missing:
+        raise ValueError(f"{name}: coverage misses {', '.join(missing)}")
+    coverage = StepCoverage(**{k: v for k, v in raw.items() if k in _COVERAGE_KNOWN})
+    if coverage.bins != list(BINS) or not all(_is_int(b) for b in coverage.bins):
+        raise ValueError(f"{name}: coverage bins are not the {len(BINS)} power-of-two bins")
+    if not _is_int(coverage.sample_every) or coverage.sample_every < 1:
+        raise ValueError(f"{name}: coverage sample_every is not a positive integer")
+    for key in ("steps", "tokens"):
+        column = getattr(coverage, key)
+        if not isinstance(column, list) or len(column) != len(BINS):
+            raise ValueError(f"{name}: coverage {key} is not one integer per bin")
+        if not _non_negative_integers(column):
+            raise ValueError(f"{name}: coverage {key} is not one integer per bin")
+    rows, layers = coverage.distinct, len(data.layers)
+    if len(BINS) * layers > max_cells:
+        raise ValueError(f"{name}: coverage of {layers} layers is over {max_cells} cells")
+    if not isinstance(rows, list) or len(rows) != len(BINS):
+        raise ValueError(f"{name}: coverage distinct does not have one row per bin")
+    for index, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != layers or not _non_negative_integers(row):
+            raise ValueError(f"{name}: a coverage distinct row is not {layers} integers")
+        steps, tokens = coverage.steps[index], coverage.tokens[index]
+        low, high = bin_edges(index)
+        # A step in this bin has between ceil(low) and ceil(high) - 1 tokens; each token
+        # reaches at most top_k experts of a layer, and a layer has num_experts.
+        most = math.inf if math.isinf(high) else steps * (math.ceil(high) - 1)
+        if not steps * math.ceil(low) <= tokens <= most:
+            raise ValueError(f"{name}: coverage tokens of bin {BINS[index]} do not fit its steps")
+        if row and max(row) > min(steps * data.num_experts, tokens * data.top_k):
+            raise ValueError(f"{name}: coverage of bin {BINS[index]} is above what its steps allow")
+    return coverage
 
 
 def _all2all(name: str, raw: object) -> All2AllTimes | None:

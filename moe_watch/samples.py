@@ -56,6 +56,8 @@ LATENCY_TTFT = "ttft"
 LATENCY_ITL = "itl"
 LATENCY_QUEUE = "queue"
 LATENCY_KINDS = (LATENCY_E2E, LATENCY_TTFT, LATENCY_ITL, LATENCY_QUEUE)
+# Tokens per engine step (vLLM's iteration_tokens_total): its _count is the engine's steps.
+HISTOGRAM_ITERATION_TOKENS = "iteration_tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +142,31 @@ class GpuReading:
 
 
 @dataclass(frozen=True, slots=True)
+class StepCoverageCounts:
+    """Cumulative expert coverage per step of one engine: on the plugin's sampled steps, per
+    power-of-two bin of tokens per step (signals/power_bins.py), the steps, their tokens and,
+    per MoE layer, the experts that received at least one token, summed over the steps."""
+
+    steps: tuple[float, ...]  # per bin
+    tokens: tuple[float, ...]  # per bin
+    distinct: Matrix  # [bin][layer of the ExpertCounts' layers]
+    sample_every: int = 1
+    # Sum of ``steps``, computed once here: reset detection compares it across the window.
+    total_steps: float = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rows = (self.steps, self.tokens, *self.distinct)  # C-level passes, as for the counts
+        total = sum(map(sum, rows))
+        if not (
+            math.isfinite(total)
+            and all(min(row, default=0.0) >= 0.0 for row in rows)
+            and len(self.steps) == len(self.tokens) == len(self.distinct)
+        ):
+            raise ValueError("step coverage must be finite, non-negative and one row per bin")
+        object.__setattr__(self, "total_steps", sum(self.steps))
+
+
+@dataclass(frozen=True, slots=True)
 class ExpertCounts:
     """Cumulative tokens routed to each (MoE layer, logical expert) of one engine.
 
@@ -168,6 +195,8 @@ class ExpertCounts:
     # over the engine's workers (a forward pass of one rank); None when nothing timed it.
     all2all: Histogram | None = None
     all2all_backend: str = ""  # vLLM's all2all_backend, as the plugin saw it
+    # Experts touched per sampled step, by tokens per step; None when no worker measured it.
+    coverage: StepCoverageCounts | None = None
     # Sum of all counts, computed once here: reset detection compares it across every sample of
     # the window every cycle.
     total: float = field(init=False, compare=False)
@@ -178,6 +207,10 @@ class ExpertCounts:
         # refuse them with a reason first; this is the last line).
         if not (math.isfinite(total) and all(min(row, default=0.0) >= 0.0 for row in self.counts)):
             raise ValueError(f"expert counts of {self.engine} are not finite and non-negative")
+        if self.coverage is not None and any(
+            len(row) != len(self.layers) for row in self.coverage.distinct
+        ):
+            raise ValueError(f"step coverage of {self.engine} does not have one value per layer")
         object.__setattr__(self, "total", total)
 
 

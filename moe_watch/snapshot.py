@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from moe_watch.drift import Drift
 from moe_watch.samples import ExpertCounts, GpuSample
+from moe_watch.signals.batching import BatchAnswer
+from moe_watch.signals.coverage import CoverageCurve
 from moe_watch.signals.engine import EngineSignals
 from moe_watch.signals.eplb_whatif import EplbWhatIf
 from moe_watch.signals.experts import ExpertSignals
@@ -22,6 +24,8 @@ from moe_watch.sources.runner import SourceStatus
 SIGNALS = "signals"  # the engine's windowed signals from its scrapes
 EXPERTS = "experts"  # the expert-load window and its signals
 WHATIF = "whatif"  # the EPLB what-if
+COVERAGE = "coverage"  # the coverage curve of the expert window
+BATCHING = "batching"  # the batching curve and its knee
 DRIFT = "drift"  # the running settings against the plan and the rules
 GPU_SIGNALS = "gpu_signals"  # the engine's GPU spread, interconnect and budget ratios
 ASSEMBLE = "assemble"  # anything else of the engine's (or the node's) part of the cycle
@@ -63,6 +67,8 @@ class EngineExperts:
     engine_group: str | None = None
     # For an engine group under expert parallelism: this node's window assignments per EP rank.
     group_rank_tokens: tuple[float, ...] = ()
+    # Experts reached per step against tokens per step, over the window; None without samples.
+    coverage: CoverageCurve | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +112,8 @@ class EngineRecord:
     drift_flags: tuple[tuple[str, bool], ...] = ()
     interconnect: str | None = None  # "nvlink" | "pcie": how its GPUs reach each other
     gpu_spread: float | None = None  # max - min utilization of its GPUs
+    # The batching curve and its knee, by model; models with any evidence.
+    batching: Mapping[str, BatchAnswer] = field(default_factory=dict)
     # Its stages failing as of this cycle (agent/stages.py): their series are left out, and
     # none is stood in for (no "0 layers observed" while the expert stage is what failed).
     failing: frozenset[str] = frozenset()

@@ -57,6 +57,7 @@ class Thresholds:
     expert_collapse_share: float = _t(0.40, "ratio", "the share of a layer's tokens one expert takes above which the layer has collapsed", design="expert collapse: one expert > 40 % of a layer's tokens")
     ep_rank_load: float = _t(1.5, "factor", "an EP rank's tokens over the mean rank's above which the rank is hot", ours="the skew alert's max/mean (1.5x) applied to ranks: the hot rank's GPU gates every step")
     eplb_whatif_target: float = _t(0.9, "ratio", "the EP-rank balancedness (mean/max) an EPLB what-if must reach", ours="the design notes set no EPLB target")
+    expert_dense_coverage: float = _t(0.90, "ratio", "the share of a layer's experts a step reaches at or above which it reads memory like a dense model (the dense point)", ours="the design notes name no dense point; 90 % of the experts read is within 10 % of a dense model's weight traffic")
     # Expert-parallel communication (per forward pass, all MoE layers' dispatch + combine)
     all2all_healthy_seconds: float = _t(0.005, "seconds", "all-to-all time per forward pass up to which it is healthy", design="all-to-all latency (EP), healthy: < 5 ms")
     all2all_seconds: float = _t(0.020, "seconds", "all-to-all time per forward pass above which it alerts", design="all-to-all latency (EP), alert: > 20 ms")

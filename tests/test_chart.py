@@ -50,6 +50,7 @@ NON_DEFAULT: dict[str, Any] = {
                       "password": {"name": "moe-watch-scrape", "key": "password"}},
     },
     "prometheusRule": {"additionalLabels": {"release": "kps"}},
+    "state": {"hostPath": "/var/lib/moe-watch-state"},
     "dashboards": {"label": "grafana_dashboard_moe", "labelValue": "yes",
                    "annotations": {"grafana_folder": "MoE"}},
 }  # fmt: skip
@@ -153,11 +154,16 @@ def test_non_default_values_reach_every_object_and_still_pass_the_schemas() -> N
     assert volumes["web-config"]["secret"]["secretName"] == "moe-watch-web"
     assert volumes["pod-resources"]["hostPath"]["path"] == "/var/lib/kubelet-custom/pod-resources"
     assert volumes["plans"]["configMap"]["name"] == "gpu-obs-moe-watch-plans"
+    # the batching curves survive a new pod: a host directory (its owner is the node's job)
+    assert volumes["state"]["hostPath"] == {"path": "/var/lib/moe-watch-state", "type": "Directory"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["state"] == "/var/lib/moe-watch"
 
     configs = {c["metadata"]["name"]: c for c in by_kind(objects, "ConfigMap")}
     config = yaml.safe_load(configs["gpu-obs-moe-watch-config"]["data"]["config.yaml"])
     assert config["listen"] == "0.0.0.0:9555"  # `port` wins over a `config.listen`
     assert config["expert_top_n"] == 8
+    assert config["state_dir"] == "/var/lib/moe-watch"  # the chart's default, kept beside them
     from moe_watch.sizing.plan import load_plan
 
     plan = configs["gpu-obs-moe-watch-plans"]["data"]["mixtral.yaml"]

@@ -7,8 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from moe_watch.drift import SETTINGS, Drift, Running, find_drift, running_from, setting_flags
+from moe_watch.drift import (
+    MEASURED_KNEE,
+    SETTINGS,
+    STATIC_RULE,
+    Drift,
+    Running,
+    find_drift,
+    max_num_seqs_rule,
+    running_from,
+    setting_flags,
+)
 from moe_watch.serving.views import status_document
+from moe_watch.signals.batching import BatchAnswer
 from moe_watch.sizing.plan import PlanError, PlanFile, VllmSettings, load_plan
 from moe_watch.sources.exposition import parse_engine_exposition
 from tests.conftest import read_capture
@@ -77,6 +88,29 @@ def test_max_num_seqs_rule_only_for_large_moe() -> None:
     assert settings(find_drift(Running(model="kimi-k2", max_num_seqs=16))) == {"max_num_seqs"}
     assert settings(find_drift(Running(model="kimi-k2", max_num_seqs=8))) == set()
     assert settings(find_drift(Running(model="qwen1.5-moe-a2.7b", max_num_seqs=64))) == set()
+
+
+def knee(batch: int | None, *, peak_reached: bool = True) -> BatchAnswer:
+    return BatchAnswer((), batch, peak_reached, "", 8, 0.2, 300.0)
+
+
+def test_a_measured_knee_decides_max_num_seqs_once_it_is_a_real_peak() -> None:
+    # Throughput peaks at batch 8 (bin 6-11): 16 seqs drift on any MoE, and the rule says so.
+    small = Running(model="qwen1.5-moe-a2.7b", max_num_seqs=16)
+    [drift] = find_drift(small, knee=knee(8))
+    assert (drift.setting, drift.running, drift.expected) == ("max_num_seqs", "16", "<= 11")
+    assert drift.rule.startswith("measured knee: tokens/s per GPU peaks at batch 8")
+    assert max_num_seqs_rule(knee(8)) == MEASURED_KNEE
+    # The knee overrules the static rule both ways: a large MoE at 32 is fine where the
+    # traffic measured its peak at 32.
+    assert find_drift(Running(model="kimi-k2", max_num_seqs=32), knee=knee(32)) == []
+    assert find_drift(Running(model="kimi-k2", max_num_seqs=11), knee=knee(8)) == []
+    # Thin evidence, or a best batch that nothing larger has challenged: the static rule.
+    for unsure in (knee(None), knee(8, peak_reached=False), None):
+        assert max_num_seqs_rule(unsure) == STATIC_RULE
+        [static] = find_drift(Running(model="kimi-k2", max_num_seqs=16), knee=unsure)
+        assert static.rule == "large MoE: start at 4-8"
+        assert find_drift(small, knee=unsure) == []
 
 
 def test_prefix_caching_with_fp8_kv_and_expert_parallel_off() -> None:

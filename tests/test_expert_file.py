@@ -15,6 +15,7 @@ from moe_watch.expert_file import (
     SUFFIX,
     All2AllTimes,
     CountsFile,
+    StepCoverage,
     counts_file_name,
     read_counts_file,
     write_counts_file,
@@ -230,3 +231,75 @@ def test_a_malformed_all2all_histogram_makes_the_file_invalid(
     path.write_text(mutated(all2all=value))
     with pytest.raises(ValueError, match=message):
         read_counts_file(path)
+
+
+# --- the optional coverage per step ------------------------------------------------------------
+
+BINS = [2**b for b in range(12)]
+
+
+def coverage(**changes: object) -> StepCoverage:
+    """3 layers: a 1-token step reaching 2 experts everywhere; two 5-token steps (bin 4)."""
+    steps, tokens = [0] * 12, [0] * 12
+    steps[0], tokens[0], steps[2], tokens[2] = 1, 1, 2, 9
+    distinct = [[0, 0, 0] for _ in BINS]
+    distinct[0], distinct[2] = [2, 2, 2], [7, 4, 8]
+    base = StepCoverage(bins=BINS, steps=steps, tokens=tokens, distinct=distinct, sample_every=4)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_coverage_round_trips_and_files_without_it_read_as_before(tmp_path: Path) -> None:
+    path = tmp_path / ("w" + SUFFIX)
+    write_counts_file(path, sample(coverage=coverage()))
+    assert read_counts_file(path).coverage == coverage()
+    raw = asdict(sample())
+    del raw["coverage"]  # a plugin from before coverage: no key at all
+    path.write_text(json.dumps(raw))
+    assert read_counts_file(path) == sample()
+    path.write_text(mutated(coverage={**asdict(coverage()), "per_expert": [1]}))
+    assert read_counts_file(path).coverage == coverage()  # unknown fields ignored
+
+
+def bad_rows(bin_index: int, row: list[int]) -> list[list[int]]:
+    rows = [list(r) for r in coverage().distinct]
+    rows[bin_index] = row
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([1], "coverage is not an object"),
+        ({**asdict(coverage()), "steps": KeyError}, "coverage misses steps"),
+        (asdict(coverage(bins=BINS[:-1])), "not the 12 power-of-two bins"),
+        (asdict(coverage(bins=[float(b) for b in BINS])), "not the 12 power-of-two bins"),
+        (asdict(coverage(sample_every=0)), "sample_every is not a positive integer"),
+        (asdict(coverage(steps=[1] * 11)), "steps is not one integer per bin"),
+        (asdict(coverage(steps=[-1] + [0] * 11)), "steps is not one integer per bin"),
+        (asdict(coverage(tokens="many")), "tokens is not one integer per bin"),
+        (asdict(coverage(distinct=[[0, 0, 0]] * 11)), "one row per bin"),
+        (asdict(coverage(distinct=bad_rows(0, [2, 2]))), "not 3 integers"),
+        (asdict(coverage(distinct=bad_rows(0, [2, 2, 1.5]))), "not 3 integers"),
+        (asdict(coverage(tokens=[1] + [0] * 11)), "tokens of bin 4 do not fit its steps"),
+        (asdict(coverage(tokens=[2] + [0, 9] + [0] * 9)), "tokens of bin 1 do not fit"),
+        (asdict(coverage(distinct=bad_rows(0, [2, 3, 2]))), "above what its steps allow"),
+        (asdict(coverage(distinct=bad_rows(2, [9, 4, 8]))), "above what its steps allow"),
+        (asdict(coverage(distinct=bad_rows(5, [1, 0, 0]))), "above what its steps allow"),
+    ],
+)
+def test_a_malformed_coverage_drops_only_the_coverage_and_says_why(
+    tmp_path: Path, value: object, message: str
+) -> None:
+    path = tmp_path / ("w" + SUFFIX)
+    raw = json.loads(mutated())
+    raw["coverage"] = value
+    if isinstance(value, dict) and value.get("steps") is KeyError:
+        raw["coverage"] = {k: v for k, v in value.items() if k != "steps"}
+    path.write_text(json.dumps(raw))
+    dropped: list[str] = []
+    data = read_counts_file(path, dropped=dropped)
+    assert data == sample()  # the counts and everything else are read
+    assert len(dropped) == 1
+    assert message in dropped[0]
+    assert path.name in dropped[0]
+    assert read_counts_file(path) == sample()  # without a list to report into: still read

@@ -456,6 +456,13 @@ def the_worker_lifecycle_counts_real_steps_only_and_publishes() -> None:
         4,
         [0, 1],
     )
+    # One step in 4 is measured: the first real one (5 tokens, bin 4), not the V2 warm-up step
+    # and not the dummy batch; each layer's 5 tokens reached its two experts.
+    assert data.coverage is not None
+    assert data.coverage.sample_every == 4
+    assert (data.coverage.steps[2], data.coverage.tokens[2]) == (1, 5), data.coverage
+    assert data.coverage.distinct[2] == [2, 2], data.coverage
+    assert sum(data.coverage.steps) == 1, data.coverage
     assert data.started >= time.time() - 60
     assert data.pid == os.getpid()
     counter.publisher.close()  # what atexit does
@@ -494,6 +501,116 @@ def placement_follows_vllms_expert_map() -> None:
     assert counter is not None
     assert counter.placement == [0, 0, 0, 1, 1, 1]
     assert (counter.layout.ep_rank, counter.layout.ep_size) == (1, 2)
+
+
+# --- expert coverage per step --------------------------------------------------------------------
+
+
+def coverage_counter(every: int = 1, **kwargs: Any) -> tuple[ExpertCounter, list[FusedTopKRouter]]:
+    counter, routers = make_counter(**kwargs)
+    assert counter.coverage is not None
+    counter.coverage.every = every
+    counter.counting = True  # as after warm-up, without starting the publisher thread
+    return counter, routers
+
+
+def step(
+    counter: ExpertCounter,
+    routers: list[FusedTopKRouter],
+    tokens: int,
+    rows: list[list[list[int]]],
+    *,
+    completed: bool = True,
+) -> None:
+    """One real step of ``tokens`` scheduled tokens; ``rows[i]``: what layer i routes."""
+    counter.begin_step(SimpleNamespace(total_num_scheduled_tokens=tokens))
+    for router, layer_rows in zip(routers, rows, strict=True):
+        if layer_rows:
+            router.route(ids(layer_rows))
+    counter.end_step(completed=completed)
+
+
+def coverage_of(counter: ExpertCounter) -> Any:
+    _, coverage = counter.copy_out()
+    assert coverage is not None
+    return coverage
+
+
+@check
+def coverage_counts_the_experts_each_layer_reached_in_the_steps_bin() -> None:
+    counter, routers = coverage_counter()
+    # 3 real tokens padded to 4 rows: layer 0 reaches experts 0-3, layer 1 only 0 and 1; the
+    # padding row (expert 1, 1) adds nothing new, and its weight is 0 anyway.
+    step(counter, routers, 3, [[[0, 1], [0, 2], [3, 0], [1, 1]], [[0, 1]] * 4])
+    step(counter, routers, 1, [[[2, 3]], [[1, 2]]])
+    coverage = coverage_of(counter)
+    assert coverage.bins == [2**b for b in range(12)]
+    assert (coverage.steps[2], coverage.tokens[2], coverage.distinct[2]) == (1, 3, [4, 2])
+    assert (coverage.steps[0], coverage.tokens[0], coverage.distinct[0]) == (1, 1, [2, 2])
+    assert sum(coverage.steps) == 2
+    assert counts(counter) == [[3, 1, 2, 2], [3, 4, 1, 0]], counts(counter)  # unchanged
+
+
+@check
+def coverage_samples_one_step_in_n_and_skips_failed_and_empty_steps() -> None:
+    counter, routers = coverage_counter(every=4)
+    for _ in range(8):  # steps 1 and 5 are sampled
+        step(counter, routers, 2, [[[0, 1], [2, 3]], [[0, 1], [0, 1]]])
+    coverage = coverage_of(counter)
+    assert (coverage.steps[1], coverage.tokens[1], coverage.distinct[1]) == (2, 4, [8, 4])
+    assert coverage.sample_every == 4
+    counter.coverage.every = 1
+    step(counter, routers, 2, [[[0, 1], [2, 3]], [[0, 1], [0, 1]]], completed=False)
+    step(counter, routers, 0, [[], []])  # nothing scheduled (an idle step): not a sample
+    assert coverage_of(counter).steps[1] == 2
+    step(counter, routers, 2, [[[3, 1], [3, 1]], [[2, 1], [2, 1]]])
+    assert coverage_of(counter).distinct[1] == [10, 6]
+
+
+@check
+def coverage_through_a_compiled_caller_is_the_steps_increase() -> None:
+    counter, routers = coverage_counter(layers=1)
+    router = routers[0]
+
+    def forward(topk_ids: torch.Tensor) -> torch.Tensor:
+        router.capture_fn(topk_ids)  # type: ignore[misc]
+        return topk_ids.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, fullgraph=True, dynamic=True, backend="aot_eager")
+    for tokens, rows in ((3, [[0, 1], [0, 1], [0, 3], [2, 2]]), (9, [[3, 2]] * 9 + [[0, 1]] * 3)):
+        counter.begin_step(SimpleNamespace(total_num_scheduled_tokens=tokens))
+        compiled(ids(rows))
+        counter.end_step()
+    coverage = coverage_of(counter)
+    assert (coverage.steps[2], coverage.distinct[2]) == (1, [3]), coverage  # 3 tokens: 0, 1, 3
+    assert (coverage.steps[3], coverage.distinct[3]) == (1, [2]), coverage  # 9 tokens: 2, 3
+
+
+@check
+def a_fault_in_coverage_turns_it_off_and_counting_goes_on() -> None:
+    counter, routers = coverage_counter()
+    assert counter.coverage is not None
+
+    def broken(completed: bool) -> None:
+        raise RuntimeError("boom")
+
+    counter.coverage.step_ends = broken  # type: ignore[method-assign]
+    step(counter, routers, 1, [[[0, 1]], [[0, 1]]])
+    assert counter.coverage is None
+    assert not counter.failed
+    step(counter, routers, 1, [[[0, 1]], [[0, 1]]])
+    assert counts(counter) == [[2, 2, 0, 0], [2, 2, 0, 0]], counts(counter)
+    data = counter.snapshot()
+    assert data is not None
+    assert data.coverage is None
+
+
+@check
+def sequence_parallel_workers_do_not_measure_coverage() -> None:
+    counter, _ = make_counter(layout=Layout(tp_rank=1, sp_size=2, dp_size=2))
+    assert counter.coverage is None
+    assert counter.copy_out()[1] is None
 
 
 # --- all-to-all timing -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from moe_watch.agent.engine_target import EngineTarget, TargetCycle
 from moe_watch.agent.ownership import gpu_allocations, gpu_owners, sole_owner
 from moe_watch.drift import setting_flags
 from moe_watch.samples import GpuReading, GpuSample, ProcessInfo
+from moe_watch.signals.batching import BatchAnswer, engine_knee
 from moe_watch.signals.gpu import (
     budget_used_ratio,
     interconnect,
@@ -16,7 +17,7 @@ from moe_watch.signals.gpu import (
     memory_used_ratio,
     utilization_spread,
 )
-from moe_watch.snapshot import GPU_SIGNALS, EngineRecord, GpuView, Snapshot
+from moe_watch.snapshot import BATCHING, GPU_SIGNALS, EngineRecord, GpuView, Snapshot
 from moe_watch.sources.podresources import Allocation, DeviceOwner
 from moe_watch.sources.runner import SourceStatus
 
@@ -75,10 +76,13 @@ def engine_record(
     spread, link, budget_used = target.stages.run(
         GPU_SIGNALS, lambda: _gpu_signals(mine, nvlink_pairs, target.budget_bytes), nothing
     )
+    no_answers: dict[str, BatchAnswer] = {}
+    batching = target.stages.run(BATCHING, lambda: target.batch_answers(len(mine) or 1), no_answers)
     drift = None
     if scrape is not None and scrape.kind == "vllm":
         ep_size = part.experts.latest.ep_size if part.experts is not None else None
-        drift = target.drift(scrape, mine, processes, interconnect=link, ep_size=ep_size)
+        knee = engine_knee(batching.values())
+        drift = target.drift(scrape, mine, processes, interconnect=link, ep_size=ep_size, knee=knee)
     return EngineRecord(
         name=target.name,
         up=scrape is not None,
@@ -94,6 +98,7 @@ def engine_record(
         drift_flags=setting_flags(drift) if drift is not None else (),
         interconnect=link,
         gpu_spread=spread,
+        batching=batching,
     )
 
 

@@ -14,11 +14,13 @@ import aiohttp
 import structlog
 
 from moe_watch.agent.assemble import assemble_snapshot, engine_record, gpu_views
+from moe_watch.agent.curve_state import CurveStore
 from moe_watch.agent.engine_target import EngineTarget, TargetReading, nothing
 from moe_watch.agent.stages import Stages
 from moe_watch.config import Settings, TargetConfig
 from moe_watch.limits import TARGETS_PER_AGENT
 from moe_watch.samples import GpuReading, ProcessInfo
+from moe_watch.signals.batching import BatchCurve
 from moe_watch.snapshot import ASSEMBLE, EngineRecord, GpuView, Snapshot
 from moe_watch.sources.discovery import PodTarget, PodWatcher
 from moe_watch.sources.podresources import Allocation, PodResourcesSource
@@ -29,6 +31,7 @@ log = structlog.get_logger("moe_watch.agent")
 
 POD_RESOURCES_TIMEOUT_SECONDS = 5.0
 PROC_TIMEOUT_SECONDS = 2.0
+STATE_SAVE_SECONDS = 60.0  # how often the batching curves are written to the state file
 
 
 class Agent:
@@ -65,6 +68,9 @@ class Agent:
         self._cycle = 0
         self.first_cycle_done = asyncio.Event()
         self._cycle_done = asyncio.Event()  # replaced every cycle: waiters wake once per cycle
+        self._state = CurveStore(settings.state_dir, clock) if settings.state_dir else None
+        self._state_saved_at: float | None = None
+        self._state_saving: asyncio.Task[None] | None = None
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -72,6 +78,9 @@ class Agent:
 
     async def __aenter__(self) -> Agent:
         s = self.settings
+        if self._state is not None:  # before the targets: they start from what it kept
+            await asyncio.to_thread(self._state.load)
+            self._state_saved_at = self._clock()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max(4, len(s.targets) * 2)),
             auto_decompress=True,
@@ -114,6 +123,10 @@ class Agent:
     async def __aexit__(self, *exc: object) -> None:
         for target in self._targets.values():
             target.abandon()  # a what-if in flight is cancelled, never waited for
+        if self._state_saving is not None:
+            await self._state_saving
+        if self._state is not None and self._snapshot is not None:  # what this run learnt
+            await asyncio.to_thread(self._state.save, self.batch_curves())
         if self._discovery_task is not None:
             self._discovery_stop.set()
             self._discovery_task.cancel()
@@ -128,7 +141,36 @@ class Agent:
 
     def _add_target(self, config: TargetConfig) -> None:
         assert self._session is not None
-        self._targets[config.name] = EngineTarget(config, self.settings, self._session, self._clock)
+        target = EngineTarget(config, self.settings, self._session, self._clock)
+        if self._state is not None:
+            target.restore(
+                {
+                    model: c
+                    for (engine, model), c in self._state.restored.items()
+                    if engine == config.name
+                }
+            )
+        self._targets[config.name] = target
+
+    def batch_curves(self) -> dict[tuple[str, str], BatchCurve]:
+        """Every target's batching curves, by (engine, model)."""
+        return {
+            (name, model): curve
+            for name, target in self._targets.items()
+            for model, curve in target.batch_curves.items()
+        }
+
+    def _save_state_now_and_then(self, now: float) -> None:
+        """Write the curves every STATE_SAVE_SECONDS, beside the cycle (a thread, one at a time)."""
+        if self._state is None or (self._state_saving and not self._state_saving.done()):
+            return
+        last = self._state_saved_at
+        if last is not None and 0 <= now - last < STATE_SAVE_SECONDS:
+            return
+        self._state_saved_at = now
+        self._state_saving = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self._state.save, self.batch_curves())
+        )
 
     def _start_discovery(self) -> None:
         from moe_watch.sources.discovery import DiscoverySource
@@ -219,6 +261,7 @@ class Agent:
             gpus=gpus,
         )
         self._snapshot = snapshot
+        self._save_state_now_and_then(now)
         self.first_cycle_done.set()
         self._cycle_done.set()
         self._cycle_done = asyncio.Event()
@@ -290,6 +333,8 @@ class Agent:
                 statuses.append(self._node_stages.merged(runner.status()))
             else:
                 statuses.append(runner.status())
+        if self._state is not None:
+            statuses.append(self._state.status())
         return statuses
 
     def _runners(self) -> list[SourceRunner[Any]]:

@@ -27,8 +27,23 @@ from moe_watch.samples import (
     EplbBalance,
     ExpertCounts,
     GpuSample,
+    Matrix,
     ModelSample,
     ProcessInfo,
+)
+from moe_watch.signals.batching import (
+    BatchAnswer,
+    BatchCurve,
+    add_interval,
+    batch_answer,
+    next_interval,
+)
+from moe_watch.signals.coverage import (
+    CoverageCurve,
+    coverage_increase,
+    independent_coverage,
+    observed_coverage,
+    with_independent,
 )
 from moe_watch.signals.engine import derive_engine_signals
 from moe_watch.signals.eplb_whatif import EplbWhatIf, eplb_whatif
@@ -42,6 +57,7 @@ from moe_watch.signals.experts import (
 from moe_watch.signals.window import SlidingWindow
 from moe_watch.sizing.plan import PlanFile
 from moe_watch.snapshot import (
+    COVERAGE,
     DRIFT,
     EXPERTS,
     SIGNALS,
@@ -56,6 +72,9 @@ from moe_watch.sources.eplb_log import EplbLogSource
 from moe_watch.sources.runner import SourceRunner, SourceStatus
 
 log = structlog.get_logger("moe_watch.agent")
+
+# The independent-routing prediction of the coverage curve (CoveragePrediction): at most this often.
+COVERAGE_PREDICTION_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +142,31 @@ class EngineTarget:
         self._expert_window = SlidingWindow[ExpertCounts](settings.window_seconds)
         self.stages = Stages(fields)
         self._whatif = WhatIfCache(settings, config, self.stages)
+        self._coverage = CoveragePrediction()
+        # The batching curve per model, and what it takes to be evidence (signals/batching.py).
+        self.batch_curves: dict[str, BatchCurve] = {}
+        self._baselines: dict[str, tuple[float, ModelSample]] = {}  # the last progress seen
+        self._half_life = settings.batching_half_life_seconds
+        self._max_gap = 4 * settings.interval_seconds + settings.scrape_timeout_seconds
+        self.batch_slo_seconds = settings.batching_itl_p95_slo_seconds
+        self.batch_min_seconds = settings.batching_min_bin_seconds
+
+    def restore(self, curves: Mapping[str, BatchCurve]) -> None:
+        """Batching curves kept across an agent restart (model -> curve)."""
+        for model, curve in curves.items():
+            self.batch_curves.setdefault(model, curve)
+
+    def batch_answers(self, gpus: int) -> dict[str, BatchAnswer]:
+        """Each model's curve and knee, with tokens/s per each of ``gpus`` GPUs."""
+        return {
+            model: batch_answer(
+                curve,
+                gpus=gpus,
+                slo_seconds=self.batch_slo_seconds,
+                min_seconds=self.batch_min_seconds,
+            )
+            for model, curve in self.batch_curves.items()
+        }
 
     async def collect(self) -> TargetReading:
         scrape, counts, balance = await asyncio.gather(
@@ -160,8 +204,12 @@ class EngineTarget:
         latest = self._expert_window.latest()
         if latest is None:
             return None
-        signals = derive_expert_signals([c for _, c in self._expert_window], top_n=self._top_n)
+        window = [c for _, c in self._expert_window]
+        signals = derive_expert_signals(window, top_n=self._top_n)
         group = self.config.experts.engine_group if self.config.experts else None
+        coverage = self.stages.run(
+            COVERAGE, lambda: self._coverage.curve(window, signals.window_counts, now), None
+        )
         return EngineExperts(
             engine=latest.engine,
             latest=latest,
@@ -173,14 +221,17 @@ class EngineTarget:
             )
             if group is not None
             else (),
+            coverage=coverage,
         )
 
     async def settle(self) -> None:
-        """Wait for background work (the what-if) to finish."""
+        """Wait for background work (the what-if, the coverage prediction) to finish."""
         await self._whatif.settle()
+        await self._coverage.settle()
 
     def abandon(self) -> None:
-        """Stop background work (the what-if) without waiting for it: shutdown."""
+        """Stop background work (the what-if) without waiting for it: shutdown; the coverage
+        prediction (milliseconds, a daemon thread) is simply not waited for."""
         self._whatif.abandon()
 
     def _append_counts(self, counts: ExpertCounts, now: float) -> None:
@@ -200,6 +251,7 @@ class EngineTarget:
                 window = SlidingWindow[ModelSample](self._window_seconds)
                 self._model_windows[model.model] = window
             window.append(scrape.timestamp, model)
+            self._add_evidence(model.model, (scrape.timestamp, model))
             views.append(
                 EngineView(
                     engine=scrape.engine,
@@ -212,6 +264,16 @@ class EngineTarget:
             )
         return views
 
+    def _add_evidence(self, model: str, current: tuple[float, ModelSample]) -> None:
+        """The interval since the model's last progress, into its batching curve."""
+        evidence, self._baselines[model] = next_interval(
+            self._baselines.get(model), current, max_gap_seconds=self._max_gap
+        )
+        if evidence is None:
+            return
+        curve = self.batch_curves.get(model) or BatchCurve(updated=current[0])
+        self.batch_curves[model] = add_interval(curve, evidence, current[0], self._half_life)
+
     def drift(
         self,
         scrape: EngineScrape,
@@ -220,14 +282,15 @@ class EngineTarget:
         *,
         interconnect: str | None = None,
         ep_size: int | None = None,
+        knee: BatchAnswer | None = None,
     ) -> tuple[Drift, ...] | None:
         """The rules (and the plan, where there is one) against what the engine runs with, on
         its GPUs ``mine``; None when the check failed (counted, logged once). A running value
         that is not a number in its range is left out and counted as ``bad_value``.
 
-        ``interconnect`` and ``ep_size``: see drift.running_from."""
+        ``interconnect`` and ``ep_size``: see drift.running_from; ``knee``: drift.find_drift."""
         return self.stages.run(
-            DRIFT, lambda: self._drift(scrape, mine, processes, interconnect, ep_size), None
+            DRIFT, lambda: self._drift(scrape, mine, processes, interconnect, ep_size, knee), None
         )
 
     def _drift(
@@ -237,6 +300,7 @@ class EngineTarget:
         processes: Mapping[int, ProcessInfo],
         interconnect: str | None,
         ep_size: int | None,
+        knee: BatchAnswer | None,
     ) -> tuple[Drift, ...]:
         cmdline = next(
             (
@@ -255,7 +319,7 @@ class EngineTarget:
             interconnect=interconnect,
         )
         self.stages.refuse("running", running.refused)
-        return tuple(find_drift(running, self.plan))
+        return tuple(find_drift(running, self.plan, knee=knee))
 
     def scrape_status(self) -> SourceStatus:
         """The /metrics runner's status, with the failures of the engine's stages counted in."""
@@ -370,6 +434,66 @@ class WhatIfCache:
             return
         self._key, self._started_at = key, started_at
         self._result = WhatIfView(result, started_at, seconds)
+
+
+class CoveragePrediction:
+    """The coverage curve of an engine's expert window, with the independent-routing prediction
+    computed beside the cycle (like the what-if): ~10-20 ms of CPU per DeepSeek-V3 engine
+    (58 layers x 256 experts x the bins), so a cycle never waits for it. A cycle that finds the
+    prediction older than COVERAGE_PREDICTION_SECONDS, or made for other bins or another
+    counter set, starts one in a worker thread; until it is done the curve carries the last
+    prediction of the same bins (or none)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] | None = None  # what the prediction was made for
+        self._at = float("-inf")
+        self._predicted: list[float | None] = []
+        self._running: asyncio.Future[list[float | None]] | None = None
+        self._running_for: tuple[tuple[object, ...], float] | None = None
+
+    def curve(
+        self, window: Sequence[ExpertCounts], window_counts: Matrix, now: float
+    ) -> CoverageCurve | None:
+        self._harvest()
+        latest = window[-1] if window else None
+        increase = coverage_increase(window)
+        if latest is None or increase is None:
+            return None
+        observed = observed_coverage(increase, latest.layers, latest.num_experts)
+        bins = tuple(b.tokens_bin for b in observed.bins)
+        key = (latest.started, latest.layers, latest.num_experts, bins)
+        stale = key != self._key or not 0 <= now - self._at < COVERAGE_PREDICTION_SECONDS
+        if stale and self._running is None and window_counts:
+            self._running_for = (key, now)
+            self._running = in_daemon_thread(  # never holds shutdown, like the what-if
+                independent_coverage,
+                window_counts,
+                latest.top_k,
+                latest.num_experts,
+                [b.mean_tokens for b in observed.bins],
+            )
+        if key != self._key:
+            return observed
+        return with_independent(observed, self._predicted)
+
+    async def settle(self) -> None:
+        """Wait for a prediction in flight (tests, shutdown) and take it."""
+        if self._running is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._running)
+        self._harvest()
+
+    def _harvest(self) -> None:
+        task = self._running
+        if task is None or not task.done():
+            return
+        self._running = None
+        assert self._running_for is not None
+        key, at = self._running_for
+        if task.cancelled() or task.exception() is not None:
+            log.error("coverage prediction failed", error=repr(task.exception()))
+            return
+        self._key, self._at, self._predicted = key, at, task.result()
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

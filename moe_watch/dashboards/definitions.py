@@ -79,7 +79,50 @@ def engine() -> dict[str, Any]:
         Panel("timeseries", "Preemptions per second", f"Above {D.preemptions_per_second:g}: KV pressure is evicting running requests.", (T(f"moe_watch_preemptions_per_second{{{SEL_MODEL}}}", "{{engine}}"),), "short", ((D.preemptions_per_second, RED),), 12),
         Panel("timeseries", "Throughput", "Generated and prompt tokens per second over the window.",
               (T(f"moe_watch_generation_tokens_per_second{{{SEL_MODEL}}}", "{{engine}} generated"), T(f"moe_watch_prompt_tokens_per_second{{{SEL_MODEL}}}", "{{engine}} prompt")), "short", (), 12),
+        *batching_panels(),
     ], ("engine",), with_model=True)  # fmt: skip
+
+
+def bin_table(label: str, columns: dict[str, str]) -> tuple[dict[str, Any], ...]:
+    """One row per bin (``label``, numeric order) from instant table queries A, B, ...: merged,
+    the bin made a number and sorted, the value columns named (``columns``: ref -> name)."""
+    return (
+        {"id": "merge", "options": {}},
+        {"id": "convertFieldType", "options": {"conversions": [{"targetField": label, "destinationType": "number"}]}},
+        {"id": "sortBy", "options": {"sort": [{"field": label, "desc": False}]}},
+        {"id": "organize", "options": {
+            "excludeByName": {"Time": True},
+            "renameByName": {f"Value #{ref}": name for ref, name in columns.items()},
+        }},
+    )  # fmt: skip
+
+
+def batching_panels() -> tuple[Panel, ...]:
+    """The batching curve (docs/experts.md): where tokens/s per GPU peaks on the engine's own
+    traffic, and how many experts a step reads against its tokens."""
+
+    def by_bin(metric: str, label: str, selector: str) -> str:
+        return f"max by (engine, {label}) ({metric}{{{selector}}})"
+
+    curve = {"A": "tokens/s per GPU", "B": "ITL P95", "C": "TTFT P95", "D": "evidence"}
+    coverage = {"A": "observed", "B": "independent", "C": "sampled steps"}
+    cells = {"custom.cellOptions": {"type": "color-background"}}
+    table = {"showHeader": True}
+    return (
+        Panel("table", "Batching curve: tokens/s per GPU and ITL P95 by running batch", f"Measured on the engine's own traffic, no load test: each scrape interval goes to the bin of its mean running batch (1, 2, 4 ... requests), evidence halving every batching_half_life_seconds. The knee is the batch with the most tokens/s per GPU whose ITL P95 stays within {D.itl_p95_seconds:g} s (red: over); evidence is the aged seconds seen at that batch.",
+              tuple(T(by_bin(f"moe_watch_batch_{metric}", "batch", SEL_MODEL), "", True) for metric in ("generation_tokens_per_second_per_gpu", "itl_p95_seconds", "ttft_p95_seconds", "evidence_seconds")),
+              "short", ((D.itl_p95_seconds, RED),), 12, options=table,
+              overrides=(by_name("ITL P95", unit="s", **cells), by_name("TTFT P95", unit="s"), by_name("evidence", unit="s"), by_name("batch", unit="none")),
+              transformations=bin_table("batch", curve)),
+        Panel("table", "Expert coverage by tokens per step", f"The mean fraction of a layer's experts one step reads, by tokens per step (the plugin samples one step in 4). At {D.expert_dense_coverage:g} (yellow) a step reads nearly every expert's weights, like a dense model: the smallest such bin is the dense point. 'independent' is what tokens routed independently with the window's expert shares would reach; observed below it is request locality.",
+              tuple(T(by_bin(f"moe_watch_expert_coverage_{metric}", "tokens", SEL), "", True) for metric in ("ratio", "independent_ratio", "steps")),
+              "percentunit", ((D.expert_dense_coverage, YELLOW),), 12, options=table,
+              overrides=(by_name("observed", **cells), by_name("sampled steps", unit="none"), by_name("tokens", unit="none")),
+              transformations=bin_table("tokens", coverage)),
+        Panel("stat", "Batch knee and dense point", "The running batch where tokens/s per GPU peaks within the ITL SLO (absent until a batch has batching_min_bin_seconds of evidence), and the smallest tokens per step whose steps read most experts. Drift compares max_num_seqs with the knee once a larger batch did worse.",
+              (T(f"moe_watch_batch_knee_requests{{{SEL_MODEL}}}", "{{engine}} knee (requests)"), T(f"moe_watch_expert_dense_point_tokens{{{SEL}}}", "{{engine}} dense point (tokens/step)")),
+              "none", (), 24, 4),
+    )  # fmt: skip
 
 
 def experts() -> dict[str, Any]:

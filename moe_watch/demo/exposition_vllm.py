@@ -151,6 +151,11 @@ class VllmCollector(Collector):
                 "Histogram of time spent in WAITING phase for request.",
                 sim.queue,
             ),
+            (
+                "vllm:iteration_tokens_total",
+                "Histogram of number of tokens per engine_step.",
+                sim.iteration_tokens,
+            ),
         ):
             family = HistogramMetricFamily(name, doc, labels=self.labels)
             family.add_metric(self.key, histogram.cumulative(0), histogram.sum)

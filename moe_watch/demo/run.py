@@ -29,10 +29,11 @@ from moe_watch.demo.fake_nvml import FakeNvml
 from moe_watch.demo.scenarios import SCENARIOS, Scenario
 from moe_watch.demo.simulated_engine import EngineSim
 from moe_watch.demo.simulated_engine_server import start_engine_server
-from moe_watch.expert_file import All2AllTimes, CountsFile, write_counts_file
+from moe_watch.expert_file import All2AllTimes, CountsFile, StepCoverage, write_counts_file
 from moe_watch.logs import configure_logging
 from moe_watch.serving.exporter import build_registry
 from moe_watch.serving.service import ListenError, install_stop_signals, serve
+from moe_watch.signals.power_bins import BINS
 from moe_watch.vllm_plugin.all2all import BOUNDS as ALL2ALL_BOUNDS
 
 ENGINE_ID = "demo-mixtral"
@@ -142,7 +143,24 @@ class All2AllSim:
         )
 
 
-def write_expert_counts(directory: Path, sim: EngineSim, all2all: All2AllSim | None = None) -> None:
+def step_coverage(sim: EngineSim) -> StepCoverage:
+    """The plugin's coverage sums for the simulated engine (its expectations, rounded)."""
+    return StepCoverage(
+        bins=list(BINS),
+        steps=list(sim.coverage_steps),
+        tokens=list(sim.coverage_tokens),
+        distinct=[[round(v) for v in row] for row in sim.coverage_distinct],
+        sample_every=sim.scenario.coverage_sample_every,
+    )
+
+
+def write_expert_counts(
+    directory: Path,
+    sim: EngineSim,
+    all2all: All2AllSim | None = None,
+    *,
+    now: float | None = None,
+) -> None:
     """What the moe-watch vLLM plugin in the simulated engine's worker would write."""
     s = sim.scenario
     write_counts_file(
@@ -150,7 +168,7 @@ def write_expert_counts(directory: Path, sim: EngineSim, all2all: All2AllSim | N
         CountsFile(
             pid=ENGINE_PID,
             started=sim.counters_started,
-            updated=time.time(),
+            updated=time.time() if now is None else now,
             model=sim.model_name,
             top_k=s.top_k,
             num_experts=s.num_experts,
@@ -159,6 +177,7 @@ def write_expert_counts(directory: Path, sim: EngineSim, all2all: All2AllSim | N
             vllm_version=sim.version,
             ep_size=s.gpu_count,
             all2all=all2all.times() if all2all is not None and s.gpu_count > 1 else None,
+            coverage=step_coverage(sim),
         ),
     )
 
@@ -207,6 +226,9 @@ async def _demo(args: argparse.Namespace, scenario: Scenario) -> None:
             }
         ],
         expert_full_detail=True,  # 32 layers x 8 experts: small enough, and the heatmap needs it
+        # The batching curve's knee needs this much evidence per batch: 10 s so that the demo
+        # shows one within a minute (a real engine's default is 300 s).
+        batching_min_bin_seconds=10.0,
         listen=args.listen,
         interval_seconds=args.interval_seconds,
         window_seconds=args.window_seconds,

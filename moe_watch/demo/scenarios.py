@@ -62,6 +62,21 @@ class Scenario:
     pcie_generation: int = 5
     all2all_seconds: float = 0.003
     nvlink_bytes_per_second: float = 40e9
+    # Batching (the batching curve): one decode step of a batch of B takes
+    # itl_seconds x (1 + itl_per_seq x B + itl_per_seq_squared x B^2); with the squared term
+    # the engine's tokens/s, B / ITL, peaks at B = 1 / sqrt(itl_per_seq_squared).
+    itl_per_seq: float = 0.02
+    itl_per_seq_squared: float = 0.0
+    # A closed-loop load sweep instead of Poisson arrivals: the requests in the engine are held
+    # at each of these concurrencies for sweep_phase_seconds in turn, then from the first again.
+    concurrency_sweep: tuple[int, ...] = ()
+    sweep_phase_seconds: float = 90.0
+    # Request locality: a request sends routing_locality of its routing to its home group of
+    # experts (one of locality_groups equal groups, drawn per request) and the rest by the
+    # layer's shares. The window's shares stay the layer's; what a step reaches does not.
+    routing_locality: float = 0.0
+    locality_groups: int = 1
+    coverage_sample_every: int = 4  # the plugin's MOE_WATCH_COVERAGE_SAMPLE_EVERY
 
     def __post_init__(self) -> None:
         problems = [
@@ -102,6 +117,17 @@ class Scenario:
                 "hot_flip_expert (an expert of the model) and hot_flip_every_seconds (> 0) go "
                 "together, with a hot_expert"
             )
+        if any(c < 1 for c in self.concurrency_sweep) or not self.sweep_phase_seconds > 0:
+            problems.append("concurrency_sweep needs concurrencies >= 1 and a phase > 0 s")
+        if self.concurrency_sweep and max(self.concurrency_sweep) > self.max_num_seqs:
+            problems.append("a sweep's concurrencies must fit max_num_seqs")
+        groups, locality = self.locality_groups, self.routing_locality
+        if groups < 1 or self.num_experts % groups or not 0 <= locality <= 1:
+            problems.append("locality_groups must divide num_experts; routing_locality in [0, 1]")
+        elif self.top_k * (locality * groups + (1 - locality)) / self.num_experts > 1:
+            problems.append("routing_locality too high: an expert would take more than every token")
+        if self.itl_per_seq < 0 or self.itl_per_seq_squared < 0 or self.coverage_sample_every < 1:
+            problems.append("itl_per_seq(_squared) must be >= 0, coverage_sample_every >= 1")
         if problems:
             raise ValueError(f"scenario {self.name!r}: " + "; ".join(problems))
 
@@ -164,6 +190,23 @@ SCENARIOS: dict[str, Scenario] = {
         pcie_generation=4,
         all2all_seconds=0.035,
         itl_seconds=0.06,
+    ),
+    "batch_peak": replace(
+        _NORMAL,
+        name="batch_peak",
+        description="a closed-loop sweep of 1, 2, 4, 8, 16, 32 concurrent requests (90 s each): tokens/s per GPU peaks at batch 8, batch 32 breaks the ITL SLO; 64 experts top-2 with request locality, dense point at 512 tokens per step",
+        concurrency_sweep=(1, 2, 4, 8, 16, 32),
+        sweep_phase_seconds=90.0,
+        max_num_seqs=64,
+        prompt_tokens=(100, 600),
+        generation_tokens=(20, 60),
+        prefix_hit_ratio=0.0,
+        itl_seconds=0.025,
+        itl_per_seq_squared=1 / 64,  # tokens/s peaks at batch 8; ITL at 16: 0.13 s, at 32: 0.44 s
+        num_layers=8,
+        num_experts=64,
+        routing_locality=0.8,
+        locality_groups=4,
     ),
     "restart": replace(
         _NORMAL,

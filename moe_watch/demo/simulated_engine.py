@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from moe_watch.demo.scenarios import GIB, Scenario
+from moe_watch.signals.power_bins import BIN_COUNT, int_bin_index
 
 STEP_SECONDS = 0.25
 MAX_STEPS_PER_ADVANCE = 2400  # 10 simulated minutes; a longer gap is skipped, not replayed
@@ -29,6 +30,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 QUEUE_BUCKETS = E2E_BUCKETS
+ITERATION_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0)  # fmt: skip
 # SGLang's defaults (python/sglang/srt/metrics/collector.py): other layouts, same quantities.
 SGLANG_E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 200.0, 400.0, 600.0, 1200.0, 1800.0, 2400.0)  # fmt: skip
 SGLANG_TTFT_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 200.0, 400.0)  # fmt: skip
@@ -61,6 +63,7 @@ class _Request:
     prefill_left: float = 0.0  # seconds of prefill still to run
     first_token: float = -1.0
     generated: float = 0.0
+    home: int = 0  # the request's home group of experts (request locality)
 
     @property
     def kv_tokens(self) -> int:
@@ -120,6 +123,7 @@ class EngineSim:
         self._last_restart = start_time
         self._last_step_tokens = 0
         self._load = 0.0  # smoothed batch load, 0..1: what GPU utilization follows
+        self._step_debt = 0.0  # engine decode steps not yet whole
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -140,6 +144,14 @@ class EngineSim:
         # Tokens routed to each (layer, expert) since the engine (re)started.
         self.expert_counts = [[0] * s.num_experts for _ in range(s.num_layers)]
         self.counters_started = self.now
+        # Engine steps (vLLM's iteration_tokens_total) and what the plugin's coverage sampler
+        # would add up on one step in coverage_sample_every: per bin of tokens per step, the
+        # steps, their tokens and, per layer, the experts reached (here: its expectation).
+        self.iteration_tokens = SimHistogram(ITERATION_BUCKETS)
+        self.engine_steps = 0
+        self.coverage_steps = [0] * BIN_COUNT
+        self.coverage_tokens = [0] * BIN_COUNT
+        self.coverage_distinct = [[0.0] * s.num_layers for _ in range(BIN_COUNT)]
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -216,19 +228,35 @@ class EngineSim:
 
     def _arrive(self, dt: float) -> None:
         s = self.scenario
-        for _ in range(self._poisson(s.arrival_rate * dt)):
+        if s.concurrency_sweep:
+            arrivals = max(0, self.concurrency - len(self._running) - len(self._waiting))
+        else:
+            arrivals = self._poisson(s.arrival_rate * dt)
+        for _ in range(arrivals):
             if len(self._waiting) >= s.max_waiting:
                 self.rejected_total += 1
                 continue
-            self._waiting.append(
-                _Request(
-                    prompt=self._rng.randint(*s.prompt_tokens),
-                    target=self._rng.randint(*s.generation_tokens),
-                    finished_reason="stop" if self._rng.random() < s.stop_ratio else "length",
-                    arrived=self.now - self._rng.uniform(0.0, dt),
-                    itl_jitter=self._rng.uniform(0.85, 1.25),
-                )
+            request = _Request(
+                prompt=self._rng.randint(*s.prompt_tokens),
+                target=self._rng.randint(*s.generation_tokens),
+                finished_reason="stop" if self._rng.random() < s.stop_ratio else "length",
+                arrived=self.now - self._rng.uniform(0.0, dt),
+                itl_jitter=self._rng.uniform(0.85, 1.25),
             )
+            if s.concurrency_sweep:  # closed loop: it replaces one that ended in the last step
+                request.arrived = self.now - dt
+            if s.locality_groups > 1:
+                request.home = self._rng.randrange(s.locality_groups)
+            self._waiting.append(request)
+
+    @property
+    def concurrency(self) -> int:
+        """The sweep's concurrency now (requests held in the engine); 0 without a sweep."""
+        sweep = self.scenario.concurrency_sweep
+        if not sweep:
+            return 0
+        phase = int((self.now - self.started) / self.scenario.sweep_phase_seconds)
+        return sweep[phase % len(sweep)]
 
     def _poisson(self, mean: float) -> int:
         """Knuth's method: cheap for the small per-step means used here, and capped."""
@@ -272,6 +300,11 @@ class EngineSim:
         self.prefix_hits_total += hits
         self.prompt_tokens_total += request.prompt
         self.request_prompt_tokens.observe(request.prompt)
+        computed = request.prompt - hits
+        if computed > 0:
+            # Its prefill rides along the decode steps (chunked prefill: vLLM's step counter
+            # does not see it apart), but the coverage sampler sees a step of its tokens.
+            self._prefill_sample(computed, {request.home: computed})
         return request.prompt
 
     def _prefill_seconds(self, tokens: int) -> float:
@@ -284,13 +317,17 @@ class EngineSim:
         )
 
     def _itl(self) -> float:
-        """One decode step: a fuller batch decodes each sequence a little slower."""
+        """One decode step: a fuller batch decodes each sequence slower."""
         s = self.scenario
-        return s.itl_seconds * s.latency_multiplier * (1.0 + 0.02 * len(self._running))
+        batch = len(self._running)
+        growth = 1.0 + s.itl_per_seq * batch + s.itl_per_seq_squared * batch * batch
+        return s.itl_seconds * s.latency_multiplier * growth
 
     def _decode(self, dt: float) -> int:
         """Run prefill and decode for ``dt``; finish requests; returns the tokens generated."""
         itl, made, still = self._itl(), 0, []
+        decoding: list[_Request] = []
+        decode_seconds = 0.0  # how long the engine ran decode steps in this sub-step
         for request in self._running:
             budget = min(dt, self.now - request.resumed)  # seconds this request runs in the step
             if request.prefill_left > 0:
@@ -303,6 +340,8 @@ class EngineSim:
                 if request.first_token < 0:
                     request.first_token = self.now - budget
                     self.ttft.observe(request.first_token - request.arrived)
+            decoding.append(request)
+            decode_seconds = max(decode_seconds, budget)
             rate = 1.0 / (itl * request.itl_jitter)  # tokens per second for this request
             before, wanted = int(request.generated), request.generated + budget * rate
             request.generated = min(float(request.target), wanted)
@@ -313,7 +352,63 @@ class EngineSim:
                 still.append(request)
         self._running = still
         self.generation_tokens_total += made
+        self._decode_steps(decode_seconds / itl, decoding)
         return made
+
+    def _decode_steps(self, steps: float, decoding: list[_Request]) -> None:
+        """The engine's decode steps of this sub-step: one token per decoding request each."""
+        self._step_debt += steps
+        whole = int(self._step_debt)
+        self._step_debt -= whole
+        if not decoding or whole <= 0:
+            return
+        self.iteration_tokens.observe(len(decoding), times=whole)
+        homes: dict[int, int] = {}
+        for request in decoding:
+            homes[request.home] = homes.get(request.home, 0) + 1
+        every = self.scenario.coverage_sample_every
+        first = self.engine_steps
+        self.engine_steps += whole
+        sampled = (self.engine_steps + every - 1) // every - (first + every - 1) // every
+        for _ in range(sampled):  # the steps k with k % every == 0 (the first one, then every)
+            self._sample_coverage(len(decoding), homes)
+
+    def _prefill_sample(self, tokens: int, homes: dict[int, int]) -> None:
+        every = self.scenario.coverage_sample_every
+        if self.engine_steps % every == 0:
+            self._sample_coverage(tokens, homes)
+        self.engine_steps += 1
+
+    def _sample_coverage(self, tokens: int, homes: dict[int, int]) -> None:
+        """One sampled step of ``tokens`` tokens (``homes``: tokens per home group)."""
+        index = int_bin_index(tokens)
+        self.coverage_steps[index] += 1
+        self.coverage_tokens[index] += tokens
+        row = self.coverage_distinct[index]
+        cache: dict[tuple[float, ...], float] = {}
+        for layer in range(self.scenario.num_layers):
+            shares = tuple(self._shares(layer))
+            if shares not in cache:
+                cache[shares] = self.expected_distinct(shares, homes)
+            row[layer] += cache[shares]
+
+    def expected_distinct(self, shares: tuple[float, ...], homes: dict[int, int]) -> float:
+        """Experts a layer with routing ``shares`` reaches, in expectation, with ``homes`` tokens
+        per home group: sum_e 1 - prod_g (1 - q_ge)^tokens_g, where a token of group g includes
+        expert e with probability q_ge = top_k x its routing to e (the plugin counts what
+        happened; this is its mean, the scenario's known coverage)."""
+        s = self.scenario
+        size = s.num_experts // s.locality_groups
+        local = s.routing_locality
+        reached = 0.0
+        for expert, share in enumerate(shares):
+            miss = 1.0
+            for home, count in homes.items():
+                at_home = 1.0 / size if expert // size == home else 0.0
+                q = s.top_k * ((1.0 - local) * share + local * at_home)
+                miss *= max(0.0, 1.0 - q) ** count
+            reached += 1.0 - miss
+        return reached
 
     def _finish(self, request: _Request, *, finished_at: float) -> None:
         self.finished_total[request.finished_reason] += 1

@@ -241,6 +241,7 @@ class Families:
         self._interconnect()
         self._plan()
         self._groups()
+        self._batching()
 
     def _experts(self) -> None:
         """Per-layer skew and the layer x load-rank grid by default: ~470 series for DeepSeek-V3.
@@ -467,6 +468,59 @@ class Families:
             ["engine", "engine_group"],
         )
 
+    def _batching(self) -> None:
+        """The batching curve (one series per model and batch bin with evidence, at most 12)
+        and the coverage curve (per tokens-per-step bin, at most 12 per engine)."""
+        labels = [*ENGINE_LABELS, "batch"]
+        self.batch_tokens = gauge(
+            "batch_generation_tokens_per_second_per_gpu",
+            "Generated tokens/s per GPU while the running batch was in this bin (aged evidence).",
+            labels,
+        )
+        self.batch_itl = gauge(
+            "batch_itl_p95_seconds", "ITL P95 while the running batch was in this bin.", labels
+        )
+        self.batch_ttft = gauge(
+            "batch_ttft_p95_seconds", "TTFT P95 while the running batch was in this bin.", labels
+        )
+        self.batch_evidence = gauge(
+            "batch_evidence_seconds",
+            "Seconds the running batch spent in this bin (aged: halved every half-life).",
+            labels,
+        )
+        self.batch_knee = gauge(
+            "batch_knee_requests",
+            "The batch bin with the most tokens/s per GPU within the ITL P95 SLO; absent on thin "
+            "evidence.",
+            ENGINE_LABELS,
+        )
+        self.batch_peak = gauge(
+            "batch_knee_peak_reached",
+            "1 when a larger batch with evidence did worse than the knee (a measured peak).",
+            ENGINE_LABELS,
+        )
+        coverage = ["engine", "tokens"]
+        self.coverage = gauge(
+            "expert_coverage_ratio",
+            "Mean fraction of a layer's experts a step of this many tokens reached (window).",
+            coverage,
+        )
+        self.coverage_independent = gauge(
+            "expert_coverage_independent_ratio",
+            "What independent tokens with the window's expert shares would reach; the gap to "
+            "expert_coverage_ratio is request locality.",
+            coverage,
+        )
+        self.coverage_steps = gauge(
+            "expert_coverage_steps", "Sampled steps in the window, by tokens per step.", coverage
+        )
+        self.dense_point = gauge(
+            "expert_dense_point_tokens",
+            f"Smallest tokens-per-step bin whose steps reach >= {T.expert_dense_coverage:g} of "
+            "the experts (a dense model's memory reads).",
+            ["engine"],
+        )
+
     def in_order(self) -> list[Metric]:
         return [
             self.source_up, self.collect_duration, self.last_success, self.collect_errors,
@@ -486,6 +540,9 @@ class Families:
             self.budget, self.budget_used, self.headroom, self.drift, self.drift_info,
             self.group_tokens, self.group_ranks, self.group_expert_id, self.group_top_k,
             self.group_info,
+            self.batch_tokens, self.batch_itl, self.batch_ttft, self.batch_evidence,
+            self.batch_knee, self.batch_peak,
+            self.coverage, self.coverage_independent, self.coverage_steps, self.dense_point,
         ]  # fmt: skip
 
 
@@ -588,6 +645,33 @@ def _engine_part(part: Part, *, f: Families, record: EngineRecord, full_detail: 
             part.add(f.drift, [name, setting], 1.0 if drifted else 0.0)
         for d in record.drift:
             part.add(f.drift_info, [name, d.setting, d.running, d.expected, d.rule], 1)
+    _batching_samples(part, f, record)
+
+
+def _batching_samples(part: Part, f: Families, record: EngineRecord) -> None:
+    for model, answer in sorted(record.batching.items()):
+        for point in answer.points:
+            key = [record.name, model, str(point.batch_bin)]
+            part.add(f.batch_tokens, key, point.tokens_per_second_per_gpu)
+            part.add(f.batch_evidence, key, point.seconds)
+            if point.itl_p95_seconds is not None:
+                part.add(f.batch_itl, key, point.itl_p95_seconds)
+            if point.ttft_p95_seconds is not None:
+                part.add(f.batch_ttft, key, point.ttft_p95_seconds)
+        if answer.knee is not None:
+            part.add(f.batch_knee, [record.name, model], answer.knee)
+            part.add(f.batch_peak, [record.name, model], 1.0 if answer.peak_reached else 0.0)
+    curve = record.experts.coverage if record.experts is not None else None
+    if curve is None:
+        return
+    for b in curve.bins:
+        key = [record.name, str(b.tokens_bin)]
+        part.add(f.coverage, key, b.observed)
+        part.add(f.coverage_steps, key, b.steps)
+        if b.independent is not None:
+            part.add(f.coverage_independent, key, b.independent)
+    if curve.dense_point is not None:
+        part.add(f.dense_point, [record.name], curve.dense_point)
 
 
 def _expert_samples(part: Part, f: Families, record: EngineRecord, *, full_detail: bool) -> None:

@@ -7,8 +7,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from moe_watch.drift import max_num_seqs_rule
+from moe_watch.signals.batching import engine_knee
+from moe_watch.signals.coverage import CoverageCurve
 from moe_watch.signals.eplb_whatif import ALGORITHM, VLLM_VERSION
 from moe_watch.snapshot import EngineExperts, Snapshot, WhatIfView
+from moe_watch.thresholds import DEFAULT
 
 
 def status_document(snapshot: Snapshot) -> dict[str, Any]:
@@ -100,11 +104,73 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
             for view in experts
             if view.latest.all2all is not None
         },
+        "batching": batching_document(snapshot),
+        "coverage": {
+            view.engine: coverage_document(view.coverage, per_layer=False)
+            for view in experts
+            if view.coverage is not None
+        },
     }
 
 
 def _experts(snapshot: Snapshot) -> list[EngineExperts]:
     return [record.experts for record in snapshot.engines if record.experts is not None]
+
+
+def batching_document(snapshot: Snapshot) -> dict[str, Any]:
+    """Each engine's batching curve and knee, and the rule that judges its max_num_seqs."""
+    engines: dict[str, Any] = {}
+    for record in snapshot.engines:
+        if not record.batching:
+            continue
+        models: dict[str, Any] = {}
+        for model, answer in sorted(record.batching.items()):
+            models[model] = {
+                "knee": answer.knee,
+                "peak_reached": answer.peak_reached,
+                "answer": answer.reason,
+                "gpus": answer.gpus,
+                "itl_p95_slo_seconds": answer.slo_seconds,
+                "min_evidence_seconds": answer.min_seconds,
+                "curve": [
+                    {
+                        "batch": p.batch_bin,
+                        "evidence_seconds": round(p.seconds, 3),
+                        "generation_tokens_per_second_per_gpu": p.tokens_per_second_per_gpu,
+                        "itl_p95_seconds": p.itl_p95_seconds,
+                        "ttft_p95_seconds": p.ttft_p95_seconds,
+                        "evidenced": p.evidenced,
+                        "within_slo": p.within_slo,
+                    }
+                    for p in answer.points
+                ],
+            }
+        knee = engine_knee(record.batching.values())
+        engines[record.name] = {"models": models, "max_num_seqs_rule": max_num_seqs_rule(knee)}
+    return engines
+
+
+def coverage_document(curve: CoverageCurve, *, per_layer: bool) -> dict[str, Any]:
+    """An engine's coverage curve (/status); ``per_layer`` adds each layer's (/experts)."""
+    document: dict[str, Any] = {
+        "dense_point_tokens": curve.dense_point,
+        "dense_coverage": DEFAULT.expert_dense_coverage,
+        "sample_every": curve.sample_every,
+        "bins": [
+            {
+                "tokens": b.tokens_bin,
+                "steps": b.steps,
+                "mean_tokens": b.mean_tokens,
+                "observed": b.observed,
+                "independent": b.independent,
+            }
+            for b in curve.bins
+        ],
+    }
+    if per_layer:
+        document["layers"] = list(curve.layers)
+        document["per_layer"] = [list(row) for row in curve.per_layer]
+    return document
 
 
 def experts_document(snapshot: Snapshot | None) -> dict[str, Any]:
@@ -146,6 +212,9 @@ def experts_document(snapshot: Snapshot | None) -> dict[str, Any]:
                 ],
                 "rank_load": {str(rank): load for rank, load in signals.rank_load.items()},
                 "eplb_whatif": whatif_document(view.whatif, full=True),
+                "coverage": coverage_document(view.coverage, per_layer=True)
+                if view.coverage is not None
+                else None,
             }
         )
     return {"timestamp": snapshot.timestamp, "engines": engines}

@@ -43,6 +43,7 @@ VLLM: dict[str, Route] = {
     "vllm:inter_token_latency_seconds": Route("histogram", s.LATENCY_ITL),
     "vllm:time_per_output_token_seconds": Route("histogram", s.LATENCY_ITL, 0),
     "vllm:request_queue_time_seconds": Route("histogram", s.LATENCY_QUEUE),
+    "vllm:iteration_tokens_total": Route("histogram", s.HISTOGRAM_ITERATION_TOKENS),
     "vllm:cache_config_info": Route("info", "cache_config"),
 }
 

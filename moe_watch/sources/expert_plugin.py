@@ -30,7 +30,7 @@ from moe_watch.expert_file import (
     CountsFile,
     read_counts_file,
 )
-from moe_watch.samples import ExpertCounts, Histogram
+from moe_watch.samples import ExpertCounts, Histogram, StepCoverageCounts
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.safe_io import FileRejected
 
@@ -72,6 +72,7 @@ def combine(engine: str, files: list[CountsFile]) -> ExpertCounts:
     latest = max(files, key=lambda item: item.updated)
     placement = next((item.placement for item in files if item.placement), [])
     timed = [(item.updated, item.all2all) for item in files if item.all2all is not None]
+    coverage = step_coverage(files, layers)
     return ExpertCounts(
         engine=engine,
         model=latest.model,
@@ -85,6 +86,39 @@ def combine(engine: str, files: list[CountsFile]) -> ExpertCounts:
         source="plugin",
         all2all=all2all_histogram([times for _, times in timed]),
         all2all_backend=max(timed, key=lambda pair: pair[0])[1].backend if timed else "",
+        coverage=coverage,
+    )
+
+
+def step_coverage(files: list[CountsFile], layers: tuple[int, ...]) -> StepCoverageCounts | None:
+    """The workers' coverage as the engine's: only when every usable file has one.
+
+    DP ranks (and their files) add up: each counts its own steps. Pipeline stages hold different
+    layers of the same steps: each layer's sums come from its stage, and the steps and tokens
+    from the first stage (every stage runs every step, with the same sampling).
+    """
+    measured = [item for item in files if item.coverage is not None]
+    if not measured or len(measured) != len(files):
+        return None
+    first = min(item.pp_rank for item in measured)
+    column = {layer: index for index, layer in enumerate(layers)}
+    bins = len(measured[0].coverage.steps) if measured[0].coverage else 0
+    steps, tokens = [0.0] * bins, [0.0] * bins
+    distinct = [array("d", bytes(8 * len(layers))) for _ in range(bins)]
+    for item in measured:
+        coverage = item.coverage
+        assert coverage is not None
+        if item.pp_rank == first:
+            steps = list(map(add, steps, coverage.steps))
+            tokens = list(map(add, tokens, coverage.tokens))
+        for b, row in enumerate(coverage.distinct):
+            for layer, value in zip(item.layers, row, strict=True):
+                distinct[b][column[layer]] += value
+    return StepCoverageCounts(
+        steps=tuple(steps),
+        tokens=tuple(tokens),
+        distinct=tuple(distinct),
+        sample_every=max(item.coverage.sample_every for item in measured if item.coverage),
     )
 
 
@@ -188,9 +222,10 @@ class PluginExpertSource:
         files: list[CountsFile] = []
         for name in self._names(problems):
             path = self._directory / name
+            dropped: list[str] = []
             try:
                 item = read_counts_file(
-                    path, max_bytes=self._max_file_bytes, max_cells=self._max_cells
+                    path, max_bytes=self._max_file_bytes, max_cells=self._max_cells, dropped=dropped
                 )
             except FileNotFoundError:
                 continue  # removed between listing and reading (a worker exiting)
@@ -202,6 +237,8 @@ class PluginExpertSource:
                 continue
             if now - item.updated > self._stale_after:
                 continue  # a worker that died without cleaning up
+            if dropped:  # read without its coverage: the counts are good
+                problems.add("bad_coverage")
             files.append(item)
         return files
 

@@ -32,14 +32,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from moe_watch.expert_file import All2AllTimes, CountsFile, counts_file_name
+from moe_watch.expert_file import All2AllTimes, CountsFile, StepCoverage, counts_file_name
 from moe_watch.signals.expert_placement import STRATEGIES, expert_ranks
 from moe_watch.vllm_plugin import config_readers as read
 from moe_watch.vllm_plugin.all2all import All2AllTimer, attach_timer, bind_timer
 from moe_watch.vllm_plugin.config_readers import DEFAULT_INTERVAL_SECONDS, Layout
+from moe_watch.vllm_plugin.coverage import CoverageSampler
 from moe_watch.vllm_plugin.hooks import Hook, find_hooks
 from moe_watch.vllm_plugin.logs import log, vllm_version, warn_once
 from moe_watch.vllm_plugin.publisher import Publisher
@@ -95,9 +97,16 @@ class ExpertCounter:
         self.publisher = Publisher(self.path, interval, self.snapshot)
         self._cuda = self.device.type == "cuda"
         self._host: Any = None
+        self._host_distinct: Any = None
         self._side_stream: Any = None
         self._copied: Any = None
         self.all2all: All2AllTimer | None = None  # set by attach under expert parallelism
+        # Experts touched per sampled step; not under sequence-parallel MoE (a shard of a step).
+        self.coverage: CoverageSampler | None = (
+            CoverageSampler(self.accumulator, num_experts, cuda=self._cuda)
+            if layout.sp_size == 1
+            else None
+        )
 
     # -- binding
 
@@ -384,13 +393,34 @@ class ExpertCounter:
         except Exception:
             self.fail("preparing a step failed")
             return
+        if self.coverage is not None:
+            try:
+                self.coverage.step_begins(self.limit)
+            except Exception:
+                self.coverage_fails("preparing a coverage sample failed")
         if self.all2all is not None:
             self.all2all.step_begins()
 
-    def end_step(self) -> None:
-        """After a real step (also one that raised): close the step's all-to-all time."""
+    def end_step(self, *, completed: bool = True) -> None:
+        """After a real step (also one that raised, ``completed`` False): close the step's
+        coverage sample and all-to-all time."""
+        if self.coverage is not None:
+            try:
+                self.coverage.step_ends(completed)
+            except Exception:
+                self.coverage_fails("measuring a step's coverage failed")
         if self.all2all is not None:
             self.all2all.step_ends()
+
+    def coverage_fails(self, what: str) -> None:
+        """Stop measuring coverage for good; counting and serving go on (the file has none)."""
+        self.coverage = None
+        warn_once(
+            "coverage-failed",
+            "%s; expert coverage is not measured any more, counting and serving are not affected",
+            what,
+            exc_info=True,
+        )
 
     def set_limit(self, tokens: int) -> None:
         tokens = max(0, min(tokens, self.cap_tokens))
@@ -412,6 +442,9 @@ class ExpertCounter:
             if self._cuda:  # the copy path: made here, on the worker thread, outside any capture
                 torch = self._torch
                 self._host = torch.zeros(self.accumulator.shape, dtype=torch.int64, pin_memory=True)
+                if self.coverage is not None:
+                    shape = self.coverage.distinct.shape
+                    self._host_distinct = torch.zeros(shape, dtype=torch.int64, pin_memory=True)
                 self._side_stream = torch.cuda.Stream(device=self.device)
                 self._copied = torch.cuda.Event()
             self.started = time.time()
@@ -435,24 +468,47 @@ class ExpertCounter:
 
     def counts(self) -> list[list[int]]:
         """The accumulator on the host. Called by the publisher thread, never the worker's."""
+        return self.copy_out()[0]
+
+    def copy_out(self) -> tuple[list[list[int]], StepCoverage | None]:
+        """The accumulator and the coverage on the host (the publisher thread's call).
+
+        The host tallies of the coverage are read under the lock, while no step runs; on CUDA
+        the side stream first waits for the last sampled step's device ops (an event, not a
+        host sync), so the device sums copied with them are those of the same steps.
+        """
         torch = self._torch
+        coverage = self.coverage
         with self.lock:  # not during a step or a warm-up (no copy can overlap a graph capture)
+            tallies = coverage.file_field([]) if coverage is not None else None
+            distinct: Any = None
             if self._cuda:
                 with torch.cuda.stream(self._side_stream):
+                    if coverage is not None and coverage.any_sampled:
+                        self._side_stream.wait_event(coverage.done)
                     self._host.copy_(self.accumulator, non_blocking=True)
+                    if coverage is not None:
+                        self._host_distinct.copy_(coverage.distinct, non_blocking=True)
                     self._copied.record(self._side_stream)
                 host = None
             else:
                 host = self.accumulator.to("cpu", copy=True)
+                if coverage is not None:
+                    distinct = coverage.distinct.to("cpu", copy=True)
         if host is None:
             self._copied.synchronize()  # waits for our copy only, outside the lock
             host = self._host
-        return host[:, : self.num_experts].tolist()  # type: ignore[no-any-return]
+            distinct = self._host_distinct if coverage is not None else None
+        counts: list[list[int]] = host[:, : self.num_experts].tolist()
+        if tallies is None or distinct is None:
+            return counts, None
+        return counts, replace(tallies, distinct=distinct.tolist())
 
     def snapshot(self) -> CountsFile | None:
         if self.failed:
             return None
         layout = self.layout
+        counts, coverage = self.copy_out()
         return CountsFile(
             pid=os.getpid(),
             started=self.started,
@@ -461,7 +517,7 @@ class ExpertCounter:
             top_k=self.top_k,
             num_experts=self.num_experts,
             layers=list(self.layers),
-            counts=self.counts(),
+            counts=counts,
             vllm_version=vllm_version(),
             dp_rank=layout.dp_rank,
             tp_rank=layout.tp_rank,
@@ -471,6 +527,7 @@ class ExpertCounter:
             sequence_parallel=layout.sp_size > 1,
             placement=list(self.placement),
             all2all=self.all2all_times(),
+            coverage=coverage,
         )
 
     def all2all_times(self) -> All2AllTimes | None:

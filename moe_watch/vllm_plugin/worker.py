@@ -80,9 +80,12 @@ def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
         with counter.lock:
             counter.begin_step(scheduler_output)
             try:
-                return original(self, scheduler_output, *args, **kwargs)
-            finally:
-                counter.end_step()
+                result = original(self, scheduler_output, *args, **kwargs)
+            except BaseException:
+                counter.end_step(completed=False)
+                raise
+            counter.end_step()
+            return result
 
     return execute_model
 

@@ -21,6 +21,7 @@ from moe_watch.demo.scenarios import GIB, SCENARIOS, Scenario
 from moe_watch.demo.simulated_engine import EngineSim, SimHistogram
 from moe_watch.demo.simulated_engine_server import SimServer, start_engine_server
 from moe_watch.signals.experts import skew, token_shares
+from moe_watch.signals.power_bins import BINS, bin_index
 from moe_watch.sources.exposition import parse_engine_exposition
 from tests.conftest import FIXTURES, read_capture
 
@@ -364,6 +365,58 @@ def test_gpu_lost_is_normal_traffic_plus_a_gpu_1_loss_time() -> None:
     assert render_exposition(run("gpu_lost", 60)) == render_exposition(run("normal", 60))
 
 
+def test_batch_peak_sweeps_the_batch_and_its_tokens_per_second_peak_at_8() -> None:
+    scenario = SCENARIOS["batch_peak"]
+    sim = EngineSim(scenario, start_time=0.0)
+    phases: dict[int, tuple[float, float, float]] = {}
+    tokens, steps = 0, 0
+    for index, concurrency in enumerate(scenario.concurrency_sweep):
+        for t in range(1, 91):  # 1 s scrapes through the phase
+            sim.advance(index * 90.0 + t - 0.01)
+            assert sim.running + sim.waiting <= concurrency  # a closed loop, never more
+        made = sim.generation_tokens_total - tokens
+        taken = sim.iteration_tokens.count - steps
+        phases[concurrency] = (made / 90.0, made / taken, sim._itl())
+        tokens, steps = sim.generation_tokens_total, sim.iteration_tokens.count
+    rates = {c: rate for c, (rate, _, _) in phases.items()}
+    assert max(rates, key=rates.__getitem__) == 8
+    assert rates[8] > 1.1 * max(rates[4], rates[16])  # a clear peak, not noise
+    for concurrency, (_, batch, _) in phases.items():  # tokens per step: the batch
+        assert batch <= concurrency, (concurrency, batch)
+        assert BINS[bin_index(batch) or 0] == concurrency, (concurrency, batch)
+    assert phases[16][2] < 0.2 < phases[32][2]  # batch 32 is past the ITL SLO
+
+
+def coverage_truth(sim: EngineSim) -> dict[int, float]:
+    """The simulated plugin's observed coverage per bin label (its expectations)."""
+    layers, experts = sim.scenario.num_layers, sim.scenario.num_experts
+    return {
+        2**b: sum(sim.coverage_distinct[b]) / (steps * layers * experts)
+        for b, steps in enumerate(sim.coverage_steps)
+        if steps
+    }
+
+
+def test_batch_peak_knows_its_coverage_decode_is_independent_prefill_is_local() -> None:
+    sim = EngineSim(SCENARIOS["batch_peak"], start_time=0.0)
+    sim.advance(540.0)
+    truth = coverage_truth(sim)
+    assert set(truth) == {1, 2, 4, 8, 16, 32, 128, 256, 512}  # decode batches and prompts
+    mean_tokens = {2**b: sim.coverage_tokens[b] / n for b, n in enumerate(sim.coverage_steps) if n}
+    for tokens_bin in (1, 2, 4, 8, 16, 32):  # one token per request: independent tokens
+        independent = 1 - (1 - 2 / 64) ** mean_tokens[tokens_bin]
+        assert truth[tokens_bin] == pytest.approx(independent, abs=0.02), tokens_bin
+    for tokens_bin in (128, 256):  # one prompt's tokens keep to its home experts
+        assert truth[tokens_bin] < 1 - (1 - 2 / 64) ** mean_tokens[tokens_bin] - 0.1
+    dense = min(b for b, value in truth.items() if value >= 0.9)
+    assert dense == 512
+    assert truth[256] < 0.88
+    assert truth[512] > 0.93
+    # One engine step in 4 is sampled (decode steps, and each prompt's prefill).
+    assert sum(sim.coverage_steps) == -(-sim.engine_steps // 4)
+    assert sim.engine_steps > sim.iteration_tokens.count  # the prefills are steps too
+
+
 def test_every_scenario_is_named_after_its_key_and_described() -> None:
     assert {"normal", "kv_pressure", "slow_engine", "hot_expert", "restart", "gpu_lost"} <= set(
         SCENARIOS
@@ -371,8 +424,9 @@ def test_every_scenario_is_named_after_its_key_and_described() -> None:
     for name, scenario in SCENARIOS.items():
         assert scenario.name == name
         assert scenario.description
-        # Mixtral's shape; hot_expert_flip needs 16 experts to flip without collapse (its comment)
-        experts = 16 if name == "hot_expert_flip" else 8
+        # Mixtral's shape; hot_expert_flip needs 16 experts to flip without collapse (its
+        # comment), batch_peak 64 so that decode batches up to 32 stay short of the dense point
+        experts = {"hot_expert_flip": 16, "batch_peak": 64}.get(name, 8)
         assert (scenario.num_experts, scenario.top_k, scenario.gpu_count) == (experts, 2, 2)
 
 

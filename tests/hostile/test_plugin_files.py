@@ -111,6 +111,53 @@ async def test_a_hostile_plugin_file_is_refused_and_good_files_are_read(
     assert problems.reasons == {reason: 1}
 
 
+def coverage(**changes: Any) -> dict[str, Any]:
+    bins = [2**b for b in range(12)]
+    base: dict[str, Any] = {
+        "bins": bins,
+        "steps": [1] + [0] * 11,
+        "tokens": [1] + [0] * 11,
+        "distinct": [[2]] + [[0]] * 11,
+        "sample_every": 4,
+    }
+    base.update(changes)
+    return base
+
+
+COVERAGE_CASES: list[tuple[str, str]] = [
+    ("many_rows", json.dumps(raw(coverage=coverage(distinct=[[0]] * 20_000)))),
+    ("a_million_bins", json.dumps(raw(coverage=coverage(bins=list(range(1_000_000)))))),
+    ("nan_steps", json.dumps(raw(coverage=coverage(steps=[float("nan")] + [0] * 11)))),
+    ("huge_tokens", json.dumps(raw(coverage=coverage(tokens=[2**70] + [0] * 11)))),
+    ("more_experts_than_exist", json.dumps(raw(coverage=coverage(distinct=[[99]] + [[0]] * 11)))),
+    ("a_string", json.dumps(raw(coverage="all of them"))),
+]
+
+
+@pytest.mark.parametrize(("name", "text"), COVERAGE_CASES, ids=[c[0] for c in COVERAGE_CASES])
+async def test_a_hostile_coverage_costs_only_the_coverage(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    good(tmp_path)
+    write_case(tmp_path / f"{name}{SUFFIX}", text)
+    with peak_memory():
+        total, problems = await collect(tmp_path)
+    assert total == 24  # the good file and the hostile file's counts (DP rank 5), both read
+    assert problems.reasons == {"bad_coverage": 1}
+
+
+async def test_a_coverage_nested_past_the_depth_limit_costs_the_file(tmp_path: Path) -> None:
+    # Nesting is bounded for the whole document before any field is read (limits.JSON_DEPTH):
+    # a coverage nested past it costs the file, like any other field would.
+    good(tmp_path)
+    deep = coverage(distinct=json.loads(nested(500)))
+    write_case(tmp_path / f"deep{SUFFIX}", json.dumps(raw(coverage=deep)))
+    with peak_memory():
+        total, problems = await collect(tmp_path)
+    assert total == 20  # the good file, untouched
+    assert problems.reasons == {"bad_file": 1}
+
+
 async def test_special_files_never_block_a_worker_thread(tmp_path: Path) -> None:
     good(tmp_path)
     os.mkfifo(tmp_path / f"fifo{SUFFIX}")  # open() without O_NONBLOCK would block for ever
@@ -168,6 +215,7 @@ async def test_a_directory_flooded_with_files_reads_a_bounded_number(tmp_path: P
             "dp_rank",
             "sequence_parallel",
             "format",
+            "coverage",
         ]
     ),
 )
@@ -184,4 +232,6 @@ def test_any_json_value_in_any_field_is_refused_or_sane(
     else:
         assert all(len(row) == data.num_experts for row in data.counts)
         assert all(0 <= c < 2**63 for row in data.counts for c in row)
+        if data.coverage is not None:  # only a consistent one is kept
+            assert all(len(row) == len(data.layers) for row in data.coverage.distinct)
     assert reason in {None, "bad_file", "too_large"}

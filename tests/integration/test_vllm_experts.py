@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.vllm_env import cache_dir, ensure_tiny_mixtral, ensure_vllm_venv
+from bench.vllm_env import cache_dir, ensure_tiny_mixtral, ensure_vllm_venv, install_moe_watch
 from bench.vllm_server import VllmServer
 from moe_watch.expert_file import SUFFIX, read_counts_file
 from moe_watch.samples import ExpertCounts
@@ -32,7 +32,6 @@ from moe_watch.sources.expert_plugin import PluginExpertSource
 
 pytestmark = pytest.mark.vllm
 
-ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 HOT_LAYER, HOT_EXPERT = 2, 5
 TOP_K = 2
@@ -48,16 +47,7 @@ def crafted(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[VllmServer, Path, dict[str, object]]]:
     python = ensure_vllm_venv()
-    install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert install.returncode == 0, (
-        f"installing moe-watch into the vLLM venv failed:\n{install.stderr[-3000:]}"
-    )
+    install_moe_watch(python)
     work = tmp_path_factory.mktemp("experts")
     prompts = work / "prompts.json"
     prompts.write_text(json.dumps(prompt_token_ids()))

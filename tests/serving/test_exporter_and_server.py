@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -14,6 +15,8 @@ from prometheus_client.samples import Sample
 from moe_watch.samples import GpuSample
 from moe_watch.serving.exporter import build_registry
 from moe_watch.serving.server import make_app, start_server
+from moe_watch.signals.batching import BatchAnswer, BatchPoint
+from moe_watch.signals.coverage import CoverageBin, CoverageCurve
 from moe_watch.signals.engine import EngineSignals
 from moe_watch.snapshot import EngineRecord, EngineView, GpuView, Snapshot
 from moe_watch.sources.runner import SourceStatus
@@ -51,6 +54,7 @@ def snapshot() -> Snapshot:
                 up=True,
                 views=(EngineView("mixtral-0", "mixtral-8x7b", "vllm", "0.32.0", signals, 32768),),
                 gpu_spread=0.65,
+                batching={"mixtral-8x7b": batch_answer()},
             ),
         ),
         gpus=(GpuView(hot, "mixtral-0", 0.9), GpuView(lost, "mixtral-0", None)),
@@ -58,6 +62,16 @@ def snapshot() -> Snapshot:
         xid_totals={(1, 79): 2},
         node_gpu_spread=0.65,
     )
+
+
+def batch_answer(knee: int | None = 8) -> BatchAnswer:
+    """Batches 4, 8 and 16 seen; 8 is the peak within the SLO."""
+    points = (
+        BatchPoint(4, 900.0, 60.0, 0.04, 0.3, True, True),
+        BatchPoint(8, 1200.0, 95.0, 0.07, 0.5, True, True),
+        BatchPoint(16, 600.0, 90.0, 0.25, None, True, False),
+    )
+    return BatchAnswer(points, knee, knee is not None, "", 2, 0.2, 300.0)
 
 
 def render(
@@ -264,6 +278,10 @@ def deepseek_v3_snapshot(ep_size: int = 32, engine_group: str | None = None) -> 
         whatif=WhatIfView(whatif, 0.0, 0.0) if whatif is not None else None,
         engine_group=engine_group,
         group_rank_tokens=rank_tokens(signals.window_counts, 256, ep_size) if engine_group else (),
+        coverage=CoverageCurve(  # sampled steps in every one of the 12 bins: the most series
+            tuple(CoverageBin(2**b, 10.0, 2.0**b, min(1.0, 2**b / 64), 0.5) for b in range(12)),
+            dense_point=64,
+        ),
     )
     return Snapshot(
         timestamp=0.0,
@@ -285,8 +303,10 @@ def test_default_expert_export_for_a_deepseek_v3_engine_stays_under_700_series()
     ]
     # per layer: skew, balancedness, max share + 4 load ranks x (share, expert id); 32 EP ranks;
     # max skew, collapsed and observed layers; the EPLB what-if: balancedness today, 3 what-ifs,
-    # redundant needed, its balancedness, searched max: 58 x 11 + 32 + 3 + 7 = 680 (docs/metrics.md)
-    assert len(expert_series) == 58 * (3 + 2 * 4) + 32 + 3 + 7
+    # redundant needed, its balancedness, searched max: 58 x 11 + 32 + 3 + 7 = 680; and the
+    # coverage curve at most: 12 bins x (observed, independent, steps) + the dense point = 37
+    # (docs/metrics.md)
+    assert len(expert_series) == 58 * (3 + 2 * 4) + 32 + 3 + 7 + 12 * 3 + 1
     whatif = [
         s for s in expert_series if s.name == "moe_watch_expert_eplb_whatif_balancedness_ratio"
     ]
@@ -313,3 +333,35 @@ async def test_experts_endpoint_serves_the_whole_matrix() -> None:
     assert engine["layers"][0] == 3
     assert len(engine["hot"]) == 10
     assert len(engine["rank_load"]) == 32
+
+
+def test_the_batching_curve_and_coverage_are_rendered_per_bin_and_absent_when_unknown() -> None:
+    m = render(snapshot)
+    engine = {("engine", "mixtral-0"), ("model", "mixtral-8x7b")}
+
+    def at(name: str, batch: str | None = None) -> float | None:
+        labels = engine | ({("batch", batch)} if batch else set())
+        return m.get(("moe_watch_" + name, frozenset(labels)))
+
+    assert at("batch_generation_tokens_per_second_per_gpu", "8") == 95.0
+    assert at("batch_itl_p95_seconds", "16") == 0.25
+    assert at("batch_evidence_seconds", "4") == 900.0
+    assert at("batch_ttft_p95_seconds", "16") is None  # no TTFT observed there: absent
+    assert at("batch_generation_tokens_per_second_per_gpu", "32") is None  # never seen
+    assert (at("batch_knee_requests"), at("batch_knee_peak_reached")) == (8, 1)
+
+    def thin_snapshot() -> Snapshot:
+        whole = snapshot()
+        record = replace(whole.engines[0], batching={"mixtral-8x7b": batch_answer(None)})
+        return replace(whole, engines=(record,))
+
+    thin = render(thin_snapshot)
+    assert ("moe_watch_batch_knee_requests", frozenset(engine)) not in thin
+    assert ("moe_watch_batch_itl_p95_seconds", frozenset(engine | {("batch", "8")})) in thin
+
+    dsv3 = render(deepseek_v3_snapshot)
+    one = frozenset({("engine", "dsv3")})
+    assert dsv3[("moe_watch_expert_dense_point_tokens", one)] == 64
+    assert dsv3[("moe_watch_expert_coverage_ratio", one | {("tokens", "32")})] == 0.5
+    assert dsv3[("moe_watch_expert_coverage_independent_ratio", one | {("tokens", "2048")})] == 0.5
+    assert dsv3[("moe_watch_expert_coverage_steps", one | {("tokens", "1")})] == 10

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from moe_watch.expert_file import SUFFIX, CountsFile, write_counts_file
+from moe_watch.expert_file import SUFFIX, CountsFile, StepCoverage, write_counts_file
 from moe_watch.samples import ExpertCounts, matrix
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_plugin import PluginExpertSource
@@ -155,3 +156,65 @@ async def test_no_usable_file_is_a_clear_error(tmp_path: Path, layout: str) -> N
     assert str(directory) in err.value.message
     assert "MOE_WATCH_EXPERTS_DIR" in err.value.message
     assert problems.reasons == ({"bad_file": 1} if layout == "only-bad" else {})
+
+
+# --- expert coverage per step -------------------------------------------------------------------
+
+
+def step_coverage(
+    layers: int, distinct: dict[int, list[int]], steps: dict[int, int]
+) -> StepCoverage:
+    bins = [2**b for b in range(12)]
+    tokens = {b: n * (1 if b == 0 else b) for b, n in steps.items()}  # steps of exactly b tokens
+    return StepCoverage(
+        bins=bins,
+        steps=[steps.get(b, 0) for b in bins],
+        tokens=[tokens.get(b, 0) for b in bins],
+        distinct=[distinct.get(b, [0] * layers) for b in bins],
+        sample_every=4,
+    )
+
+
+async def test_coverage_adds_up_over_dp_ranks_and_joins_pipeline_stages(tmp_path: Path) -> None:
+    # DP rank 0 and 1 of stage 0 (layers 0, 1) count their own steps; stage 1 (layer 2) runs
+    # DP rank 0's steps again.
+    put(tmp_path, "dp0", worker(coverage=step_coverage(2, {4: [6, 4]}, {4: 2})))
+    put(tmp_path, "dp1", worker(pid=101, dp_rank=1, coverage=step_coverage(2, {4: [3, 4]}, {4: 1})))
+    put(
+        tmp_path,
+        "pp1",
+        worker(
+            pid=102,
+            pp_rank=1,
+            layers=[2],
+            counts=[[1, 1, 1, 1]],
+            coverage=step_coverage(1, {4: [8]}, {4: 3}),
+        ),
+    )
+    counts, problems = await collect(tmp_path)
+    assert counts.coverage is not None
+    assert counts.layers == (0, 1, 2)
+    assert (counts.coverage.steps[2], counts.coverage.tokens[2]) == (3.0, 12.0)
+    assert list(counts.coverage.distinct[2]) == [9.0, 8.0, 8.0]
+    assert counts.coverage.sample_every == 4
+    assert not problems.reasons
+
+
+async def test_no_engine_coverage_while_one_worker_does_not_measure_it(tmp_path: Path) -> None:
+    put(tmp_path, "dp0", worker(coverage=step_coverage(2, {4: [6, 4]}, {4: 2})))
+    put(tmp_path, "dp1", worker(pid=101, dp_rank=1))  # an older plugin, mid-rollout
+    counts, _ = await collect(tmp_path)
+    assert counts.coverage is None
+    assert counts.counts == matrix([[8, 6, 4, 2], [2, 2, 2, 2]])
+
+
+async def test_a_malformed_coverage_is_counted_and_costs_nothing_else(tmp_path: Path) -> None:
+    put(tmp_path, "w", worker(coverage=step_coverage(2, {4: [6, 4]}, {4: 2})))
+    path = tmp_path / ("w" + SUFFIX)
+    raw = json.loads(path.read_text())
+    raw["coverage"]["distinct"][2] = [999, 4]  # more experts than 2 steps of 4 can reach
+    path.write_text(json.dumps(raw))
+    counts, problems = await collect(tmp_path)
+    assert problems.reasons == {"bad_coverage": 1}
+    assert counts.coverage is None
+    assert counts.counts == matrix([[4, 3, 2, 1], [1, 1, 1, 1]])

@@ -44,7 +44,15 @@ def test_real_busy_capture_shows_the_queue() -> None:
 @pytest.mark.parametrize("state", ["fresh", "after-5-requests", "busy", "after-load"])
 def test_every_real_capture_parses_with_all_latency_kinds(state: str) -> None:
     model = only_model(read_capture(state))
-    assert set(model.histograms) == set(s.LATENCY_KINDS)
+    # and the engine's tokens per step, whose count is its steps (the batching curve's batch)
+    assert set(model.histograms) == {*s.LATENCY_KINDS, s.HISTOGRAM_ITERATION_TOKENS}
+
+
+def test_the_busy_capture_generates_about_one_token_per_running_request_and_step() -> None:
+    model = only_model(read_capture("busy"))
+    steps = model.histograms[s.HISTOGRAM_ITERATION_TOKENS].count
+    assert steps == 594
+    assert model.counters[s.COUNTER_GENERATION_TOKENS] / steps == pytest.approx(7.4, abs=0.05)
 
 
 LEGACY = """\
