@@ -159,7 +159,7 @@ TENSOR_CELLS = _declare(
 )  # fmt: skip
 LOG_LINE_BYTES = _declare(
     "LOG_LINE_BYTES", 64 * 1024, "bytes",
-    "one line of the EPLB log (the partial line kept between cycles)",
+    "one line of the EPLB log, whole or the partial line kept between cycles",
     "an EPLB line is ~200 bytes",
     "`line_too_long`: the line is dropped",
 )  # fmt: skip

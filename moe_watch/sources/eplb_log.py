@@ -111,6 +111,12 @@ class EplbLogSource:
         if len(self._partial) > self._max_line:
             problems.add("line_too_long")
             self._partial, self._skipping = b"", True
+        if len(complete) > self._max_line:  # a whole line past the bound is dropped too
+            lines = complete.split(b"\n")
+            kept = [line for line in lines if len(line) <= self._max_line]
+            if len(kept) < len(lines):
+                problems.add("line_too_long")  # once per cycle, like a partial line
+            complete = b"\n".join(kept)
         return complete.decode("utf-8", errors="replace") + ("\n" if complete else "")
 
     async def close(self) -> None:

@@ -177,9 +177,14 @@ class AgentProcess:
 
 @contextmanager
 def running_agent(
-    directory: Path, settings: dict[str, Any], *, env: dict[str, str] | None = None
+    directory: Path,
+    settings: dict[str, Any],
+    *,
+    env: dict[str, str] | None = None,
+    module: str = "moe_watch.cli",
 ) -> Iterator[AgentProcess]:
-    """Run the agent with ``settings`` (YAML) until the block ends; killed if still alive."""
+    """Run the agent with ``settings`` (YAML) until the block ends; killed if still alive.
+    ``module`` is what ``python -m`` runs: the CLI, or a test launcher that wraps it."""
     config = directory / "agent.yaml"
     config.write_text(yaml.safe_dump({"nvml": "off", **settings}))
     extra = dict(env or {})
@@ -190,7 +195,7 @@ def running_agent(
         **extra,
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "moe_watch.cli", "run", "--config", str(config),
+        [sys.executable, "-m", module, "run", "--config", str(config),
          "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "debug"],
         cwd=directory, env=environment, stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moe_watch import limits
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.eplb_log import EplbLogSource
 from tests.hostile.conftest import peak_memory
@@ -90,3 +91,23 @@ def test_arbitrary_bytes_appended_never_escape(tmp_path: Path, chunks: list[byte
         assert len(source._partial) <= 256
 
     asyncio.run(run())
+
+
+async def test_a_complete_line_past_the_line_limit_is_dropped_and_counted(tmp_path: Path) -> None:
+    # Found by the adversary: only a partial line was held to LOG_LINE_BYTES; a line past it that
+    # arrived whole with its newline was parsed and its model kept.
+    log = tmp_path / "vllm.log"
+    log.write_text("")
+    source = EplbLogSource("e", log)
+    await source.collect(Problems())  # starts at the end of the file
+    line = (
+        "EPLB step: 1 for model {model}: avg_tokens=1.0, max_tokens=2, balancedness=0.5, "
+        "steps until the next rearrangement: 9"
+    )
+    long = line.format(model="long") + " " * limits.LOG_LINE_BYTES
+    with log.open("a") as stream:
+        stream.write(long + "\n" + line.format(model="good") + "\n")
+    problems = Problems()
+    balance = await source.collect(problems)
+    assert set(balance.balancedness) == {"good"}
+    assert problems.reasons == {"line_too_long": 1}

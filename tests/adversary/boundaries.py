@@ -1,0 +1,469 @@
+"""Hypothesis strategies for every declared limit (moe_watch/limits.py): each one generates
+inputs at a limit and just past it (and far past it, where a number has no natural end), as a
+``Case`` that says which boundary it crosses, what it writes there, and which reason the agent
+counts when it is past. ``STRATEGIES`` maps a limit's name to its strategy; ``EXEMPT`` names the
+limits without one and why. A test keeps the two together equal to ``limits.LIMITS``, so a limit
+added without a strategy fails.
+
+A case does not touch the world itself: ``apply`` receives a ``Hostile`` (the hostile engine's
+answers, its plugin directory, its EPLB log, the command line of the process on its GPU) and
+changes only those."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from hypothesis import strategies as st
+
+from moe_watch import limits
+from moe_watch.expert_file import SUFFIX
+
+
+class Hostile(Protocol):
+    """What a case may change: the hostile engine and everything of it the agent reads."""
+
+    plugin_dir: Path
+    eplb_log: Path
+
+    def serve_metrics(self, body: bytes) -> None: ...
+    def serve_models(self, body: bytes) -> None: ...
+    def serve_version(self, body: bytes) -> None: ...
+    def set_cmdline(self, args: list[bytes]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Case:
+    limit: str
+    boundary: str  # plugin | engine | metadata | eplb | proc
+    past: bool  # past the limit: refused with ``reason``; else accepted (``reason`` not counted)
+    source: str  # the `source` label its refusal is counted under
+    reason: str | None  # None: the limit bounds work, nothing is counted either side
+    apply: Callable[[Hostile], None]
+    note: str = ""  # what was generated, for the failure message
+
+    def __repr__(self) -> str:
+        side = "past" if self.past else "at"
+        return f"Case({self.limit} {side}: {self.note})"
+
+
+PLUGIN = "experts:hostile"
+ENGINE = "engine:hostile"
+EPLB = "eplb:hostile"
+
+
+def around(limit: int, far: int | None = None) -> st.SearchStrategy[int]:
+    """A whole number at or just below ``limit``, just past it, or (``far``) far past it."""
+    near = st.integers(max(limit - 2, 0), limit + 2)
+    return near if far is None else st.one_of(near, st.integers(limit + 1, far))
+
+
+# -- plugin counts files ---------------------------------------------------------------------
+
+
+def plugin_doc(**changes: Any) -> dict[str, Any]:
+    """A valid counts file of the hostile engine (4 experts, 1 layer), with ``changes``."""
+    now = time.time()
+    doc: dict[str, Any] = {
+        "format": "moe-watch-expert-counts/1",
+        "pid": 9,
+        "started": now - 10,
+        "updated": now + 3600,
+        "model": "m",
+        "top_k": 2,
+        "num_experts": 4,
+        "layers": [0],
+        "counts": [[1, 2, 3, 4]],
+    }
+    doc.update(changes)
+    return doc
+
+
+def write_plugin(files: dict[str, dict[str, Any] | bytes]) -> Callable[[Hostile], None]:
+    def apply(world: Hostile) -> None:
+        for old in world.plugin_dir.iterdir():
+            old.unlink()
+        for name, doc in files.items():
+            data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+            (world.plugin_dir / f"{name}{SUFFIX}").write_bytes(data)
+
+    return apply
+
+
+def one_file(
+    limit: str, value: int, reason: str, note: str, **changes: Any
+) -> Case:  # one plugin file whose ``changes`` are ``value`` against ``limit``'s number
+    bound = limits.LIMITS[limit].value
+    return Case(limit, "plugin", value > bound, PLUGIN, reason,
+                write_plugin({"w": plugin_doc(**changes)}), note)  # fmt: skip
+
+
+def _ep_size(v: int) -> Case:
+    return one_file("EP_RANKS", v, "too_large", f"ep_size={v}", ep_size=v)
+
+
+def _pid(v: int) -> Case:
+    return one_file("PROCESS_ID", v, "bad_file", f"pid={v}", pid=v)
+
+
+def _layer(v: int) -> Case:
+    return one_file("LAYER_INDEX", v, "bad_file", f"layers=[{v}]", layers=[v])
+
+
+def _experts(v: int) -> Case:
+    return one_file("EXPERTS_PER_LAYER", v, "too_large", f"num_experts={v}",
+                    num_experts=v, counts=[[1] * v])  # fmt: skip
+
+
+def _cells_per_file(layers: int) -> Case:
+    experts = limits.CELLS_PER_FILE // 512  # 256: at 512 layers the file is at the limit
+    case = one_file("CELLS_PER_FILE", layers * experts, "too_large",
+                    f"{layers} layers x {experts} experts", num_experts=experts,
+                    layers=list(range(layers)), counts=[[1] * experts] * layers)  # fmt: skip
+    return case
+
+
+def _stages(limit: str, experts: int, first: int, second: int) -> Case:
+    """Two pipeline stages of one engine, each within the per-file limits."""
+    layers = first + second
+    stage0 = plugin_doc(num_experts=experts, layers=list(range(first)),
+                        counts=[[1] * experts] * first)  # fmt: skip
+    stage1 = plugin_doc(num_experts=experts, layers=list(range(first, layers)),
+                        counts=[[1] * experts] * second, pp_rank=1, pid=10)  # fmt: skip
+    total = layers * experts if limit == "ENGINE_CELLS" else layers
+    return Case(limit, "plugin", total > limits.LIMITS[limit].value, PLUGIN, "too_large",
+                write_plugin({"stage0": stage0, "stage1": stage1}),
+                f"{first}+{second} layers x {experts} experts")  # fmt: skip
+
+
+def _count(v: int | float) -> Case:
+    past = not (isinstance(v, int) and 0 <= v <= limits.COUNT)
+    return Case("COUNT", "plugin", past, PLUGIN, "bad_file",
+                write_plugin({"w": plugin_doc(counts=[[v, 1, 1, 1]])}), f"count={v!r}")  # fmt: skip
+
+
+def _a2a(n: int) -> Case:
+    bounds = [0.001 * (i + 1) for i in range(n)]
+    a2a = {"bounds": bounds, "buckets": [1] * (n + 1), "count": n + 1, "sum": 0.5}
+    return one_file("A2A_BOUNDS", n, "bad_file", f"{n} all2all bounds", all2all=a2a)
+
+
+def _files(n: int) -> Case:
+    docs: dict[str, dict[str, Any] | bytes] = {
+        f"w{i:03d}": plugin_doc(dp_rank=i, pid=100 + i) for i in range(n)
+    }
+    return Case("FILES_PER_CYCLE", "plugin", n > limits.FILES_PER_CYCLE, PLUGIN,
+                "too_many_files", write_plugin(docs), f"{n} files")  # fmt: skip
+
+
+def _entries(n: int) -> Case:
+    def apply(world: Hostile) -> None:
+        write_plugin({"w": plugin_doc()})(world)
+        for i in range(n - 1):
+            (world.plugin_dir / f"junk-{i:05d}.txt").touch()
+
+    return Case("SCAN_ENTRIES", "plugin", n > limits.SCAN_ENTRIES, PLUGIN, None, apply,
+                f"{n} directory entries")  # fmt: skip
+
+
+def _file_bytes(size: int) -> Case:
+    data = json.dumps(plugin_doc()).encode()
+    padded = data + b" " * max(size - len(data), 0)  # whitespace: valid JSON of any size
+    return Case("PLUGIN_FILE_BYTES", "plugin", size > limits.PLUGIN_FILE_BYTES, PLUGIN,
+                "too_large", write_plugin({"w": padded}), f"{size} bytes")  # fmt: skip
+
+
+def _model_chars(n: int) -> Case:
+    return one_file("LABEL_VALUE_CHARS", n, "bad_file", f"model of {n} chars", model="m" * n)
+
+
+def nested(depth: int) -> Any:
+    """A JSON value ``depth`` containers deep (lists in one dict: the document adds a level)."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def _plugin_depth(depth: int) -> Case:
+    # The document is one level; its field adds ``depth - 1``.
+    return one_file("JSON_DEPTH", depth, "bad_file", f"{depth} levels", extra=nested(depth - 1))
+
+
+# -- engine answers ----------------------------------------------------------------------------
+
+FAMILY = "vllm:num_requests_running"
+
+
+def exposition(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _metrics(limit: str, past: bool, reason: str | None, body: bytes, note: str) -> Case:
+    def apply(world: Hostile) -> None:
+        world.serve_metrics(body)
+
+    return Case(limit, "engine", past, ENGINE, reason, apply, note)
+
+
+def _body_bytes(size: int) -> Case:
+    head = exposition([f'{FAMILY}{{model_name="m"}} 1'])
+    padding = b"# " + b"x" * 1021 + b"\n"  # a comment line: only the byte cap stops the body
+    body = head + padding * ((size - len(head)) // len(padding))
+    body += b"#" * (size - len(body) - 1) + b"\n" if size - len(body) > 1 else b""
+    return _metrics("ENGINE_BODY_BYTES", len(body) > limits.ENGINE_BODY_BYTES, "body_too_large",
+                    body, f"{len(body)} bytes")  # fmt: skip
+
+
+def _series(n: int) -> Case:
+    lines = [f'{FAMILY}{{model_name="m",engine_index="{i}"}} 1' for i in range(n)]
+    return _metrics("SERIES_PER_ENGINE", n > limits.SERIES_PER_ENGINE, "series_limit",
+                    exposition(lines), f"{n} samples")  # fmt: skip
+
+
+def _models(n: int) -> Case:
+    lines = [f'{FAMILY}{{model_name="m{i}"}} 1' for i in range(n)]
+    return _metrics("MODELS_PER_ENGINE", n > limits.MODELS_PER_ENGINE, "series_limit",
+                    exposition(lines), f"{n} models")  # fmt: skip
+
+
+def _label_chars(n: int) -> Case:
+    lines = [f'{FAMILY}{{model_name="m"}} 1', f'{FAMILY}{{model_name="{"x" * n}"}} 1']
+    return _metrics("LABEL_VALUE_CHARS", n > limits.LABEL_VALUE_CHARS, "label_too_long",
+                    exposition(lines), f"model_name of {n} chars")  # fmt: skip
+
+
+def _info_labels(n: int) -> Case:
+    labels = ",".join(f'l{i}="v"' for i in range(n))
+    lines = [f'{FAMILY}{{model_name="m"}} 1', f"vllm:cache_config_info{{{labels}}} 1"]
+    return _metrics("INFO_LABELS", n > limits.INFO_LABELS, "label_too_long",
+                    exposition(lines), f"{n} info labels")  # fmt: skip
+
+
+def _models_answer(limit: str, past: bool, reason: str, answer: bytes, note: str) -> Case:
+    def apply(world: Hostile) -> None:
+        world.serve_models(answer)
+
+    return Case(limit, "metadata", past, ENGINE, reason, apply, note)
+
+
+def models_json(max_model_len: Any) -> bytes:
+    return json.dumps(
+        {"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": max_model_len}]}
+    ).encode()
+
+
+def _model_len(v: int | float) -> Case:
+    ok = isinstance(v, int) and 1 <= v <= limits.MODEL_LEN
+    # json.dumps writes NaN and Infinity, which Python's reader (and the agent's) accepts.
+    return _models_answer("MODEL_LEN", not ok, "bad_value", models_json(v), f"max_model_len={v!r}")
+
+
+def _metadata_bytes(size: int) -> Case:
+    data = models_json(4096)
+    answer = data + b" " * max(size - len(data), 0)
+    return _models_answer("METADATA_BYTES", size > limits.METADATA_BYTES, "metadata", answer,
+                          f"{size} bytes")  # fmt: skip
+
+
+def _metadata_depth(depth: int) -> Case:
+    doc = json.loads(models_json(4096))  # 3 levels: the answer, data, a model
+    doc["extra"] = nested(depth - 1)
+    return _models_answer("JSON_DEPTH", depth > limits.JSON_DEPTH, "metadata",
+                          json.dumps(doc).encode(), f"{depth} levels")  # fmt: skip
+
+
+def _version_chars(n: int) -> Case:
+    def apply(world: Hostile) -> None:
+        world.serve_version(json.dumps({"version": "v" * n}).encode())
+
+    return Case("LABEL_VALUE_CHARS", "metadata", n > limits.LABEL_VALUE_CHARS, ENGINE,
+                "label_too_long", apply, f"version of {n} chars")  # fmt: skip
+
+
+# -- the EPLB log ------------------------------------------------------------------------------
+
+EPLB_LINE = (
+    "EPLB step: {step} for model {model}: avg_tokens=1.0, max_tokens=2, balancedness=0.5, "
+    "steps until the next rearrangement: 9\n"
+)
+
+
+def _append(text: str) -> Callable[[Hostile], None]:
+    def apply(world: Hostile) -> None:
+        with world.eplb_log.open("a") as stream:
+            stream.write(text)
+
+    return apply
+
+
+def _line_bytes(n: int) -> Case:
+    line = EPLB_LINE.format(step=1, model="m")
+    line = line[:-1] + " " * max(n - len(line) + 1, 0) + "\n"  # n bytes before the newline
+    size = len(line) - 1
+    return Case("LOG_LINE_BYTES", "eplb", size > limits.LOG_LINE_BYTES, EPLB,
+                "line_too_long", _append(line), f"line of {size} bytes")  # fmt: skip
+
+
+def _log_backlog(n: int) -> Case:
+    line = EPLB_LINE.format(step=1, model="m")
+    lines = max(n // len(line), 1)
+    return Case("LOG_BYTES_PER_CYCLE", "eplb", lines * len(line) > limits.LOG_BYTES_PER_CYCLE,
+                EPLB, None, _append(line * lines), f"{lines * len(line)} bytes at once")  # fmt: skip
+
+
+def _eplb_models(n: int) -> Case:
+    text = "".join(EPLB_LINE.format(step=i, model=f"model-{i}") for i in range(n))
+    return Case("MODELS_PER_ENGINE", "eplb", n > limits.MODELS_PER_ENGINE, EPLB, "series_limit",
+                _append(text), f"{n} models")  # fmt: skip
+
+
+def _eplb_model_chars(n: int) -> Case:
+    return Case("LABEL_VALUE_CHARS", "eplb", n > limits.LABEL_VALUE_CHARS, EPLB,
+                "label_too_long", _append(EPLB_LINE.format(step=1, model="m" * n)),
+                f"model of {n} chars")  # fmt: skip
+
+
+# -- the command line of the process on the hostile engine's GPU -------------------------------
+
+
+def _cmdline(limit: str, past: bool, reason: str, args: list[bytes], note: str) -> Case:
+    def apply(world: Hostile) -> None:
+        world.set_cmdline(args)
+
+    return Case(limit, "proc", past, "proc" if reason == "too_large" else ENGINE, reason,
+                apply, note)  # fmt: skip
+
+
+SERVE = [b"vllm", b"serve", b"m"]
+
+
+def _cmdline_bytes(size: int) -> Case:
+    # /proc/<pid>/cmdline ends every argument with a NUL
+    head = sum(len(a) + 1 for a in [*SERVE, b"--x"])
+    args = [*SERVE, b"--x", b"y" * max(size - head - 1, 1)]
+    total = sum(len(a) + 1 for a in args)
+    return _cmdline("CMDLINE_BYTES", total > limits.CMDLINE_BYTES, "too_large", args,
+                    f"{total} bytes")  # fmt: skip
+
+
+def _cmdline_args(n: int) -> Case:
+    args = [*SERVE, *[b"--x"] * (n - len(SERVE))]
+    return _cmdline("CMDLINE_ARGS", n > limits.CMDLINE_ARGS, "too_large", args, f"{n} arguments")
+
+
+def _num_seqs(text: str) -> Case:
+    try:
+        value = float(text)
+        ok = math.isfinite(value) and value.is_integer() and 1 <= value <= limits.NUM_SEQS
+    except ValueError:
+        ok = False
+    return _cmdline("NUM_SEQS", not ok, "bad_value", [*SERVE, b"--max-num-seqs", text.encode()],
+                    f"--max-num-seqs {text}")  # fmt: skip
+
+
+def _num_seqs_texts() -> st.SearchStrategy[str]:
+    bound = limits.NUM_SEQS
+    return st.one_of(
+        around(bound, far=10**30).map(str),
+        st.sampled_from(["nan", "inf", "-inf", "1e400", "-1", "0", "8.5", "0x10", "", "1e6"]),
+        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    )
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+L = limits
+P, E, M, G, C = "plugin", "engine", "metadata", "eplb", "proc"
+
+# limit -> (boundary, strategy) for every boundary where it is checked
+STRATEGIES: dict[str, list[tuple[str, st.SearchStrategy[Case]]]] = {
+    "PLUGIN_FILE_BYTES": [(P, around(L.PLUGIN_FILE_BYTES).map(_file_bytes))],
+    "CELLS_PER_FILE": [(P, st.integers(510, 514).map(_cells_per_file))],
+    "ENGINE_CELLS": [(P, st.integers(254, 258).map(lambda n: _stages("ENGINE_CELLS", 256, 256, n)))],
+    "ENGINE_LAYERS": [(P, st.integers(510, 514).map(lambda n: _stages("ENGINE_LAYERS", 2, 512, n)))],
+    "LAYER_INDEX": [(P, around(L.LAYER_INDEX, far=2**64).map(_layer))],
+    "EXPERTS_PER_LAYER": [(P, around(L.EXPERTS_PER_LAYER, far=4 * L.EXPERTS_PER_LAYER).map(_experts))],
+    "EP_RANKS": [(P, around(L.EP_RANKS, far=2**62).map(_ep_size))],
+    "PROCESS_ID": [(P, around(L.PROCESS_ID, far=2**64).map(_pid))],
+    "COUNT": [
+        (P, st.one_of(
+            around(L.COUNT, far=2**70),
+            st.integers(-(2**64), -1),
+            st.sampled_from([math.nan, math.inf, -math.inf, 0.5, 1e300]),
+        ).map(_count))
+    ],
+    "A2A_BOUNDS": [(P, around(L.A2A_BOUNDS, far=4096).map(_a2a))],
+    "FILES_PER_CYCLE": [(P, around(L.FILES_PER_CYCLE, far=256).map(_files))],
+    "SCAN_ENTRIES": [(P, st.integers(L.SCAN_ENTRIES - 1, L.SCAN_ENTRIES + 64).map(_entries))],
+    "LABEL_VALUE_CHARS": [
+        (P, around(L.LABEL_VALUE_CHARS, far=100_000).map(_model_chars)),
+        (E, around(L.LABEL_VALUE_CHARS, far=100_000).map(_label_chars)),
+        (M, around(L.LABEL_VALUE_CHARS, far=100_000).map(_version_chars)),
+        (G, around(L.LABEL_VALUE_CHARS, far=50_000).map(_eplb_model_chars)),
+    ],
+    "JSON_DEPTH": [
+        (P, around(L.JSON_DEPTH, far=100_000).map(_plugin_depth)),
+        (M, around(L.JSON_DEPTH, far=100_000).map(_metadata_depth)),
+    ],
+    "ENGINE_BODY_BYTES": [(E, around(L.ENGINE_BODY_BYTES, far=L.ENGINE_BODY_BYTES + 4096).map(_body_bytes))],
+    "METADATA_BYTES": [(M, around(L.METADATA_BYTES, far=4 * L.METADATA_BYTES).map(_metadata_bytes))],
+    "SERIES_PER_ENGINE": [(E, around(L.SERIES_PER_ENGINE, far=3 * L.SERIES_PER_ENGINE).map(_series))],
+    "MODELS_PER_ENGINE": [
+        (E, around(L.MODELS_PER_ENGINE, far=4096).map(_models)),
+        (G, around(L.MODELS_PER_ENGINE, far=1000).map(_eplb_models)),
+    ],
+    "INFO_LABELS": [(E, around(L.INFO_LABELS, far=4096).map(_info_labels))],
+    "MODEL_LEN": [
+        (M, st.one_of(
+            around(L.MODEL_LEN, far=10**400),
+            st.integers(-(2**64), 0),
+            st.sampled_from([math.nan, math.inf, 1e309, 4096.0, 0.5]),
+        ).map(_model_len))
+    ],
+    "LOG_LINE_BYTES": [(G, around(L.LOG_LINE_BYTES, far=4 * L.LOG_LINE_BYTES).map(_line_bytes))],
+    "LOG_BYTES_PER_CYCLE": [
+        (G, st.integers(L.LOG_BYTES_PER_CYCLE - 200, 2 * L.LOG_BYTES_PER_CYCLE).map(_log_backlog))
+    ],
+    "CMDLINE_BYTES": [(C, around(L.CMDLINE_BYTES, far=4 * L.CMDLINE_BYTES).map(_cmdline_bytes))],
+    "CMDLINE_ARGS": [(C, around(L.CMDLINE_ARGS, far=16 * L.CMDLINE_ARGS).map(_cmdline_args))],
+    "NUM_SEQS": [(C, _num_seqs_texts().map(_num_seqs))],
+}  # fmt: skip
+
+# Limits no strategy generates yet, each with where it is held today. Not a permanent list:
+# each wants its boundary in the world (an SGLang recorder target, a Kubernetes API server,
+# raw-socket clients of the agent's server).
+_SGLANG = "SGLang dumps: no SGLang target in the adversary's world yet; held by "
+_KUBE = "Kubernetes API: no API server in the adversary's world yet; held by "
+_SERVER = "the agent's own server: no raw-socket client in the adversary yet; held by "
+EXEMPT: dict[str, str] = {
+    "DUMP_FILE_BYTES": _SGLANG + "tests/hostile/test_sglang_dumps.py",
+    "DUMP_MEMBER_BYTES": _SGLANG + "tests/hostile/test_sglang_dumps.py (zip bombs)",
+    "DUMP_PICKLE_BYTES": _SGLANG + "tests/hostile/test_sglang_dumps.py",
+    "TENSOR_CELLS": _SGLANG + "tests/hostile/test_sglang_dumps.py",
+    "ERROR_BODY_BYTES": _SGLANG + "tests/hostile/test_limits.py (an endless refusal body)",
+    "TOKEN_BYTES": _KUBE + "nothing hostile yet (read at start-up from the pod's own mount)",
+    "LIST_BYTES": _KUBE + "tests/hostile/test_kubernetes_api.py",
+    "WATCH_LINE_BYTES": _KUBE + "tests/hostile/test_kubernetes_api.py (a line over the bound)",
+    "TARGETS_PER_AGENT": _KUBE + "tests/hostile/test_limits.py (a 50,000-pod list)",
+    "SERVER_CONNECTIONS": _SERVER + "tests/hostile/test_probes.py, test_agent_server.py",
+    "PROBE_CONNECTIONS": _SERVER + "tests/hostile/test_agent_server.py",
+    "HEADER_BYTES": _SERVER + "aiohttp's own limit; nothing in the corpus",
+    "HEADER_SECONDS": _SERVER + "tests/hostile/test_agent_server.py (a slow header)",
+    "WRITE_SECONDS": _SERVER + "tests/hostile/test_probes.py (clients that never read)",
+    "PASSWORD_BYTES": _SERVER + "tests/hostile/test_agent_server.py (odd passwords)",
+}
+
+BOUNDARIES = (P, E, M, G, C)
+
+
+def by_boundary(boundary: str) -> st.SearchStrategy[Case]:
+    """Every strategy of ``boundary``, as one."""
+    return st.one_of(
+        [strategy for entries in STRATEGIES.values() for b, strategy in entries if b == boundary]
+    )
