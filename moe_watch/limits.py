@@ -233,6 +233,15 @@ MODEL_LEN = _declare(
     "200x the longest context served today (10M tokens)",
     "`bad_value`: the value is not used (no max_model_len for drift)",
 )  # fmt: skip
+KV_ALLOCATION = _declare(
+    "KV_ALLOCATION", 1 << 50, "",
+    "each number of what an engine's `cache_config_info` says it allocated (`num_gpu_blocks`, "
+    "`block_size`, `kv_cache_size_tokens`, `kv_cache_max_concurrency`, "
+    "`kv_cache_memory_bytes`, blocks x block size): finite, 0 to this",
+    "1 PiB or 10^15 tokens; an engine core holds ~10^8 tokens and ~1 TB at most today",
+    "`bad_value` under `cache_config`: the allocation is unknown (no allocated or coverage "
+    "series, no `kv_cache_tokens` drift); the labels stay in /status",
+)  # fmt: skip
 JSON_DEPTH = _declare(
     "JSON_DEPTH", 64, "levels",
     "nesting of a JSON document read from outside (plugin files, engine metadata, pod lists "
