@@ -8,7 +8,13 @@ where its tokens/s per GPU peaks within the ITL SLO, signals/batching.py) once t
 else above 8 on a large MoE (the static rule); max_model_len far above the
 plan; prefix caching with an FP8 KV cache; expert parallelism off on a multi-GPU MoE; expert
 parallelism on GPUs without NVLink (the interconnect is given by the agent, from NVML); dtype or
-GPU count differing from the plan. No plan: only the rules apply.
+GPU count differing from the plan; a KV cache holding materially less than the plan needs
+(``kv_cache_tokens``: allocated / planned tokens per engine core below
+``thresholds.kv_cache_plan_coverage``, sizing/allocated.py). No plan: only the rules apply.
+
+vLLM's ``max_num_seqs`` (``--max-num-seqs``) is per DP rank, and so is every comparison here:
+the static rule judges the flag as it is, and a plan's ``max_num_seqs`` (its target for the
+whole deployment) is compared as the plan's sequences per rank (``seqs_per_rank``).
 
 A running value that is not a finite number in its range (``--max-num-seqs nan``, ``1e400``, a
 negative GPU memory fraction) is refused: it is unknown, and ``Running.refused`` names it so
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from moe_watch import limits
 from moe_watch.signals.batching import BatchAnswer
 from moe_watch.signals.power_bins import BINS, bin_edges
+from moe_watch.sizing.allocated import KvCoverage
 from moe_watch.sizing.catalog import ModelSpec, UnknownModel, find_model
 from moe_watch.sizing.plan import PlanFile
 from moe_watch.thresholds import DEFAULT as T
@@ -39,6 +46,7 @@ SETTINGS = (
     "gpu_memory_utilization",
     "gpus",
     "interconnect",
+    "kv_cache_tokens",
     "max_model_len",
     "max_num_seqs",
 )
@@ -196,9 +204,13 @@ def find_drift(
     spec: ModelSpec | None = None,
     *,
     knee: BatchAnswer | None = None,
+    kv: KvCoverage | None = None,
+    seqs_per_rank: int | None = None,
 ) -> list[Drift]:
     """``knee``: the engine's batching curve; where it has a measured peak, max_num_seqs is
-    judged against it instead of the static rule."""
+    judged against it instead of the static rule. ``kv``: the plan's KV tokens against the
+    engine's allocation. ``seqs_per_rank``: the plan's sequences per DP rank under its sized
+    layout (else its target over its given ``data_parallel_size``)."""
     spec = spec or _spec_for(running.model)
     large = spec.is_large if spec is not None else False
     found: list[Drift] = []
@@ -272,12 +284,31 @@ def find_drift(
                 "crosses PCIe (~128 GB/s vs NVLink's 900 GB/s)",
             )
         )
+    if kv is not None and kv.short(T.kv_cache_plan_coverage):
+        found.append(_kv_short(kv, running.max_model_len))
     if plan is not None:
-        found.extend(_against_plan(running, plan))
+        found.extend(_against_plan(running, plan, seqs_per_rank))
     return found
 
 
-def _against_plan(running: Running, plan: PlanFile) -> list[Drift]:
+def _kv_short(kv: KvCoverage, engine_len: int | None) -> Drift:
+    """The engine holds materially less KV than its plan needs: it preempts before it reaches
+    the planned concurrency."""
+    own = ""
+    if kv.engine_max_concurrency is not None and engine_len is not None:
+        own = f"; vLLM: {kv.engine_max_concurrency:g} at its max_model_len {engine_len}"
+    return Drift(
+        "kv_cache_tokens",
+        str(kv.allocated_tokens),
+        f">= {math.ceil(T.kv_cache_plan_coverage * kv.planned_tokens)}",
+        f"{kv.sequences_at_planned_len} sequences of {kv.planned_max_model_len} tokens fit in "
+        f"the KV cache, the plan needs {kv.planned_seqs} per DP rank "
+        f"({kv.planned_tokens} tokens, allocated {kv.ratio:.2f} of it){own}: it preempts "
+        "before its planned concurrency",
+    )
+
+
+def _against_plan(running: Running, plan: PlanFile, seqs_per_rank: int | None) -> list[Drift]:
     found: list[Drift] = []
     expected = plan.vllm
     if (
@@ -297,8 +328,14 @@ def _against_plan(running: Running, plan: PlanFile) -> list[Drift]:
         found.append(Drift("dtype", running.dtype, plan.dtype, "differs from the plan"))
     if running.gpus is not None and running.gpus != plan.gpus:
         found.append(Drift("gpus", str(running.gpus), str(plan.gpus), "differs from the plan"))
-    for setting in ("gpu_memory_utilization", "max_num_seqs"):
-        want, have = getattr(expected, setting), getattr(running, setting)
+    per_rank = None  # vLLM's flag is per DP rank; the plan's max_num_seqs is the deployment's
+    if expected.max_num_seqs is not None:
+        per_rank = seqs_per_rank or math.ceil(
+            expected.max_num_seqs / (plan.data_parallel_size or 1)
+        )
+    wanted = {"gpu_memory_utilization": expected.gpu_memory_utilization, "max_num_seqs": per_rank}
+    for setting, want in wanted.items():
+        have = getattr(running, setting)
         if (
             want is not None
             and have is not None

@@ -233,12 +233,47 @@ MODEL_LEN = _declare(
     "200x the longest context served today (10M tokens)",
     "`bad_value`: the value is not used (no max_model_len for drift)",
 )  # fmt: skip
+KV_ALLOCATION = _declare(
+    "KV_ALLOCATION", 1 << 50, "",
+    "each number of what an engine's `cache_config_info` says it allocated (`num_gpu_blocks`, "
+    "`block_size`, `kv_cache_size_tokens`, `kv_cache_max_concurrency`, "
+    "`kv_cache_memory_bytes`, blocks x block size): finite, 0 to this",
+    "1 PiB or 10^15 tokens; an engine core holds ~10^8 tokens and ~1 TB at most today",
+    "`bad_value` under `cache_config`: the allocation is unknown (no allocated or coverage "
+    "series, no `kv_cache_tokens` drift); the labels stay in /status",
+)  # fmt: skip
 JSON_DEPTH = _declare(
     "JSON_DEPTH", 64, "levels",
     "nesting of a JSON document read from outside (plugin files, engine metadata, pod lists "
-    "and watch events)",
+    "and watch events, a model's `config.json`)",
     "the deepest real one (a pod object) is ~10",
-    "`bad_file`, `metadata`, `bad_list`, `bad_event`: the document is not used",
+    "`bad_file`, `metadata`, `bad_list`, `bad_event`: the document is not used (a "
+    "`config.json`: exit 2, as `CONFIG_JSON_BYTES`)",
+)  # fmt: skip
+
+# -- a model's config.json (`moe-watch size --config`, a plan file's `config:`) -------------------
+
+CONFIG_JSON_BYTES = _declare(
+    "CONFIG_JSON_BYTES", 1024 * 1024, "bytes",
+    "one Hugging Face `config.json` read for sizing",
+    "the largest real one (Llama 4's, with per-layer lists) is ~10 KB",
+    "exit 2 with one line naming the file (`size`); the plan file is refused (agent start)",
+)  # fmt: skip
+CONFIG_NUMBER = _declare(
+    "CONFIG_NUMBER", 1 << 24, "",
+    "each shape number a `config.json` gives sizing (layers, experts, heads, head size, hidden "
+    "and intermediate sizes, windows, vocabulary): a whole number, 1 to this (0 where the key "
+    "may be off)",
+    "the largest real one is a vocabulary of ~262k; 64x that is no model",
+    "as above: the number's key is named",
+)  # fmt: skip
+
+PARAMS_B = _declare(
+    "PARAMS_B", 100_000, "billion parameters",
+    "a model's total parameters given with its `config.json` (`size --params-b`, a plan "
+    "file's `params_b`): a finite number above 0",
+    "the largest open MoE models have ~1,000B; 100x that is no model",
+    "as above",
 )  # fmt: skip
 
 # -- processes on the GPUs (/proc) ----------------------------------------------------------------

@@ -17,6 +17,7 @@ from moe_watch.signals.coverage import CoverageCurve
 from moe_watch.signals.engine import EngineSignals
 from moe_watch.signals.eplb_whatif import EplbWhatIf
 from moe_watch.signals.experts import ExpertSignals
+from moe_watch.sizing.allocated import KvPlan
 from moe_watch.sources.runner import SourceStatus
 
 # The stages of one engine's part of a cycle (agent/stages.py): the names EngineRecord.failing
@@ -27,6 +28,7 @@ WHATIF = "whatif"  # the EPLB what-if
 COVERAGE = "coverage"  # the coverage curve of the expert window
 BATCHING = "batching"  # the batching curve and its knee
 DRIFT = "drift"  # the running settings against the plan and the rules
+KV_PLAN = "kv_plan"  # the plan's KV tokens against what the engine allocated
 GPU_SIGNALS = "gpu_signals"  # the engine's GPU spread, interconnect and budget ratios
 ASSEMBLE = "assemble"  # anything else of the engine's (or the node's) part of the cycle
 BAD_VALUE = "bad_value"  # a value a stage refused: not a finite number in its range
@@ -106,6 +108,9 @@ class EngineRecord:
     eplb_balancedness: Mapping[str, float] = field(default_factory=dict)  # model -> its log's
     budget_bytes: float | None = None  # per-GPU memory budget of its plan
     budget_used: tuple[tuple[int, float], ...] = ()  # (GPU index, memory used / budget)
+    # The plan's KV tokens per engine core against what the engine allocated, each where known;
+    # None when the engine is down or the stage failed.
+    kv_plan: KvPlan | None = None
     # Drift findings; None when not checked (down, not vLLM, or the check failed).
     drift: tuple[Drift, ...] | None = None
     # Every setting drift checks, in name order, and whether it drifted (drift.setting_flags).

@@ -89,6 +89,7 @@ class Thresholds:
     gpu_memory_utilization_max: float = _t(0.95, "ratio", "vLLM gpu_memory_utilization at or above which any engine drifts", design="vLLM knobs: 0.95+ leaves no room")
     gpu_memory_utilization_large_moe: float = _t(0.80, "ratio", "vLLM gpu_memory_utilization above which a large MoE drifts", design="vLLM knobs: 0.75-0.80 for large MoE")
     max_num_seqs_large_moe: float = _t(8, "count", "vLLM max_num_seqs above which a large MoE drifts", design="vLLM knobs: max_num_seqs 4-8 to start for large MoE")
+    kv_cache_plan_coverage: float = _t(0.9, "ratio", "KV tokens an engine core allocated / the tokens its plan needs (max_num_seqs per DP rank x max_model_len) below which it drifts (kv_cache_tokens)", ours="below 90 % of the plan the engine preempts well before its planned concurrency; vLLM's memory profiling moves the allocation by a few percent between restarts, which must not flap")
     # Forecasts (docs/alerts.md, "Forecasts"): least-squares trends as recording rules. All ours:
     # the design notes have no forecast thresholds; the runbooks justify them.
     kv_cache_full_seconds: float = _t(900.0, "seconds", "time until the KV cache is full, at the trend, below which it pages", ours="another replica of a large MoE takes minutes to load: page 15 minutes ahead")

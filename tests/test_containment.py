@@ -139,6 +139,8 @@ def inject(stage: str, agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(bad, "_experts", boom)
     elif stage == "drift":
         monkeypatch.setattr(bad, "_drift", boom)
+    elif stage == "kv_plan":
+        monkeypatch.setattr(bad, "kv_plan", boom)
     elif stage == "assemble":
         monkeypatch.setattr(bad, "advance", boom)
     elif stage == "whatif":
@@ -171,7 +173,9 @@ WHATIF = {"moe_watch_expert_rank_balancedness_ratio", "moe_watch_expert_eplb_wha
 GPU_DERIVED = {"moe_watch_budget_used_ratio", "moe_watch_engine_interconnect_info",
                "moe_watch_engine_gpu_utilization_spread_ratio"}  # fmt: skip
 DRIFT = {"moe_watch_config_drift", "moe_watch_config_drift_info"}
-STAGES = ("signals", "experts", "whatif", "drift", "gpu_signals", "assemble")
+KV_PLAN = {"moe_watch_kv_cache_planned_tokens", "moe_watch_kv_cache_allocated_tokens",
+           "moe_watch_kv_cache_max_concurrency", "moe_watch_kv_cache_plan_coverage_ratio"}  # fmt: skip
+STAGES = ("signals", "experts", "whatif", "drift", "kv_plan", "gpu_signals", "assemble")
 
 
 def lost(stage: str, families: set[str]) -> set[str]:
@@ -184,6 +188,7 @@ def lost(stage: str, families: set[str]) -> set[str]:
             "experts": experts,
             "whatif": WHATIF,
             "drift": DRIFT,
+            "kv_plan": KV_PLAN,
             "gpu_signals": GPU_DERIVED,
             "assemble": families - {"moe_watch_target_up"},  # only its up state is left
         }[stage]

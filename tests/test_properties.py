@@ -203,3 +203,62 @@ def test_an_sglang_dump_of_any_bytes_reads_or_fails_with_value_error(
     assert len(rows) * len(rows[0] if rows else ()) <= MAX_CELLS
     assert all(len(row) == len(rows[0]) for row in rows)
     assert all(math.isfinite(c) and c >= 0 for row in rows for c in row)
+
+
+MIXTRAL_CONFIG = json.loads(
+    (Path(__file__).parent / "sizing" / "configs" / "mixtral-8x7b.json").read_text()
+)
+SHAPE_KEYS = [
+    *MIXTRAL_CONFIG, "head_dim", "kv_lora_rank", "qk_rope_head_dim", "first_k_dense_replace",
+    "n_shared_experts", "attention_chunk_size", "no_rope_layer_interval", "layer_types",
+    "text_config", "index_topk",
+]  # fmt: skip
+NUMBERS = st.integers(-(10**30), 10**30) | st.floats() | st.integers(-4, 70000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(SHAPE_KEYS), value=JSON | NUMBERS)
+def test_a_config_json_with_any_field_replaced_sizes_or_fails_with_value_error(
+    tmp_path_factory: pytest.TempPathFactory, field: str, value: object
+) -> None:
+    from moe_watch.sizing.budget import size
+    from moe_watch.sizing.catalog import from_hf_config
+
+    path = tmp_path_factory.mktemp("config") / "config.json"
+    path.write_text(json.dumps({**MIXTRAL_CONFIG, field: value}))
+    try:
+        plan = size(from_hf_config(path, 47.0), gpus=2)
+    except ValueError as exc:  # `size` prints it as its one line, exit 2
+        problem = str(exc)
+        assert problem
+        return
+    per_gpu = plan.chosen.kv.bytes_per_token
+    assert per_gpu > 0
+    assert math.isfinite(plan.itemised.total_gb)
+
+
+ALLOCATION = {"num_gpu_blocks": "8192", "block_size": "128", "kv_cache_size_tokens": "1048576",
+              "kv_cache_max_concurrency": "1024.0", "kv_cache_memory_bytes": "1073741824"}  # fmt: skip
+LABEL_NUMBERS = (
+    st.text(max_size=12)
+    | st.integers(-(10**300), 10**300).map(str)
+    | st.floats().map(repr)
+    | st.sampled_from(["None", "nan", "inf", "-0", "1e400", "0x10"])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(list(ALLOCATION)), value=LABEL_NUMBERS)
+def test_an_allocation_label_of_any_text_is_read_refused_or_unknown(field: str, value: str) -> None:
+    from moe_watch import limits
+    from moe_watch.sizing.allocated import allocated_from_labels, kv_coverage
+
+    refused: list[str] = []
+    allocated = allocated_from_labels({**ALLOCATION, field: value}, refused)
+    if allocated is None:
+        return  # refused (named) or unknown (not a number, not allocated yet)
+    assert refused == []
+    assert 0 <= allocated.tokens <= limits.KV_ALLOCATION
+    coverage = kv_coverage(256, 8192, allocated)
+    assert math.isfinite(coverage.ratio)
+    assert coverage.ratio >= 0

@@ -17,7 +17,14 @@ from moe_watch.signals.gpu import (
     memory_used_ratio,
     utilization_spread,
 )
-from moe_watch.snapshot import BATCHING, GPU_SIGNALS, EngineRecord, GpuView, Snapshot
+from moe_watch.snapshot import (
+    BATCHING,
+    GPU_SIGNALS,
+    KV_PLAN,
+    EngineRecord,
+    GpuView,
+    Snapshot,
+)
 from moe_watch.sources.podresources import Allocation, DeviceOwner
 from moe_watch.sources.runner import SourceStatus
 
@@ -78,11 +85,15 @@ def engine_record(
     )
     no_answers: dict[str, BatchAnswer] = {}
     batching = target.stages.run(BATCHING, lambda: target.batch_answers(len(mine) or 1), no_answers)
-    drift = None
+    drift = kv = None
     if scrape is not None and scrape.kind == "vllm":
+        kv = target.stages.run(KV_PLAN, lambda: target.kv_plan(scrape), None)
         ep_size = part.experts.latest.ep_size if part.experts is not None else None
         knee = engine_knee(batching.values())
-        drift = target.drift(scrape, mine, processes, interconnect=link, ep_size=ep_size, knee=knee)
+        coverage = kv.coverage if kv is not None else None
+        drift = target.drift(
+            scrape, mine, processes, interconnect=link, ep_size=ep_size, knee=knee, kv=coverage
+        )
     return EngineRecord(
         name=target.name,
         up=scrape is not None,
@@ -94,6 +105,7 @@ def engine_record(
         eplb_balancedness=dict(part.eplb),
         budget_bytes=target.budget_bytes,
         budget_used=budget_used,
+        kv_plan=kv,
         drift=drift,
         drift_flags=setting_flags(drift) if drift is not None else (),
         interconnect=link,

@@ -55,6 +55,7 @@ from moe_watch.signals.experts import (
     zero_baseline,
 )
 from moe_watch.signals.window import SlidingWindow
+from moe_watch.sizing.allocated import KvCoverage, KvPlan, PlannedKv, allocated_from_labels
 from moe_watch.sizing.plan import PlanFile
 from moe_watch.snapshot import (
     COVERAGE,
@@ -136,8 +137,17 @@ class EngineTarget:
             )
         self.plan: PlanFile | None = config.plan_file
         self.budget_bytes: float | None = None
+        # The plan's max_num_seqs per DP rank (vLLM's flag) and its KV tokens per engine core,
+        # where the plan states them (sizing's defaults are no target the engine was given).
+        self.seqs_per_rank: int | None = None
+        self.planned_kv: PlannedKv | None = None
         if self.plan is not None and config.plan is not None:
-            self.budget_bytes = self.plan.sized(config.plan.parent).itemised.total_gb * 1e9
+            sized = self.plan.sized(config.plan.parent)
+            self.budget_bytes = sized.itemised.total_gb * 1e9
+            if self.plan.vllm.max_num_seqs is not None:
+                self.seqs_per_rank = sized.chosen.seqs_per_rank
+                if self.plan.vllm.max_model_len is not None:
+                    self.planned_kv = PlannedKv(sized.chosen.seqs_per_rank, sized.max_model_len)
         self._model_windows: dict[str, SlidingWindow[ModelSample]] = {}
         self._expert_window = SlidingWindow[ExpertCounts](settings.window_seconds)
         self.stages = Stages(fields)
@@ -274,6 +284,14 @@ class EngineTarget:
         curve = self.batch_curves.get(model) or BatchCurve(updated=current[0])
         self.batch_curves[model] = add_interval(curve, evidence, current[0], self._half_life)
 
+    def kv_plan(self, scrape: EngineScrape) -> KvPlan:
+        """The plan's KV tokens per engine core against the allocation its ``cache_config_info``
+        states; a label out of range is refused and counted (``bad_value``)."""
+        refused: list[str] = []
+        allocated = allocated_from_labels(scrape.info, refused)
+        self.stages.refuse("cache_config", tuple(refused))
+        return KvPlan(self.planned_kv, allocated)
+
     def drift(
         self,
         scrape: EngineScrape,
@@ -283,14 +301,18 @@ class EngineTarget:
         interconnect: str | None = None,
         ep_size: int | None = None,
         knee: BatchAnswer | None = None,
+        kv: KvCoverage | None = None,
     ) -> tuple[Drift, ...] | None:
         """The rules (and the plan, where there is one) against what the engine runs with, on
         its GPUs ``mine``; None when the check failed (counted, logged once). A running value
         that is not a number in its range is left out and counted as ``bad_value``.
 
-        ``interconnect`` and ``ep_size``: see drift.running_from; ``knee``: drift.find_drift."""
+        ``interconnect`` and ``ep_size``: see drift.running_from; ``knee`` and ``kv``:
+        drift.find_drift."""
         return self.stages.run(
-            DRIFT, lambda: self._drift(scrape, mine, processes, interconnect, ep_size, knee), None
+            DRIFT,
+            lambda: self._drift(scrape, mine, processes, interconnect, ep_size, knee, kv),
+            None,
         )
 
     def _drift(
@@ -301,6 +323,7 @@ class EngineTarget:
         interconnect: str | None,
         ep_size: int | None,
         knee: BatchAnswer | None,
+        kv: KvCoverage | None,
     ) -> tuple[Drift, ...]:
         cmdline = next(
             (
@@ -319,7 +342,9 @@ class EngineTarget:
             interconnect=interconnect,
         )
         self.stages.refuse("running", running.refused)
-        return tuple(find_drift(running, self.plan, knee=knee))
+        return tuple(
+            find_drift(running, self.plan, knee=knee, kv=kv, seqs_per_rank=self.seqs_per_rank)
+        )
 
     def scrape_status(self) -> SourceStatus:
         """The /metrics runner's status, with the failures of the engine's stages counted in."""

@@ -19,6 +19,7 @@ from moe_watch.alerting.rule_file import RULES_FILE, alert_annotations, text_val
 from moe_watch.alerting.specs import ALERTS, FORECAST_ALERTS, Alert
 from moe_watch.alerting.syntax import parse_matchers, unescape
 from moe_watch.alerting.texts import NO_WHATIF, expand, fill
+from moe_watch.drift import SETTINGS
 
 
 def _expected_annotations(
@@ -190,6 +191,34 @@ def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
     return tests
 
 
+def _drift_tests(config: RulesConfig) -> list[dict[str, Any]]:
+    """MoEConfigDrift is every drift rule's alert: it fires for each setting drift.py checks
+    (the KV cache holding less than its plan needs among them) and not for one checked and fine."""
+    alert = next(a for a in ALERTS if a.name == "MoEConfigDrift")
+    minutes = _minutes(config.for_(alert)) + 2
+    fired = []
+    for setting in SETTINGS:
+        labels = {"engine": "mixtral-0", "setting": setting, "severity": config.severity(alert)}
+        labels |= config.additional_labels
+        annotations = _expected_annotations(alert, config, labels, 1.0, "", NO_WHATIF)
+        fired.append({"exp_labels": labels, "exp_annotations": annotations})
+    return [
+        {
+            "interval": "1m",
+            "input_series": [
+                *(
+                    {"series": f'moe_watch_config_drift{{{ENGINE},setting="{setting}"}}', "values": "1x60"}
+                    for setting in SETTINGS
+                ),
+                {"series": 'moe_watch_config_drift{engine="fine",setting="kv_cache_tokens"}', "values": "0x60"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": f"{minutes}m", "alertname": alert.name, "exp_alerts": fired},
+            ],
+        }
+    ]  # fmt: skip
+
+
 def _number(value: float) -> str:
     return f"{value:.15g}"
 
@@ -324,6 +353,11 @@ def promtool_tests(config: RulesConfig | None = None) -> dict[str, Any]:
         else []
     )
     tests += _forecast_tests(config) if all(config.enabled(a) for a in FORECAST_ALERTS) else []
+    tests += (
+        _drift_tests(config)
+        if any(a.name == "MoEConfigDrift" for a in ALERTS if config.enabled(a))
+        else []
+    )
     return {"rule_files": [f"../{RULES_FILE.name}"], "evaluation_interval": "1m", "tests": tests}
 
 

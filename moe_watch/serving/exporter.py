@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from moe_watch import __version__
+from moe_watch.sizing.allocated import KvPlan
 from moe_watch.snapshot import EXPERTS, EngineRecord, GpuView, Snapshot
 from moe_watch.thresholds import DEFAULT as T
 
@@ -418,6 +419,30 @@ class Families:
         self.headroom = gauge(
             "memory_headroom_ratio", "GPU memory still free / total, 0-1.", ["gpu"]
         )
+        self.kv_planned = gauge(
+            "kv_cache_planned_tokens",
+            "KV tokens the engine's plan needs per engine core (DP rank): its max_num_seqs per "
+            "rank x max_model_len.",
+            ["engine"],
+        )
+        self.kv_allocated = gauge(
+            "kv_cache_allocated_tokens",
+            "KV tokens one engine core allocated (vLLM cache_config_info kv_cache_size_tokens, "
+            "else num_gpu_blocks x block_size).",
+            ["engine"],
+        )
+        self.kv_max_concurrency = gauge(
+            "kv_cache_max_concurrency",
+            "Requests of the engine's own max_model_len one engine core's KV cache holds at once "
+            "(vLLM cache_config_info kv_cache_max_concurrency).",
+            ["engine"],
+        )
+        self.kv_coverage = gauge(
+            "kv_cache_plan_coverage_ratio",
+            f"Allocated / planned KV tokens per engine core; below {T.kv_cache_plan_coverage:g} "
+            "the engine drifts (kv_cache_tokens): it preempts before its planned concurrency.",
+            ["engine"],
+        )
         self.drift = gauge(
             "config_drift",
             "1 if the running setting breaks the plan or an MoE rule.",
@@ -537,7 +562,9 @@ class Families:
             self.all2all_seconds, self.all2all_passes, self.all2all_info,
             self.nvlink_links, self.nvlink_transmit, self.nvlink_receive, self.pcie_generation,
             self.pcie_max_generation, self.pcie_width, self.pcie_max_width, self.interconnect,
-            self.budget, self.budget_used, self.headroom, self.drift, self.drift_info,
+            self.budget, self.budget_used, self.headroom,
+            self.kv_planned, self.kv_allocated, self.kv_max_concurrency, self.kv_coverage,
+            self.drift, self.drift_info,
             self.group_tokens, self.group_ranks, self.group_expert_id, self.group_top_k,
             self.group_info,
             self.batch_tokens, self.batch_itl, self.batch_ttft, self.batch_evidence,
@@ -640,12 +667,27 @@ def _engine_part(part: Part, *, f: Families, record: EngineRecord, full_detail: 
         part.add(f.budget, [name], record.budget_bytes)
     for index, ratio in record.budget_used:
         part.add(f.budget_used, [name, str(index)], ratio)
+    if record.kv_plan is not None:
+        _kv_plan_samples(part, f, record.kv_plan, name)
     if record.drift is not None:
         for setting, drifted in record.drift_flags:
             part.add(f.drift, [name, setting], 1.0 if drifted else 0.0)
         for d in record.drift:
             part.add(f.drift_info, [name, d.setting, d.running, d.expected, d.rule], 1)
     _batching_samples(part, f, record)
+
+
+def _kv_plan_samples(part: Part, f: Families, kv: KvPlan, name: str) -> None:
+    """Each figure only where known: no plan, no planned tokens; no allocation, no tokens."""
+    if kv.planned is not None:
+        part.add(f.kv_planned, [name], kv.planned.tokens)
+    if kv.allocated is not None:
+        part.add(f.kv_allocated, [name], kv.allocated.tokens)
+        if kv.allocated.kv_cache_max_concurrency is not None:
+            part.add(f.kv_max_concurrency, [name], kv.allocated.kv_cache_max_concurrency)
+    coverage = kv.coverage
+    if coverage is not None:
+        part.add(f.kv_coverage, [name], coverage.ratio)
 
 
 def _batching_samples(part: Part, f: Families, record: EngineRecord) -> None:

@@ -11,6 +11,7 @@ from moe_watch.drift import max_num_seqs_rule
 from moe_watch.signals.batching import engine_knee
 from moe_watch.signals.coverage import CoverageCurve
 from moe_watch.signals.eplb_whatif import ALGORITHM, VLLM_VERSION
+from moe_watch.sizing.allocated import KvPlan
 from moe_watch.snapshot import EngineExperts, Snapshot, WhatIfView
 from moe_watch.thresholds import DEFAULT
 
@@ -64,6 +65,11 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
             for record in records
             if record.budget_bytes is not None
         },
+        "kv_plan": {
+            record.name: kv_plan_document(record.kv_plan)
+            for record in records
+            if record.kv_plan is not None
+        },
         "eplb_whatif": {
             view.engine: whatif_document(view.whatif, full=False)
             for view in experts
@@ -110,6 +116,25 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
             for view in experts
             if view.coverage is not None
         },
+    }
+
+
+def kv_plan_document(kv: KvPlan) -> dict[str, Any]:
+    """The plan's KV tokens per engine core and the allocation, each null where unknown."""
+    planned, allocated, coverage = kv.planned, kv.allocated, kv.coverage
+    return {
+        "planned_tokens": planned.tokens if planned is not None else None,
+        "planned_max_num_seqs_per_rank": planned.seqs_per_rank if planned is not None else None,
+        "planned_max_model_len": planned.max_model_len if planned is not None else None,
+        "allocated_tokens": allocated.tokens if allocated is not None else None,
+        "max_concurrency": allocated.kv_cache_max_concurrency if allocated is not None else None,
+        "num_gpu_blocks": allocated.num_gpu_blocks if allocated is not None else None,
+        "block_size": allocated.block_size if allocated is not None else None,
+        "coverage_ratio": coverage.ratio if coverage is not None else None,
+        "sequences_at_planned_len": (
+            coverage.sequences_at_planned_len if coverage is not None else None
+        ),
+        "short": coverage.short() if coverage is not None else None,
     }
 
 

@@ -15,18 +15,30 @@ per DP rank, label ``engine``), what it allocated once it profiled memory:
 
 A plan needs ``max_num_seqs x max_model_len`` tokens per DP rank (vLLM's ``max_num_seqs`` is per
 rank): ``planned_kv_tokens``. ``kv_coverage`` compares the two; below 1 the engine preempts
-before it reaches its planned concurrency.
+before it reaches its planned concurrency, and below ``thresholds.kv_cache_plan_coverage`` it
+drifts (``kv_cache_tokens``).
+
+The labels come from the engine: a number that is not finite or past
+``limits.KV_ALLOCATION`` is refused (named in ``refused``), and the allocation is then unknown.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from moe_watch import limits
 from moe_watch.sizing.budget import Plan
+from moe_watch.thresholds import DEFAULT
 
-# "Materially less": the engine holds under 90 % of the tokens its plan needs.
-SHORT_BELOW = 0.9
+ALLOCATION_LABELS = (
+    "num_gpu_blocks",
+    "block_size",
+    "kv_cache_size_tokens",
+    "kv_cache_max_concurrency",
+    "kv_cache_memory_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -47,12 +59,28 @@ class AllocatedKv:
         return self.num_gpu_blocks * self.block_size
 
 
-def allocated_from_labels(labels: Mapping[str, str]) -> AllocatedKv | None:
+def allocated_from_labels(
+    labels: Mapping[str, str], refused: list[str] | None = None
+) -> AllocatedKv | None:
     """``vllm:cache_config_info``'s labels -> AllocatedKv; None before the engine allocated
-    (``num_gpu_blocks`` absent or ``None``) or when a value is not a number."""
+    (``num_gpu_blocks`` absent or ``None``), when a value is not a number, or when one is refused
+    (not finite, negative or past ``limits.KV_ALLOCATION``: appended to ``refused`` as
+    "label=value")."""
+    bad = [
+        f"{key}={labels[key][:32]}"
+        for key in ALLOCATION_LABELS
+        if key in labels and _out_of_range(labels[key])
+    ]
     blocks = _int(labels.get("num_gpu_blocks"))
     block_size = _int(labels.get("block_size"))
-    if blocks is None or block_size is None or block_size < 1 or blocks < 0:
+    slots = blocks * block_size if blocks is not None and block_size is not None else 0
+    if not bad and slots > limits.KV_ALLOCATION:
+        bad.append(f"num_gpu_blocks={blocks} x block_size={block_size}")
+    if bad:
+        if refused is not None:
+            refused.extend(bad)
+        return None
+    if blocks is None or block_size is None or block_size < 1:
         return None
     return AllocatedKv(
         num_gpu_blocks=blocks,
@@ -61,6 +89,17 @@ def allocated_from_labels(labels: Mapping[str, str]) -> AllocatedKv | None:
         kv_cache_max_concurrency=_float(labels.get("kv_cache_max_concurrency")),
         kv_cache_memory_bytes=_int(labels.get("kv_cache_memory_bytes")),
     )
+
+
+def _out_of_range(text: str) -> bool:
+    """A label that reads as a number, but not a finite one within [0, KV_ALLOCATION]."""
+    if text in ("", "None"):
+        return False
+    try:
+        value = float(text)
+    except ValueError:
+        return False  # not a number at all: unknown, as vLLM's "None"
+    return not (math.isfinite(value) and 0 <= value <= limits.KV_ALLOCATION)
 
 
 def planned_kv_tokens(max_num_seqs: int, max_model_len: int) -> int:
@@ -87,9 +126,37 @@ class KvCoverage:
         """Allocated / planned tokens: 1 = exactly the plan; below 1 the engine preempts first."""
         return self.allocated_tokens / self.planned_tokens
 
-    def short(self, below: float = SHORT_BELOW) -> bool:
-        """The engine holds materially less KV than its plan needs."""
-        return self.ratio < below
+    def short(self, below: float | None = None) -> bool:
+        """The engine holds materially less KV than its plan needs (below
+        ``thresholds.kv_cache_plan_coverage`` unless ``below`` is given)."""
+        return self.ratio < (DEFAULT.kv_cache_plan_coverage if below is None else below)
+
+
+@dataclass(frozen=True)
+class PlannedKv:
+    """What a plan file asks of each engine core: ``seqs_per_rank`` sequences (vLLM's
+    max_num_seqs for one DP rank: the plan's target / its DP size) of ``max_model_len``."""
+
+    seqs_per_rank: int
+    max_model_len: int
+
+    @property
+    def tokens(self) -> int:
+        return planned_kv_tokens(self.seqs_per_rank, self.max_model_len)
+
+
+@dataclass(frozen=True)
+class KvPlan:
+    """An engine's plan and allocation as far as each is known."""
+
+    planned: PlannedKv | None
+    allocated: AllocatedKv | None
+
+    @property
+    def coverage(self) -> KvCoverage | None:
+        if self.planned is None or self.allocated is None:
+            return None
+        return kv_coverage(self.planned.seqs_per_rank, self.planned.max_model_len, self.allocated)
 
 
 def kv_coverage(

@@ -10,9 +10,13 @@ suite checks them against vLLM's own arithmetic on the same config.json (tests/s
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from moe_watch import limits
+from moe_watch.sources.safe_io import TooDeep, loads_json
 
 # Weights. MXFP4 (gpt-oss's experts): 4-bit values plus one 8-bit scale per 32 = 4.25 bits.
 DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "mxfp4": 4.25 / 8, "int4": 0.5}
@@ -294,10 +298,25 @@ def from_hf_config(path: Path, total_params_b: float | None = None) -> ModelSpec
     Reads Mixtral-, Qwen-MoE-, DeepSeek-, DBRX-, Llama-4- and gpt-oss-style keys, the way vLLM's
     model config reads them (KV heads, head size, MLA ranks, sliding window, chunked attention).
     """
+    if total_params_b is not None and not 0 < total_params_b <= limits.PARAMS_B:
+        raise ValueError(
+            f"params_b {total_params_b:g}: expected a number above 0, at most {limits.PARAMS_B:,}"
+        )
     try:
-        raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read a config.json ({exc})") from None
+        with path.open("rb") as handle:
+            data = handle.read(limits.CONFIG_JSON_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read a config.json ({exc.strerror or exc})") from None
+    if len(data) > limits.CONFIG_JSON_BYTES:
+        raise ValueError(f"{path}: larger than {limits.CONFIG_JSON_BYTES} bytes: not a config.json")
+    try:
+        raw: Any = loads_json(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text: not a config.json") from None
+    except TooDeep as exc:
+        raise ValueError(f"{path}: {exc}: not a config.json") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
+        raise ValueError(f"{path}: not valid JSON ({_short(exc)})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: not a config.json (expected a JSON object)")
     config = raw.get("text_config", raw)  # multimodal wrappers (Llama 4) nest the LM config
@@ -308,82 +327,122 @@ def from_hf_config(path: Path, total_params_b: float | None = None) -> ModelSpec
     if not isinstance(attn, dict) or not isinstance(ffn, dict):
         raise ValueError(f"{path}: attn_config / ffn_config is not a JSON object")
 
-    def first(*keys: str, default: Any = None) -> Any:
+    def first(*keys: str, default: Any = None) -> tuple[str, Any]:
         for key in keys:
             for where in (config, attn, ffn):  # DBRX nests attention and MoE keys
                 if key in where and where[key] is not None:
-                    return where[key]
-        return default
+                    return key, where[key]
+        return keys[0], default
+
+    def whole(*keys: str, default: int | None = None, low: int = 1) -> int:
+        """The first of ``keys`` present, as a whole number from ``low`` to CONFIG_NUMBER."""
+        key, value = first(*keys, default=default)
+        if value is None:
+            raise ValueError(f"{path}: {key} missing")
+        return _whole(value, key, path, low)
 
     try:
-        return _spec_from(raw, config, first, path, total_params_b)
-    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        return _spec_from(raw, config, whole, path, total_params_b)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
         if isinstance(exc, ValueError) and str(exc).startswith(str(path)):
             raise
-        raise ValueError(f"{path}: unreadable attention or MoE shape ({exc})") from None
+        raise ValueError(f"{path}: unreadable attention or MoE shape ({_short(exc)})") from None
+
+
+def _whole(value: Any, key: str, path: Path, low: int = 1) -> int:
+    """A config.json number sizing reads: whole and within [low, CONFIG_NUMBER] (a bool, NaN or
+    a 4,000-digit number is none)."""
+    high = limits.CONFIG_NUMBER
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if isinstance(value, float):
+        ok = math.isfinite(value) and value.is_integer()
+    if ok and low <= value <= high:
+        return int(value)
+    raise ValueError(f"{path}: {key} is {_shown(value)}: expected a whole number {low}-{high}")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
+        return f"a {len(str(abs(value)))}-digit number"  # under Python's 4,300-digit limit
+    text = json.dumps(value) if isinstance(value, (str, list, dict)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _spec_from(
     raw: dict[str, Any],
     config: dict[str, Any],
-    first: Any,
+    whole: Any,
     path: Path,
     total_params_b: float | None,
 ) -> ModelSpec:
-    layers = int(first("num_hidden_layers", "n_layers", default=0))
-    experts = int(
-        first("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts", default=0)
+    layers = whole("num_hidden_layers", "n_layers", default=0, low=0)
+    experts = whole(
+        "num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts", default=0, low=0
     )
     if not layers or not experts:
         raise ValueError(
             f"{path}: not an MoE config (num_hidden_layers / num_local_experts|n_routed_experts missing)"
         )
-    hidden = int(first("hidden_size", "d_model"))
-    heads = int(first("num_attention_heads", "n_heads"))
-    moe_inter = int(
-        first(
-            "moe_intermediate_size", "intermediate_size", "ffn_hidden_size", "intermediate_size_moe"
-        )
+    hidden = whole("hidden_size", "d_model")
+    heads = whole("num_attention_heads", "n_heads")
+    moe_inter = whole(
+        "moe_intermediate_size", "intermediate_size", "ffn_hidden_size", "intermediate_size_moe"
     )
-    dense_first = int(first("first_k_dense_replace", default=0))
-    step = int(first("interleave_moe_layer_step", "moe_layer_freq", default=1)) or 1
+    dense_first = whole("first_k_dense_replace", default=0, low=0)
+    step = whole("interleave_moe_layer_step", "moe_layer_freq", default=1, low=0) or 1
     moe_layers = (layers - dense_first) // step
-    kv_lora = int(first("kv_lora_rank", default=0) or 0)
+    if moe_layers < 1:
+        raise ValueError(f"{path}: first_k_dense_replace leaves no MoE layer of {layers}")
+    kv_lora = whole("kv_lora_rank", default=0, low=0)
     # vLLM's attribute order for the KV-head count; models without one are MHA.
-    kv_heads = int(
-        first("n_head_kv", "num_kv_heads", "num_key_value_heads", "kv_n_heads", default=heads)
+    kv_heads = whole(
+        "n_head_kv", "num_kv_heads", "num_key_value_heads", "kv_n_heads", default=heads
     )
-    head_dim = int(first("head_dim", default=0) or 0) or hidden // heads
-    window, kind, window_layers = _local_attention(config, layers)
+    if kv_heads > heads:
+        raise ValueError(f"{path}: {kv_heads} KV heads for {heads} attention heads")
+    head_dim = whole("head_dim", default=0, low=0) or hidden // heads
+    if head_dim < 1:
+        raise ValueError(f"{path}: hidden_size {hidden} / {heads} heads leaves no head size")
+    top_k = whole("num_experts_per_tok", "moe_top_k", "top_k", default=2)
+    if top_k > experts:
+        raise ValueError(f"{path}: {top_k} experts per token of {experts}")
+    window, kind, window_layers = _local_attention(config, layers, path)
     spec = ModelSpec(
-        name=str(raw.get("_name_or_path") or path.parent.name),
+        name=str(raw.get("_name_or_path") or path.parent.name)[: limits.LABEL_VALUE_CHARS],
         total_params_b=0.0,
         active_params_b=0.0,
         layers=layers,
         moe_layers=moe_layers,
         routed_experts=experts,
-        shared_experts=int(first("n_shared_experts", "num_shared_experts", default=0) or 0),
-        top_k=int(first("num_experts_per_tok", "moe_top_k", "top_k", default=2)),
+        shared_experts=whole("n_shared_experts", "num_shared_experts", default=0, low=0),
+        top_k=top_k,
         hidden_size=hidden,
         moe_intermediate_size=moe_inter,
         attention_heads=heads,
         kv_heads=0 if kv_lora else kv_heads,
         head_dim=0 if kv_lora else head_dim,
         kv_lora_rank=kv_lora,
-        qk_rope_head_dim=int(first("qk_rope_head_dim", default=0) or 0),
+        qk_rope_head_dim=whole("qk_rope_head_dim", default=0, low=0),
         # vLLM builds the DSA indexer (and its cache) where the config has index_topk.
-        index_head_dim=int(first("index_head_dim", default=128)) if "index_topk" in config else 0,
+        index_head_dim=whole("index_head_dim", default=128) if "index_topk" in config else 0,
         window=window,
         window_kind=kind,
         window_layers=window_layers,
         default_dtype="bf16",
     )
-    total = total_params_b or _estimate_total_b(spec, config)
+    total = total_params_b or _estimate_total_b(spec, config, path)
     active = spec.dense_params_b if total_params_b else 0.0
     return _with_params(spec, total, active)
 
 
-def _local_attention(config: dict[str, Any], layers: int) -> tuple[int, str, tuple[int, ...]]:
+def _local_attention(
+    config: dict[str, Any], layers: int, path: Path
+) -> tuple[int, str, tuple[int, ...]]:
     """(window, kind, layers using it) from a config's sliding-window or chunked-attention keys."""
     chunk = config.get("attention_chunk_size")
     if chunk:
@@ -391,8 +450,11 @@ def _local_attention(config: dict[str, Any], layers: int) -> tuple[int, str, tup
         if isinstance(nope, list) and len(nope) == layers:
             local = tuple(i for i, rope in enumerate(nope) if rope)  # 0 = NoPE = global
         else:
-            local = llama4_chunked_layers(layers, int(config.get("no_rope_layer_interval", 4)))
-        return int(chunk), CHUNKED, local
+            interval = _whole(
+                config.get("no_rope_layer_interval", 4), "no_rope_layer_interval", path
+            )
+            local = llama4_chunked_layers(layers, interval)
+        return _whole(chunk, "attention_chunk_size", path), CHUNKED, local
     window = config.get("sliding_window")
     if not window or config.get("use_sliding_window") is False:
         return 0, "", ()
@@ -401,11 +463,11 @@ def _local_attention(config: dict[str, Any], layers: int) -> tuple[int, str, tup
         local = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
     else:
         local = tuple(range(layers))  # a model-level window applies to every layer
-    return (int(window), SLIDING, local) if local else (0, "", ())
+    return (_whole(window, "sliding_window", path), SLIDING, local) if local else (0, "", ())
 
 
-def _estimate_total_b(spec: ModelSpec, config: dict[str, Any]) -> float:
-    vocab = int(config.get("vocab_size", 32000))
+def _estimate_total_b(spec: ModelSpec, config: dict[str, Any], path: Path) -> float:
+    vocab = _whole(config.get("vocab_size", 32000), "vocab_size", path)
     embeddings = 2 * vocab * spec.hidden_size
     attention = spec.layers * 4 * spec.hidden_size * spec.hidden_size
     shared = (

@@ -10,7 +10,7 @@ tensor_parallel_size: 2      # optional, with data_parallel_size and pipeline_pa
 expert_parallel: true        #   the layout (picked as `moe-watch size` does when absent)
 vllm:                        # the settings the engine is expected to run with
   gpu_memory_utilization: 0.80
-  max_num_seqs: 8
+  max_num_seqs: 8            #   the deployment's target: vLLM's flag is this / DP per rank
   max_model_len: 8192
   enable_prefix_caching: true
 ```

@@ -9,9 +9,11 @@ the last test in this module (pytest runs a module's tests in the order they are
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.vllm_server import MAX_MODEL_LEN, MAX_NUM_SEQS, VllmServer, drive_load
 from moe_watch.agent import Agent
-from moe_watch.config import load_settings
+from moe_watch.config import Settings, load_settings
 from moe_watch.serving.service import serve
 from moe_watch.serving.views import status_document
 from moe_watch.snapshot import EngineView, Snapshot
@@ -39,9 +41,11 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 @asynccontextmanager
-async def running_agent(engine_url: str) -> AsyncIterator[tuple[str, Agent]]:
+async def running_agent(
+    engine_url: str, settings: Settings | None = None
+) -> AsyncIterator[tuple[str, Agent]]:
     """``serve()`` in a task; yields (agent URL, agent) once its HTTP server listens."""
-    settings = load_settings(
+    settings = settings or load_settings(
         None,
         targets=[f"{ENGINE}={engine_url}"],
         nvml="off",
@@ -258,6 +262,78 @@ async def test_agent_reports_real_vllm_under_load(vllm_server: str) -> None:
         status, body = await fetch_text(agent_url + "/status")
         assert status == 200
         assert '"max_model_len": 1024' in body
+
+
+def vllm_cache_config(vllm_metrics: str) -> dict[str, str]:
+    """The labels of vLLM's own cache_config_info: what it allocated."""
+    for family in text_string_to_metric_families(vllm_metrics):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:cache_config_info"):
+                return dict(sample.labels)
+    raise AssertionError("vllm:cache_config_info not in vLLM's /metrics")
+
+
+def write_plan(path: Path, config: Path, max_num_seqs: int) -> Path:
+    """A plan for the tiny Mixtral as it is served: one GPU, TP 1, its max_model_len."""
+    path.write_text(
+        f"config: {config}\nparams_b: 0.01\ngpu: h100-80\ngpus: 1\ntensor_parallel_size: 1\n"
+        f"vllm:\n  max_num_seqs: {max_num_seqs}\n  max_model_len: {MAX_MODEL_LEN}\n"
+    )
+    return path
+
+
+async def test_the_plan_is_held_against_what_vllm_allocated(
+    vllm_server: str, vllm_process: VllmServer, tmp_path: Path
+) -> None:
+    """Two targets on the same engine: a plan its allocation covers (8 x 1024 tokens) and one
+    that needs twice what it holds; the exported figures are vLLM's own cache_config_info."""
+    _, vllm_metrics = await fetch_text(f"{vllm_server}/metrics")
+    labels = vllm_cache_config(vllm_metrics)
+    allocated = int(labels["kv_cache_size_tokens"])
+    assert allocated == int(labels["num_gpu_blocks"]) * int(labels["block_size"])  # one group
+    config = vllm_process.model_dir / "config.json"
+    covered = write_plan(tmp_path / "covered.yaml", config, MAX_NUM_SEQS)
+    needs = 2 * allocated // MAX_MODEL_LEN  # twice the sequences of its length it holds
+    short = write_plan(tmp_path / "short.yaml", config, needs)
+    settings = load_settings(
+        None,
+        targets=[
+            {"name": "covered", "url": vllm_server, "plan": str(covered)},
+            {"name": "short", "url": vllm_server, "plan": str(short)},
+        ],
+        nvml="off",
+        interval_seconds=INTERVAL,
+        scrape_timeout_seconds=SCRAPE_TIMEOUT,
+        listen="127.0.0.1:0",
+    )
+    async with running_agent(vllm_server, settings) as (agent_url, agent):
+        await wait_snapshot(agent, until=lambda s: all(r.drift is not None for r in s.engines))
+        status, text = await fetch_text(f"{agent_url}/metrics")
+        assert status == 200
+        status, body = await fetch_text(f"{agent_url}/status")
+    m = Exposition(text)
+    planned = MAX_NUM_SEQS * MAX_MODEL_LEN
+    assert m.value("moe_watch_kv_cache_planned_tokens", engine="covered") == planned
+    for engine in ("covered", "short"):
+        assert m.value("moe_watch_kv_cache_allocated_tokens", engine=engine) == allocated
+        assert m.value("moe_watch_kv_cache_max_concurrency", engine=engine) == float(
+            labels["kv_cache_max_concurrency"]
+        )
+    assert m.value("moe_watch_kv_cache_plan_coverage_ratio", engine="covered") == pytest.approx(
+        allocated / planned
+    )
+    assert m.value("moe_watch_config_drift", engine="covered", setting="kv_cache_tokens") == 0
+    assert m.value("moe_watch_kv_cache_planned_tokens", engine="short") == needs * MAX_MODEL_LEN
+    assert m.value("moe_watch_kv_cache_plan_coverage_ratio", engine="short") == pytest.approx(0.5)
+    assert m.value("moe_watch_config_drift", engine="short", setting="kv_cache_tokens") == 1
+    [(info, _)] = m.find("moe_watch_config_drift_info", engine="short", setting="kv_cache_tokens")
+    fit = allocated // MAX_MODEL_LEN
+    assert f"{fit} sequences of {MAX_MODEL_LEN} tokens fit" in info["rule"]
+    assert f"the plan needs {needs} per DP rank" in info["rule"]
+    kv = json.loads(body)["kv_plan"]
+    assert kv["covered"]["allocated_tokens"] == allocated
+    assert kv["covered"]["max_concurrency"] == float(labels["kv_cache_max_concurrency"])
+    assert kv["short"]["short"] is True
 
 
 async def test_agent_survives_engine_shutdown(vllm_process: VllmServer) -> None:
