@@ -197,7 +197,8 @@ def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 4) -> 
     # Summed over layers only where a rank load is published (expert parallelism).
     per_expert: list[float] | None = [0.0] * latest.num_experts if latest.ep_size > 1 else None
     experts = range(latest.num_experts)
-    for layer, row in zip(latest.layers, delta, strict=True):
+    for layer, cells in zip(latest.layers, delta, strict=True):
+        row = cells.tolist()  # a list's items are read without making a float object each
         total = sum(row)
         if not row or total <= 0:
             continue  # no traffic through this layer in the window
@@ -205,8 +206,9 @@ def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 4) -> 
         peak = max(row)
         mean = total / len(row)
         share = latest.top_k / total  # an expert's token share is its count times this
-        # Ties go to the lower expert id, so the ranking is stable while loads are equal.
-        top = heapq.nlargest(max(1, top_n), experts, key=row.__getitem__)  # C-level key
+        # The layer's top N, most loaded first, ties to the lower expert id (stable): what
+        # heapq.nlargest(n, experts, key) returns, by its definition, sorted in C.
+        top = sorted(experts, key=row.__getitem__, reverse=True)[: max(1, top_n)]
         layers.append(
             LayerLoad(
                 layer,
