@@ -73,7 +73,11 @@ class DaemonThreadExecutor(ThreadPoolExecutor):
 
 
 def in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
-    """Run ``fn`` on a thread of its own that the process does not wait for at exit."""
+    """Run ``fn`` on a thread of its own that the process does not wait for at exit.
+
+    The thread starts once the caller yields to the event loop, not before: background work
+    asked for inside a cycle (the what-if, the coverage prediction) then runs after that cycle
+    has published its snapshot, instead of taking the GIL from it halfway through."""
     loop = asyncio.get_running_loop()
     result: asyncio.Future[T] = loop.create_future()
 
@@ -96,5 +100,6 @@ def in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyn
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answer
             loop.call_soon_threadsafe(settle, value, error)
 
-    threading.Thread(target=run, name=getattr(fn, "__name__", "work"), daemon=True).start()
+    thread = threading.Thread(target=run, name=getattr(fn, "__name__", "work"), daemon=True)
+    loop.call_soon(thread.start)
     return result

@@ -159,13 +159,14 @@ def window_increase(window: Sequence[ExpertCounts]) -> Matrix:
     # Segment ends: the sample before each reset, and the newest sample.
     ends = [i - 1 for i in range(1, len(items)) if _was_reset(items[i - 1], items[i])]
     ends.append(len(items) - 1)
+    # array("d", list(...)): an array built from a list, not an iterator, costs half.
     delta = [
-        array("d", map(operator.sub, last, first))
+        array("d", list(map(operator.sub, last, first)))
         for last, first in zip(items[ends[0]].counts, items[0].counts, strict=True)
     ]
     for end in ends[1:]:  # after a reset the counter started from 0: its last value is the increase
         for i, add in enumerate(items[end].counts):
-            delta[i] = array("d", map(operator.add, delta[i], add))
+            delta[i] = array("d", list(map(operator.add, delta[i], add)))
     return tuple(delta)
 
 
@@ -193,32 +194,38 @@ def derive_expert_signals(window: Sequence[ExpertCounts], *, top_n: int = 4) -> 
     if not delta:
         return ExpertSignals(all2all_seconds=all2all, all2all_passes=passes)
     layers: list[LayerLoad] = []
-    per_expert = array("d", bytes(8 * latest.num_experts))
+    # Summed over layers only where a rank load is published (expert parallelism).
+    per_expert: list[float] | None = [0.0] * latest.num_experts if latest.ep_size > 1 else None
     experts = range(latest.num_experts)
-    for layer, row in zip(latest.layers, delta, strict=True):
+    for layer, cells in zip(latest.layers, delta, strict=True):
+        row = cells.tolist()  # a list's items are read without making a float object each
         total = sum(row)
-        layer_skew, layer_balance = skew(row), balancedness(row)
-        if layer_skew is None or layer_balance is None:
+        if not row or total <= 0:
             continue  # no traffic through this layer in the window
+        # skew() and balancedness() of the row, with its sum and peak taken once.
+        peak = max(row)
+        mean = total / len(row)
         share = latest.top_k / total  # an expert's token share is its count times this
-        # Ties go to the lower expert id, so the ranking is stable while loads are equal.
-        top = heapq.nlargest(max(1, top_n), experts, key=row.__getitem__)  # C-level key
+        # The layer's top N, most loaded first, ties to the lower expert id (stable): what
+        # heapq.nlargest(n, experts, key) returns, by its definition, sorted in C.
+        top = sorted(experts, key=row.__getitem__, reverse=True)[: max(1, top_n)]
         layers.append(
             LayerLoad(
                 layer,
                 total / latest.top_k,
-                layer_skew,
-                layer_balance,
+                peak / mean - 1.0,
+                mean / peak,
                 row[top[0]] * share,
                 top[0],
                 tuple((e, row[e] * share) for e in top[:top_n]),
             )
         )
-        per_expert = array("d", map(operator.add, per_expert, row))
+        if per_expert is not None:
+            per_expert = list(map(operator.add, per_expert, row))
     return ExpertSignals(
         layers=tuple(layers),
         rank_load=rank_loads(per_expert, latest.ep_size, latest.placement)
-        if latest.ep_size > 1
+        if per_expert is not None
         else {},
         window_counts=delta,
         all2all_seconds=all2all,

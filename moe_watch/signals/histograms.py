@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import itemgetter
 
 from moe_watch.samples import Histogram
 from moe_watch.signals.counters import increase
+
+_BOUND, _COUNT = itemgetter(0), itemgetter(1)
 
 
 def window_delta(snapshots: Sequence[Histogram]) -> Histogram | None:
@@ -29,8 +32,11 @@ def window_delta(snapshots: Sequence[Histogram]) -> Histogram | None:
     usable = snapshots[start:]
     if len(usable) < 2:
         return None
+    # One column per bucket: that bucket's (bound, count) in every usable snapshot.
+    columns = zip(*(h.buckets for h in usable), strict=True)
     buckets = tuple(
-        (bound, increase([h.buckets[i][1] for h in usable])) for i, bound in enumerate(bounds)
+        (bound, increase(list(map(_COUNT, column))))
+        for bound, column in zip(bounds, columns, strict=True)
     )
     return Histogram(
         buckets=buckets,
@@ -67,5 +73,5 @@ def quantile(q: float, histogram: Histogram) -> float | None:
     return lower_bound
 
 
-def _bounds(histogram: Histogram) -> tuple[float, ...]:
-    return tuple(bound for bound, _ in histogram.buckets)
+def _bounds(histogram: Histogram) -> list[float]:
+    return list(map(_BOUND, histogram.buckets))  # C-level: called per snapshot per cycle

@@ -17,7 +17,11 @@ from moe_watch import limits
 from moe_watch.config import TargetConfig
 from moe_watch.samples import EngineScrape
 from moe_watch.sources.base import Problems, SourceError
-from moe_watch.sources.exposition import ExpositionError, parse_engine_exposition
+from moe_watch.sources.exposition import (
+    ExpositionError,
+    ExpositionLayout,
+    parse_engine_exposition,
+)
 from moe_watch.sources.safe_io import BodyTooLarge, loads_json, read_body
 
 # /v1/models and /version change only on restart; re-read them this often.
@@ -46,6 +50,7 @@ class EngineSource:
         self._max_model_len: int | None = None
         self._version: str | None = None
         self._metadata_at: float | None = None
+        self._layout = ExpositionLayout()  # the last scrape's lines, parsed: reused while equal
 
     @property
     def name(self) -> str:
@@ -64,7 +69,7 @@ class EngineSource:
                 "encoding", f"response is not UTF-8 ({exc.reason} at byte {exc.start})"
             ) from None
         try:
-            parsed = parse_engine_exposition(text, self._kind)
+            parsed = parse_engine_exposition(text, self._kind, layout=self._layout)
         except ExpositionError as exc:
             raise SourceError(exc.reason, str(exc)) from None
         self._kind = parsed.kind  # detected once, then fixed: a later garbage body is an error

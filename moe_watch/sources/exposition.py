@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from moe_watch import limits
 from moe_watch import samples as s
@@ -29,6 +30,9 @@ _HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 # than a label value may be (label_too_long).
 MAX_SERIES = limits.SERIES_PER_ENGINE  # samples of mapped families kept per scrape
 MAX_MODELS = limits.MODELS_PER_ENGINE  # distinct model_name values per engine
+# The most text one target's ExpositionLayout keeps between scrapes (a real vLLM layout is
+# ~10 KB); past it nothing is kept and every scrape takes the full parse: slower, never refused.
+LAYOUT_CHARS = 1 << 20
 
 
 class ExpositionError(ValueError):
@@ -60,13 +64,96 @@ def detect_kind(text: str) -> str:
     )
 
 
+class ExpositionLayout:
+    """What one target's last exposition parsed to, line by line, up to the values.
+
+    An engine sends the same families and label sets scrape after scrape, only the values
+    move. When every kept line is the same as last time up to its value, the names and labels
+    parsed then are reused and only the values are read. Anything else (a new series, a
+    timestamp, a value written differently) goes through prometheus_client's parser, which
+    stays the one judge of what a line means; the layout it parsed is remembered only when
+    every line of it is one the shortcut reads the same way.
+    """
+
+    __slots__ = ("_lines", "_series")
+
+    def __init__(self) -> None:
+        self._lines: tuple[str, ...] = ()  # comment lines whole, sample lines up to the value
+        self._series: tuple[tuple[str, dict[str, str]], ...] = ()  # per sample line
+
+    def samples(self, lines: list[str]) -> list[tuple[str, dict[str, str], float]] | None:
+        """The lines' samples, when they are the remembered layout with new values."""
+        known = self._lines
+        if not known or len(lines) != len(known):
+            return None
+        series = iter(self._series)
+        out = []
+        for line, seen in zip(lines, known, strict=True):
+            if line[0] == "#":
+                if line != seen:
+                    return None
+                continue
+            prefix, space, text = line.rpartition(" ")
+            value = _plain_value(text)
+            if value is None or prefix != seen or not space:
+                return None
+            name, labels = next(series)
+            out.append((name, labels, value))
+        return out
+
+    def remember(self, lines: list[str], parsed: list[Sample]) -> None:
+        """Keep the layout of ``lines``, which prometheus_client parsed to ``parsed``."""
+        self._lines, self._series = (), ()
+        layout: list[str] = []
+        series: list[tuple[str, dict[str, str]]] = []
+        if sum(map(len, lines)) > LAYOUT_CHARS:
+            return
+        samples = iter(parsed)
+        for line in lines:
+            if line[0] == "#":
+                layout.append(line)
+                continue
+            sample = next(samples, None)
+            prefix, space, text = line.rpartition(" ")
+            value = _plain_value(text)
+            if sample is None or not space or value is None or sample.timestamp is not None:
+                return
+            if not (value == sample.value or (math.isnan(value) and math.isnan(sample.value))):
+                return
+            layout.append(prefix)
+            series.append((sample.name, sample.labels))
+        if next(samples, None) is None:
+            self._lines, self._series = tuple(layout), tuple(series)
+
+
+def _plain_value(text: str) -> float | None:
+    """A sample value as prometheus_client reads a lone one (int first, then float; no
+    surrounding whitespace, no underscores), or None for anything else."""
+    if not text or text != text.strip() or "_" in text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def parse_engine_exposition(
-    text: str, kind: str = "auto", *, max_series: int = MAX_SERIES, max_models: int = MAX_MODELS
+    text: str,
+    kind: str = "auto",
+    *,
+    max_series: int = MAX_SERIES,
+    max_models: int = MAX_MODELS,
+    layout: ExpositionLayout | None = None,
 ) -> ParsedExposition:
     """Parse one engine exposition. Raises ExpositionError on text that cannot be used.
 
     At most ``max_series`` samples and ``max_models`` models are kept; the rest is dropped and
-    counted in ``series_dropped`` (and ``dropped_samples``)."""
+    counted in ``series_dropped`` (and ``dropped_samples``). ``layout``: the target's previous
+    layout (see ExpositionLayout), updated here; the result is the same with or without it."""
     if kind == "auto":
         kind = detect_kind(text)
     names = BY_KIND[kind]
@@ -84,12 +171,23 @@ def parse_engine_exposition(
         )
     builder = _Builder(names, max_models)
     builder.series_dropped = over
+    known = layout.samples(filtered) if layout is not None else None
+    if known is not None:
+        for name, labels, value in known:
+            builder.add(name, labels, value)
+        return builder.build(kind)
     try:
-        for family in text_string_to_metric_families(filtered):
-            for sample in family.samples:
-                builder.add(sample.name, sample.labels, sample.value)
+        parsed = [
+            sample
+            for family in text_string_to_metric_families("\n".join(filtered) + "\n")
+            for sample in family.samples
+        ]
     except ValueError as exc:  # the parser raises ValueError subclasses on malformed text
         raise ExpositionError("parse", f"malformed exposition: {exc}") from None
+    for sample in parsed:
+        builder.add(sample.name, sample.labels, sample.value)
+    if layout is not None:
+        layout.remember(filtered, parsed)
     return builder.build(kind)
 
 
@@ -102,7 +200,7 @@ def _wanted_line_names(names: dict[str, Route]) -> frozenset[str]:
     return frozenset(wanted)
 
 
-def _filter_lines(text: str, wanted: frozenset[str], max_series: int) -> tuple[str, int]:
+def _filter_lines(text: str, wanted: frozenset[str], max_series: int) -> tuple[list[str], int]:
     """The lines of mapped families (at most ``max_series`` samples) and the samples over it."""
     kept: list[str] = []
     samples = over = 0
@@ -123,7 +221,7 @@ def _filter_lines(text: str, wanted: frozenset[str], max_series: int) -> tuple[s
                 over += 1
                 continue
             kept.append(line)
-    return ("\n".join(kept) + "\n" if kept else ""), over
+    return kept, over
 
 
 class _Builder:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import heapq
 import sys
+from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moe_watch.samples import ExpertCounts, matrix
 from moe_watch.signals.experts import (
@@ -200,3 +204,42 @@ def test_only_counters_that_start_at_zero_get_a_zero_baseline() -> None:
     base = zero_baseline(sglang)
     assert (base.total, base.started, base.layers) == (0, 5.0, sglang.layers)
     assert window_increase([base, sglang]) == matrix([[3, 1], [2, 2]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.integers(min_value=0, max_value=12), min_size=8, max_size=8),
+        min_size=3,
+        max_size=3,
+    ),
+    st.integers(min_value=1, max_value=4),
+    st.integers(min_value=1, max_value=9),
+)
+def test_each_layer_load_is_the_definitions_applied_to_its_window_increase(
+    rows: list[list[int]], ep_size: int, top_n: int
+) -> None:
+    first = ExpertCounts(
+        engine="e", model="m", top_k=2, num_experts=8, layers=(0, 1, 2),
+        counts=matrix([[0.0] * 8 for _ in rows]), started=1.0, ep_size=ep_size,
+    )  # fmt: skip
+    last = replace(first, counts=matrix([[float(c) for c in row] for row in rows]))
+    signals = derive_expert_signals([first, last], top_n=top_n)
+    by_layer = {load.layer: load for load in signals.layers}
+    for layer, row in zip(first.layers, rows, strict=True):
+        if sum(row) == 0:
+            assert layer not in by_layer
+            continue
+        load, cells = by_layer[layer], [float(c) for c in row]
+        assert load.skew == skew(cells)
+        assert load.balancedness == balancedness(cells)
+        # Ties (small counts make many) rank the lower expert id first, as nlargest does.
+        top = heapq.nlargest(top_n, range(8), key=cells.__getitem__)
+        assert [expert for expert, _ in load.ranked] == top
+        assert load.hottest_expert == top[0]
+        assert load.ranked == tuple((e, cells[e] * (2 / sum(cells))) for e in top)
+    busy = [[float(c) for c in row] for row in rows if sum(row) > 0]
+    expected = (
+        rank_loads([sum(column) for column in zip(*busy, strict=True)], ep_size) if busy else {}
+    )
+    assert signals.rank_load == (pytest.approx(expected) if ep_size > 1 else {})
