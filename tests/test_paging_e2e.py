@@ -257,7 +257,7 @@ async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_no
 
         # -- (b) node-a's agent dies: MoEWatchDown pages for it; node-b still pages ------------
         processes.kill(NODE_A)
-        down_labels = {"node": NODE_A, "instance": pods[NODE_A].address}
+        down_labels = {"node": NODE_A}
 
         async def down_paged() -> list[dict[str, Any]] | None:
             return triggers(receiver, "MoEWatchDown", **down_labels) or None
@@ -267,6 +267,9 @@ async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_no
                                    seen=lambda: summary(receiver))  # fmt: skip
         phase("MoEWatchDown page")
         assert down["payload"]["custom_details"]["node"] == NODE_A
+        # about the node, not the agent pod that watched it (a replacement would be a new page)
+        assert "instance = " not in labels_of(down), down
+        assert "pod = " not in labels_of(down), down
         assert down["payload"]["summary"].endswith(f"(on {NODE_A})"), down["payload"]
         os.kill(processes.started[NODE_B].pid, signal.SIGUSR1)  # GPU 1 of node-b falls off the bus
         lost_labels = {"node": NODE_B, "gpu": "1", "engine": ENGINE_B}
