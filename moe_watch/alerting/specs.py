@@ -240,6 +240,14 @@ ALERTS: tuple[Alert, ...] = (
         through_agent_restart=False,
     ),
     Alert(
+        name="MoEWatchRenderFailed",
+        expr="moe_watch_render_failed == 1",
+        for_="5m",
+        severity="warning",
+        summary="A moe-watch agent leaves part of its metrics out: it cannot render them",
+        description="The agent on node {{ $labels.node }} has not rendered part {{ $labels.part }} of /metrics for ${for:words}: that part's series (an engine's, a GPU's, the node's) are missing, so its alerts cannot fire. The agent's log says why.",
+    ),
+    Alert(
         name="MoEWatchStale",
         expr="time() - moe_watch_last_success_timestamp_seconds > $t",
         threshold="source_stale_seconds",
