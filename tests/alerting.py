@@ -47,6 +47,7 @@ class PagerDutyReceiver:
     async def enqueue(self, request: web.Request) -> web.Response:
         event = await request.json()
         event["received"] = time.monotonic()
+        event["sender"] = request.match_info.get("sender", "")  # which Alertmanager posted it
         self.events.append(event)
         self.arrived.set()
         return web.json_response(
@@ -82,6 +83,12 @@ class Processes:
             if name not in self.killed and proc.poll() is not None:
                 raise AssertionError(f"{name} exited with {proc.returncode}\n{self.tails()}")
 
+    def stop(self, name: str) -> None:
+        """SIGTERM and wait, as the kubelet stops a pod's container: the process shuts down."""
+        self.killed.add(name)
+        self.started[name].terminate()
+        self.started[name].wait(timeout=15)
+
     def kill(self, name: str) -> None:
         """SIGKILL, as when a node dies: no clean shutdown."""
         self.killed.add(name)
@@ -100,9 +107,12 @@ class Processes:
                 proc.wait(timeout=10)
 
 
-def alertmanager_config(pagerduty_url: str, *, group_interval: str | None = None) -> dict[str, Any]:
+def alertmanager_config(
+    pagerduty_url: str, *, group_interval: str | None = None, sender: str = ""
+) -> dict[str, Any]:
     """alerts/alertmanager.yml with PagerDuty at ``pagerduty_url``, group_wait 1 s (test speed),
-    and ``group_interval`` when given (so a resolved-then-refired alert would show in the test)."""
+    and ``group_interval`` when given (so a resolved-then-refired alert would show in the test).
+    ``sender`` names this Alertmanager in the URL it posts to (the receiver records it)."""
     config: dict[str, Any] = yaml.safe_load((ROOT / "alerts" / "alertmanager.yml").read_text())
     routes = [config["route"], *config["route"]["routes"]]
     for route in routes:
@@ -114,16 +124,38 @@ def alertmanager_config(pagerduty_url: str, *, group_interval: str | None = None
     ]
     pd.pop("routing_key_file")
     pd["routing_key"] = "test-routing-key"
-    pd["url"] = pagerduty_url + "/v2/enqueue"
+    pd["url"] = pagerduty_url + "/v2/enqueue" + (f"/{sender}" if sender else "")
     for receiver in config["receivers"]:
         for hook in receiver.get("webhook_configs", []):
             hook["url"] = pagerduty_url + "/warnings"
     return config
 
 
-def prometheus_config(
-    rules: Path, alertmanager: str, scrape_configs: list[dict[str, Any]]
+def shortened_rules(
+    for_: dict[str, str], default_for: str, keep_firing_for: str | None = None
 ) -> dict[str, Any]:
+    """deploy/base's PrometheusRule groups (the chart's rendering), evaluated every second, with
+    `for:` shortened (``for_`` per alert, else ``default_for``) and, when given, every
+    `keep_firing_for` replaced: test speed only, the expressions and labels as shipped."""
+    from tests.operator_scrape import manifest
+
+    spec: dict[str, Any] = manifest("PrometheusRule")["spec"]
+    for group in spec["groups"]:
+        group["interval"] = "1s"
+        for rule in group["rules"]:
+            if "alert" in rule:
+                rule["for"] = for_.get(rule["alert"], default_for)
+                if keep_firing_for is not None and "keep_firing_for" in rule:
+                    rule["keep_firing_for"] = keep_firing_for
+    return spec
+
+
+def prometheus_config(
+    rules: Path, alertmanager: str | list[str], scrape_configs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Prometheus sending to ``alertmanager`` (host:port; several: each gets every alert, as
+    with an HA pair)."""
+    targets = [alertmanager] if isinstance(alertmanager, str) else alertmanager
     return {
         "global": {
             "scrape_interval": "1s",
@@ -131,15 +163,34 @@ def prometheus_config(
             "external_labels": {"cluster": "test"},
         },
         "rule_files": [str(rules)],
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": targets}]}]},
         "scrape_configs": scrape_configs,
     }
 
 
-def start_alertmanager(processes: Processes, config: Path, port: int) -> str:
-    processes.start("alertmanager", binary("prometheus-alertmanager", "alertmanager"),
-                    f"--config.file={config}", f"--storage.path={config.parent / 'am'}",
-                    f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=")  # fmt: skip
+def start_alertmanager(
+    processes: Processes,
+    config: Path,
+    port: int,
+    *,
+    name: str = "alertmanager",
+    gossip: tuple[int, list[int]] | None = None,
+) -> str:
+    """An Alertmanager on 127.0.0.1:``port``; alone, or with ``gossip`` = (its cluster port, its
+    peers' cluster ports) one of an HA cluster, gossiping on loopback. Peer timeout and gossip
+    are shortened (test speed): the second of a pair waits that long for the first's
+    notification log before it would send the same notification itself."""
+    cluster = ["--cluster.listen-address="]
+    if gossip is not None:
+        own, peers = gossip
+        cluster = [f"--cluster.listen-address=127.0.0.1:{own}",
+                   f"--cluster.advertise-address=127.0.0.1:{own}",
+                   *(f"--cluster.peer=127.0.0.1:{p}" for p in peers),
+                   "--cluster.peer-timeout=3s", "--cluster.gossip-interval=100ms",
+                   "--cluster.pushpull-interval=2s", "--cluster.settle-timeout=10s"]  # fmt: skip
+    processes.start(name, binary("prometheus-alertmanager", "alertmanager"),
+                    f"--config.file={config}", f"--storage.path={config.parent / name}",
+                    f"--web.listen-address=127.0.0.1:{port}", *cluster)  # fmt: skip
     return f"http://127.0.0.1:{port}"
 
 

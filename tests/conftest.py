@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,10 +72,20 @@ async def pagerduty() -> AsyncIterator[tuple[PagerDutyReceiver, str]]:
     receiver = PagerDutyReceiver()
     app = web.Application()
     app.router.add_post("/v2/enqueue", receiver.enqueue)
+    app.router.add_post("/v2/enqueue/{sender}", receiver.enqueue)
     app.router.add_post("/warnings", receiver.warning)
     runner, url = await start_server(app, "127.0.0.1", 0)
     yield receiver, url
     await runner.cleanup()
+
+
+@pytest.fixture
+def demo_tmp() -> Iterator[Path]:
+    """The demos' TMPDIR: what a SIGKILLed one leaves (its fake kubelet's socket) goes with it.
+    Short, unlike tmp_path: a unix socket path has at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="moe-watch-e2e-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ service, pod, container, drop Failed/Succeeded pods, job from the service name t
 sharding (``$(SHARD)`` is 0: the config reloader substitutes it for shard 0).
 
 Kubernetes service discovery cannot run on loopback, so each agent pod becomes a
-``static_configs`` entry carrying the ``__meta_kubernetes_*`` labels the ``endpoints`` role attaches
+``static_configs`` entry (or one of a ``file_sd_configs`` file, which Prometheus re-reads when
+a test replaces a pod, as kubernetes_sd_configs follows the Endpoints object) carrying the ``__meta_kubernetes_*`` labels the ``endpoints`` role attaches
 to a pod-backed endpoint (endpoints, service and pod metadata), with ``__address__`` the agent's
 127.0.0.1 port (a cluster has ``<pod IP>:<container port>``). Prometheus applies the relabelings
 itself: nothing here computes a label. The manifests are read as ``kustomize build deploy/base``
@@ -21,7 +22,9 @@ renders them for these fields (the kustomization's namespace and common labels a
 
 from __future__ import annotations
 
+import json
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +84,7 @@ def endpoints_targets(pods: list[AgentPod]) -> list[dict[str, Any]]:
     template = daemonset["spec"]["template"]
     (container,) = template["spec"]["containers"]
     targets = []
-    for index, pod in enumerate(pods):
+    for pod in pods:
         for port in service["spec"]["ports"]:
             container_port = next(
                 p for p in container["ports"] if p["name"] == port.get("targetPort", port["name"])
@@ -108,7 +111,7 @@ def endpoints_targets(pods: list[AgentPod]) -> list[dict[str, Any]]:
                 "__meta_kubernetes_pod_host_ip": pod.ip,
                 "__meta_kubernetes_pod_ready": "true",
                 "__meta_kubernetes_pod_phase": "Running",
-                "__meta_kubernetes_pod_uid": f"00000000-0000-4000-8000-{index:012d}",
+                "__meta_kubernetes_pod_uid": str(uuid.uuid5(uuid.NAMESPACE_DNS, pod.name)),
                 "__meta_kubernetes_pod_controller_kind": "DaemonSet",
                 "__meta_kubernetes_pod_controller_name": daemonset["metadata"]["name"],
                 "__meta_kubernetes_pod_container_name": container["name"],
@@ -122,6 +125,14 @@ def endpoints_targets(pods: list[AgentPod]) -> list[dict[str, Any]]:
             }
             targets.append({"targets": [pod.address], "labels": labels})
     return targets
+
+
+def write_targets(path: Path, pods: list[AgentPod]) -> None:
+    """The Service's endpoints now (``pods``), as the file of a ``file_sd_configs``; written
+    whole then renamed, so Prometheus never reads half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(endpoints_targets(pods), indent=1))
+    partial.replace(path)
 
 
 def _relabeling(config: dict[str, Any]) -> dict[str, Any]:
@@ -142,11 +153,16 @@ def _relabeling(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def scrape_config(
-    pods: list[AgentPod], *, endpoint: int = 0, interval: str | None = None
+    pods: list[AgentPod],
+    *,
+    endpoint: int = 0,
+    interval: str | None = None,
+    sd_file: Path | None = None,
 ) -> dict[str, Any]:
     """The Operator's scrape config for endpoint ``endpoint`` of the ServiceMonitor, its
-    kubernetes_sd_configs replaced by ``endpoints_targets(pods)``. ``interval`` overrides the
-    endpoint's scrape interval (and caps its timeout): test speed only."""
+    kubernetes_sd_configs replaced by ``endpoints_targets(pods)``: static, or in ``sd_file``
+    (written now; ``write_targets`` changes it later). ``interval`` overrides the endpoint's
+    scrape interval (and caps its timeout): test speed only."""
     monitor = manifest("ServiceMonitor")
     spec, meta = monitor["spec"], monitor["metadata"]
     ep = spec["endpoints"][endpoint]
@@ -258,9 +274,13 @@ def scrape_config(
     config: dict[str, Any] = {
         "job_name": f"serviceMonitor/{meta['namespace']}/{meta['name']}/{endpoint}",
         "honor_labels": bool(ep.get("honorLabels", False)),
-        # kubernetes_sd_configs: [{role: endpoints, namespaces: {names: [<its namespace>]}}]
-        "static_configs": endpoints_targets(pods),
     }
+    # kubernetes_sd_configs: [{role: endpoints, namespaces: {names: [<its namespace>]}}]
+    if sd_file is None:
+        config["static_configs"] = endpoints_targets(pods)
+    else:
+        write_targets(sd_file, pods)
+        config["file_sd_configs"] = [{"files": [str(sd_file)], "refresh_interval": "5s"}]
     scrape_interval = interval or ep.get("interval")
     timeout = ep.get("scrapeTimeout")
     if interval is not None:

@@ -10,7 +10,8 @@
   ServiceMonitor's relabeling.
 - It evaluates the PrometheusRule of deploy/base (the chart's rendering), every 1 s and with `for:` shortened (test
   speed only), except that MoEExpertSkewHigh keeps a `for:` of SKEW_FOR seconds, longer than the
-  flip period: it can only fire if the flips do not restart it.
+  flip period: it can only fire if the flips do not restart it. `keep_firing_for` is sized from
+  the 1 s scrape interval as the shipped rules size it from theirs (RESTART_GAP_SCRAPES).
 - A real Alertmanager with alerts/alertmanager.yml (group_wait 1 s, group_interval 2 s so a
   resolve-and-refire would show up as a second trigger) pages a PagerDuty Events v2 receiver here.
 
@@ -18,26 +19,25 @@ Proves: (a) a layer whose hottest expert alternates pages once, as one incident 
 dedup_key, one ALERTS_FOR_STATE activation) while Prometheus saw the hottest expert change;
 (b) a dead agent pages MoEWatchDown for its node, and a GPU lost on the other node still pages
 (not inhibited) while it fires; (c) gpu_info carries the engine pod as k8s_* labels next to the
-Operator's namespace/pod of the agent, with no exported_* label anywhere.
+Operator's namespace/pod of the agent, with no exported_* label anywhere; (d) an agent that
+misses scrapes for a moment (stopped, as a CPU-starved one times out) does not resolve its node's
+page: the lost GPU's alert stays active in Alertmanager, with no resolve sent.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 
+from moe_watch.alerting.config import RESTART_GAP_SCRAPES
 from moe_watch.demo.scenarios import SCENARIOS
 from tests.alerting import (
     PagerDutyReceiver,
@@ -47,18 +47,24 @@ from tests.alerting import (
     prometheus_config,
     query,
     query_range,
+    shortened_rules,
     start_alertmanager,
     start_prometheus,
     wait_until,
 )
 from tests.conftest import free_port
-from tests.operator_scrape import AgentPod, manifest, scrape_config
+from tests.operator_scrape import AgentPod, scrape_config
 
 FLIP_SECONDS = SCENARIOS["hot_expert_flip"].hot_flip_every_seconds or 0.0
 SKEW_FOR = 25  # seconds: > 2 flips of the hottest expert before the alert may fire
 assert SKEW_FOR > 2 * FLIP_SECONDS - 1
-FOR_SECONDS = {"MoEExpertSkewHigh": f"{SKEW_FOR}s", "MoEWatchDown": "4s"}
+# MoEWatchDown's `for:` outlasts agent B's missed scrapes (d): B is never reported down.
+FOR_SECONDS = {"MoEExpertSkewHigh": f"{SKEW_FOR}s", "MoEWatchDown": "8s"}
 DEFAULT_FOR = "2s"
+SCRAPE_SECONDS = 1
+KEEP_FIRING_FOR = f"{RESTART_GAP_SCRAPES * SCRAPE_SECONDS}s"
+MISSED_SCRAPES = 2  # agent B stopped this many scrape intervals: well inside keep_firing_for
+assert MISSED_SCRAPES < RESTART_GAP_SCRAPES
 WINDOW_SECONDS = 6  # the agent's window: well under the flip period, so its hottest flips too
 HOT_LAYER = "3"
 NODE_A = "gpu-node-a"
@@ -69,26 +75,6 @@ START_DEADLINE = 40
 SKEW_PAGE_DEADLINE = SKEW_FOR + 45
 FLIP_AFTER_PAGE_DEADLINE = 2 * FLIP_SECONDS + 15
 PAGE_DEADLINE = 30
-
-
-@pytest.fixture
-def demo_tmp() -> Iterator[Path]:
-    """The demos' TMPDIR: what a SIGKILLed one leaves (its fake kubelet's socket) goes with it.
-    Short, unlike tmp_path: a unix socket path has at most 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="moe-watch-e2e-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def shortened_rules() -> dict[str, Any]:
-    """deploy/base's PrometheusRule groups, evaluated every second, `for:` shortened."""
-    spec: dict[str, Any] = manifest("PrometheusRule")["spec"]
-    for group in spec["groups"]:
-        group["interval"] = "1s"
-        for rule in group["rules"]:
-            if "alert" in rule:
-                rule["for"] = FOR_SECONDS.get(rule["alert"], DEFAULT_FOR)
-    return spec
 
 
 def labels_of(event: dict[str, Any]) -> str:
@@ -132,11 +118,13 @@ async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_no
         NODE_B: AgentPod("moe-watch-b7q2m", NODE_B, f"127.0.0.1:{port_b}"),
     }
     rules = tmp_path / "rules.yml"
-    rules.write_text(yaml.safe_dump(shortened_rules(), sort_keys=False))
+    rules.write_text(
+        yaml.safe_dump(shortened_rules(FOR_SECONDS, DEFAULT_FOR, KEEP_FIRING_FOR), sort_keys=False)
+    )
     am_config = tmp_path / "alertmanager.yml"
     am_config.write_text(yaml.safe_dump(alertmanager_config(receiver_url, group_interval="2s")))
     prom_config = tmp_path / "prometheus.yml"
-    scrape = scrape_config(list(pods.values()), interval="1s")
+    scrape = scrape_config(list(pods.values()), interval=f"{SCRAPE_SECONDS}s")
     prom_config.write_text(
         yaml.safe_dump(prometheus_config(rules, f"127.0.0.1:{am_port}", [scrape]))
     )
@@ -257,7 +245,7 @@ async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_no
 
         # -- (b) node-a's agent dies: MoEWatchDown pages for it; node-b still pages ------------
         processes.kill(NODE_A)
-        down_labels = {"node": NODE_A, "instance": pods[NODE_A].address}
+        down_labels = {"node": NODE_A}
 
         async def down_paged() -> list[dict[str, Any]] | None:
             return triggers(receiver, "MoEWatchDown", **down_labels) or None
@@ -267,6 +255,9 @@ async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_no
                                    seen=lambda: summary(receiver))  # fmt: skip
         phase("MoEWatchDown page")
         assert down["payload"]["custom_details"]["node"] == NODE_A
+        # about the node, not the agent pod that watched it (a replacement would be a new page)
+        assert "instance = " not in labels_of(down), down
+        assert "pod = " not in labels_of(down), down
         assert down["payload"]["summary"].endswith(f"(on {NODE_A})"), down["payload"]
         os.kill(processes.started[NODE_B].pid, signal.SIGUSR1)  # GPU 1 of node-b falls off the bus
         lost_labels = {"node": NODE_B, "gpu": "1", "engine": ENGINE_B}
@@ -277,6 +268,33 @@ async def test_flipping_hot_expert_pages_once_and_a_dead_agent_hides_no_other_no
         await wait_until(lost_paged, PAGE_DEADLINE, "MoEGPULost for gpu-node-b while gpu-node-a is down",
                          processes, woken_by=receiver.arrived, seen=lambda: summary(receiver))  # fmt: skip
         phase("MoEGPULost page")
+
+        # -- (d) agent B misses scrapes: its series go stale, its page must not resolve --------
+        # What made this test flaky under CPU load: one scrape of a starved agent timed out, every
+        # series of the node went stale, the just-paged MoEGPULost resolved at the next
+        # evaluation, and Alertmanager's /api/v2/alerts (which leaves resolved alerts out) had
+        # none for gpu-node-b. Stopping the agent makes that gap happen every time.
+        async def scrapes_missed() -> list[dict[str, Any]] | None:
+            up = f'up{{node="{NODE_B}"}}[30s]'
+            return (
+                await q(f"count_over_time({up}) - sum_over_time({up}) >= {MISSED_SCRAPES}") or None
+            )
+
+        async def scraped_again() -> list[dict[str, Any]] | None:
+            return await q(f'up{{node="{NODE_B}"}} == 1') or None
+
+        os.kill(processes.started[NODE_B].pid, signal.SIGSTOP)
+        try:
+            await wait_until(scrapes_missed, PAGE_DEADLINE, f"{MISSED_SCRAPES} missed scrapes of gpu-node-b", processes)  # fmt: skip
+        finally:
+            os.kill(processes.started[NODE_B].pid, signal.SIGCONT)
+        await wait_until(scraped_again, PAGE_DEADLINE, "gpu-node-b scraped again", processes)
+        phase("gpu-node-b missed scrapes")
+        assert not [
+            e
+            for e in receiver.events
+            if e["event_action"] == "resolve" and is_alert(e, "MoEGPULost", **lost_labels)
+        ], summary(receiver)
         alerts = await get_json(session, f"{alertmanager}/api/v2/alerts")
         state = {(a["labels"]["alertname"], a["labels"].get("node")): a["status"] for a in alerts}
         assert state[("MoEWatchDown", NODE_A)]["state"] == "active"  # still firing meanwhile

@@ -160,12 +160,19 @@ def test_a_site_generates_rules_for_its_stack_without_editing_code(tmp_path: Pat
             "runbook_base_url=https://wiki.example.com/moe",
             "severity_names.critical=page",
             "additional_labels.team=ml-infra",
+            "scrape_interval=30s",
         ],
     )
     rules = {
         r.get("alert") or r["record"]: r for g in rule_groups(config)["groups"] for r in g["rules"]
     }
-    assert rules["MoEExpertSkewHigh"]["expr"] == "moe_watch:expert_skew_ratio > 0.65"
+    assert (
+        rules["MoEExpertSkewHigh"]["expr"]
+        == "max without (pod, instance) (moe_watch:expert_skew_ratio > 0.65)"
+    )
+    # 8 scrape intervals of 30 s: an agent restart's gap; none on the alerts about the agent
+    assert rules["MoEExpertSkewHigh"]["keep_firing_for"] == "4m"
+    assert "keep_firing_for" not in rules["MoEWatchDown"]
     assert rules["MoEExpertSkewHigh"]["labels"] == {"severity": "page", "team": "ml-infra"}
     assert (
         rules["MoEExpertSkewHigh"]["annotations"]["runbook_url"]
@@ -176,7 +183,9 @@ def test_a_site_generates_rules_for_its_stack_without_editing_code(tmp_path: Pat
         "15m",
         "page",
     )
-    assert rules["MoEWatchDown"]["expr"] == 'up{job="gpu-agents"} == 0'
+    assert (
+        rules["MoEWatchDown"]["expr"] == 'max without (pod, instance) (up{job="gpu-agents"} == 0)'
+    )
     assert "by (k8s_cluster, engine)" in rules["moe_watch:autoscale_up:bool"]["expr"]
     assert (
         "by (k8s_cluster, engine_group, layer)"
@@ -209,7 +218,7 @@ def test_rules_cli_prints_a_prometheusrule_with_overrides_and_exits_2_on_a_bad_o
     assert main(["rules", "--print", "prometheusrule", "--set", "thresholds.vram_used=0.9"]) == 0
     out = capsys.readouterr().out
     assert "kind: PrometheusRule" in out
-    assert "moe_watch_gpu_memory_used_ratio > 0.9\n" in out
+    assert "(moe_watch_gpu_memory_used_ratio > 0.9)\n" in out
     assert main(["rules", "--print", "rules", "--set", "thresholds.nope=1"]) == 2
     assert "unknown threshold 'nope'" in capsys.readouterr().err
 
@@ -294,7 +303,7 @@ def test_forecast_rules_read_the_thresholds() -> None:
     assert "predict_linear(moe_watch_kv_cache_usage_ratio[2700s], 0)" in kv
     assert "offset 1350s" in kv
     assert "[5400500ms]" in rules["moe_watch:gpu_budget_exhausted:seconds"]["expr"]
-    assert rules["MoEKVCacheFullSoon"]["expr"] == "moe_watch:kv_cache_full:seconds < 600"
+    assert "(moe_watch:kv_cache_full:seconds < 600)" in rules["MoEKVCacheFullSoon"]["expr"]
     output = promtool_test_in_tmp(config)
     assert output.startswith("SUCCESS"), output
 

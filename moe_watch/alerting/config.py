@@ -25,6 +25,14 @@ MAX_TEXT = 1024  # a label value or a severity name
 MAX_URL = 2048
 # Labels an alert already has, or that Prometheus reserves: a site's label must not replace them.
 RESERVED_LABELS = {"alertname", "severity"}
+# How long an alert on the agent's series keeps firing after they vanish, in scrape intervals.
+# A restarted or replaced agent leaves a gap from the old pod's last scrape to the new pod's
+# first: termination, the new container's start and readiness (its probe runs every 5 s), the
+# endpoints and service-discovery update, up to one scrape interval to the first scrape and one
+# rule evaluation to see it. With the shipped 15 s scrape and 30 s evaluation that is about
+# 75 s; 8 scrape intervals (2 minutes at 15 s) cover it with room for a slow start, and delay a
+# real resolve by no more than that.
+RESTART_GAP_SCRAPES = 8
 
 
 def _duration(text: Any, low: str, high: str) -> str:
@@ -89,6 +97,8 @@ class RulesConfig(BaseModel):
     severity_names: dict[Severity, str] = Field(default_factory=_standard_severities)
     additional_labels: dict[str, str] = Field(default_factory=dict)  # on every alert
     interval: str = "30s"
+    # The agents' scrape interval (the ServiceMonitor's endpoint interval): sizes keep_firing_for.
+    scrape_interval: str = "15s"
     # Load ranks rebuilt per layer for engines that span nodes (the agents' expert_top_n).
     expert_group_load_ranks: int = Field(default=4, ge=1, le=64, strict=True)
 
@@ -101,6 +111,11 @@ class RulesConfig(BaseModel):
     @classmethod
     def _interval(cls, value: Any) -> str:
         return _duration(value, "1s", "1h")
+
+    @field_validator("scrape_interval", mode="before")
+    @classmethod
+    def _scrape_interval(cls, value: Any) -> str:
+        return _duration(value, "1s", "10m")
 
     @field_validator("runbook_base_url")
     @classmethod
@@ -163,6 +178,14 @@ class RulesConfig(BaseModel):
 
     def for_(self, alert: Alert) -> str:
         return self.alerts.get(alert.name, AlertOverride()).for_ or alert.for_
+
+    def keep_firing_for(self, alert: Alert) -> str | None:
+        """The alert's `keep_firing_for`: RESTART_GAP_SCRAPES scrape intervals for an alert on
+        the agent's series, None for the alerts about the agent itself."""
+        if not alert.through_agent_restart:
+            return None
+        seconds = round(RESTART_GAP_SCRAPES * parse_duration(self.scrape_interval))
+        return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
 
     def enabled(self, alert: Alert) -> bool:
         return self.alerts.get(alert.name, AlertOverride()).enabled

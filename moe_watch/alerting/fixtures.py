@@ -144,6 +144,11 @@ FIXTURES: dict[str, Fixture] = {
         fire=_v(1),
         quiet="",
     ),
+    "MoEWatchRenderFailed": Fixture(
+        series='moe_watch_render_failed{part="engine:mixtral-0"}',
+        fire=_v(1),
+        quiet=_v(0),  # rendered again
+    ),
     "MoEWatchStale": Fixture(
         series='moe_watch_last_success_timestamp_seconds{source="nvml"}',
         fire="0x60",

@@ -27,6 +27,20 @@ RECORDING: tuple[tuple[str, str], ...] = (
 )  # fmt: skip
 
 
+# The labels that name the agent rather than what it watches: the Prometheus Operator sets them
+# from the agent's pod, so they change whenever the DaemonSet replaces it (a rollout, an evicted
+# or rescheduled pod). The ServiceMonitor's `node` label stays.
+WATCHER_LABELS = ("pod", "instance")
+
+
+def about_the_watched(expr: str) -> str:
+    """An alert expression without the agent's own labels: the alert of a node's engine, layer
+    or GPU is the same alert whichever agent pod reports it. Two pods of one node reporting at
+    once (a surge rollout) are one alert; `max` keeps the value of either, both past the
+    threshold, since the expression filtered them before."""
+    return f"max without ({', '.join(WATCHER_LABELS)}) ({expr})"
+
+
 def duration(seconds: float) -> str:
     """A PromQL duration for a number of seconds (whole milliseconds: what PromQL accepts)."""
     return f"{round(seconds * 1000)}ms" if seconds != int(seconds) else f"{int(seconds)}s"

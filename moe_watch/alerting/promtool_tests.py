@@ -15,6 +15,7 @@ from typing import Any
 
 from moe_watch.alerting.config import RulesConfig
 from moe_watch.alerting.fixtures import ENGINE, FIXTURES, Fixture
+from moe_watch.alerting.promql import WATCHER_LABELS
 from moe_watch.alerting.rule_file import RULES_FILE, alert_annotations, text_values
 from moe_watch.alerting.specs import ALERTS, FORECAST_ALERTS, Alert
 from moe_watch.alerting.syntax import parse_matchers, unescape
@@ -68,9 +69,24 @@ def _job_labels(config: RulesConfig) -> str:
     return ",".join(f'{k}="{v}"' for k, v in _job_equalities(config)) or 'job="moe-watch"'
 
 
+# What a cluster's scrape puts on the agent's series (the Prometheus Operator's target labels and
+# the ServiceMonitor's node); the alerts must keep the node and drop the rest (WATCHER_LABELS).
+AGENT_TARGET = {"instance": "10.0.0.5:9400", "node": "gpu-node-a", "pod": "moe-watch-4xk9p"}
+
+
+def _scraped(series: str, target: dict[str, str] = AGENT_TARGET) -> str:
+    """``series`` with the agent's target labels it lacks; another job's series as it is."""
+    if 'job="' in series:  # the fixtures name a job only for another exporter's series
+        return series
+    for key, value in target.items():
+        if not re.search(rf"[{{,]{key}=", series):
+            series = _with_label(series, key, value)
+    return series
+
+
 def _alert_test(alert: Alert, fixture: Fixture, config: RulesConfig) -> dict[str, Any]:
     fire, quiet = _fire_and_quiet(alert, fixture, config)
-    series = fixture.series.replace("$job", _job_labels(config))
+    series = _scraped(fixture.series).replace("$job", _job_labels(config))
     minutes = fixture.eval_minutes or _minutes(config.for_(alert)) + 2
     # absent() makes its own labels: the job selector's equality matchers
     exp = (
@@ -80,7 +96,8 @@ def _alert_test(alert: Alert, fixture: Fixture, config: RulesConfig) -> dict[str
     )
     exp["severity"] = config.severity(alert)
     exp |= config.additional_labels
-    exp.pop("__name__", None)
+    for label in ("__name__", *WATCHER_LABELS):
+        exp.pop(label, None)
     value = fixture.value_at_eval
     if value is None:
         value = float(fire.split()[-1].split("x")[0].split("+")[0])
@@ -92,7 +109,7 @@ def _alert_test(alert: Alert, fixture: Fixture, config: RulesConfig) -> dict[str
         "input_series": [
             {"series": series, "values": fire},
             *([{"series": _with_label(series, "case", "quiet"), "values": quiet}] if quiet else []),
-            *({"series": s, "values": v} for s, v in fixture.extra_series),
+            *({"series": _scraped(s), "values": v} for s, v in fixture.extra_series),
         ],
         "alert_rule_test": [
             {
@@ -120,6 +137,12 @@ def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
         return {"exp_labels": labels, "exp_annotations": annotations}
 
     flipping = " ".join(["5x3", "2x3"] * 6)  # the hottest expert alternates every 4 minutes
+    old_pod = _scraped('moe_watch_expert_skew_ratio{engine="mixtral-0",layer="3"}')
+    new_pod = _scraped(
+        'moe_watch_expert_skew_ratio{engine="mixtral-0",layer="3"}',
+        {"instance": "10.0.0.9:9400", "node": "gpu-node-a", "pod": "moe-watch-7dq2n"},
+    )
+    rolled = skew | {"node": "gpu-node-a"}
     tests: list[dict[str, Any]] = [
         {  # The hottest expert alternates while the layer stays skewed: one alert, `for:` intact.
             "interval": "1m",
@@ -130,6 +153,20 @@ def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
             "alert_rule_test": [
                 {"eval_time": "12m", "alertname": "MoEExpertSkewHigh", "exp_alerts": [expected(skew_alert, skew, 0.8, "2")]},
                 {"eval_time": "40m", "alertname": "MoEExpertSkewHigh", "exp_alerts": [expected(skew_alert, skew, 0.8, "5")]},
+            ],
+        },
+        {  # The agent pod of the skewed node is replaced (new name and address) while the alert
+           # fires, its series missing for one evaluation: the same alert, still firing, `for:`
+           # not restarted (it would be pending until minute 32).
+            "interval": "1m",
+            "input_series": [
+                {"series": old_pod, "values": "0.8x20 stale"},
+                {"series": new_pod, "values": "_x22 0.8x20"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "12m", "alertname": "MoEExpertSkewHigh", "exp_alerts": [expected(skew_alert, rolled, 0.8)]},
+                {"eval_time": "21m", "alertname": "MoEExpertSkewHigh", "exp_alerts": [expected(skew_alert, rolled, 0.8)]},
+                {"eval_time": "25m", "alertname": "MoEExpertSkewHigh", "exp_alerts": [expected(skew_alert, rolled, 0.8)]},
             ],
         },
         {  # A GPU's first Xid: a new series that starts at 1 (no sample before it).

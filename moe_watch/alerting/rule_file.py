@@ -11,6 +11,7 @@ import yaml
 from moe_watch.alerting.config import RulesConfig
 from moe_watch.alerting.promql import (
     RECORDING,
+    about_the_watched,
     expert_group_rules,
     expression,
     forecast_rules,
@@ -67,8 +68,9 @@ def rule_groups(
     alerts = [
         {
             "alert": alert.name,
-            "expr": expression(alert.expr, config, alert.threshold),
+            "expr": about_the_watched(expression(alert.expr, config, alert.threshold)),
             "for": for_override or config.for_(alert),
+            **({"keep_firing_for": k} if (k := config.keep_firing_for(alert)) else {}),
             "labels": {"severity": config.severity(alert), **config.additional_labels},
             "annotations": alert_annotations(alert, config),
         }

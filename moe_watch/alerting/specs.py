@@ -7,7 +7,10 @@ section of docs/runbooks.md named after it.
 
 Series identity: alert expressions never read a label whose value moves (the hottest expert, a
 replaced pod); such facts are read at notification time by `query` templates in annotations, so
-an alert's `for:` timer survives two experts trading places.
+an alert's `for:` timer survives two experts trading places. An alert is about the thing
+watched (cluster, node, engine, layer, GPU, rank), never about the agent that watches it: the
+rule file drops the agent's `pod` and `instance` from every alert (promql.about_the_watched), so
+a replaced agent pod continues its node's alerts instead of resolving them and opening new ones.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class Alert:
     description: str
     annotations: tuple[tuple[str, str], ...] = ()  # extra annotations
     whatif: bool = False  # adds an `eplb_whatif` annotation (texts.eplb_whatif_template)
+    # The alert reads the agent's own series, which a restarted or replaced agent leaves missing
+    # for a few scrapes: it keeps firing through that gap (RulesConfig.keep_firing_for). False
+    # for the alerts about the agent itself, whose series are Prometheus' own `up`.
+    through_agent_restart: bool = True
 
 
 ALERTS: tuple[Alert, ...] = (
@@ -220,7 +227,8 @@ ALERTS: tuple[Alert, ...] = (
         for_="5m",
         severity="critical",
         summary="Prometheus cannot scrape a moe-watch agent: a GPU node is unwatched",
-        description="{{ $labels.instance }} (node {{ $labels.node }}) is down: hot experts, lost GPUs and full KV caches on this node will not page.",
+        description="The moe-watch agent of node {{ $labels.node }} is down: hot experts, lost GPUs and full KV caches on this node will not page.",
+        through_agent_restart=False,
     ),
     Alert(
         name="MoEWatchAbsent",
@@ -229,6 +237,15 @@ ALERTS: tuple[Alert, ...] = (
         severity="critical",
         summary="No moe-watch agent is scraped at all",
         description="Prometheus has no up series for job {{ $labels.job }}: the DaemonSet is gone or its ServiceMonitor no longer matches.",
+        through_agent_restart=False,
+    ),
+    Alert(
+        name="MoEWatchRenderFailed",
+        expr="moe_watch_render_failed == 1",
+        for_="5m",
+        severity="warning",
+        summary="A moe-watch agent leaves part of its metrics out: it cannot render them",
+        description="The agent on node {{ $labels.node }} has not rendered part {{ $labels.part }} of /metrics for ${for:words}: that part's series (an engine's, a GPU's, the node's) are missing, so its alerts cannot fire. The agent's log says why.",
     ),
     Alert(
         name="MoEWatchStale",
