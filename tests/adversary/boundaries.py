@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ from hypothesis import strategies as st
 
 from moe_watch import limits
 from moe_watch.expert_file import SUFFIX
+from tests.hostile.conftest import _str, floats, tensor_opcodes
 
 
 class Hostile(Protocol):
@@ -30,7 +34,16 @@ class Hostile(Protocol):
 
     plugin_dir: Path
     eplb_log: Path
+    dump_dir: Path
+    agent_url: str
+    sockets: list[socket.socket]
 
+    def serve_recorder(self, status: int, body: bytes | None) -> None: ...
+    def publish_pods(self, pods: Callable[[int], tuple[bytes, list[bytes]]], *,
+                     chunked: bool = False) -> int: ...  # fmt: skip
+    def kube_listed(self, generation: int) -> bool: ...
+    def kube_watched(self, generation: int) -> bool: ...
+    def set_token(self, token: bytes) -> None: ...
     def serve_metrics(self, body: bytes) -> None: ...
     def serve_models(self, body: bytes) -> None: ...
     def serve_version(self, body: bytes) -> None: ...
@@ -40,12 +53,13 @@ class Hostile(Protocol):
 @dataclass(frozen=True)
 class Case:
     limit: str
-    boundary: str  # plugin | engine | metadata | eplb | proc
+    boundary: str  # plugin | engine | metadata | eplb | proc | sglang | kube | server
     past: bool  # past the limit: refused with ``reason``; else accepted (``reason`` not counted)
     source: str  # the `source` label its refusal is counted under
     reason: str | None  # None: the limit bounds work, nothing is counted either side
     apply: Callable[[Hostile], None]
     note: str = ""  # what was generated, for the failure message
+    settled: Callable[[Hostile], bool] | None = None  # the world has served it (async readers)
 
     def __repr__(self) -> str:
         side = "past" if self.past else "at"
@@ -182,17 +196,18 @@ def _model_chars(n: int) -> Case:
     return one_file("LABEL_VALUE_CHARS", n, "bad_file", f"model of {n} chars", model="m" * n)
 
 
-def nested(depth: int) -> Any:
-    """A JSON value ``depth`` containers deep (lists in one dict: the document adds a level)."""
-    value: Any = []
-    for _ in range(depth - 1):
-        value = [value]
-    return value
+def with_nested(doc: dict[str, Any], depth: int) -> bytes:
+    """``doc`` with a field ``extra`` ``depth`` lists deep, written as text: json.dumps stops
+    near 1,000 levels, the adversary goes to 100,000."""
+    head = json.dumps(doc).encode()[:-1]
+    return head + b', "extra": ' + b"[" * depth + b"]" * depth + b"}"
 
 
 def _plugin_depth(depth: int) -> Case:
     # The document is one level; its field adds ``depth - 1``.
-    return one_file("JSON_DEPTH", depth, "bad_file", f"{depth} levels", extra=nested(depth - 1))
+    return Case("JSON_DEPTH", "plugin", depth > limits.JSON_DEPTH, PLUGIN, "bad_file",
+                write_plugin({"w": with_nested(plugin_doc(), depth - 1)}),
+                f"{depth} levels")  # fmt: skip
 
 
 # -- engine answers ----------------------------------------------------------------------------
@@ -273,9 +288,8 @@ def _metadata_bytes(size: int) -> Case:
 
 def _metadata_depth(depth: int) -> Case:
     doc = json.loads(models_json(4096))  # 3 levels: the answer, data, a model
-    doc["extra"] = nested(depth - 1)
     return _models_answer("JSON_DEPTH", depth > limits.JSON_DEPTH, "metadata",
-                          json.dumps(doc).encode(), f"{depth} levels")  # fmt: skip
+                          with_nested(doc, depth - 1), f"{depth} levels")  # fmt: skip
 
 
 def _version_chars(n: int) -> Case:
@@ -363,8 +377,11 @@ def _num_seqs(text: str) -> Case:
         ok = math.isfinite(value) and value.is_integer() and 1 <= value <= limits.NUM_SEQS
     except ValueError:
         ok = False
-    return _cmdline("NUM_SEQS", not ok, "bad_value", [*SERVE, b"--max-num-seqs", text.encode()],
-                    f"--max-num-seqs {text}")  # fmt: skip
+    # argparse takes a value that starts with "-" (other than a plain negative number) as the
+    # next flag: vLLM's command line can only carry it attached
+    flag = [b"--max-num-seqs=" + text.encode()] if text.startswith("-") else [
+        b"--max-num-seqs", text.encode()]  # fmt: skip
+    return _cmdline("NUM_SEQS", not ok, "bad_value", [*SERVE, *flag], f"--max-num-seqs {text}")
 
 
 def _num_seqs_texts() -> st.SearchStrategy[str]:
@@ -376,10 +393,188 @@ def _num_seqs_texts() -> st.SearchStrategy[str]:
     )
 
 
+# -- SGLang recorder dumps and answers ---------------------------------------------------------
+
+SGLANG = "experts:sglang"
+DUMP = "expert_distribution_recorder_{}.pt"
+PICKLE_HEAD = b"\x80\x02"
+
+
+def dump_pickle(value: bytes, pad: int = 0) -> bytes:
+    """data.pkl of ``{"logical_count": value}``, ``pad`` bytes longer (a string pushed, popped)."""
+    padding = b"X" + len(b"p" * pad).to_bytes(4, "little") + b"p" * pad + b"0" if pad else b""
+    return PICKLE_HEAD + padding + b"}" + _str("logical_count") + value + b"s."
+
+
+def write_dump(members: dict[str, tuple[bytes, bool]]) -> Callable[[Hostile], None]:
+    """A .pt dump (``name -> (bytes, deflated)`` under archive/), written aside then renamed
+    into the queue, so the agent never reads half of it."""
+
+    def apply(world: Hostile) -> None:
+        aside = world.dump_dir / "next.pt.part"
+        with zipfile.ZipFile(aside, "w") as archive:
+            for name, (data, deflated) in members.items():
+                kind = zipfile.ZIP_DEFLATED if deflated else zipfile.ZIP_STORED
+                archive.writestr(f"archive/{name}", data, compress_type=kind)
+        os.replace(aside, world.dump_dir / DUMP.format(time.time_ns()))
+
+    return apply
+
+
+def _dump(limit: str, past: bool, reason: str, members: dict[str, tuple[bytes, bool]],
+          note: str) -> Case:  # fmt: skip
+    return Case(limit, "sglang", past, SGLANG, reason, write_dump(members), note)
+
+
+GOOD_TENSOR = (dump_pickle(tensor_opcodes((1, 2, 4))), False)
+GOOD_STORAGE = (floats([1.0] * 8), False)
+
+
+def _zip_size(pad: int) -> int:
+    members = {"data.pkl": GOOD_TENSOR, "data/0": GOOD_STORAGE, "pad": (b"\0" * pad, False)}
+    import io
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, (data, _) in members.items():
+            archive.writestr(f"archive/{name}", data)
+    return len(buffer.getvalue())
+
+
+def _dump_file_bytes(size: int) -> Case:
+    pad = size - _zip_size(0)  # a stored member adds exactly its size (no zip64 below 4 GiB)
+    members = {"data.pkl": GOOD_TENSOR, "data/0": GOOD_STORAGE, "pad": (b"\0" * pad, False)}
+    return _dump("DUMP_FILE_BYTES", size > limits.DUMP_FILE_BYTES, "too_large", members,
+                 f"a .pt of {size} bytes")  # fmt: skip
+
+
+def _dump_member_bytes(size: int) -> Case:
+    # zeros deflate ~1000:1: a bomb of ``size`` bytes, a byte storage the tensor reads 8 of
+    members = {"data.pkl": (dump_pickle(tensor_opcodes((1, 2, 4), storage="ByteStorage")), False),
+               "data/0": (b"\0" * size, True)}  # fmt: skip
+    return _dump("DUMP_MEMBER_BYTES", size > limits.DUMP_MEMBER_BYTES, "too_large", members,
+                 f"a storage decompressing to {size} bytes")  # fmt: skip
+
+
+def _dump_pickle_bytes(size: int) -> Case:
+    pad = size - len(dump_pickle(tensor_opcodes((1, 2, 4)), 1)) + 1
+    pkl = dump_pickle(tensor_opcodes((1, 2, 4)), pad)
+    members = {"data.pkl": (pkl, True), "data/0": GOOD_STORAGE}
+    return _dump("DUMP_PICKLE_BYTES", len(pkl) > limits.DUMP_PICKLE_BYTES, "too_large", members,
+                 f"data.pkl of {len(pkl)} bytes")  # fmt: skip
+
+
+def _tensor_cells(cells: int) -> Case:
+    # [cells, 1, 1]: one expert, ``cells`` passes, twice: once stored whole, once as a view
+    # whose every pass reads the storage's one byte (stride 0), a file of a few hundred bytes
+    # that declares the whole tensor.
+    whole = tensor_opcodes((cells, 1, 1), storage="ByteStorage")
+    strided = tensor_opcodes((cells, 1, 1), storage="ByteStorage", stride=(0, 1, 1))
+    storage = b"\0" * min(cells, limits.DUMP_MEMBER_BYTES)
+    write_whole = write_dump({"data.pkl": (dump_pickle(whole), False), "data/0": (storage, True)})
+    write_strided = write_dump({"data.pkl": (dump_pickle(strided), False),
+                                "data/0": (b"\0", False)})  # fmt: skip
+
+    def apply(world: Hostile) -> None:
+        write_whole(world)
+        write_strided(world)
+
+    return Case("TENSOR_CELLS", "sglang", cells > limits.TENSOR_CELLS, SGLANG, "too_large",
+                apply, f"two tensors of {cells} cells (whole, stride 0)")  # fmt: skip
+
+
+def _error_body(size: int | None) -> Case:
+    def apply(world: Hostile) -> None:
+        world.serve_recorder(500, None if size is None else b"e" * size)
+
+    past = size is None or size > limits.ERROR_BODY_BYTES
+    return Case("ERROR_BODY_BYTES", "sglang", past, SGLANG, None, apply,
+                "an endless 500" if size is None else f"a 500 of {size} bytes")  # fmt: skip
+
+
+# -- the Kubernetes API (pod list, watch, the service-account token) -------------------------
+
+DISCOVERY = "discovery"
+CLOSED_PORT = 1  # discovered engines point here: refused at once, nothing to scrape
+STATIC_TARGETS = 3  # the world's configured targets count against TARGETS_PER_AGENT
+
+
+def pod(i: int, generation: int, *, annotated: bool = False) -> dict[str, Any]:
+    annotations = {"moe-watch.io/scrape": "true", "moe-watch.io/port": str(CLOSED_PORT)}
+    return {
+        "metadata": {"name": f"p{i:05d}", "namespace": "adv", "uid": f"uid-{i}",
+                     "resourceVersion": str(generation),
+                     "annotations": annotations if annotated else {}},
+        "status": {"phase": "Running", "podIP": "127.0.0.1"},
+    }  # fmt: skip
+
+
+def pod_list(generation: int, items: list[dict[str, Any]], size: int = 0) -> bytes:
+    body = json.dumps({"kind": "PodList", "metadata": {"resourceVersion": str(generation)},
+                       "items": items}).encode()  # fmt: skip
+    return body + b" " * max(size - len(body), 0)  # whitespace: valid JSON of any size
+
+
+def _kube(limit: str, past: bool, reason: str, pods: Callable[[int], tuple[bytes, list[bytes]]],
+          note: str, *, chunked: bool = False, watched: bool = False,
+          before: Callable[[Hostile], None] | None = None) -> Case:  # fmt: skip
+    published: list[int] = []
+
+    def apply(world: Hostile) -> None:
+        if before is not None:
+            before(world)
+        published.append(world.publish_pods(pods, chunked=chunked))
+
+    def settled(world: Hostile) -> bool:
+        seen = world.kube_watched if watched else world.kube_listed
+        return bool(published) and seen(published[-1])
+
+    return Case(limit, "kube", past, DISCOVERY, reason, apply, note, settled)
+
+
+def _list_bytes(size: int, chunked: bool) -> Case:
+    def pods(generation: int) -> tuple[bytes, list[bytes]]:
+        return pod_list(generation, [pod(0, generation)], size), []
+
+    return _kube("LIST_BYTES", size > limits.LIST_BYTES, "too_large", pods,
+                 f"a list of {size} bytes" + (" (chunked)" if chunked else ""),
+                 chunked=chunked)  # fmt: skip
+
+
+def _watch_line(size: int) -> Case:
+    def pods(generation: int) -> tuple[bytes, list[bytes]]:
+        event = json.dumps({"type": "ADDED", "object": pod(0, generation)}).encode()
+        return pod_list(generation, []), [event + b" " * (size - len(event)) + b"\n"]
+
+    return _kube("WATCH_LINE_BYTES", size > limits.WATCH_LINE_BYTES, "line_too_long", pods,
+                 f"a watch line of {size} bytes", watched=True)  # fmt: skip
+
+
+def _targets(n: int) -> Case:
+    def pods(generation: int) -> tuple[bytes, list[bytes]]:
+        return pod_list(generation, [pod(i, generation, annotated=True) for i in range(n)]), []
+
+    total = n + STATIC_TARGETS
+    return _kube("TARGETS_PER_AGENT", total > limits.TARGETS_PER_AGENT, "too_many_targets",
+                 pods, f"{n} pods + {STATIC_TARGETS} configured targets")  # fmt: skip
+
+
+def _token(size: int) -> Case:
+    def token(world: Hostile) -> None:
+        world.set_token(b"t" * size)
+
+    def pods(generation: int) -> tuple[bytes, list[bytes]]:
+        return pod_list(generation, []), []
+
+    return _kube("TOKEN_BYTES", size > limits.TOKEN_BYTES, "credentials", pods,
+                 f"a token of {size} bytes", before=token)  # fmt: skip
+
+
 # -- the table ---------------------------------------------------------------------------------
 
 L = limits
 P, E, M, G, C = "plugin", "engine", "metadata", "eplb", "proc"
+S, K, H = "sglang", "kube", "server"
 
 # limit -> (boundary, strategy) for every boundary where it is checked
 STRATEGIES: dict[str, list[tuple[str, st.SearchStrategy[Case]]]] = {
@@ -433,24 +628,24 @@ STRATEGIES: dict[str, list[tuple[str, st.SearchStrategy[Case]]]] = {
     "CMDLINE_BYTES": [(C, around(L.CMDLINE_BYTES, far=4 * L.CMDLINE_BYTES).map(_cmdline_bytes))],
     "CMDLINE_ARGS": [(C, around(L.CMDLINE_ARGS, far=16 * L.CMDLINE_ARGS).map(_cmdline_args))],
     "NUM_SEQS": [(C, _num_seqs_texts().map(_num_seqs))],
+    "DUMP_FILE_BYTES": [(S, around(L.DUMP_FILE_BYTES, far=L.DUMP_FILE_BYTES + 4096).map(_dump_file_bytes))],
+    "DUMP_MEMBER_BYTES": [(S, around(L.DUMP_MEMBER_BYTES, far=2 * L.DUMP_MEMBER_BYTES).map(_dump_member_bytes))],
+    "DUMP_PICKLE_BYTES": [(S, around(L.DUMP_PICKLE_BYTES, far=4 * L.DUMP_PICKLE_BYTES).map(_dump_pickle_bytes))],
+    "TENSOR_CELLS": [(S, around(L.TENSOR_CELLS, far=2 * L.TENSOR_CELLS).map(_tensor_cells))],
+    "ERROR_BODY_BYTES": [(S, st.one_of(around(L.ERROR_BODY_BYTES, far=1 << 20),
+                                       st.none()).map(_error_body))],
+    "LIST_BYTES": [(K, st.builds(_list_bytes, around(L.LIST_BYTES, far=L.LIST_BYTES + 4096),
+                                 st.booleans()))],
+    "WATCH_LINE_BYTES": [(K, around(L.WATCH_LINE_BYTES, far=2 * L.WATCH_LINE_BYTES).map(_watch_line))],
+    "TARGETS_PER_AGENT": [(K, around(L.TARGETS_PER_AGENT - STATIC_TARGETS, far=1024).map(_targets))],
+    "TOKEN_BYTES": [(K, around(L.TOKEN_BYTES, far=4 * L.TOKEN_BYTES).map(_token))],
 }  # fmt: skip
 
 # Limits no strategy generates yet, each with where it is held today. Not a permanent list:
-# each wants its boundary in the world (an SGLang recorder target, a Kubernetes API server,
-# raw-socket clients of the agent's server).
-_SGLANG = "SGLang dumps: no SGLang target in the adversary's world yet; held by "
-_KUBE = "Kubernetes API: no API server in the adversary's world yet; held by "
+# each wants raw-socket clients of the agent's server (and PASSWORD_BYTES a second agent with
+# basic auth configured).
 _SERVER = "the agent's own server: no raw-socket client in the adversary yet; held by "
 EXEMPT: dict[str, str] = {
-    "DUMP_FILE_BYTES": _SGLANG + "tests/hostile/test_sglang_dumps.py",
-    "DUMP_MEMBER_BYTES": _SGLANG + "tests/hostile/test_sglang_dumps.py (zip bombs)",
-    "DUMP_PICKLE_BYTES": _SGLANG + "tests/hostile/test_sglang_dumps.py",
-    "TENSOR_CELLS": _SGLANG + "tests/hostile/test_sglang_dumps.py",
-    "ERROR_BODY_BYTES": _SGLANG + "tests/hostile/test_limits.py (an endless refusal body)",
-    "TOKEN_BYTES": _KUBE + "nothing hostile yet (read at start-up from the pod's own mount)",
-    "LIST_BYTES": _KUBE + "tests/hostile/test_kubernetes_api.py",
-    "WATCH_LINE_BYTES": _KUBE + "tests/hostile/test_kubernetes_api.py (a line over the bound)",
-    "TARGETS_PER_AGENT": _KUBE + "tests/hostile/test_limits.py (a 50,000-pod list)",
     "SERVER_CONNECTIONS": _SERVER + "tests/hostile/test_probes.py, test_agent_server.py",
     "PROBE_CONNECTIONS": _SERVER + "tests/hostile/test_agent_server.py",
     "HEADER_BYTES": _SERVER + "aiohttp's own limit; nothing in the corpus",
@@ -459,7 +654,7 @@ EXEMPT: dict[str, str] = {
     "PASSWORD_BYTES": _SERVER + "tests/hostile/test_agent_server.py (odd passwords)",
 }
 
-BOUNDARIES = (P, E, M, G, C)
+BOUNDARIES = (P, E, M, G, C, S, K)
 
 
 def by_boundary(boundary: str) -> st.SearchStrategy[Case]:

@@ -1,6 +1,7 @@
 """The standing adversary against the real agent process: for every declared limit and every
 boundary where it is checked, hypothesis generates inputs at the limit and past it; the hostile
-engine serves them (answers, plugin files, EPLB log lines, the command line on its GPU) while a
+engine serves them (answers, plugin files, EPLB log lines, the command line on its GPU, SGLang
+dumps and recorder answers; the Kubernetes API its pod lists, watch lines and token) while a
 good engine runs beside it, and after each example the invariants hold: the process is alive,
 /healthz answers within a bound, the good engine's and its GPU's series are present and equal to
 the control taken before any hostility, an input past a limit is counted under
@@ -10,15 +11,17 @@ cycle's duration stay under their bounds. At the end SIGTERM ends the agent with
 
 One agent for the whole module; between examples the hostile inputs are reset and the next
 example's are applied, and each example is judged over one whole cycle that started after it
-was applied. ``MOE_WATCH_ADVERSARY_EXAMPLES`` sets the examples per strategy (CI: a fixed,
-derandomized few; set it for a longer local run, which also draws new inputs)."""
+was applied (inputs read once, like dumps and pod lists, are counted from just before it was
+applied). Every strategy runs twice, once filtered to inputs at the limit and once past it, so
+both sides are checked every run. ``MOE_WATCH_ADVERSARY_EXAMPLES`` sets the examples per side
+(CI: one fixed, derandomized example; set it for a longer local run, which also draws new inputs)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +35,7 @@ from tests.hostile.conftest import AgentProcess, running_agent
 
 EXAMPLES = int(os.environ.get("MOE_WATCH_ADVERSARY_EXAMPLES", "0")) or None
 ADVERSARY = settings(
-    max_examples=EXAMPLES or 3,
+    max_examples=EXAMPLES or 1,  # per side
     deadline=None,
     derandomize=EXAMPLES is None,  # CI: the same inputs every run
     database=None,
@@ -45,6 +48,9 @@ RSS_BOUND = 512 * 1024 * 1024  # the agent idles at ~60 MB; a 16 MiB body is rea
 CYCLE_BOUND = 2.0  # seconds; a clean cycle here takes ~20 ms
 SHUTDOWN_SECONDS = 3.0
 CYCLE_WAIT = 30.0  # seconds to wait for the next cycle before failing
+
+
+ONCE = ("eplb", "sglang", "kube")  # boundaries whose input is read once, not every cycle
 
 
 @dataclass
@@ -95,9 +101,11 @@ def adversary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Adversary]:
     with engines() as running:
         world = World(root, running)
         env = {"ADVERSARY_NEIGHBOUR_PID": str(NEIGHBOUR_PID),
-               "ADVERSARY_PROC_ROOT": str(world.proc_root)}  # fmt: skip
+               "ADVERSARY_PROC_ROOT": str(world.proc_root),
+               "ADVERSARY_SERVICE_ACCOUNT": str(world.service_account)}  # fmt: skip
         with running_agent(root, world.settings(), env=env,
                            module="tests.adversary.agent_main") as agent:  # fmt: skip
+            world.agent_url = agent.url
             probe = Adversary(agent, world, {})
             first = probe.cycle_after(2)  # expert windows and rates need a few cycles
             probe.cycle_after(first["cycle"] + 4)
@@ -110,11 +118,25 @@ def adversary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Adversary]:
                   f"worst cycle {probe.worst_cycle:.3f} s, SIGTERM -> exit {elapsed:.2f} s")  # fmt: skip
 
 
+def wait_until(ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + CYCLE_WAIT
+    while not ready():
+        assert time.monotonic() < deadline, f"not {what} within {CYCLE_WAIT:g}s"
+        time.sleep(0.02)  # polls the condition
+
+
 def judge(adversary: Adversary, case: Case) -> None:
     world, agent = adversary.world, adversary.agent
-    ahead = adversary.status()  # log lines are read once: they may count in the next cycle
     world.reset()
+    # Discovery lists on its own task: the reset's empty list is taken (and the previous
+    # example's refusals counted) before the count starts.
+    wait_until(lambda: world.kube_listed(world.reset_generation), "listed after the reset")
+    adversary.cycle_after(adversary.status()["cycle"])
+    ahead = adversary.status()  # read once (log lines, dumps, lists): may count at once
     case.apply(world)
+    if case.settled is not None:
+        settled = case.settled
+        wait_until(lambda: settled(world), f"served {case!r}")
     applied = adversary.status()["cycle"]
     before = adversary.cycle_after(applied + 1)  # the first cycle wholly after the change...
     after = adversary.cycle_after(before["cycle"])  # ...has completed
@@ -131,7 +153,7 @@ def judge(adversary: Adversary, case: Case) -> None:
     }
     if case.reason is not None:
         key = (case.source, case.reason)
-        start = ahead if case.boundary == "eplb" else before
+        start = ahead if case.boundary in ONCE else before
         counted = errors(after).get(key, 0) - errors(start).get(key, 0)
         if case.past:
             assert counted >= 1, (key, errors(after))
@@ -154,22 +176,24 @@ def judge(adversary: Adversary, case: Case) -> None:
 
 
 ENTRIES = [
-    (limit, boundary, strategy)
+    (limit, boundary, side, strategy)
     for limit, entries in STRATEGIES.items()
     for boundary, strategy in entries
+    for side in ("at", "past")  # both sides of every limit, every run
 ]
 
 
 @pytest.mark.parametrize(
-    ("limit", "boundary", "strategy"), ENTRIES, ids=[f"{e[0]}-{e[1]}" for e in ENTRIES]
-)
+    ("limit", "boundary", "side", "strategy"), ENTRIES,
+    ids=[f"{e[0]}-{e[1]}-{e[2]}" for e in ENTRIES],
+)  # fmt: skip
 @ADVERSARY
 @given(data=st.data())
 def test_the_agent_holds_at_and_past_the_limit(
-    adversary: Adversary, limit: str, boundary: str, strategy: st.SearchStrategy[Case],
-    data: st.DataObject,
+    adversary: Adversary, limit: str, boundary: str, side: str,
+    strategy: st.SearchStrategy[Case], data: st.DataObject,
 ) -> None:  # fmt: skip
-    case = data.draw(strategy)
+    case = data.draw(strategy.filter(lambda c: c.past == (side == "past")))
     assert case.limit == limit
     judge(adversary, case)
 

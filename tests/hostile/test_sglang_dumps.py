@@ -166,7 +166,7 @@ PT_CASES: list[tuple[str, object, str]] = [
     (
         "declares_30000x30000",
         lambda p: write_pt(p, tensor_opcodes((1, 30000, 30000)), {"0": floats([1.0] * 8)}),
-        "bad_file",
+        "too_large",  # past TENSOR_CELLS
     ),
     (
         "huge_matrix_real_storage",
@@ -283,3 +283,81 @@ def test_arbitrary_csv_text_never_escapes(tmp_path: Path, text: str) -> None:
     path = tmp_path / "expert_distribution_rank0_timestamp1.csv"
     path.write_bytes(("layer_id,expert_id,count\n" + text).encode("utf-8", "surrogatepass"))
     assert_refused_or_sane(path)
+
+
+def _cells_dump(
+    path: Path,
+    shape: tuple[int, int, int],
+    stride: tuple[int, int, int] | None = None,
+) -> Path:
+    cells = shape[0] * shape[1] * shape[2]
+    storage = b"\x00" if stride is not None and stride[0] == 0 else b"\x00" * cells
+    return write_pt(
+        path,
+        tensor_opcodes(shape, storage="ByteStorage", stride=stride),
+        {"0": storage},
+        compression=zipfile.ZIP_DEFLATED,
+    )
+
+
+def test_a_tensor_past_its_cell_limit_is_refused_as_too_large(tmp_path: Path) -> None:
+    from moe_watch.limits import TENSOR_CELLS
+    from moe_watch.sources.expert_sglang import read_recorder_file
+
+    # docs/limits.md names `too_large` for TENSOR_CELLS, like every other size bound of a dump
+    path = _cells_dump(tmp_path / "expert_distribution_recorder_x.pt", (TENSOR_CELLS + 1, 1, 1))
+    with pytest.raises(FileRejected) as refused:
+        read_recorder_file(path)
+    assert refused.value.reason == "too_large"
+
+
+STRIDED_SECONDS = 3.0  # a whole tensor at the limit reads in ~0.6 s here
+
+
+@pytest.mark.parametrize(
+    ("shape", "stride"),
+    [((1 << 24, 1, 1), (0, 1, 1)), ((1 << 14, 1 << 10, 1), (1, 1 << 14, 1))],
+    ids=["every-pass-one-byte", "a-transposed-view"],
+)
+def test_a_strided_tensor_at_the_cell_limit_reads_in_bounded_time(
+    tmp_path: Path, shape: tuple[int, int, int], stride: tuple[int, int, int]
+) -> None:
+    import time
+
+    from moe_watch.limits import TENSOR_CELLS
+    from moe_watch.sources.expert_sglang import read_recorder_file
+
+    # A few hundred bytes declaring 2^24 cells through a stride: rebuilt one cell at a time it
+    # took 14 s of the drain thread, and the cycle of every engine waits for that thread.
+    assert shape[0] * shape[1] * shape[2] == TENSOR_CELLS
+    path = _cells_dump(tmp_path / "expert_distribution_recorder_x.pt", shape, stride)
+    started = time.monotonic()
+    rows = read_recorder_file(path)
+    took = time.monotonic() - started
+    assert rows == [[0.0]] * shape[1]
+    assert took < STRIDED_SECONDS, took
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    data=st.data(),
+)
+def test_a_strided_view_is_rebuilt_cell_for_cell(shape: list[int], data: st.DataObject) -> None:
+    from array import array
+
+    from moe_watch.sources.torch_file import _rebuild_tensor
+
+    stride = data.draw(st.lists(st.integers(0, 7), min_size=len(shape), max_size=len(shape)))
+    offset = data.draw(st.integers(0, 3))
+    reach = offset + sum((d - 1) * s for d, s in zip(shape, stride, strict=True))
+    storage = array("f", [float(i) for i in range(reach + 1)])
+    expected = []
+    for index in range(math.prod(shape)):  # the definition, one cell at a time
+        position, rest = offset, index
+        for dim, step in zip(reversed(shape), reversed(stride), strict=True):
+            rest, coordinate = divmod(rest, dim)
+            position += coordinate * step
+        expected.append(storage[position])
+    tensor = _rebuild_tensor(storage, offset, tuple(shape), tuple(stride))
+    assert list(tensor.values) == expected
