@@ -7,7 +7,7 @@ import math
 from array import array
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from moe_watch.samples import ExpertCounts, StepCoverageCounts, matrix
@@ -119,6 +119,7 @@ def test_the_prediction_is_exact_for_independent_top_k_routing_without_replaceme
     assert expected_distinct(misses, n) == pytest.approx(exact_expected_distinct(pairs, n))
 
 
+@example(q=0.01171875, low=106, mix=0.5625)
 @given(
     q=st.floats(min_value=0.0, max_value=1.0),
     low=st.integers(min_value=1, max_value=2000),
@@ -133,7 +134,9 @@ def test_predicting_at_the_bins_mean_overstates_by_at_most_one_32nd(
     mean = mix * low + (1 - mix) * 2 * low
     at_mean = expected_distinct(misses, mean)
     mean_of = mix * expected_distinct(misses, low) + (1 - mix) * expected_distinct(misses, 2 * low)
-    assert -1e-12 <= at_mean - mean_of <= 1 / 32 + 1e-12
+    # The worst case hypothesis found (q=0.01171875, low=106, mix=0.5625) is 1/32 + 2e-6: the
+    # bound is 1/32 to within 1e-5, not exactly.
+    assert -1e-12 <= at_mean - mean_of <= 1 / 32 + 1e-5
 
 
 def test_the_curve_carries_its_prediction_beside_the_observation() -> None:
