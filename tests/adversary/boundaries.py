@@ -646,6 +646,12 @@ STRATEGIES: dict[str, list[tuple[str, st.SearchStrategy[Case]]]] = {
 # basic auth configured).
 _SERVER = "the agent's own server: no raw-socket client in the adversary yet; held by "
 EXEMPT: dict[str, str] = {
+    # Read by the `size` CLI, not the running agent: the property tests drive them instead.
+    "CONFIG_JSON_BYTES": "size --config, not the agent: tests/sizing/test_size_config_input.py",
+    "CONFIG_NUMBER": "size --config, not the agent: tests/test_properties.py (any config field)",
+    "PARAMS_B": "size --params-b, not the agent: tests/sizing/test_size_config_input.py",
+    # No strategy yet: the allocation labels come from the engine's cache_config_info.
+    "KV_ALLOCATION": "no adversary strategy yet: tests/test_properties.py (any allocation label)",
     "SERVER_CONNECTIONS": _SERVER + "tests/hostile/test_probes.py, test_agent_server.py",
     "PROBE_CONNECTIONS": _SERVER + "tests/hostile/test_agent_server.py",
     "HEADER_BYTES": _SERVER + "aiohttp's own limit; nothing in the corpus",
