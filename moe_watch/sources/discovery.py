@@ -459,7 +459,11 @@ async def _lines(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[byt
             return
         buffer += chunk
         *complete, buffer = buffer.split(b"\n")
+        # every line is measured, not only the partial one left over: a whole line that
+        # arrives with its newline in one chunk is held to the same bound
         for line in complete:
+            if len(line) > limit:
+                raise DiscoveryError("line_too_long", f"a watch event is over {limit} bytes")
             yield line
         if len(buffer) > limit:
             raise DiscoveryError("line_too_long", f"a watch event is over {limit} bytes")

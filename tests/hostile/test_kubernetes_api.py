@@ -206,6 +206,31 @@ async def test_a_line_over_the_bound_ends_the_watch_and_lists_again(
     assert fake.lists == 2
 
 
+LINE_LIMIT = 4096
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["at_the_limit", "one_past_it"])
+async def test_a_whole_line_in_one_chunk_is_held_to_the_bound(
+    api: tuple[RawApi, str], extra: int
+) -> None:
+    # Before: only the partial line left after a chunk was measured, so a complete line up to
+    # one chunk past the bound passed whenever its newline came in the same chunk.
+    fake, url = api
+    fake.list_bodies = [pod_list(GOOD), pod_list(GOOD, pod("good-2", "u-g2", rv="96"), rv="300")]
+    event = json.dumps({"type": "ADDED", "object": pod("good-1", "u-g1", rv="95")}).encode()
+    line = event + b" " * (LINE_LIMIT + extra - len(event))  # valid JSON of exactly that size
+
+    async def steps(watcher: PodWatcher, changes: asyncio.Queue[set[str]]) -> None:
+        assert await next_change(changes) == {"llm/good-0"}
+        fake.lines.put_nowait(line + b"\n")  # one write: the line and its newline together
+        expected = {"llm/good-0", "llm/good-2"} if extra else {"llm/good-0", "llm/good-1"}
+        assert await next_change(changes) == expected  # past it: the watch ends, lists again
+
+    watcher, _ = await run_watcher(url, steps, max_line_bytes=LINE_LIMIT)
+    assert watcher.errors["line_too_long"] == extra
+    assert fake.lists == 1 + extra
+
+
 LIST_BODIES: list[tuple[str, bytes, str]] = [
     ("an_array", b"[]", "bad_list"),
     ("null", b"null", "bad_list"),
