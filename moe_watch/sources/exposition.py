@@ -7,7 +7,6 @@ several-fold, and a malformed line in a family we ignore cannot fail the scrape.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -51,6 +50,16 @@ class ParsedExposition:
     dropped_samples: int = 0
     series_dropped: int = 0  # samples over MAX_SERIES or of models over MAX_MODELS
     labels_dropped: int = 0  # samples and info labels whose value is over LABEL_VALUE_CHARS
+
+
+def _allocation(info: dict[str, str], key: str) -> float | None:
+    """A ``cache_config_info`` number as the KV plan accepts it: finite, 0 to
+    ``limits.KV_ALLOCATION``; None when absent, not a number or out of that range."""
+    try:
+        value = float(info[key])
+    except (KeyError, ValueError):
+        return None
+    return value if 0 <= value <= limits.KV_ALLOCATION else None  # NaN fails both
 
 
 def detect_kind(text: str) -> str:
@@ -302,9 +311,12 @@ class _Builder:
             info[key] = value
         if not self._info:
             self._info = info
-        # KV capacity of this replica, summed over data-parallel replicas.
-        with contextlib.suppress(KeyError, ValueError):
-            self._capacity_tokens += float(info["num_gpu_blocks"]) * float(info["block_size"])
+        # KV capacity of this replica, summed over data-parallel replicas; a pool the KV plan
+        # refuses (a number, or their product, not finite within KV_ALLOCATION) adds nothing
+        blocks, block_size = _allocation(info, "num_gpu_blocks"), _allocation(info, "block_size")
+        pool = blocks * block_size if blocks is not None and block_size is not None else None
+        if pool is not None and pool <= limits.KV_ALLOCATION:
+            self._capacity_tokens += pool
 
     def _add_histogram(
         self, model: str, mapping: Route, part: str, labels: dict[str, str], value: float

@@ -5,6 +5,7 @@ source."""
 from __future__ import annotations
 
 import gzip
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -14,6 +15,8 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_watch import limits
+from moe_watch import samples as s
 from moe_watch.config import TargetConfig
 from moe_watch.serving.server import start_server
 from moe_watch.sources.base import Problems, SourceError
@@ -89,6 +92,41 @@ def test_the_series_bound_keeps_a_real_exposition_whole() -> None:
     parsed = parse_engine_exposition(read_capture("after-load"), "vllm")
     assert parsed.series_dropped == 0
     assert parsed.dropped_samples == 0
+
+
+POOL = limits.KV_ALLOCATION // 128  # blocks of the capture's block_size that fill the limit
+
+
+@pytest.mark.parametrize(
+    ("blocks", "block_size", "capacity"),
+    [
+        (str(POOL), "128", float(limits.KV_ALLOCATION)),  # at the limit: published
+        ("8192", "128", 8192.0 * 128),
+        (str(POOL + 1), "128", None),  # each number within the limit, their product past it
+        ("1e400", "128", None),  # infinite
+        ("8192", "nan", None),
+        ("-8192", "-128", None),  # negative twice: a positive product
+        (str(10**200), str(10**200), None),
+    ],
+    ids=["at_the_limit", "real", "product_past", "infinite", "nan", "negative", "huge"],
+)
+def test_the_kv_capacity_from_cache_config_info_is_held_to_the_allocation_limit(
+    blocks: str, block_size: str, capacity: float | None
+) -> None:
+    # Before: num_gpu_blocks x block_size became the capacity gauge unchecked, so an engine
+    # whose labels the KV plan refuses as past KV_ALLOCATION still published a capacity of
+    # 1.4e17 or +Inf tokens (and free tokens derived from it).
+    text = read_capture("after-load")
+    text = re.sub(
+        r'(cache_config_info\{.*?)num_gpu_blocks="[^"]*"', rf'\g<1>num_gpu_blocks="{blocks}"', text
+    )
+    text = re.sub(
+        r'(cache_config_info\{.*?)block_size="[^"]*"', rf'\g<1>block_size="{block_size}"', text
+    )
+    parsed = parse_engine_exposition(text, "vllm")
+    assert parsed.info["num_gpu_blocks"] == blocks  # the labels themselves are kept
+    for model in parsed.models:
+        assert model.gauges.get(s.GAUGE_KV_CACHE_CAPACITY_TOKENS) == capacity
 
 
 async def test_a_gzip_bomb_stops_at_the_body_bound(target: tuple[Target, str]) -> None:
