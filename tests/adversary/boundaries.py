@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +27,11 @@ from hypothesis import strategies as st
 
 from moe_watch import limits
 from moe_watch.expert_file import SUFFIX
+from moe_watch.sizing.allocated import ALLOCATION_LABELS
+from tests.conftest import read_capture
 from tests.hostile.conftest import _str, floats, tensor_opcodes
+
+Samples = Mapping[tuple[str, frozenset[tuple[str, str]]], float]  # name, labels -> value
 
 
 class Hostile(Protocol):
@@ -60,6 +65,7 @@ class Case:
     apply: Callable[[Hostile], None]
     note: str = ""  # what was generated, for the failure message
     settled: Callable[[Hostile], bool] | None = None  # the world has served it (async readers)
+    expect: Callable[[Samples], None] | None = None  # asserts on the agent's /metrics after it
 
     def __repr__(self) -> str:
         side = "past" if self.past else "at"
@@ -298,6 +304,82 @@ def _version_chars(n: int) -> Case:
 
     return Case("LABEL_VALUE_CHARS", "metadata", n > limits.LABEL_VALUE_CHARS, ENGINE,
                 "label_too_long", apply, f"version of {n} chars")  # fmt: skip
+
+
+# -- what an engine says it allocated (cache_config_info) -------------------------------------
+
+KV_SERIES = ("moe_watch_kv_cache_allocated_tokens", "moe_watch_kv_cache_capacity_tokens",
+             "moe_watch_kv_cache_free_tokens", "moe_watch_kv_cache_max_concurrency")  # fmt: skip
+CACHE_INFO = re.compile(r"^vllm:cache_config_info\{.*$", re.MULTILINE)
+
+
+def hostile_series(samples: Samples, names: tuple[str, ...]) -> dict[str, float]:
+    return {
+        name: value
+        for (name, labels), value in samples.items()
+        if name in names and dict(labels).get("engine") == "hostile"
+    }
+
+
+def _allocation_number(text: str) -> bool | None:
+    """True: a number the limit accepts; False: one past it; None: not a number (unknown)."""
+    if text in ("", "None"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return math.isfinite(value) and 0 <= value <= limits.KV_ALLOCATION
+
+
+def _kv_allocation(changes: dict[str, str]) -> Case:
+    body = read_capture("after-load")
+    line = CACHE_INFO.search(body)
+    assert line is not None, "the capture has a cache_config_info"
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', line.group(0)))
+    labels.update(changes)
+    numbers = {key: _allocation_number(labels[key]) for key in ALLOCATION_LABELS if key in labels}
+    pool = (numbers.get("num_gpu_blocks"), numbers.get("block_size"))
+    pool_past = False in pool or (
+        pool == (True, True)
+        and float(labels["num_gpu_blocks"]) * float(labels["block_size"]) > limits.KV_ALLOCATION
+    )
+    past = pool_past or False in numbers.values()
+    text = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    served = body.replace(line.group(0), f"vllm:cache_config_info{{{text}}} 1.0").encode()
+
+    def expect(samples: Samples) -> None:
+        kv = hostile_series(samples, KV_SERIES)
+        # whatever is published of the hostile engine's KV cache is a number within the limit
+        assert all(math.isfinite(v) and 0 <= v <= limits.KV_ALLOCATION for v in kv.values()), kv
+        if past:  # the allocation is unknown
+            assert KV_SERIES[0] not in kv, kv
+        if pool_past:  # ...and so is the block pool: no capacity derived from it
+            assert KV_SERIES[1] not in kv, kv
+
+    note = ", ".join(f"{k}={v[:40]}" for k, v in changes.items())
+    return Case("KV_ALLOCATION", "engine", past, ENGINE, "bad_value",
+                lambda world: world.serve_metrics(served), note, expect=expect)  # fmt: skip
+
+
+def _kv_texts() -> st.SearchStrategy[str]:
+    bound = limits.KV_ALLOCATION
+    return st.one_of(
+        around(bound, far=10**200).map(str),  # 201 digits: under LABEL_VALUE_CHARS
+        st.integers(-(2**64), -1).map(str),
+        st.sampled_from(["nan", "inf", "-inf", "1e400", "-0", "1e15", f"{bound}.5", "1e16",
+                         "abc", "None", "", "0x10"]),
+        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    )  # fmt: skip
+
+
+def _kv_strategy() -> st.SearchStrategy[Case]:
+    one_label = st.builds(lambda key, text: {key: text}, st.sampled_from(ALLOCATION_LABELS),
+                          _kv_texts())  # fmt: skip
+    # each number within the limit, their product (the block pool in tokens) at or past it
+    blocks = limits.KV_ALLOCATION // 128  # the capture's block_size
+    product = st.integers(blocks - 2, blocks + 2).map(lambda n: {"num_gpu_blocks": str(n)})
+    return st.one_of(one_label, product).map(_kv_allocation)
 
 
 # -- the EPLB log ------------------------------------------------------------------------------
@@ -614,6 +696,7 @@ STRATEGIES: dict[str, list[tuple[str, st.SearchStrategy[Case]]]] = {
         (G, around(L.MODELS_PER_ENGINE, far=1000).map(_eplb_models)),
     ],
     "INFO_LABELS": [(E, around(L.INFO_LABELS, far=4096).map(_info_labels))],
+    "KV_ALLOCATION": [(E, _kv_strategy())],
     "MODEL_LEN": [
         (M, st.one_of(
             around(L.MODEL_LEN, far=10**400),
@@ -650,8 +733,6 @@ EXEMPT: dict[str, str] = {
     "CONFIG_JSON_BYTES": "size --config, not the agent: tests/sizing/test_size_config_input.py",
     "CONFIG_NUMBER": "size --config, not the agent: tests/test_properties.py (any config field)",
     "PARAMS_B": "size --params-b, not the agent: tests/sizing/test_size_config_input.py",
-    # No strategy yet: the allocation labels come from the engine's cache_config_info.
-    "KV_ALLOCATION": "no adversary strategy yet: tests/test_properties.py (any allocation label)",
     "SERVER_CONNECTIONS": _SERVER + "tests/hostile/test_probes.py, test_agent_server.py",
     "PROBE_CONNECTIONS": _SERVER + "tests/hostile/test_agent_server.py",
     "HEADER_BYTES": _SERVER + "aiohttp's own limit; nothing in the corpus",

@@ -145,6 +145,8 @@ def judge(adversary: Adversary, case: Case) -> None:
     assert took < PROBE_SECONDS
     text = get(agent.url + "/metrics", 5)[0].decode()
     samples = parse(text)
+    if case.expect is not None:
+        case.expect(samples)
     good = good_samples(samples)
     assert good == adversary.control, {
         k: (adversary.control.get(k), good.get(k))
