@@ -328,13 +328,14 @@ SERVER_CONNECTIONS = _declare(
     "open connections to the agent (default of `server_max_connections`)",
     "Prometheus, a few humans and the kubelet need a handful",
     "the connection of the oldest client still sending its request headers is closed to make "
-    "room; when none is, the new connection is closed at once",
+    "room; when none is, the new connection is one of the probes' (below)",
 )  # fmt: skip
 PROBE_CONNECTIONS = _declare(
     "PROBE_CONNECTIONS", 8, "",
     "connections reserved for `/healthz` and `/readyz` on top of `server_max_connections`",
     "the kubelet probes one at a time per probe",
-    "a reserved connection asking for anything else is closed",
+    "a reserved connection asking for anything else is closed; when all are taken, the oldest "
+    "of them is closed to make room (it is sending nothing, trickling, or idle after its probe)",
 )  # fmt: skip
 HEADER_BYTES = _declare(
     "HEADER_BYTES", 8190, "bytes",

@@ -4,7 +4,8 @@ A scrape only formats the latest Snapshot: it never triggers collection, and no 
 source can turn it into a 500 (a rendering bug serves the last good body instead).
 
 The server is bounded (``ServerLimits``, docs/configuration.md "Bounds"): at most
-``max_connections`` open connections (more are closed at once, so descriptors never run out),
+``max_connections`` open connections and ``probe_connections`` more for probes (past them an
+older connection is closed to make room, see ``_Guard``, so descriptors never run out),
 request headers complete within ``header_timeout_seconds`` (a connection that sends nothing, or
 trickles its headers, is closed; the TLS handshake has the same bound), a kept-alive connection
 idle for ``idle_timeout_seconds`` is closed, and a header line or field is at most
@@ -190,7 +191,10 @@ class _Guard:
     Probes never starve: when every connection is taken, the oldest connection still sending
     its request headers is closed to make room (a client that trickles its headers is the one
     an attacker holds, and the cheapest to drop); when none is, up to ``probe_connections``
-    more are accepted for /healthz and /readyz only. Past that a connection is closed at once.
+    more are accepted for /healthz and /readyz only. When those are taken too, the oldest of
+    them is closed to make room: a reserved connection carries only probes, answered at once,
+    so one still open is sending nothing, trickling, or idle after its answer, and otherwise
+    a few of them would hold the reserve against the kubelet.
     """
 
     def __init__(self, factory: Callable[[], Any], limits: ServerLimits) -> None:
@@ -203,7 +207,6 @@ class _Guard:
         self.max_connections = cap
         self.connections: dict[_GuardedProtocol, None] = {}  # oldest first
         self.probes: dict[_GuardedProtocol, None] = {}
-        self.refused = 0
         self.evicted = 0
 
     @property
@@ -213,8 +216,8 @@ class _Guard:
     def protocol(self) -> asyncio.Protocol:
         return _GuardedProtocol(self)
 
-    def admit(self, protocol: _GuardedProtocol) -> bool | None:
-        """True: a connection for anything; False: for a probe only; None: refused."""
+    def admit(self, protocol: _GuardedProtocol) -> bool:
+        """True: a connection for anything; False: for a probe only."""
         if len(self.connections) >= self.max_connections:
             oldest = next((c for c in self.connections if c.sending_headers), None)
             if oldest is not None:
@@ -224,11 +227,13 @@ class _Guard:
         if len(self.connections) < self.max_connections:
             self.connections[protocol] = None
             return True
-        if len(self.probes) < self.limits.probe_connections:
-            self.probes[protocol] = None
-            return False
-        self.refused += 1
-        return None
+        if len(self.probes) >= self.limits.probe_connections:
+            oldest = next(iter(self.probes))
+            self.evicted += 1
+            del self.probes[oldest]
+            oldest.abort()
+        self.probes[protocol] = None
+        return False
 
     def release(self, protocol: _GuardedProtocol) -> None:
         self.connections.pop(protocol, None)
@@ -253,11 +258,7 @@ class _GuardedProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        admitted = self._guard.admit(self)
-        if admitted is None:
-            self._transport.abort()  # over the limit: closed at once, nothing logged
-            return
-        self._probe_only = not admitted
+        self._probe_only = not self._guard.admit(self)
         self._inner = self._guard.factory()
         self._arm()
         self._inner.connection_made(transport)

@@ -199,7 +199,7 @@ async def answered(host: str, port: int, path: str) -> bytes:
         writer.close()
 
 
-async def test_reserved_connections_serve_probes_only_and_then_refuse() -> None:
+async def test_reserved_connections_serve_probes_only_and_make_room() -> None:
     app = make_app(lambda: None)
     limits = ServerLimits(max_connections=2, probe_connections=1, idle_timeout_seconds=30)
     runner, url = await start_server(app, "127.0.0.1", 0, limits=limits)
@@ -214,10 +214,44 @@ async def test_reserved_connections_serve_probes_only_and_then_refuse() -> None:
         assert (await answered(host, int(port), "/healthz")).startswith(b"HTTP/1.1 200")
         assert (await answered(host, int(port), "/readyz")).startswith(b"HTTP/1.1 503")
         assert await answered(host, int(port), "/metrics") == b""  # a reserved one: probes only
-        _, silent = await asyncio.open_connection(host, int(port))  # the reserve
-        assert await answered(host, int(port), "/healthz") == b""  # nothing left: refused
+        silent_reader, silent = await asyncio.open_connection(host, int(port))  # the reserve
+        # the reserve taken: its oldest connection makes room, the probe is answered
+        assert (await answered(host, int(port), "/healthz")).startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(silent_reader.read(), 5) == b""
         silent.close()
     finally:
         for writer in busy:
+            writer.close()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("held_by", ["silent_connections", "kept_alive_probes"])
+async def test_a_held_reserve_still_answers_the_kubelet(held_by: str) -> None:
+    # Before: with every ordinary connection kept alive, the reserve was as easy to hold (two
+    # connections that send nothing, or that keep a probe's connection alive) and the
+    # kubelet's probe was then closed at once.
+    app = make_app(lambda: None)
+    limits = ServerLimits(
+        max_connections=2, probe_connections=2, idle_timeout_seconds=30, header_timeout_seconds=30
+    )
+    runner, url = await start_server(app, "127.0.0.1", 0, limits=limits)
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    held = []
+    try:
+        for _ in range(2):  # every ordinary connection kept alive between requests
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await reader.readuntil(b"Not Found")).startswith(b"HTTP/1.1 404")
+            held.append((reader, writer))
+        for _ in range(2):  # the reserve, held
+            reader, writer = await asyncio.open_connection(host, int(port))
+            if held_by == "kept_alive_probes":
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = await asyncio.wait_for(reader.readuntil(b"ok\n"), 5)
+                assert answer.startswith(b"HTTP/1.1 200")
+            held.append((reader, writer))
+        assert (await answered(host, int(port), "/healthz")).startswith(b"HTTP/1.1 200")
+    finally:
+        for _, writer in held:
             writer.close()
         await runner.cleanup()
