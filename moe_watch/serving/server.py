@@ -150,16 +150,20 @@ async def send(
     """Write ``body`` in CHUNK_BYTES steps, each waiting for the client to take the previous
     ones, within ``deadline_seconds`` for the whole answer; past it the connection is closed.
     A client that does not read thus holds at most a chunk of the agent's memory, for a
-    bounded time, whatever the size of the answer."""
+    bounded time, whatever the size of the answer, and however many it asked for at once."""
     response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
     response.content_length = len(body)
 
     async def write() -> None:
         await response.prepare(request)
         view = memoryview(body)
-        for start in range(0, len(body), CHUNK_BYTES):
+        last = max(len(body) - 1, 0) // CHUNK_BYTES * CHUNK_BYTES
+        for start in range(0, last, CHUNK_BYTES):
             await response.write(view[start : start + CHUNK_BYTES])
-        await response.write_eof()
+        # the last step goes with the end of the answer: only then does aiohttp wait for the
+        # client (write() waits past 64 KiB only), so pipelined small answers that are not
+        # read wait here, under the deadline, instead of piling up in the transport's buffer
+        await response.write_eof(bytes(view[last:]))
 
     try:
         await asyncio.wait_for(write(), deadline_seconds)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from moe_watch.serving.server import ServerLimits, make_app, start_server
 from moe_watch.serving.web_config import WebConfigError, load_web_config
+from tests.adversary.clients import Reader, connect, request, send
 
 # Cost 10: what `htpasswd -nBC 10` makes and the review measured (~75 ms per check).
 HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=10)).decode()
@@ -255,3 +256,37 @@ async def test_a_held_reserve_still_answers_the_kubelet(held_by: str) -> None:
         for _, writer in held:
             writer.close()
         await runner.cleanup()
+
+
+def pipelined_and_unread(port: int, requests: int, unread_seconds: float) -> tuple[int, bool]:
+    """``requests`` pipelined /healthz on one connection with a 4 KiB window, not read for
+    ``unread_seconds`` (the attack), then read: the answers that came whole, and whether the
+    server closed the connection."""
+    sock = connect(("127.0.0.1", port), rcvbuf=4096)
+    try:
+        send(sock, request("/healthz") * requests)
+        time.sleep(unread_seconds)  # the attack: a client that does not read
+        reader, answers = Reader(sock), 0
+        while answers < requests and reader.answer(5.0) is not None:
+            answers += 1
+        return answers, reader.closed
+    finally:
+        sock.close()
+
+
+async def test_pipelined_answers_that_are_not_read_are_cut_at_the_write_deadline() -> None:
+    # Before: an answer smaller than a write step never waited for the client, so every
+    # pipelined answer went into the agent's buffer: 4,000 unread 24 KB answers held 90 MB and
+    # no write deadline ever applied. Each answer now waits for the client to take it.
+    app = make_app(lambda: None, write_timeout_seconds=0.5)
+    runner, url = await start_server(
+        app, "127.0.0.1", 0, limits=ServerLimits(write_timeout_seconds=0.5)
+    )
+    requests = 50_000  # ~7 MB of answers: past every socket buffer
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        answers, closed = await asyncio.to_thread(pipelined_and_unread, port, requests, 2.0)
+    finally:
+        await runner.cleanup()
+    assert closed
+    assert answers < requests
