@@ -7,18 +7,26 @@ added without a strategy fails.
 
 A case does not touch the world itself: ``apply`` receives a ``Hostile`` (the hostile engine's
 answers, its plugin directory, its EPLB log, the command line of the process on its GPU) and
-changes only those."""
+changes only those. A case of the agent's own server changes nothing there: its ``attack``
+acts on the agent's address (connections, headers, unread answers, passwords) and is held
+while the invariants that must hold during it are checked; it asserts what the limit says
+happens to its own connections."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import math
 import os
 import re
+import resource
 import socket
+import threading
 import time
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +36,15 @@ from hypothesis import strategies as st
 from moe_watch import limits
 from moe_watch.expert_file import SUFFIX
 from moe_watch.sizing.allocated import ALLOCATION_LABELS
+from tests.adversary.clients import (
+    Reader,
+    address,
+    closed_by_agent,
+    connect,
+    request,
+    send,
+    sockets,
+)
 from tests.conftest import read_capture
 from tests.hostile.conftest import _str, floats, tensor_opcodes
 
@@ -66,6 +83,7 @@ class Case:
     note: str = ""  # what was generated, for the failure message
     settled: Callable[[Hostile], bool] | None = None  # the world has served it (async readers)
     expect: Callable[[Samples], None] | None = None  # asserts on the agent's /metrics after it
+    attack: Callable[[Hostile], AbstractContextManager[None]] | None = None  # held while probed
 
     def __repr__(self) -> str:
         side = "past" if self.past else "at"
@@ -652,11 +670,237 @@ def _token(size: int) -> Case:
                  f"a token of {size} bytes", before=token)  # fmt: skip
 
 
+# -- the agent's own server -------------------------------------------------------------------
+
+# The adversary's agent runs its server with the time limits scaled down (the settings whose
+# defaults are HEADER_SECONDS and WRITE_SECONDS), so a case waits a second, not half a minute;
+# the connection and size limits are the defaults. It requires basic auth of one user whose
+# password is PASSWORD_BYTES long.
+AGENT_HEADER_SECONDS = 1.0
+AGENT_WRITE_SECONDS = 1.0
+LOGIN = "adversary"
+PASSWORD = (b"moe-watch-adversary-" * 4)[: limits.PASSWORD_BYTES]
+SERVER = "server"  # no source counts the server's refusals: the connection is the evidence
+PATH = "/adversary"  # not a probe, not served: 404 once past basic auth
+
+
+def basic(login: str, password: bytes) -> bytes:
+    return b"Authorization: Basic " + base64.b64encode(login.encode() + b":" + password) + b"\r\n"
+
+
+AUTH = basic(LOGIN, PASSWORD)
+
+
+def server_cap() -> int:
+    """The agent's connection cap: the default, unless its descriptors cannot hold it (the
+    agent inherits this process's limit)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = limits.SERVER_CONNECTIONS
+    return cap if soft == resource.RLIM_INFINITY else max(1, min(cap, soft // 2))
+
+
+def _unchanged(world: Hostile) -> None:
+    """A server case changes nothing the agent reads."""
+
+
+def _server(limit: str, past: bool, note: str,
+            attack: Callable[[Hostile], AbstractContextManager[None]]) -> Case:  # fmt: skip
+    return Case(limit, "server", past, SERVER, None, _unchanged, note, attack=attack)
+
+
+def _fill(world: Hostile, held: list[socket.socket], n: int) -> list[int | None]:
+    """``n`` kept-alive connections that each asked for a non-probe path: the status each got
+    (None: closed without an answer)."""
+    statuses: list[int | None] = []
+    for _ in range(n):
+        sock = connect(address(world.agent_url))
+        held.append(sock)
+        send(sock, request(PATH, AUTH))
+        answer = Reader(sock).answer()
+        statuses.append(None if answer is None else answer[0])
+    return statuses
+
+
+def status(answer: tuple[int, bytes] | None) -> int | None:
+    return None if answer is None else answer[0]
+
+
+def _counted(statuses: list[int | None]) -> dict[int | None, int]:
+    return {status: statuses.count(status) for status in set(statuses)}
+
+
+def _connections(n: int) -> Case:
+    cap = server_cap()
+
+    @contextlib.contextmanager
+    def attack(world: Hostile) -> Iterator[None]:
+        with sockets() as held:
+            statuses = _fill(world, held, n)
+            # up to the cap each is served; past it, closed unanswered (a reserved connection
+            # serves probes only, and past the reserve none is accepted)
+            expected = [404] * min(n, cap) + [None] * max(n - cap, 0)
+            assert statuses == expected, _counted(statuses)
+            yield
+
+    return _server("SERVER_CONNECTIONS", n > cap, f"{n} kept-alive connections", attack)
+
+
+def _probe_connections(m: int, kind: str) -> Case:
+    cap, reserve = server_cap(), limits.PROBE_CONNECTIONS
+
+    @contextlib.contextmanager
+    def attack(world: Hostile) -> Iterator[None]:
+        with sockets() as held:
+            assert _fill(world, held, cap) == [404] * cap  # every ordinary connection taken
+            probes: list[int | None] = []
+            for _ in range(m):
+                sock = connect(address(world.agent_url))
+                held.append(sock)
+                if kind == "kept-alive probes":
+                    send(sock, request("/healthz"))
+                    answer = Reader(sock).answer()
+                    probes.append(None if answer is None else answer[0])
+            if kind == "kept-alive probes":
+                assert set(probes) <= {200, None}, probes
+                if m <= reserve:
+                    assert probes == [200] * m, probes
+            reserved = held[cap:]
+            deadline = time.monotonic() + 0.5  # well inside the reserve's header timeout
+            while sum(not closed_by_agent(s) for s in reserved) > reserve:
+                assert time.monotonic() < deadline, "more reserved connections than the reserve"
+                time.sleep(0.01)  # polls the condition
+            yield
+
+    return _server("PROBE_CONNECTIONS", m > reserve, f"{cap} connections + {m} {kind}", attack)
+
+
+def _header_bytes(n: int, where: str) -> Case:
+    if where == "a header value":
+        data = request("/healthz", AUTH + b"X-Adversary: " + b"v" * n + b"\r\n")
+    else:  # the request target: a query the probe ignores
+        data = request("/healthz?" + "q" * (n - len("/healthz?")), AUTH)
+
+    @contextlib.contextmanager
+    def attack(world: Hostile) -> Iterator[None]:
+        with sockets() as held:
+            sock = connect(address(world.agent_url))
+            held.append(sock)
+            send(sock, data)
+            reader = Reader(sock)
+            answer = reader.answer()
+            if n > limits.HEADER_BYTES:  # 400, and the connection closed
+                assert status(answer) == 400, answer
+                assert reader.until_closed(5.0), "still open after a 400"
+            else:
+                assert status(answer) == 200, answer
+            yield
+
+    return _server("HEADER_BYTES", n > limits.HEADER_BYTES, f"{where} of {n} bytes", attack)
+
+
+def _header_seconds(fraction: float) -> Case:
+    """Headers trickled over ``fraction`` of the agent's header timeout, a line at a time."""
+    total = fraction * AGENT_HEADER_SECONDS
+    lines = 10
+
+    @contextlib.contextmanager
+    def attack(world: Hostile) -> Iterator[None]:
+        outcome: dict[str, Any] = {}
+        with sockets() as held:
+            sock = connect(address(world.agent_url))
+            held.append(sock)
+            reader = Reader(sock)
+
+            def trickle() -> None:
+                started = time.monotonic()
+                send(sock, request("/healthz").removesuffix(b"\r\n"))  # headers not ended
+                for i in range(lines):
+                    # the attack's pace: a line every tenth of ``total``, unless closed first
+                    if reader.until_closed(started + total * (i + 1) / lines - time.monotonic()):
+                        outcome["closed"] = time.monotonic() - started
+                        return
+                    send(sock, b"X-Slow-%d: y\r\n" % i)
+                send(sock, b"\r\n")
+                outcome["answer"] = reader.answer()
+                outcome["closed"] = time.monotonic() - started if reader.closed else None
+
+            worker = threading.Thread(target=trickle, daemon=True)
+            worker.start()
+            yield
+            worker.join(timeout=total + 10)
+            assert not worker.is_alive(), "the trickler did not end"
+        if fraction > 1:  # closed at the header deadline, unanswered
+            assert outcome.get("answer") is None, outcome
+            closed = outcome["closed"]
+            assert closed is not None, outcome
+            assert 0.8 * AGENT_HEADER_SECONDS <= closed <= AGENT_HEADER_SECONDS + 1.0, outcome
+        else:
+            answer = outcome.get("answer")
+            assert status(answer) == 200, outcome
+
+    return _server("HEADER_SECONDS", fraction > 1, f"headers over {total:.2f} s", attack)
+
+
+PIPELINED = 512  # /metrics answers asked for at once: ~12 MB, past every socket buffer (4 MiB here)
+
+
+def _write_seconds(fraction: float) -> Case:
+    """``PIPELINED`` /metrics requests on one connection with a 4 KiB window, not read for
+    ``fraction`` of the agent's write timeout, then read."""
+    wait = fraction * AGENT_WRITE_SECONDS
+
+    @contextlib.contextmanager
+    def attack(world: Hostile) -> Iterator[None]:
+        with sockets() as held:
+            sock = connect(address(world.agent_url), rcvbuf=4096)
+            held.append(sock)
+            send(sock, request("/metrics", AUTH) * PIPELINED)
+            sent = time.monotonic()
+            yield  # probed while the agent's writes are stalled
+            time.sleep(max(0.0, sent + wait - time.monotonic()))  # the attack: not reading
+            reader = Reader(sock)
+            answers = []
+            for _ in range(PIPELINED):
+                answer = reader.answer(10.0)
+                if answer is None:
+                    break
+                answers.append(answer[0])
+        if fraction > 1:  # the stalled answer is cut at the write deadline, the rest not sent
+            assert reader.closed, (len(answers), reader.received)
+            assert len(answers) < PIPELINED, (len(answers), reader.received)
+        else:
+            assert answers == [200] * PIPELINED, (len(answers), reader.closed)
+
+    return _server("WRITE_SECONDS", fraction > 1, f"{PIPELINED} /metrics unread {wait:.2f} s",
+                   attack)  # fmt: skip
+
+
+def _password(n: int) -> Case:
+    password = PASSWORD[:n] if n <= len(PASSWORD) else PASSWORD + b"x" * (n - len(PASSWORD))
+
+    @contextlib.contextmanager
+    def attack(world: Hostile) -> Iterator[None]:
+        with sockets() as held:
+            sock = connect(address(world.agent_url))
+            held.append(sock)
+            send(sock, request(PATH, basic(LOGIN, password)))
+            answer = Reader(sock).answer()
+            # only the whole password passes; one past bcrypt's 72 bytes is refused, though
+            # bcrypt itself would compare only its first 72
+            expected = 404 if password == PASSWORD else 401
+            assert status(answer) == expected, (answer, n)
+            yield
+
+    return _server("PASSWORD_BYTES", n > limits.PASSWORD_BYTES, f"a password of {n} bytes",
+                   attack)  # fmt: skip
+
+
 # -- the table ---------------------------------------------------------------------------------
 
 L = limits
 P, E, M, G, C = "plugin", "engine", "metadata", "eplb", "proc"
 S, K, H = "sglang", "kube", "server"
+N = L.SERVER_CONNECTIONS
 
 # limit -> (boundary, strategy) for every boundary where it is checked
 STRATEGIES: dict[str, list[tuple[str, st.SearchStrategy[Case]]]] = {
@@ -722,26 +966,26 @@ STRATEGIES: dict[str, list[tuple[str, st.SearchStrategy[Case]]]] = {
     "WATCH_LINE_BYTES": [(K, around(L.WATCH_LINE_BYTES, far=2 * L.WATCH_LINE_BYTES).map(_watch_line))],
     "TARGETS_PER_AGENT": [(K, around(L.TARGETS_PER_AGENT - STATIC_TARGETS, far=1024).map(_targets))],
     "TOKEN_BYTES": [(K, around(L.TOKEN_BYTES, far=4 * L.TOKEN_BYTES).map(_token))],
+    "SERVER_CONNECTIONS": [(H, around(N, far=4 * N).map(_connections))],
+    "PROBE_CONNECTIONS": [(H, st.builds(_probe_connections, around(L.PROBE_CONNECTIONS, far=64),
+                                        st.sampled_from(["silent connections",
+                                                         "kept-alive probes"])))],
+    "HEADER_BYTES": [(H, st.builds(_header_bytes, around(L.HEADER_BYTES, far=1 << 20),
+                                   st.sampled_from(["a header value", "the request target"])))],
+    "HEADER_SECONDS": [(H, st.one_of(st.floats(0.2, 0.6), st.floats(1.3, 3.0)).map(_header_seconds))],
+    "WRITE_SECONDS": [(H, st.one_of(st.floats(0.0, 0.4), st.floats(1.5, 3.0)).map(_write_seconds))],
+    "PASSWORD_BYTES": [(H, around(L.PASSWORD_BYTES, far=4096).map(_password))],
 }  # fmt: skip
 
-# Limits no strategy generates yet, each with where it is held today. Not a permanent list:
-# each wants raw-socket clients of the agent's server (and PASSWORD_BYTES a second agent with
-# basic auth configured).
-_SERVER = "the agent's own server: no raw-socket client in the adversary yet; held by "
+# Limits without a strategy, each with where it is held.
 EXEMPT: dict[str, str] = {
     # Read by the `size` CLI, not the running agent: the property tests drive them instead.
     "CONFIG_JSON_BYTES": "size --config, not the agent: tests/sizing/test_size_config_input.py",
     "CONFIG_NUMBER": "size --config, not the agent: tests/test_properties.py (any config field)",
     "PARAMS_B": "size --params-b, not the agent: tests/sizing/test_size_config_input.py",
-    "SERVER_CONNECTIONS": _SERVER + "tests/hostile/test_probes.py, test_agent_server.py",
-    "PROBE_CONNECTIONS": _SERVER + "tests/hostile/test_agent_server.py",
-    "HEADER_BYTES": _SERVER + "aiohttp's own limit; nothing in the corpus",
-    "HEADER_SECONDS": _SERVER + "tests/hostile/test_agent_server.py (a slow header)",
-    "WRITE_SECONDS": _SERVER + "tests/hostile/test_probes.py (clients that never read)",
-    "PASSWORD_BYTES": _SERVER + "tests/hostile/test_agent_server.py (odd passwords)",
 }
 
-BOUNDARIES = (P, E, M, G, C, S, K)
+BOUNDARIES = (P, E, M, G, C, S, K, H)
 
 
 def by_boundary(boundary: str) -> st.SearchStrategy[Case]:

@@ -1,8 +1,10 @@
 """The standing adversary against the real agent process: for every declared limit and every
 boundary where it is checked, hypothesis generates inputs at the limit and past it; the hostile
 engine serves them (answers, plugin files, EPLB log lines, the command line on its GPU, SGLang
-dumps and recorder answers; the Kubernetes API its pod lists, watch lines and token) while a
-good engine runs beside it, and after each example the invariants hold: the process is alive,
+dumps and recorder answers; the Kubernetes API its pod lists, watch lines and token), or raw
+clients attack the agent's own server (connections, headers, unread answers, passwords), while
+a good engine runs beside it. During an attack /healthz answers within its bound and RSS stays
+under its bound; after each example the invariants hold: the process is alive,
 /healthz answers within a bound, the good engine's and its GPU's series are present and equal to
 the control taken before any hostility, an input past a limit is counted under
 ``moe_watch_collect_errors_total`` with the limit's reason (one at the limit is not), RSS and the
@@ -134,6 +136,11 @@ def judge(adversary: Adversary, case: Case) -> None:
     adversary.cycle_after(adversary.status()["cycle"])
     ahead = adversary.status()  # read once (log lines, dumps, lists): may count at once
     case.apply(world)
+    if case.attack is not None:
+        with case.attack(world):  # the kubelet's probe and the memory bound hold during it
+            _, took = get(agent.url + "/healthz", PROBE_SECONDS)
+            assert took < PROBE_SECONDS
+            assert agent.rss_bytes() < RSS_BOUND
     if case.settled is not None:
         settled = case.settled
         wait_until(lambda: settled(world), f"served {case!r}")

@@ -18,13 +18,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_watch.expert_file import SUFFIX
 from moe_watch.limits import TOKEN_BYTES
 from moe_watch.serving.server import ServerLimits, start_server
-from tests.adversary.boundaries import SERVE, plugin_doc
+from tests.adversary.boundaries import (
+    AGENT_HEADER_SECONDS,
+    AGENT_WRITE_SECONDS,
+    AUTH,
+    LOGIN,
+    PASSWORD,
+    SERVE,
+    plugin_doc,
+)
 from tests.conftest import read_capture, read_models
 
 ENDLESS_BYTES = 1 << 30  # an "endless" answer stops here, if the agent never hangs up
@@ -187,6 +196,9 @@ class World:
         self.proc_root = root / "proc"
         self.dump_dir = root / "sglang-dumps"
         self.service_account = root / "serviceaccount"
+        self.web_config = root / "web.yaml"  # basic auth, cost 4: the adversary pays it once
+        hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=4)).decode()
+        self.web_config.write_text(json.dumps({"basic_auth_users": {LOGIN: hashed}}))
         for directory in (self.plugin_dir, self.good_dir, self.proc_root / str(NEIGHBOUR_PID),
                           self.dump_dir, self.service_account):  # fmt: skip
             directory.mkdir(parents=True)
@@ -263,6 +275,9 @@ class World:
             "discovery": True,
             "node_name": "node-a",
             "kube_api": self.engines.kube_url,
+            "web_config_file": str(self.web_config),
+            "server_header_timeout_seconds": AGENT_HEADER_SECONDS,
+            "server_write_timeout_seconds": AGENT_WRITE_SECONDS,
         }  # fmt: skip
 
 
@@ -276,9 +291,14 @@ def engines() -> Iterator[Engines]:
 
 
 def get(url: str, timeout: float) -> tuple[bytes, float]:
-    """The body of a GET and the seconds it took (fails past ``timeout``)."""
+    """The body of a GET and the seconds it took (fails past ``timeout``), with the adversary's
+    credentials (the probes need none, and get none: the kubelet sends none)."""
     started = time.monotonic()
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    probe = url.endswith(("/healthz", "/readyz"))
+    name, _, value = AUTH.decode().strip().partition(": ")
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers={} if probe else {name: value}), timeout=timeout
+    ) as response:
         assert response.status == 200, (url, response.status)
         return response.read(), time.monotonic() - started
 
