@@ -19,6 +19,16 @@ from moe_watch.alerting.texts import HOTTEST_EXPERT
 
 Severity = Literal["critical", "warning", "info"]
 XID_WINDOW = "15m"  # how far back MoEGPUXidErrors looks for new Xid errors
+LATENCY_RATE = "5m"  # the range latency percentiles are computed over (histogram rate)
+
+
+def p95(histogram: str, by: str = "$by, model") -> str:
+    """The P95 of an exported engine histogram over LATENCY_RATE, per ``by``: from summed bucket
+    rates, so it is a percentile of every request of the group (not a max of percentiles)."""
+    return (
+        f"histogram_quantile(0.95, sum by ({by}, le) "
+        f"(rate(moe_watch_{histogram}_bucket[{LATENCY_RATE}])))"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,7 +165,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         name="MoEP95LatencyHigh",
-        expr='moe_watch_latency_seconds{kind="e2e",quantile="0.95"} > $t',
+        expr=p95("e2e_request_latency_seconds") + " > $t",
         threshold="e2e_p95_seconds",
         for_="5m",
         severity="warning",
@@ -164,7 +174,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         name="MoETTFTP95High",
-        expr='moe_watch_latency_seconds{kind="ttft",quantile="0.95"} > $t',
+        expr=p95("time_to_first_token_seconds") + " > $t",
         threshold="ttft_p95_seconds",
         for_="10m",
         severity="warning",
@@ -173,7 +183,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         name="MoEITLP95High",
-        expr='moe_watch_latency_seconds{kind="itl",quantile="0.95"} > $t',
+        expr=p95("inter_token_latency_seconds") + " > $t",
         threshold="itl_p95_seconds",
         for_="10m",
         severity="warning",
