@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from moe_watch.sources.base import Problems
+
 T = TypeVar("T")
 
 _Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -103,3 +105,33 @@ def in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyn
     thread = threading.Thread(target=run, name=getattr(fn, "__name__", "work"), daemon=True)
     loop.call_soon(thread.start)
     return result
+
+
+class OneRead:
+    """A source's blocking read, on a daemon thread of its own, one at a time.
+
+    The source runner gives up on a cycle at its timeout, but a thread cannot be stopped: a read
+    that outlives its cycle (a wedged volume, a hostile file that takes a minute to refuse) is
+    still running at the next cycle. Starting another beside it would race the source's state
+    (file offsets, what was consumed), pile up a thread per cycle, and drop what the first one
+    read. So a later cycle waits for that same read and takes its answer; the read's own
+    problems (counted reasons) go to the cycle that receives the answer. A thread of its own,
+    not the shared pool: one engine's slow reads never queue another engine's behind them.
+    """
+
+    def __init__(self) -> None:
+        self._running: tuple[asyncio.Future[Any], Problems] | None = None
+
+    async def __call__(self, read: Callable[[Problems], T], problems: Problems) -> T:
+        if self._running is None:
+            own = Problems()
+            self._running = (in_daemon_thread(read, own), own)
+        future, own = self._running
+        try:
+            # shield: the runner's timeout cancels this wait, never the read
+            result: T = await asyncio.shield(future)
+            return result
+        finally:
+            if future.done() and self._running is not None and self._running[0] is future:
+                self._running = None
+                problems.reasons.update(own.reasons)

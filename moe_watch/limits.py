@@ -227,6 +227,21 @@ MODELS_PER_ENGINE = _declare(
     "an engine serves one model, LoRA adapters a few more",
     "`series_limit`: the other models' samples are dropped",
 )  # fmt: skip
+LABEL_VALUES_PER_COUNTER = _declare(
+    "LABEL_VALUES_PER_COUNTER", 16, "",
+    "values of the one label an engine counter is split by (vLLM's `finished_reason` of "
+    "`request_success_total`), per model",
+    "vLLM 0.32 has 5 finish reasons",
+    "`series_limit`: the other values are counted only in the model's total",
+)  # fmt: skip
+HISTOGRAM_BOUNDS = _declare(
+    "HISTOGRAM_BOUNDS", 32, "",
+    "finite bucket bounds of one engine histogram the agent re-publishes (latency, request "
+    "lengths) when the engine's layout is not the fixed one",
+    "vLLM 0.32 has at most 22 (TTFT); request lengths go 1, 2, 5 ... up to max_model_len",
+    "thinned: evenly spaced bounds are kept (their counts stay exact, the buckets coarser), "
+    "`+Inf` always",
+)  # fmt: skip
 MODEL_LEN = _declare(
     "MODEL_LEN", (1 << 31) - 1, "tokens",
     "`max_model_len` from an engine's `/v1/models` (a positive integer)",

@@ -58,6 +58,9 @@ LATENCY_QUEUE = "queue"
 LATENCY_KINDS = (LATENCY_E2E, LATENCY_TTFT, LATENCY_ITL, LATENCY_QUEUE)
 # Tokens per engine step (vLLM's iteration_tokens_total): its _count is the engine's steps.
 HISTOGRAM_ITERATION_TOKENS = "iteration_tokens"
+# Tokens per finished request, prompt and generated (vLLM's request_{prompt,generation}_tokens).
+HISTOGRAM_PROMPT_TOKENS = "request_prompt_tokens"
+HISTOGRAM_GENERATION_TOKENS = "request_generation_tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,9 @@ class ModelSample:
     gauges: Mapping[str, float] = field(default_factory=lambda: EMPTY)
     counters: Mapping[str, float] = field(default_factory=lambda: EMPTY)
     histograms: Mapping[str, Histogram] = field(default_factory=dict)
+    # Counters kept apart by one label as well as summed into ``counters`` (finished requests
+    # by finished_reason): key -> label value -> value.
+    labelled_counters: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ sweep, its coverage and dense point; the curve survives an agent restart through
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,26 +21,13 @@ from moe_watch.demo.simulated_engine import EngineSim
 from moe_watch.demo.simulated_engine_server import SimServer, start_engine_server
 from moe_watch.serving.exporter import build_registry
 from moe_watch.serving.views import experts_document, status_document
-from moe_watch.signals.batching import BatchAnswer
-from moe_watch.snapshot import EngineExperts, Snapshot
+from moe_watch.snapshot import Snapshot
+from tests.records import batching_of, experts_of
 
 ENGINE, MODEL = "sim", "mixtral-8x7b"
 START = 1_700_000_000.0
 INTERVAL = 5.0
 PHASE = SCENARIOS["batch_peak"].sweep_phase_seconds
-
-
-def batching(snapshot: Snapshot) -> Mapping[str, BatchAnswer]:
-    record = snapshot.engine(ENGINE)
-    assert record is not None
-    return record.batching
-
-
-def experts_of(snapshot: Snapshot) -> EngineExperts:
-    record = snapshot.engine(ENGINE)
-    assert record is not None
-    assert record.experts is not None
-    return record.experts
 
 
 class Clock:
@@ -107,7 +94,7 @@ async def test_the_agent_recovers_the_peak_bin_and_the_dense_point_of_the_sweep(
                 before = (clock.now, sim.generation_tokens_total)
                 snapshot = await run_for(agent, sim, clock, tmp_path, PHASE)
                 rates[concurrency] = (sim.generation_tokens_total - before[1]) / PHASE
-    answer = batching(snapshot)[MODEL]
+    answer = batching_of(snapshot, ENGINE)[MODEL]
     assert answer.knee == 8  # the scenario's peak
     assert answer.peak_reached
     assert answer.gpus == 1  # no NVML here: tokens/s per GPU = per engine
@@ -120,7 +107,7 @@ async def test_the_agent_recovers_the_peak_bin_and_the_dense_point_of_the_sweep(
         (p.batch_bin, p.itl_p95_seconds, p.tokens_per_second_per_gpu) for p in points.values()
     ]
 
-    coverage = experts_of(snapshot).coverage
+    coverage = experts_of(snapshot, ENGINE).coverage
     assert coverage is not None
     assert coverage.dense_point == 512  # the scenario's: prompts of 363+ tokens
     experts = sim.scenario.num_experts * sim.scenario.num_layers
@@ -192,7 +179,7 @@ async def test_the_curve_survives_an_agent_restart_and_a_corrupt_state_file_is_c
             [status] = [s for s in snapshot.sources if s.name == "state"]
             assert status.up
             assert status.errors_total == {}
-        answer = batching(snapshot)[MODEL]
+        answer = batching_of(snapshot, ENGINE)[MODEL]
         assert (answer.knee, answer.peak_reached) == (8, True)  # 1 .. 8 came from the file
 
         document = json.loads((state / FILE_NAME).read_text())
@@ -206,4 +193,4 @@ async def test_the_curve_survives_an_agent_restart_and_a_corrupt_state_file_is_c
         assert status.last_error is not None
         assert "not a finite non-negative number" in status.last_error
         assert snapshot.targets_up == {ENGINE: True}  # nothing else is lost
-        assert experts_of(snapshot) is not None
+        assert experts_of(snapshot, ENGINE) is not None

@@ -26,7 +26,7 @@ from moe_watch.config import load_settings
 from moe_watch.demo.fake_nvml import GIB, FakeNvml
 from moe_watch.expert_file import CountsFile, write_counts_file
 from moe_watch.samples import GpuSample
-from moe_watch.serving.exporter import ENGINE_GAUGES, build_registry
+from moe_watch.serving.exporter import ENGINE_GAUGES, ENGINE_HISTOGRAMS, build_registry
 from moe_watch.signals.engine import EngineSignals
 from moe_watch.snapshot import EngineRecord, EngineView, GpuView, Snapshot
 from moe_watch.sources.runner import SourceStatus
@@ -166,7 +166,10 @@ def inject(stage: str, agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 ENGINE_VIEWS = {"moe_watch_engine_info", "moe_watch_engine_max_model_len_tokens",
-                "moe_watch_latency_seconds", *("moe_watch_" + name for name, _, _ in ENGINE_GAUGES)}  # fmt: skip
+                "moe_watch_requests_finished_total",
+                *("moe_watch_" + name for name, _, _ in ENGINE_GAUGES),
+                *(f"moe_watch_{name}{suffix}" for name, _, _ in ENGINE_HISTOGRAMS
+                  for suffix in ("_bucket", "_count", "_sum"))}  # fmt: skip
 WHATIF = {"moe_watch_expert_rank_balancedness_ratio", "moe_watch_expert_eplb_whatif_balancedness_ratio",
           "moe_watch_expert_eplb_redundant_needed", "moe_watch_expert_eplb_redundant_searched_max",
           "moe_watch_expert_eplb_redundant_needed_balancedness_ratio"}  # fmt: skip

@@ -175,7 +175,9 @@ def test_every_metric_a_panel_reads_is_exported_or_recorded() -> None:
         text = generate_latest(
             build_registry(lambda snap=snap: snap, expert_full_detail=True)
         ).decode()
-        exported |= set(re.findall(r"^# TYPE (\w+)", text, re.MULTILINE))
+        for name, kind in re.findall(r"^# TYPE (\w+) (\w+)", text, re.MULTILINE):
+            suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+            exported |= {name + suffix for suffix in suffixes}
     recorded = {r["record"] for g in rule_groups()["groups"] for r in g["rules"] if "record" in r}
     assert {r for r, _ in RECORDING} <= recorded
     exported |= {n + "_total" for n in exported} | recorded | {"ALERTS"}
@@ -255,3 +257,41 @@ async def test_every_panel_query_returns_data_from_a_real_prometheus(stack: str)
                 break
             await asyncio.sleep(1)
     assert not pending, f"panels without data: {sorted(pending)}; last errors: {errors}"
+
+
+def test_every_dashboard_marks_firing_moe_alerts_on_its_time_series() -> None:
+    for board in all_dashboards():
+        [annotation] = board["annotations"]["list"]
+        assert annotation["enable"] is True
+        assert annotation["datasource"]["uid"] == "${datasource}"
+        expr = annotation["target"]["expr"]
+        assert expr.startswith("ALERTS{")
+        assert 'alertstate="firing"' in expr
+        assert 'alertname=~"MoE.*"' in expr
+        assert annotation["titleFormat"] == "{{alertname}}"
+
+
+def test_the_panels_sres_look_for_are_there() -> None:
+    titles = {board["uid"]: {p["title"] for p in panels(board)} for board in all_dashboards()}
+    exprs = {board["uid"]: " ".join(e for _, e in queries(board)) for board in all_dashboards()}
+    assert {
+        "Queue time P50 / P95 / P99",
+        "Requests per second by finish reason",
+        "Prompt and generation length P50 / P95",
+    } <= titles["moe-watch-engine"]
+    assert {
+        "Request rate by model",
+        "Errors and aborts by model",
+        "Sources up",
+        "Collection errors per second",
+        "Agent cycle time",
+        "Parts left out of /metrics",
+        "GPU Xid errors",
+    } <= titles["moe-watch-fleet"]
+    assert "Xid errors" in titles["moe-watch-gpus"]
+    for name in ("request_queue_time_seconds_bucket", "requests_finished_total",
+                 "request_prompt_tokens_bucket", "request_generation_tokens_bucket"):  # fmt: skip
+        assert f"moe_watch_{name}" in exprs["moe-watch-engine"], name
+    for name in ("source_up", "collect_errors_total", "cycle_duration_seconds", "render_failed",
+                 "gpu_xid_errors_total"):  # fmt: skip
+        assert f"moe_watch_{name}" in exprs["moe-watch-fleet"], name

@@ -1,14 +1,17 @@
 """`promtool check metrics` accepts what the agent serves: the exporter's snapshots, a running
-`moe-watch demo`, and the node benchmark at DeepSeek-V3 scale (2 engines x 58 layers x 256
-experts, 8 GPUs). It once rejected a `quantile` label on a gauge family."""
+`moe-watch demo`, and the node benchmark at both its shapes (2 DeepSeek-V3 engines on 8 GPUs,
+8 Mixtral-shaped engines), each within the series budget. It once rejected a `quantile` label on
+a gauge family."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -59,23 +62,51 @@ def test_a_running_demo_passes_promtool() -> None:
         demo.terminate()
         demo.wait(timeout=15)
     names = {f.name for f in text_string_to_metric_families(body.decode())}
-    assert {"moe_watch_latency_seconds", "moe_watch_expert_skew_ratio"} <= names
+    assert {
+        "moe_watch_e2e_request_latency_seconds",
+        "moe_watch_requests_finished",
+        "moe_watch_expert_skew_ratio",
+    } <= names
     assert promtool_check_metrics(body) == ""
 
 
-def test_the_node_benchmark_at_deepseek_v3_scale_passes_promtool_within_the_series_budget(
-    tmp_path: Path,
+# The series budget (docs/metrics.md, "Series budget"): per engine, 3 + 2 x expert_top_n series
+# per MoE layer, one per EP rank and one more where EP > 1, 16 per GPU, and 250 per model (its
+# latency and length histograms, finish reasons, curves and gauges); per node, the engines'
+# budgets plus 10 self-metric series per engine and 40 of the agent's own.
+PER_LAYER = 3 + 2 * 4  # the default expert_top_n 4
+PER_GPU = 16
+PER_MODEL = 250
+NODE_PER_ENGINE, NODE_FIXED = 10, 40
+
+
+def engine_budget(layers: int, ep: int, gpus: int) -> int:
+    return PER_LAYER * layers + (ep + 1 if ep > 1 else 0) + PER_GPU * gpus + PER_MODEL
+
+
+@pytest.mark.parametrize(
+    ("node", "engines", "layers", "ep", "gpus"),
+    [("dsv3", 2, 58, 32, 4), ("mixtral8", 8, 32, 1, 1)],
+)
+def test_the_node_benchmark_passes_promtool_within_the_series_budget(
+    tmp_path: Path, node: str, engines: int, layers: int, ep: int, gpus: int
 ) -> None:
     out = tmp_path / "node.prom"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "node.py"), "--cycles", "12", "--scrapes", "20",
-         "--metrics-out", str(out)],
+        [sys.executable, str(ROOT / "bench" / "node.py"), "--node", node, "--cycles", "12",
+         "--scrapes", "20", "--metrics-out", str(out)],
         capture_output=True, text=True, check=False, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     body = out.read_bytes()
     families = list(text_string_to_metric_families(body.decode()))
-    series = sum(len(f.samples) for f in families)
+    per_engine = Counter(
+        s.labels["engine"] for f in families for s in f.samples if "engine" in s.labels
+    )
     assert any(f.name == "moe_watch_expert_load_rank_token_share" for f in families)
-    assert series <= 2000  # the per-node budget (docs/metrics.md)
+    assert len(per_engine) == engines
+    budget = engine_budget(layers, ep, gpus)
+    assert max(per_engine.values()) <= budget
+    series = sum(len(f.samples) for f in families)
+    assert series <= engines * (budget + NODE_PER_ENGINE) + NODE_FIXED
     assert promtool_check_metrics(body) == ""

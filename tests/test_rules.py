@@ -90,8 +90,9 @@ def test_every_metric_the_rules_read_is_one_the_agent_exports() -> None:
     exported = set()
     for snap in (snapshot(), deepseek_v3_snapshot(engine_group="dsv3-group")):
         text = generate_latest(build_registry(lambda snap=snap: snap)).decode()
-        exported |= set(re.findall(r"^# TYPE (\w+)", text, re.MULTILINE))
-    exported |= {name + "_total" for name in exported}
+        for name, kind in re.findall(r"^# TYPE (\w+) (\w+)", text, re.MULTILINE):
+            suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("", "_total")
+            exported |= {name + suffix for suffix in suffixes}
     rules = [rule for group in rule_groups()["groups"] for rule in group["rules"]]
     recorded = {rule["record"] for rule in rules if "record" in rule}
     assert {name for name, _ in RECORDING} <= recorded

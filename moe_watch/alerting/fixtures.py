@@ -23,6 +23,9 @@ class Fixture:
     extra_series: tuple[tuple[str, str], ...] = ()  # (series, values) the alert also reads
     hottest: str = ""  # what texts.HOTTEST_EXPERT renders to
     whatif_rendered: str = ""  # what the `eplb_whatif` annotation renders to (texts.fill'ed)
+    # ``series`` is a histogram's _bucket series (without `le`): buckets that put the P95 above
+    # and below the threshold are made from it (promtool_tests.histogram_series)
+    histogram: bool = False
 
 
 def _v(value: float, minutes: int = 60) -> str:
@@ -110,13 +113,16 @@ FIXTURES: dict[str, Fixture] = {
         eval_minutes=290,
     ),
     "MoEP95LatencyHigh": Fixture(
-        series=f'moe_watch_latency_seconds{{{ENGINE},model="mixtral",kind="e2e",quantile="0.95"}}',
+        series=f'moe_watch_e2e_request_latency_seconds_bucket{{{ENGINE},model="mixtral"}}',
+        histogram=True,
     ),
     "MoETTFTP95High": Fixture(
-        series=f'moe_watch_latency_seconds{{{ENGINE},model="mixtral",kind="ttft",quantile="0.95"}}',
+        series=f'moe_watch_time_to_first_token_seconds_bucket{{{ENGINE},model="mixtral"}}',
+        histogram=True,
     ),
     "MoEITLP95High": Fixture(
-        series=f'moe_watch_latency_seconds{{{ENGINE},model="mixtral",kind="itl",quantile="0.95"}}',
+        series=f'moe_watch_inter_token_latency_seconds_bucket{{{ENGINE},model="mixtral"}}',
+        histogram=True,
     ),
     "MoEQueueLong": Fixture(
         series=f'moe_watch_requests_waiting{{{ENGINE},model="mixtral"}}',

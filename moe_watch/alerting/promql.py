@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from moe_watch.alerting.config import RulesConfig
+from moe_watch.alerting.specs import WATCHER_LABELS, p95
 
 # Autoscale signals (the design notes, docs/design.md) as recording rules KEDA/HPA can read: 1 = scale, 0 = hold. Each
 # condition is its own labelled arm so `max` sees them all: `A > bool x or B > bool y` keeps A
@@ -15,7 +16,7 @@ RECORDING: tuple[tuple[str, str], ...] = (
     ("moe_watch:autoscale_up:bool",
      "max by ($by) ("
      'label_replace(max by ($by) (moe_watch_requests_waiting) > bool $autoscale_up_waiting, "signal", "queue", "", "")'
-     ' or label_replace(max by ($by) (moe_watch_latency_seconds{kind="e2e",quantile="0.95"}) > bool $autoscale_up_p95_seconds, "signal", "p95", "", "")'
+     f' or label_replace({p95("e2e_request_latency_seconds", "$by")} > bool $autoscale_up_p95_seconds, "signal", "p95", "", "")'
      ' or label_replace(min_over_time(moe_watch:engine_gpu_utilization:avg[5m]) > bool $autoscale_up_gpu_utilization, "signal", "gpu", "", "")'
      ")"),
     # Down only when the GPUs idled for 15 minutes *and* nothing queued for 10: low
@@ -25,12 +26,6 @@ RECORDING: tuple[tuple[str, str], ...] = (
      "(max_over_time(moe_watch:engine_gpu_utilization:avg[15m]) < bool $autoscale_down_gpu_utilization)"
      " * on ($by) (max by ($by) (max_over_time(moe_watch_requests_waiting[10m])) == bool 0)"),
 )  # fmt: skip
-
-
-# The labels that name the agent rather than what it watches: the Prometheus Operator sets them
-# from the agent's pod, so they change whenever the DaemonSet replaces it (a rollout, an evicted
-# or rescheduled pod). The ServiceMonitor's `node` label stays.
-WATCHER_LABELS = ("pod", "instance")
 
 
 def about_the_watched(expr: str) -> str:

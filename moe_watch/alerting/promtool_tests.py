@@ -15,9 +15,8 @@ from typing import Any
 
 from moe_watch.alerting.config import RulesConfig
 from moe_watch.alerting.fixtures import ENGINE, FIXTURES, Fixture
-from moe_watch.alerting.promql import WATCHER_LABELS
 from moe_watch.alerting.rule_file import RULES_FILE, alert_annotations, text_values
-from moe_watch.alerting.specs import ALERTS, FORECAST_ALERTS, Alert
+from moe_watch.alerting.specs import ALERTS, FORECAST_ALERTS, WATCHER_LABELS, Alert
 from moe_watch.alerting.syntax import parse_matchers, unescape
 from moe_watch.alerting.texts import NO_WHATIF, expand, fill
 from moe_watch.drift import SETTINGS
@@ -84,7 +83,31 @@ def _scraped(series: str, target: dict[str, str] = AGENT_TARGET) -> str:
     return series
 
 
+def histogram_series(
+    bucket: str, bounds: tuple[float, ...], per_minute: tuple[float, ...]
+) -> list[dict[str, str]]:
+    """promtool input series of one cumulative histogram: ``bucket`` is the _bucket series
+    without `le`; each bound's counter rises by ``per_minute`` (the last: the +Inf bucket)."""
+    les = [f"{b:g}" for b in bounds] + ["+Inf"]
+    return [
+        {"series": _with_label(bucket, "le", le), "values": f"0+{rise:g}x60"}
+        for le, rise in zip(les, per_minute, strict=True)
+    ]
+
+
+def _histogram_test(fixture: Fixture, t: float) -> tuple[list[dict[str, str]], float]:
+    """Buckets at t and 2t: every request of the firing engine between them (P95 = 1.95 t),
+    every request of a quiet one (another model) below t (P95 = 0.95 t)."""
+    firing = _scraped(fixture.series)
+    quiet = firing.replace('model="mixtral"', 'model="quiet"')
+    series = histogram_series(firing, (t, 2 * t), (0, 60, 60))
+    series += histogram_series(quiet, (t, 2 * t), (60, 60, 60))
+    return series, t + t * 0.95
+
+
 def _alert_test(alert: Alert, fixture: Fixture, config: RulesConfig) -> dict[str, Any]:
+    if fixture.histogram:
+        return _alert_histogram_test(alert, fixture, config)
     fire, quiet = _fire_and_quiet(alert, fixture, config)
     series = _scraped(fixture.series).replace("$job", _job_labels(config))
     minutes = fixture.eval_minutes or _minutes(config.for_(alert)) + 2
@@ -121,6 +144,29 @@ def _alert_test(alert: Alert, fixture: Fixture, config: RulesConfig) -> dict[str
     }
 
 
+def _alert_histogram_test(alert: Alert, fixture: Fixture, config: RulesConfig) -> dict[str, Any]:
+    series, value = _histogram_test(fixture, getattr(config.limits, alert.threshold))
+    exp = _labels(_scraped(fixture.series))
+    for label in ("__name__", *WATCHER_LABELS):
+        exp.pop(label)
+    exp["severity"] = config.severity(alert)
+    exp |= config.additional_labels
+    annotations = _expected_annotations(
+        alert, config, exp, value, fixture.hottest, fixture.whatif_rendered
+    )
+    return {
+        "interval": "1m",
+        "input_series": series,
+        "alert_rule_test": [
+            {
+                "eval_time": f"{_minutes(config.for_(alert)) + 7}m",  # the 5m rate, then for:
+                "alertname": alert.name,
+                "exp_alerts": [{"exp_labels": exp, "exp_annotations": annotations}],
+            },
+        ],
+    }
+
+
 def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
     """One test for each way these rules once failed to page (docs/alerts.md, "Defects")."""
     by_name = {a.name: a for a in ALERTS}
@@ -136,6 +182,10 @@ def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
         annotations = _expected_annotations(alert, config, labels, value, hottest, NO_WHATIF)
         return {"exp_labels": labels, "exp_annotations": annotations}
 
+    p95_bounds = (
+        config.limits.autoscale_up_p95_seconds,
+        5 * config.limits.autoscale_up_p95_seconds,
+    )
     flipping = " ".join(["5x3", "2x3"] * 6)  # the hottest expert alternates every 4 minutes
     old_pod = _scraped('moe_watch_expert_skew_ratio{engine="mixtral-0",layer="3"}')
     new_pod = _scraped(
@@ -180,17 +230,18 @@ def _defect_tests(config: RulesConfig) -> list[dict[str, Any]]:
                 {"eval_time": "30m", "alertname": "MoEGPUXidErrors", "exp_alerts": []},
             ],
         },
-        {  # Autoscale up on a short queue but a high P95, and on hot GPUs; hold when all is calm.
+        {  # Autoscale up on a short queue but a high P95 (4.8 x the threshold), and on hot GPUs;
+           # hold when all is calm (P95 0.95 x the threshold).
             "interval": "1m",
             "input_series": [
                 {"series": 'moe_watch_requests_waiting{engine="slow",model="m"}', "values": "2x20"},
-                {"series": 'moe_watch_latency_seconds{engine="slow",model="m",kind="e2e",quantile="0.95"}', "values": "5x20"},
+                *histogram_series('moe_watch_e2e_request_latency_seconds_bucket{engine="slow",model="m"}', p95_bounds, (0, 60, 60)),
                 {"series": 'moe_watch_gpu_utilization_ratio{engine="slow",gpu="0"}', "values": "0.5x20"},
                 {"series": 'moe_watch_requests_waiting{engine="hot",model="m"}', "values": "0x20"},
-                {"series": 'moe_watch_latency_seconds{engine="hot",model="m",kind="e2e",quantile="0.95"}', "values": "1x20"},
+                *histogram_series('moe_watch_e2e_request_latency_seconds_bucket{engine="hot",model="m"}', p95_bounds, (60, 60, 60)),
                 {"series": 'moe_watch_gpu_utilization_ratio{engine="hot",gpu="0"}', "values": "0.95x20"},
                 {"series": 'moe_watch_requests_waiting{engine="calm",model="m"}', "values": "1x20"},
-                {"series": 'moe_watch_latency_seconds{engine="calm",model="m",kind="e2e",quantile="0.95"}', "values": "1x20"},
+                *histogram_series('moe_watch_e2e_request_latency_seconds_bucket{engine="calm",model="m"}', p95_bounds, (60, 60, 60)),
                 {"series": 'moe_watch_gpu_utilization_ratio{engine="calm",gpu="0"}', "values": "0.5x20"},
             ],
             "promql_expr_test": [

@@ -22,6 +22,23 @@ from moe_watch.alerting.texts import HOTTEST_EXPERT
 
 Severity = Literal["critical", "warning", "info"]
 XID_WINDOW = "15m"  # how far back MoEGPUXidErrors looks for new Xid errors
+LATENCY_RATE = "5m"  # the range latency percentiles are computed over (histogram rate)
+
+
+# The labels that name the agent rather than what it watches: the Prometheus Operator sets them
+# from the agent's pod, so they change whenever the DaemonSet replaces it (a rollout, an evicted
+# or rescheduled pod). The ServiceMonitor's `node` label stays.
+WATCHER_LABELS = ("pod", "instance")
+
+
+def p95(histogram: str, by: str | None = None) -> str:
+    """The P95 of an exported engine histogram over LATENCY_RATE, from summed bucket rates, so
+    it is a percentile of every request of the group (not a max of percentiles). Summed ``by``
+    those labels, or by default over the agent's own labels only: an alert keeps every label of
+    the engine it is about (node included) and none of the pod that reported it. Two pods of a
+    node reporting at once (a surge rollout) add the same counts to every bucket: the same P95."""
+    group = f"by ({by}, le)" if by else f"without ({', '.join(WATCHER_LABELS)})"
+    return f"histogram_quantile(0.95, sum {group} (rate(moe_watch_{histogram}_bucket[{LATENCY_RATE}])))"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,7 +179,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         name="MoEP95LatencyHigh",
-        expr='moe_watch_latency_seconds{kind="e2e",quantile="0.95"} > $t',
+        expr=p95("e2e_request_latency_seconds") + " > $t",
         threshold="e2e_p95_seconds",
         for_="5m",
         severity="warning",
@@ -171,7 +188,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         name="MoETTFTP95High",
-        expr='moe_watch_latency_seconds{kind="ttft",quantile="0.95"} > $t',
+        expr=p95("time_to_first_token_seconds") + " > $t",
         threshold="ttft_p95_seconds",
         for_="10m",
         severity="warning",
@@ -180,7 +197,7 @@ ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         name="MoEITLP95High",
-        expr='moe_watch_latency_seconds{kind="itl",quantile="0.95"} > $t',
+        expr=p95("inter_token_latency_seconds") + " > $t",
         threshold="itl_p95_seconds",
         for_="10m",
         severity="warning",

@@ -17,6 +17,24 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # `instance` is the agent pod's address, which changes when the pod is replaced.
 SEL = 'cluster=~"$cluster",node=~"$node",engine=~"$engine"'
 SEL_MODEL = SEL + ',model=~"$model"'  # engine-level series carry the served model
+SEL_NODE = 'cluster=~"$cluster",node=~"$node"'  # node-level series (agent, Xid): no engine label
+# Firing moe-watch alerts as annotations on every time series (the Prometheus datasource's
+# annotation: the query in `target`, the event fields beside it). `engine=~` also matches alerts without an engine label while "All".
+ALERT_ANNOTATION: dict[str, Any] = {
+    "name": "MoE alerts firing",
+    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+    "enable": True,
+    "hide": False,
+    "iconColor": "red",
+    "target": {
+        "refId": "Anno",
+        "expr": 'ALERTS{alertstate="firing",alertname=~"MoE.*",cluster=~"$cluster",engine=~"$engine"}',
+    },
+    "titleFormat": "{{alertname}}",
+    "textFormat": "{{severity}} {{engine}} {{gpu}} {{layer}}",
+    "tagKeys": "severity,engine",
+    "useValueForTime": False,
+}
 RATE = "$__rate_interval"  # every rate()/increase() window: Grafana's scrape-aware interval
 GREEN, YELLOW, RED = "green", "#EAB839", "red"
 # What Grafana puts in place of the variables when "All" is selected (tests and pictures use it).
@@ -170,7 +188,7 @@ def dashboard(
         "refresh": "30s",
         "time": {"from": "now-1h", "to": "now"},
         "templating": {"list": variables(with_model)},
-        "annotations": {"list": []},
+        "annotations": {"list": [ALERT_ANNOTATION]},
         "panels": _layout(panels),
     }
 

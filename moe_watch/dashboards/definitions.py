@@ -15,6 +15,7 @@ from moe_watch.dashboards.build import (
     RED,
     SEL,
     SEL_MODEL,
+    SEL_NODE,
     YELLOW,
     Panel,
     Row,
@@ -41,36 +42,74 @@ def fleet() -> dict[str, Any]:
               (T(f"sort_desc(max by (engine) (moe_watch_gpu_memory_used_ratio{{{SEL}}}))", "{{engine}}", True),), "percentunit", ((D.vram_used_healthy, YELLOW), (D.vram_used, RED)), 8, max_value=1),
         Panel("bargauge", "Engines by KV-cache usage", f"Above {D.kv_cache_usage:g} requests are preempted or rejected (critical).",
               (T(f"sort_desc(max by (engine) (moe_watch_kv_cache_usage_ratio{{{SEL}}}))", "{{engine}}", True),), "percentunit", ((D.kv_cache_usage, RED),), 8, max_value=1),
-        Panel("timeseries", "P95 / P99 end-to-end latency", f"MoE bleeds in the tail while P50 looks fine. P95 above {D.e2e_p95_seconds:g} s warns.",
-              (T(f'max by (engine) (moe_watch_latency_seconds{{{SEL},kind="e2e",quantile="0.95"}})', "{{engine}} p95"),
-               T(f'max by (engine) (moe_watch_latency_seconds{{{SEL},kind="e2e",quantile="0.99"}})', "{{engine}} p99")), "s", ((D.e2e_p95_seconds, RED),), 12),
+        Panel("timeseries", "Fleet end-to-end latency P95 / P99 by model", f"Percentiles of every request of the model on the selected engines and nodes: histogram_quantile over the engines' summed bucket rates (not a max of per-engine percentiles), over Grafana's rate interval. MoE bleeds in the tail while P50 looks fine. P95 above {D.e2e_p95_seconds:g} s warns.",
+              tuple(T(quantile(q, "e2e_request_latency_seconds", SEL, "model"), f"{{{{model}}}} p{float(q) * 100:g}") for q in ("0.95", "0.99")), "s", ((D.e2e_p95_seconds, RED),), 12),
+        Panel("timeseries", "Request rate by model", "Finished requests per second, all engines of the model (the e2e histogram's count: vLLM and SGLang).",
+              (T(f"sum by (model) (rate(moe_watch_e2e_request_latency_seconds_count{{{SEL}}}[{RATE}]))", "{{model}}"),), "reqps", (), 12),
         Panel("timeseries", "Generated tokens/s per GPU", f"Per engine, over its live GPUs. Alert below {D.throughput_vs_baseline:g} x the engine's own daily baseline.",
               (T(f"sum by (engine) (moe_watch_generation_tokens_per_second{{{SEL}}}) / on(engine) count by (engine) (moe_watch_gpu_up{{{SEL}}} == 1)", "{{engine}}"),), "short", (), 12),
         Panel("table", "Configuration drift", "Settings that break the plan or an MoE rule (running vs expected). Empty is healthy.",
               (T(f"moe_watch_config_drift_info{{{SEL}}}", "", True),), "short", (), 12, options=rank),
         Panel("table", "MoE alerts", "moe-watch alerts pending or firing now, by name, state and severity (critical, warning, info).",
               (T('count by (alertname, alertstate, severity) (ALERTS{alertname=~"MoE.*"})', "", True),), "short", (), 12, options=rank),
+        Panel("timeseries", "Errors and aborts by model", "Requests per second the engines finished with finished_reason error or abort (vLLM), against all finished requests. A rise in aborts is clients giving up (timeouts); errors are the engine's.",
+              (T(f'sum by (model, finished_reason) (rate(moe_watch_requests_finished_total{{{SEL},finished_reason=~"error|abort"}}[{RATE}]))', "{{model}} {{finished_reason}}"),), "reqps", (), 12),
+        *agent_health_panels(),
     ], ("fleet",))  # fmt: skip
 
 
+def quantile(q: str, histogram: str, selector: str, by: str) -> str:
+    """The q-quantile of an exported engine histogram per ``by``, from summed bucket rates."""
+    return f"histogram_quantile({q}, sum by (le, {by}) (rate(moe_watch_{histogram}_bucket{{{selector}}}[{RATE}])))"
+
+
+def agent_health_panels() -> tuple[Panel | Row, ...]:
+    """The agents themselves: sources, errors, cycle time, parts left out of /metrics, and the
+    GPUs' Xid errors (node-level series: no engine label, selected by cluster and node)."""
+    return (
+        Row("Agents and GPUs"),
+        Panel("timeseries", "Sources up", "1 while a source's last collection succeeded, per node (nvml, engine:<id>, experts:<id>, ...). 0: its series are stale or missing; /status has the last error.",
+              (T(f"min by (node, source) (moe_watch_source_up{{{SEL_NODE}}})", "{{node}} {{source}}"),), "short", (), 6, max_value=1),
+        Panel("timeseries", "Collection errors per second", "By node, source and reason (docs/metrics.md, error reasons). A flat 0: no errors on any selected node.",
+              (T(f"sum by (node, source, reason) (rate(moe_watch_collect_errors_total{{{SEL_NODE}}}[{RATE}])) or on() vector(0)", "{{node}} {{source}} {{reason}}"),), "short", (), 6),
+        Panel("timeseries", "Agent cycle time", "Wall time of each agent's last collection cycle; the interval is 5 s by default, so a cycle near it falls behind.",
+              (T(f"max by (node) (moe_watch_cycle_duration_seconds{{{SEL_NODE}}})", "{{node}}"),), "s", (), 6),
+        Panel("timeseries", "Parts left out of /metrics", "1 while a part (gpu:<i>, engine:<id>, ...) of an agent's body could not be rendered and is missing; the log has why. A flat 0: every part rendered.",
+              (T(f"max by (node, part) (moe_watch_render_failed{{{SEL_NODE}}}) or on() vector(0)", "{{node}} {{part}}"),), "short", ((1, RED),), 6),
+        Panel("timeseries", "GPU Xid errors", "New Xid errors per GPU and code over the rate interval (NVML events; 79: fallen off the bus, 48: double-bit ECC, 94/95: contained/uncontained ECC). A flat 0: none on the selected nodes.",
+              (T(f"sum by (node, gpu, xid) (increase(moe_watch_gpu_xid_errors_total{{{SEL_NODE}}}[{RATE}])) or on() vector(0)", "{{node}} GPU {{gpu}} Xid {{xid}}"),), "short", ((1, RED),), 24),
+    )  # fmt: skip
+
+
 def engine() -> dict[str, Any]:
-    def quantiles(kind: str) -> tuple[Target, ...]:
+    def quantiles(histogram: str) -> tuple[Target, ...]:
         return tuple(
-            T(
-                f'moe_watch_latency_seconds{{{SEL_MODEL},kind="{kind}",quantile="{q}"}}',
-                f"{{{{engine}}}} p{int(float(q) * 100)}",
-            )
+            T(quantile(q, histogram, SEL_MODEL, "engine"), f"{{{{engine}}}} p{float(q) * 100:g}")
             for q in ("0.5", "0.95", "0.99")
         )
 
+    lengths = tuple(
+        T(
+            quantile(q, f"request_{kind}_tokens", SEL_MODEL, "engine"),
+            f"{{{{engine}}}} {kind} p{float(q) * 100:g}",
+        )
+        for kind in ("prompt", "generation")
+        for q in ("0.5", "0.95")
+    )
+
     return dashboard("moe-watch-engine", "MoE engine", "One serving engine: latency distribution, queue, KV cache, throughput.", [
-        Panel("timeseries", "End-to-end latency P50 / P95 / P99", f"Side by side: a widening gap between P50 and P95/P99 is the MoE tail (hot experts, preemption). P95 above {D.e2e_p95_seconds:g} s warns.", quantiles("e2e"), "s", ((D.e2e_p95_seconds, RED),), 12),
-        Panel("timeseries", "Time to first token P50 / P95 / P99", f"Prefill time: grows with long prompts and queueing. P95 above {D.ttft_p95_seconds:g} s warns.", quantiles("ttft"), "s", ((D.ttft_p95_seconds, RED),), 12),
-        Panel("timeseries", "Inter-token latency P50 / P95 / P99", f"Decode time per token: grows with batch size, hot experts and preemption. P95 above {D.itl_p95_seconds:g} s warns.", quantiles("itl"), "s", ((D.itl_p95_seconds, RED),), 12),
+        Panel("timeseries", "End-to-end latency P50 / P95 / P99", f"Side by side: a widening gap between P50 and P95/P99 is the MoE tail (hot experts, preemption). P95 above {D.e2e_p95_seconds:g} s warns.", quantiles("e2e_request_latency_seconds"), "s", ((D.e2e_p95_seconds, RED),), 12),
+        Panel("timeseries", "Time to first token P50 / P95 / P99", f"Prefill time: grows with long prompts and queueing. P95 above {D.ttft_p95_seconds:g} s warns.", quantiles("time_to_first_token_seconds"), "s", ((D.ttft_p95_seconds, RED),), 12),
+        Panel("timeseries", "Inter-token latency P50 / P95 / P99", f"Decode time per token: grows with batch size, hot experts and preemption. P95 above {D.itl_p95_seconds:g} s warns.", quantiles("inter_token_latency_seconds"), "s", ((D.itl_p95_seconds, RED),), 12),
         # Beside ITL, the expert-parallel exchange that every decode step waits on.
         Panel("timeseries", "All-to-all time per forward pass P50 / P95 / P99", f"Expert-parallel dispatch + combine of all MoE layers in one forward pass, measured inside vLLM by the moe-watch plugin. Healthy below {D.all2all_healthy_seconds:g} s; above {D.all2all_seconds:g} s warns (PCIe instead of NVLink, a degraded link, a hot rank). Empty without expert parallelism.",
               tuple(T(f'moe_watch_expert_all2all_seconds{{{SEL},quantile="{q}"}}', f"{{{{engine}}}} p{int(float(q) * 100)}") for q in ("0.5", "0.95", "0.99")),
               "s", ((D.all2all_healthy_seconds, YELLOW), (D.all2all_seconds, RED)), 12),
+        Panel("timeseries", "Queue time P50 / P95 / P99", "Time requests waited for a slot before the engine scheduled them: grows with the waiting queue, KV-cache pressure and max_num_seqs too small for the traffic.", quantiles("request_queue_time_seconds"), "s", (), 12),
+        Panel("timeseries", "Requests per second by finish reason", "Finished requests by vLLM's finished_reason: stop (EOS or a stop string), length (max_tokens or max_model_len), abort (the client went away or was cancelled), error, repetition. SGLang: not split (see the fleet request rate).",
+              (T(f"sum by (engine, finished_reason) (rate(moe_watch_requests_finished_total{{{SEL_MODEL}}}[{RATE}]))", "{{engine}} {{finished_reason}}"),), "reqps", (), 12),
+        Panel("timeseries", "Prompt and generation length P50 / P95", "Tokens per finished request (vLLM's request_prompt_tokens and request_generation_tokens; buckets 1, 2, 5, 10 ... up to max_model_len, so the interpolation is coarse). max_model_len near the prompt P95 is what the design notes recommend.",
+              lengths, "short", (), 12),
         Panel("timeseries", "Running and waiting requests", f"Waiting above {D.autoscale_up_waiting:g} is an autoscale signal; above {D.requests_waiting:g} warns (scale out).",
               (T(f"moe_watch_requests_running{{{SEL_MODEL}}}", "{{engine}} running"), T(f"moe_watch_requests_waiting{{{SEL_MODEL}}}", "{{engine}} waiting")), "short", ((D.autoscale_up_waiting, YELLOW), (D.requests_waiting, RED)), 12),
         Panel("timeseries", "KV-cache usage and prefix hit ratio", f"Usage above {D.kv_cache_usage:g} is critical; a chat hit ratio is healthy above {D.kv_cache_hit_ratio_healthy:g}, alert below {D.kv_cache_hit_ratio_low:g}.",
@@ -201,6 +240,8 @@ def gpus() -> dict[str, Any]:
         *gpu_forecasts(),
         Panel("timeseries", "Temperature", "GPU temperature (no moe-watch threshold: compare with the GPU's slowdown temperature).", (T(f"moe_watch_gpu_temperature_celsius{{{SEL}}}", "GPU {{gpu}}"),), "celsius", (), 12),
         Panel("timeseries", "Power", "GPU power draw.", (T(f"moe_watch_gpu_power_watts{{{SEL}}}", "GPU {{gpu}}"),), "watt", (), 12),
+        Panel("timeseries", "Xid errors", "New Xid errors per GPU and code over the rate interval (NVML events: 79 fallen off the bus, 48 double-bit ECC, 94/95 contained/uncontained ECC, 13/31/43 usually the application). A flat 0: none.",
+              (T(f"sum by (gpu, xid) (increase(moe_watch_gpu_xid_errors_total{{{SEL_NODE}}}[{RATE}])) or on() vector(0)", "GPU {{gpu}} Xid {{xid}}"),), "short", ((1, RED),), 24),
         # Per-rank load beside per-GPU link traffic, and the links themselves.
         Panel("bargauge", "EP-rank load", f"Tokens to the experts on each expert-parallel rank / the mean rank (1 = even). A hot rank makes every other rank wait in each all-to-all. Alert above {D.ep_rank_load:g}.",
               (T(f"moe_watch_expert_rank_load_ratio{{{SEL}}}", "{{engine}} rank {{rank}}", True),), "short", ((1 + D.expert_skew_healthy, YELLOW), (D.ep_rank_load, RED)), 12),

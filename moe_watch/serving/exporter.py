@@ -11,6 +11,7 @@ part is missing, and the failure is logged when it starts and when it ends.
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -21,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from moe_watch import __version__
+from moe_watch import samples as s
 from moe_watch.sizing.allocated import KvPlan
 from moe_watch.snapshot import EXPERTS, EngineRecord, GpuView, Snapshot
 from moe_watch.thresholds import DEFAULT as T
@@ -74,6 +76,44 @@ class Quantiles(Metric):
 
     def add_metric(self, labels: Sequence[str], value: float) -> None:
         self.add_sample(self.name, dict(zip(self._labelnames, labels, strict=True)), value)
+
+
+# (metric suffix, EngineSignals.histograms key, help). The engine's own cumulative buckets,
+# labelled by engine and model only, so `sum by (le)` adds them up across engines and nodes.
+ENGINE_HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
+    ("e2e_request_latency_seconds", s.LATENCY_E2E, "End-to-end request latency (the engine's histogram, re-published)."),
+    ("time_to_first_token_seconds", s.LATENCY_TTFT, "Time to first token (the engine's histogram, re-published)."),
+    ("inter_token_latency_seconds", s.LATENCY_ITL, "Inter-token latency, TPOT (the engine's histogram, re-published)."),
+    ("request_queue_time_seconds", s.LATENCY_QUEUE, "Time requests waited in the queue (the engine's histogram, re-published)."),
+    ("request_prompt_tokens", s.HISTOGRAM_PROMPT_TOKENS, "Prompt tokens per finished request (the engine's histogram, re-published)."),
+    ("request_generation_tokens", s.HISTOGRAM_GENERATION_TOKENS, "Generated tokens per finished request (the engine's histogram, re-published)."),
+)  # fmt: skip
+
+
+class Histograms(Metric):
+    """A histogram family filled sample by sample: ``bucket``, ``sum`` and ``count`` are the
+    families a Part adds to (``bucket`` takes the ``le`` value last)."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        super().__init__(PREFIX + name, documentation, "histogram")
+        self.bucket = _Samples(self, "_bucket", (*labels, "le"))
+        self.sum = _Samples(self, "_sum", tuple(labels))
+        self.count = _Samples(self, "_count", tuple(labels))
+
+
+def le_value(bound: float) -> str:
+    """One spelling per bound on every agent (`sum by (le)` groups by the string)."""
+    return "+Inf" if bound == math.inf else repr(float(bound))
+
+
+class _Samples:
+    __slots__ = ("_labelnames", "_metric", "_name")
+
+    def __init__(self, metric: Metric, suffix: str, labelnames: tuple[str, ...]) -> None:
+        self._metric, self._name, self._labelnames = metric, metric.name + suffix, labelnames
+
+    def add_metric(self, labels: Sequence[str], value: float) -> None:
+        self._metric.add_sample(self._name, dict(zip(self._labelnames, labels, strict=True)), value)
 
 
 class Family(Protocol):
@@ -230,11 +270,14 @@ class Families:
         self.engine_gauges = [
             (attr, gauge(name, doc, ENGINE_LABELS)) for name, attr, doc in ENGINE_GAUGES
         ]
-        self.latency = Quantiles(
-            "latency_seconds",
-            "Request latency quantiles over the window, from histogram bucket deltas "
-            "(kind: e2e, ttft, itl, queue).",
-            ["engine", "model", "kind"],
+        self.engine_histograms = [
+            (key, Histograms(name, doc, ENGINE_LABELS)) for name, key, doc in ENGINE_HISTOGRAMS
+        ]
+        self.requests_finished = counter(
+            "requests_finished",
+            "Requests the engine finished since it started, by finish reason (stop, length, "
+            "abort, error, ...: vLLM's request_success_total).",
+            [*ENGINE_LABELS, "finished_reason"],
         )
         self._experts()
         self._whatif()
@@ -554,7 +597,7 @@ class Families:
             self.gpu_memory_total, self.gpu_memory_ratio, self.gpu_temperature, self.gpu_power,
             self.xid, self.engine_spread, self.node_spread, self.gpu_allocation,
             self.engine_info, self.max_model_len, *(family for _, family in self.engine_gauges),
-            self.latency,
+            *(family for _, family in self.engine_histograms), self.requests_finished,
             self.skew, self.balance, self.share, self.ranked_share, self.ranked_id,
             self.max_skew, self.collapsed, self.rank_load, self.eplb, self.observed,
             *([self.tokens] if self.full_detail else []),
@@ -651,8 +694,16 @@ def _engine_part(part: Part, *, f: Families, record: EngineRecord, full_detail: 
             value = getattr(view.signals, attr)
             if value is not None:
                 part.add(family, key, value)
-        for (kind, q), seconds in sorted(view.signals.latency_seconds.items()):
-            part.add(f.latency, [*key, kind, f"{q:g}"], seconds)
+        for hist_key, histograms in f.engine_histograms:
+            histogram = view.signals.histograms.get(hist_key)
+            if histogram is None:
+                continue
+            for bound, cumulative in histogram.buckets:
+                part.add(histograms.bucket, [*key, le_value(bound)], cumulative)
+            part.add(histograms.count, key, histogram.count)
+            part.add(histograms.sum, key, histogram.sum)
+        for reason, total in sorted(view.signals.requests_finished.items()):
+            part.add(f.requests_finished, [*key, reason], total)
     if record.experts is not None:
         _expert_samples(part, f, record, full_detail=full_detail)
     elif record.expert_source and EXPERTS not in record.failing:

@@ -4,6 +4,7 @@ iterate its engines' records."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -43,6 +44,9 @@ def status_document(snapshot: Snapshot) -> dict[str, Any]:
                 "version": view.version,
                 "max_model_len": view.max_model_len,
                 "settings": dict(record.settings),
+                # Over the agent's window, for a reader without Prometheus; /metrics carries
+                # the engine's histograms instead (histogram_quantile over any range).
+                "latency_seconds": latency_document(view.signals.latency_seconds),
             }
             for record in records
             for view in record.views
@@ -136,6 +140,14 @@ def kv_plan_document(kv: KvPlan) -> dict[str, Any]:
         ),
         "short": coverage.short() if coverage is not None else None,
     }
+
+
+def latency_document(quantiles: Mapping[tuple[str, float], float]) -> dict[str, dict[str, float]]:
+    """{kind: {quantile: seconds}} of the window quantiles."""
+    result: dict[str, dict[str, float]] = {}
+    for (kind, q), seconds in sorted(quantiles.items()):
+        result.setdefault(kind, {})[f"{q:g}"] = seconds
+    return result
 
 
 def _experts(snapshot: Snapshot) -> list[EngineExperts]:

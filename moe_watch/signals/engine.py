@@ -9,6 +9,7 @@ from moe_watch import samples as s
 from moe_watch.samples import Histogram, ModelSample
 from moe_watch.signals.counters import rate, ratio_of_increases
 from moe_watch.signals.histograms import quantile, window_delta
+from moe_watch.signals.republish import REPUBLISHED, republished
 
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -29,6 +30,10 @@ class EngineSignals:
     requests_per_second: float | None = None
     # (latency kind, quantile) -> seconds, only where the window saw observations.
     latency_seconds: Mapping[tuple[str, float], float] = field(default_factory=dict)
+    # The engine's latest cumulative histograms, re-published for Prometheus (republish.py).
+    histograms: Mapping[str, Histogram] = field(default_factory=dict)
+    # Finished requests since the engine started, by finish reason (vLLM's finished_reason).
+    requests_finished: Mapping[str, float] = field(default_factory=dict)
 
 
 def derive_engine_signals(window: Sequence[tuple[float, ModelSample]]) -> EngineSignals:
@@ -52,6 +57,12 @@ def derive_engine_signals(window: Sequence[tuple[float, ModelSample]]) -> Engine
         prompt_tokens_per_second=_rate(window, s.COUNTER_PROMPT_TOKENS),
         requests_per_second=_rate(window, s.COUNTER_REQUESTS_FINISHED),
         latency_seconds=_latency_quantiles(window),
+        histograms={
+            key: republished(key, latest.histograms[key])
+            for key in REPUBLISHED
+            if key in latest.histograms
+        },
+        requests_finished=latest.labelled_counters.get(s.COUNTER_REQUESTS_FINISHED, {}),
     )
 
 

@@ -22,6 +22,8 @@ class Route:
     value_kind: ValueKind
     key: str
     priority: int = 1
+    # A counter's label whose values are also kept apart (summed into ``key`` as well).
+    split_by: str = ""
 
 
 # vLLM V1 engine (0.3x). Older names (pre-0.10) carry priority 0.
@@ -37,13 +39,17 @@ VLLM: dict[str, Route] = {
     "vllm:prefix_cache_hits_total": Route("counter", s.COUNTER_PREFIX_HITS),
     "vllm:gpu_prefix_cache_queries_total": Route("counter", s.COUNTER_PREFIX_QUERIES, 0),
     "vllm:gpu_prefix_cache_hits_total": Route("counter", s.COUNTER_PREFIX_HITS, 0),
-    "vllm:request_success_total": Route("counter", s.COUNTER_REQUESTS_FINISHED),
+    "vllm:request_success_total": Route(
+        "counter", s.COUNTER_REQUESTS_FINISHED, split_by="finished_reason"
+    ),
     "vllm:e2e_request_latency_seconds": Route("histogram", s.LATENCY_E2E),
     "vllm:time_to_first_token_seconds": Route("histogram", s.LATENCY_TTFT),
     "vllm:inter_token_latency_seconds": Route("histogram", s.LATENCY_ITL),
     "vllm:time_per_output_token_seconds": Route("histogram", s.LATENCY_ITL, 0),
     "vllm:request_queue_time_seconds": Route("histogram", s.LATENCY_QUEUE),
     "vllm:iteration_tokens_total": Route("histogram", s.HISTOGRAM_ITERATION_TOKENS),
+    "vllm:request_prompt_tokens": Route("histogram", s.HISTOGRAM_PROMPT_TOKENS),
+    "vllm:request_generation_tokens": Route("histogram", s.HISTOGRAM_GENERATION_TOKENS),
     "vllm:cache_config_info": Route("info", "cache_config"),
 }
 

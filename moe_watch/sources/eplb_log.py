@@ -18,12 +18,12 @@ line kept between cycles never grows past that bound.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from pathlib import Path
 
 from moe_watch import limits
+from moe_watch.background import OneRead
 from moe_watch.samples import EplbBalance
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.safe_io import FileRejected, open_regular
@@ -56,6 +56,7 @@ class EplbLogSource:
         max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         self.engine = engine
+        self._reads = OneRead()  # a read that outlives its cycle is waited for, not doubled
         self._path = path
         self._max_bytes = max_bytes_per_cycle
         self._max_line = max_line_bytes
@@ -70,7 +71,7 @@ class EplbLogSource:
         return f"eplb:{self.engine}"
 
     async def collect(self, problems: Problems) -> EplbBalance:
-        text = await asyncio.to_thread(self._read_new, problems)
+        text = await self._reads(self._read_new, problems)
         for model, value in parse_eplb_lines(text).items():
             if len(model) > limits.LABEL_VALUE_CHARS:  # the `model` label of its series
                 problems.add("label_too_long")

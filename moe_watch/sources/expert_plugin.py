@@ -13,7 +13,6 @@ double counting:
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import time
@@ -23,6 +22,7 @@ from operator import add
 from pathlib import Path
 
 from moe_watch import limits
+from moe_watch.background import OneRead
 from moe_watch.expert_file import (
     SUFFIX,
     TEMP_PREFIX,
@@ -163,6 +163,7 @@ class PluginExpertSource:
         max_files: int = limits.FILES_PER_CYCLE,
     ) -> None:
         self.engine = engine
+        self._reads = OneRead()  # a read that outlives its cycle is waited for, not doubled
         self._max_file_bytes = max_file_bytes
         self._max_cells = max_cells
         self._max_files = max_files
@@ -175,7 +176,7 @@ class PluginExpertSource:
         return f"experts:{self.engine}"
 
     async def collect(self, problems: Problems) -> ExpertCounts:
-        files = usable(await asyncio.to_thread(self._read, problems))
+        files = usable(await self._reads(self._read, problems))
         if not files:
             raise SourceError(
                 "no_data",

@@ -29,6 +29,7 @@ import aiohttp
 import structlog
 
 from moe_watch import limits
+from moe_watch.background import OneRead
 from moe_watch.samples import ExpertCounts, matrix
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.safe_io import FileRejected, read_head, read_regular
@@ -178,6 +179,7 @@ class SGLangExpertSource:
         max_files_per_cycle: int = limits.FILES_PER_CYCLE,
     ) -> None:
         self.engine = engine
+        self._reads = OneRead()  # a read that outlives its cycle is waited for, not doubled
         self._max_file_bytes = max_file_bytes
         self._max_member_bytes = max_member_bytes
         self._max_cells = max_cells
@@ -208,7 +210,7 @@ class SGLangExpertSource:
         except SourceError:
             self._recording = False  # restarted server: start recording again next cycle
             raise
-        for delta in await asyncio.to_thread(self._drain, problems):
+        for delta in await self._reads(self._drain, problems):
             self._add(delta)
         if not self._totals:
             raise SourceError(

@@ -32,6 +32,7 @@ MAX_MODELS = limits.MODELS_PER_ENGINE  # distinct model_name values per engine
 # The most text one target's ExpositionLayout keeps between scrapes (a real vLLM layout is
 # ~10 KB); past it nothing is kept and every scrape takes the full parse: slower, never refused.
 LAYOUT_CHARS = 1 << 20
+MAX_LABEL_VALUES = limits.LABEL_VALUES_PER_COUNTER  # e.g. finished_reason values kept apart
 
 
 class ExpositionError(ValueError):
@@ -243,6 +244,8 @@ class _Builder:
         self.series_dropped = 0
         self._gauges: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
         self._counters: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
+        # model -> key -> label value -> value (Route.split_by), summed over replicas
+        self._split: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
         # model -> key -> priority, {(replica labels) -> {"buckets": {le: v}, "count", "sum"}}
         self._histograms: dict[str, dict[str, tuple[int, dict[tuple[str, ...], _RawHist]]]] = (
             defaultdict(dict)
@@ -276,6 +279,17 @@ class _Builder:
             return
         target = self._gauges if mapping.value_kind == "gauge" else self._counters
         self._accumulate(target[model], mapping, value)
+        if mapping.split_by:
+            self._add_split(model, mapping, labels.get(mapping.split_by, ""), value)
+
+    def _add_split(self, model: str, mapping: Route, label: str, value: float) -> None:
+        values = self._split[model].setdefault(mapping.key, {})
+        if label not in values:
+            if len(values) >= MAX_LABEL_VALUES or len(label) > limits.LABEL_VALUE_CHARS:
+                self.series_dropped += 1  # still in the summed counter
+                return
+            values[label] = 0.0
+        values[label] += value
 
     def _lookup(self, name: str) -> tuple[Route | None, str]:
         mapping = self._names.get(name)
@@ -359,6 +373,7 @@ class _Builder:
                     gauges=gauges,
                     counters={k: v for k, (_, v) in self._counters[model].items()},
                     histograms=histograms,
+                    labelled_counters=self._split.get(model, {}),
                 )
             )
         return ParsedExposition(

@@ -8,10 +8,10 @@ block, so they run in a thread under the runner's time bound, like every other s
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable
 
 from moe_watch import limits
+from moe_watch.background import OneRead
 from moe_watch.samples import ProcessInfo
 from moe_watch.sources.base import Problems
 from moe_watch.sources.cgroup import PodRef, parse_cgroup
@@ -24,6 +24,7 @@ class ProcSource:
 
     def __init__(self, pids: Callable[[], Iterable[int]], root: str = "/proc") -> None:
         self._pids = pids
+        self._reads = OneRead()  # a read that outlives its cycle is waited for, not doubled
         self.root = root
 
     @property
@@ -34,7 +35,7 @@ class ProcSource:
         pids = sorted(set(self._pids()))
         if not pids:
             return {}
-        return await asyncio.to_thread(self._read, pids, problems)
+        return await self._reads(lambda found: self._read(pids, found), problems)
 
     def _read(self, pids: list[int], problems: Problems) -> dict[int, ProcessInfo]:
         result: dict[int, ProcessInfo] = {}

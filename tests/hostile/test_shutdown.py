@@ -56,13 +56,16 @@ def wait_with_traffic(agent: AgentProcess, directory: Path, event: str, **shape:
     raise AssertionError(f"no {event!r}")
 
 
-def test_sigterm_during_a_long_eplb_whatif(tmp_path: Path) -> None:
-    # 8 layers x 16,384 experts on 2 EP ranks with target 1.0: the search tries thousands of
-    # redundancies, an hour of CPU. Before: SIGTERM waited for the worker thread (SIGKILL needed).
+# 8 layers x 16,384 experts on 2 EP ranks with target 1.0: the search tries thousands of
+# redundancies, an hour of CPU.
+LONG_WHATIF = {"layers": 8, "experts": 16_384, "ep_size": 2}
+
+
+def long_whatif(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """An engine's count files and the settings that start a what-if of LONG_WHATIF at once."""
     experts = tmp_path / "experts"
     experts.mkdir()
-    shape = {"layers": 8, "experts": 16_384, "ep_size": 2}
-    counts_file(experts, 1, **shape)
+    counts_file(experts, 1, **LONG_WHATIF)
     settings = {
         "targets": [
             {"name": "e", "url": "http://127.0.0.1:1", "experts": {"directory": str(experts)}}
@@ -72,8 +75,14 @@ def test_sigterm_during_a_long_eplb_whatif(tmp_path: Path) -> None:
         "eplb_whatif_interval_seconds": 0,
         "shutdown_timeout_seconds": BOUND,
     }
+    return experts, settings
+
+
+def test_sigterm_during_a_long_eplb_whatif(tmp_path: Path) -> None:
+    # Before: SIGTERM waited for the worker thread (SIGKILL needed).
+    experts, settings = long_whatif(tmp_path)
     with running_agent(tmp_path, settings) as agent:
-        wait_with_traffic(agent, experts, "eplb what-if started", **shape)
+        wait_with_traffic(agent, experts, "eplb what-if started", **LONG_WHATIF)
         assert agent.stop(BOUND) < BOUND + SLACK
 
 
@@ -157,21 +166,11 @@ def test_sigterm_with_nvml_hung_in_the_driver(tmp_path: Path) -> None:
 
 async def test_the_agent_answers_while_a_whatif_runs(tmp_path: Path) -> None:
     # The what-if runs beside the cycle: /healthz and /metrics keep answering meanwhile.
-    experts = tmp_path / "experts"
-    experts.mkdir()
-    shape = {"layers": 8, "experts": 16_384, "ep_size": 2}
-    counts_file(experts, 1, **shape)
-    settings = {
-        "targets": [
-            {"name": "e", "url": "http://127.0.0.1:1", "experts": {"directory": str(experts)}}
-        ],
-        "interval_seconds": 0.5,
-        "eplb_whatif_target": 1.0,
-        "eplb_whatif_interval_seconds": 0,
-        "shutdown_timeout_seconds": BOUND,
-    }
+    experts, settings = long_whatif(tmp_path)
     with running_agent(tmp_path, settings) as agent:
-        await asyncio.to_thread(wait_with_traffic, agent, experts, "eplb what-if started", **shape)
+        await asyncio.to_thread(
+            wait_with_traffic, agent, experts, "eplb what-if started", **LONG_WHATIF
+        )
         async with aiohttp.ClientSession() as client:
             for _ in range(5):
                 started = time.perf_counter()

@@ -21,7 +21,7 @@ import json
 import random
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -40,9 +40,9 @@ from moe_watch.agent import Agent
 from moe_watch.config import load_settings
 from moe_watch.expert_file import SUFFIX, StepCoverage, read_counts_file
 from moe_watch.serving.service import serve
-from moe_watch.signals.batching import BatchAnswer
 from moe_watch.signals.power_bins import BINS, bin_index, int_bin_index
-from moe_watch.snapshot import EngineExperts, Snapshot
+from moe_watch.snapshot import Snapshot
+from tests.records import batching_of, experts_of
 
 pytestmark = pytest.mark.vllm
 
@@ -54,19 +54,6 @@ MAX_TOKENS = 200
 INTERVAL = 0.5
 # Prompt lengths from 1 to 90 tokens: the tokens-per-step bins 1 .. 64, several prompts each.
 LENGTHS = (1, 1, 1, 2, 2, 3, 4, 5, 5, 6, 8, 11, 12, 16, 22, 23, 30, 45, 46, 60, 90)
-
-
-def batching(snapshot: Snapshot) -> Mapping[str, BatchAnswer]:
-    record = snapshot.engine(ENGINE)
-    assert record is not None
-    return record.batching
-
-
-def experts_of(snapshot: Snapshot) -> EngineExperts:
-    record = snapshot.engine(ENGINE)
-    assert record is not None
-    assert record.experts is not None
-    return record.experts
 
 
 def prompts() -> list[list[int]]:
@@ -283,7 +270,7 @@ async def test_a_load_sweep_fills_the_batch_bins_at_vllms_own_token_rates(
         assert snapshot is not None
         last = await vllm_counters(server.url)
     assert not failures, failures[:4]
-    answer = batching(snapshot)[MODEL]
+    answer = batching_of(snapshot, ENGINE)[MODEL]
     points = {p.batch_bin: p for p in answer.points}
     reference = reference_curve(polls)
     report = {
@@ -316,7 +303,7 @@ async def test_a_load_sweep_fills_the_batch_bins_at_vllms_own_token_rates(
     assert answer.gpus == 1
     assert all(p.itl_p95_seconds is not None for p in points.values() if p.evidenced), report
     # The coverage curve beside it; the agent saved its curve on the way out.
-    coverage = experts_of(snapshot).coverage
+    coverage = experts_of(snapshot, ENGINE).coverage
     assert coverage is not None
     assert {1, 2, 4} <= {b.tokens_bin for b in coverage.bins}
     assert all(0 < b.observed <= 1 for b in coverage.bins)

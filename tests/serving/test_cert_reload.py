@@ -10,6 +10,7 @@ import os
 import shutil
 import ssl
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -75,15 +76,24 @@ def live(tmp_path: Path, pairs: dict[str, tuple[Path, Path]]) -> tuple[Path, Pat
     return cert, key, config, cafile
 
 
-async def test_a_rotated_certificate_is_served_without_a_restart(
-    live: tuple[Path, Path, Path, Path], pairs: dict[str, tuple[Path, Path]]
-) -> None:
-    cert, key, config, cafile = live
+@contextlib.asynccontextmanager
+async def tls_server(config: Path) -> AsyncIterator[tuple[CertificateReloader, str]]:
+    """The agent's server with the web config's TLS pair, reloading it as the files change."""
     tls = load_web_config(config).tls_server_config
     assert tls is not None
     reloader = CertificateReloader(tls, config)
     runner, url = await start_server(make_app(lambda: None), "127.0.0.1", 0, reloader.context)
     try:
+        yield reloader, url
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_rotated_certificate_is_served_without_a_restart(
+    live: tuple[Path, Path, Path, Path], pairs: dict[str, tuple[Path, Path]]
+) -> None:
+    cert, key, config, cafile = live
+    async with tls_server(config) as (reloader, url):
         assert await served_serial(url, cafile) == "1001"
         assert await served_serial(url, cafile) == "1001"  # unchanged files: nothing reloaded
         assert reloader.reloads == 0
@@ -92,19 +102,13 @@ async def test_a_rotated_certificate_is_served_without_a_restart(
         assert await served_serial(url, cafile) == "2002"
         assert await served_serial(url, cafile) == "2002"
         assert (reloader.reloads, reloader.failures) == (1, 0)
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_bad_new_pair_keeps_the_old_certificate_and_is_counted_once(
     live: tuple[Path, Path, Path, Path], pairs: dict[str, tuple[Path, Path]]
 ) -> None:
     cert, key, config, cafile = live
-    tls = load_web_config(config).tls_server_config
-    assert tls is not None
-    reloader = CertificateReloader(tls, config)
-    runner, url = await start_server(make_app(lambda: None), "127.0.0.1", 0, reloader.context)
-    try:
+    async with tls_server(config) as (reloader, url):
         install(pairs["new"][0], cert)  # half a rotation: the new certificate, the old key
         for _ in range(3):
             assert await served_serial(url, cafile) == "1001"
@@ -122,8 +126,6 @@ async def test_a_bad_new_pair_keeps_the_old_certificate_and_is_counted_once(
         cert.unlink()  # gone for a moment
         assert await served_serial(url, cafile) == "2002"
         assert reloader.failures == 3
-    finally:
-        await runner.cleanup()
 
 
 async def test_the_agent_serves_a_rotated_certificate(

@@ -12,9 +12,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from moe_watch.samples import GpuSample
+from moe_watch.samples import GpuSample, Histogram
 from moe_watch.serving.exporter import build_registry
 from moe_watch.serving.server import make_app, start_server
+from moe_watch.serving.views import status_document
 from moe_watch.signals.batching import BatchAnswer, BatchPoint
 from moe_watch.signals.coverage import CoverageBin, CoverageCurve
 from moe_watch.signals.engine import EngineSignals
@@ -39,6 +40,11 @@ def snapshot() -> Snapshot:
         preemptions_per_second=0.5,
         generation_tokens_per_second=120.0,
         latency_seconds={("e2e", 0.95): 31.5, ("ttft", 0.5): 0.25},
+        histograms={
+            "e2e": Histogram(((1.0, 3.0), (30.0, 9.0), (math.inf, 10.0)), 10.0, 42.5),
+            "request_prompt_tokens": Histogram(((100.0, 4.0), (math.inf, 10.0)), 10.0, 2000.0),
+        },
+        requests_finished={"stop": 9.0, "error": 1.0},
     )
     return Snapshot(
         timestamp=1_700_000_000.0,
@@ -97,8 +103,6 @@ def test_every_contract_family_of_the_agent_core_is_rendered_with_its_values() -
     assert at("kv_cache_free_tokens") == 300
     assert at("preemptions_per_second") == 0.5
     assert at("generation_tokens_per_second") == 120
-    assert at("latency_seconds", ("kind", "e2e"), ("quantile", "0.95")) == 31.5
-    assert at("latency_seconds", ("kind", "ttft"), ("quantile", "0.5")) == 0.25
     assert at("engine_max_model_len_tokens") == 32768
     assert (
         at(
@@ -136,6 +140,44 @@ def test_every_contract_family_of_the_agent_core_is_rendered_with_its_values() -
     )
     assert dict(info)["driver_version"] == "570.133.20"
     assert dict(info)["uuid"] == "GPU-aaaa"
+
+
+def test_engine_histograms_are_republished_as_counters_by_engine_and_model() -> None:
+    text = generate_latest(build_registry(snapshot)).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    e2e = families["moe_watch_e2e_request_latency_seconds"]
+    assert e2e.type == "histogram"
+    key = {"engine": "mixtral-0", "model": "mixtral-8x7b"}
+    got = {(x.name, x.labels.get("le")): x.value for x in e2e.samples}
+    assert all(x.labels.keys() - {"le"} == key.keys() for x in e2e.samples)
+    assert got == {
+        ("moe_watch_e2e_request_latency_seconds_bucket", "1.0"): 3.0,
+        ("moe_watch_e2e_request_latency_seconds_bucket", "30.0"): 9.0,
+        ("moe_watch_e2e_request_latency_seconds_bucket", "+Inf"): 10.0,
+        ("moe_watch_e2e_request_latency_seconds_count", None): 10.0,
+        ("moe_watch_e2e_request_latency_seconds_sum", None): 42.5,
+    }
+    prompt = families["moe_watch_request_prompt_tokens"]
+    assert prompt.type == "histogram"
+    assert {x.labels.get("le"): x.value for x in prompt.samples if x.name.endswith("_bucket")} == {
+        "100.0": 4.0,
+        "+Inf": 10.0,
+    }
+    finished = families["moe_watch_requests_finished"]
+    assert finished.type == "counter"
+    assert {x.labels["finished_reason"]: x.value for x in finished.samples} == {
+        "stop": 9.0,
+        "error": 1.0,
+    }
+    # kinds the engine did not publish are absent, never zero-filled
+    assert not families["moe_watch_time_to_first_token_seconds"].samples
+    # the window quantiles moved to /status: Prometheus computes them from the buckets
+    assert "moe_watch_latency_seconds" not in families
+
+
+def test_status_shows_the_window_latency_quantiles() -> None:
+    engines = status_document(snapshot())["engines"]
+    assert engines[0]["latency_seconds"] == {"e2e": {"0.95": 31.5}, "ttft": {"0.5": 0.25}}
 
 
 def test_unknown_values_are_absent_not_zero() -> None:

@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from moe_watch import limits
 from moe_watch import samples as s
 from moe_watch.sources.exposition import ExpositionError, parse_engine_exposition
 from tests.conftest import read_capture
@@ -45,7 +46,39 @@ def test_real_busy_capture_shows_the_queue() -> None:
 def test_every_real_capture_parses_with_all_latency_kinds(state: str) -> None:
     model = only_model(read_capture(state))
     # and the engine's tokens per step, whose count is its steps (the batching curve's batch)
-    assert set(model.histograms) == {*s.LATENCY_KINDS, s.HISTOGRAM_ITERATION_TOKENS}
+    assert set(model.histograms) == {
+        *s.LATENCY_KINDS,
+        s.HISTOGRAM_ITERATION_TOKENS,
+        s.HISTOGRAM_PROMPT_TOKENS,
+        s.HISTOGRAM_GENERATION_TOKENS,
+    }
+
+
+def test_finished_requests_keep_their_reason_and_lengths_their_buckets() -> None:
+    model = only_model(read_capture("after-load"))
+    by_reason = model.labelled_counters[s.COUNTER_REQUESTS_FINISHED]
+    assert dict(by_reason) == {"stop": 0, "length": 95, "abort": 0, "error": 0, "repetition": 0}
+    assert sum(by_reason.values()) == model.counters[s.COUNTER_REQUESTS_FINISHED]
+    prompt = model.histograms[s.HISTOGRAM_PROMPT_TOKENS]
+    assert prompt.count == 95
+    assert prompt.sum == 3370
+    assert [b for b, _ in prompt.buckets][:3] == [1.0, 2.0, 5.0]
+    assert model.histograms[s.HISTOGRAM_GENERATION_TOKENS].sum == 19280
+
+
+def test_distinct_values_of_a_split_label_are_bounded_and_counted() -> None:
+    lines = ["# TYPE vllm:request_success counter"]
+    lines += [
+        f'vllm:request_success_total{{finished_reason="r{i}",model_name="m"}} 1'
+        for i in range(limits.LABEL_VALUES_PER_COUNTER + 3)
+    ]
+    parsed = parse_engine_exposition("\n".join(lines) + "\n")
+    model = parsed.models[0]
+    assert len(model.labelled_counters[s.COUNTER_REQUESTS_FINISHED]) == (
+        limits.LABEL_VALUES_PER_COUNTER
+    )
+    assert model.counters[s.COUNTER_REQUESTS_FINISHED] == limits.LABEL_VALUES_PER_COUNTER + 3
+    assert parsed.series_dropped == 3
 
 
 def test_the_busy_capture_generates_about_one_token_per_running_request_and_step() -> None:
