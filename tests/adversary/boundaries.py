@@ -400,6 +400,75 @@ def _kv_strategy() -> st.SearchStrategy[Case]:
     return st.one_of(one_label, product).map(_kv_allocation)
 
 
+# -- counters split by a label, histograms the agent re-publishes --------------------------------
+
+
+def _replace_samples(family: str, lines: list[str]) -> bytes:
+    """The captured exposition with the samples of ``family`` replaced by ``lines``."""
+    body = read_capture("after-load")
+    block = re.compile(rf"^{re.escape(family)}(_bucket|_sum|_count|_total)?\{{.*\n", re.MULTILINE)
+    first = block.search(body)
+    assert first is not None, family
+    body = block.sub("", body)
+    return (body[: first.start()] + "".join(f"{line}\n" for line in lines)
+            + body[first.start():]).encode()  # fmt: skip
+
+
+MODEL = 'engine="0",model_name="tiny-mixtral"'
+
+
+def _finish_reasons(n: int) -> Case:
+    lines = [f'vllm:request_success_total{{{MODEL},finished_reason="r{i}"}} 1.0' for i in range(n)]
+    served = _replace_samples("vllm:request_success", lines)
+
+    def expect(samples: Samples) -> None:
+        reasons = {
+            dict(labels)["finished_reason"]
+            for (name, labels), _ in samples.items()
+            if name == "moe_watch_requests_finished_total" and dict(labels)["engine"] == "hostile"
+        }
+        assert len(reasons) == min(n, limits.LABEL_VALUES_PER_COUNTER), sorted(reasons)
+
+    return Case("LABEL_VALUES_PER_COUNTER", "engine", n > limits.LABEL_VALUES_PER_COUNTER,
+                ENGINE, "series_limit", lambda world: world.serve_metrics(served),
+                f"{n} finished_reason values", expect=expect)  # fmt: skip
+
+
+def _histogram_bounds(k: int, falling: bool) -> Case:
+    """The prompt-length histogram (no fixed bounds: re-published as the engine has it) with
+    ``k`` finite bounds; its cumulative counts rise, or (``falling``) fall."""
+    monotonic = not falling
+    counts = [float(i if monotonic else k - i) for i in range(k)]
+    lines = [f'vllm:request_prompt_tokens_bucket{{{MODEL},le="{i + 1}.0"}} {c}'
+             for i, c in enumerate(counts)]  # fmt: skip
+    total = float(k if monotonic else k + 1)
+    lines += [f'vllm:request_prompt_tokens_bucket{{{MODEL},le="+Inf"}} {total}',
+              f"vllm:request_prompt_tokens_count{{{MODEL}}} {total}",
+              f"vllm:request_prompt_tokens_sum{{{MODEL}}} {float(k * k)}"]  # fmt: skip
+    served = _replace_samples("vllm:request_prompt_tokens", lines)
+    engine = dict(zip([float(i + 1) for i in range(k)], counts, strict=True))
+
+    def expect(samples: Samples) -> None:
+        buckets = {
+            float(dict(labels)["le"]): value
+            for (name, labels), value in samples.items()
+            if name == "moe_watch_request_prompt_tokens_bucket"
+            and dict(labels)["engine"] == "hostile"
+        }
+        finite = {le: v for le, v in buckets.items() if math.isfinite(le)}
+        assert len(finite) <= limits.HISTOGRAM_BOUNDS, len(finite)
+        if not monotonic:  # not a histogram: whatever is published stays bounded
+            return
+        assert buckets.get(math.inf) == total, buckets.get(math.inf)
+        assert all(engine[le] == v for le, v in finite.items()), finite  # counts stay exact
+        assert len(finite) == min(k, limits.HISTOGRAM_BOUNDS), len(finite)
+
+    order = "rising" if monotonic else "falling"
+    return Case("HISTOGRAM_BOUNDS", "engine", k > limits.HISTOGRAM_BOUNDS, ENGINE, None,
+                lambda world: world.serve_metrics(served),
+                f"{k} bounds, counts {order}", expect=expect)  # fmt: skip
+
+
 # -- the EPLB log ------------------------------------------------------------------------------
 
 EPLB_LINE = (
@@ -941,6 +1010,9 @@ STRATEGIES: dict[str, list[tuple[str, st.SearchStrategy[Case]]]] = {
     ],
     "INFO_LABELS": [(E, around(L.INFO_LABELS, far=4096).map(_info_labels))],
     "KV_ALLOCATION": [(E, _kv_strategy())],
+    "LABEL_VALUES_PER_COUNTER": [(E, around(L.LABEL_VALUES_PER_COUNTER, far=4096).map(_finish_reasons))],
+    "HISTOGRAM_BOUNDS": [(E, st.builds(_histogram_bounds, around(L.HISTOGRAM_BOUNDS, far=4096),
+                                       st.booleans()))],
     "MODEL_LEN": [
         (M, st.one_of(
             around(L.MODEL_LEN, far=10**400),
