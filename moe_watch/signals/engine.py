@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from moe_watch import samples as s
@@ -83,22 +83,53 @@ def _hit_ratio(window: Sequence[tuple[float, ModelSample]]) -> float | None:
     return _clamp_ratio(window[-1][1].gauges.get(s.GAUGE_KV_CACHE_HIT_RATE))
 
 
-def _latency_quantiles(
-    window: Sequence[tuple[float, ModelSample]],
-) -> dict[tuple[str, float], float]:
-    result: dict[tuple[str, float], float] = {}
-    for kind in s.LATENCY_KINDS:
-        series: list[Histogram] = [
-            sample.histograms[kind] for _, sample in window if kind in sample.histograms
-        ]
-        delta = window_delta(series)
-        if delta is None:
-            continue
-        for q in QUANTILES:
-            value = quantile(q, delta)
-            if value is not None:
-                result[(kind, q)] = value
-    return result
+class WindowQuantiles(Mapping[tuple[str, float], float]):
+    """(latency kind, quantile) -> seconds over the window, only where it saw observations.
+
+    Computed on first read, not in the cycle: alerts and dashboards take percentiles from the
+    re-published buckets in Prometheus, and only /status reads these (a few per hour, against
+    ~3 ms per DeepSeek-V3-sized cycle for the bucket deltas)."""
+
+    __slots__ = ("_series", "_values")
+
+    def __init__(self, series: Mapping[str, Sequence[Histogram]]) -> None:
+        self._series = series
+        self._values: dict[tuple[str, float], float] | None = None
+
+    def _computed(self) -> dict[tuple[str, float], float]:
+        if self._values is None:
+            values: dict[tuple[str, float], float] = {}
+            for kind, histograms in self._series.items():
+                delta = window_delta(histograms)
+                if delta is None:
+                    continue
+                for q in QUANTILES:
+                    value = quantile(q, delta)
+                    if value is not None:
+                        values[(kind, q)] = value
+            self._values, self._series = values, {}
+        return self._values
+
+    def __getitem__(self, key: tuple[str, float]) -> float:
+        return self._computed()[key]
+
+    def __iter__(self) -> Iterator[tuple[str, float]]:
+        return iter(self._computed())
+
+    def __len__(self) -> int:
+        return len(self._computed())
+
+    def __repr__(self) -> str:
+        return f"WindowQuantiles({self._computed()!r})"
+
+
+def _latency_quantiles(window: Sequence[tuple[float, ModelSample]]) -> WindowQuantiles:
+    return WindowQuantiles(
+        {
+            kind: [sample.histograms[kind] for _, sample in window if kind in sample.histograms]
+            for kind in s.LATENCY_KINDS
+        }
+    )
 
 
 def _clamp_ratio(value: float | None) -> float | None:

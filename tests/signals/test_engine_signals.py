@@ -1,4 +1,5 @@
 import math
+from typing import Any
 
 import pytest
 
@@ -67,6 +68,33 @@ def test_engine_signals_over_a_window_hand_computed() -> None:
     assert sig.latency_seconds[(s.LATENCY_E2E, 0.95)] == pytest.approx(10 + 20 * 10 / 19)
     # P99 rank 198 -> (10,30]: 10 + 20 * (198-180)/19
     assert sig.latency_seconds[(s.LATENCY_E2E, 0.99)] == pytest.approx(10 + 20 * 18 / 19)
+
+
+def test_window_quantiles_are_computed_on_first_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only /status reads them: the cycle must not pay for the bucket deltas.
+    import moe_watch.signals.engine as engine
+
+    calls: list[int] = []
+    real = engine.window_delta
+
+    def counted(histograms: Any) -> Any:
+        calls.append(len(histograms))
+        return real(histograms)
+
+    monkeypatch.setattr(engine, "window_delta", counted)
+    window = [
+        sample(0.0, gen=1000, hits=10, queries=100, preempt=0, e2e=(0, 0, 0, 0)),
+        sample(10.0, gen=1600, hits=40, queries=200, preempt=1, e2e=(50, 90, 100, 100)),
+    ]
+    sig = derive_engine_signals(window)
+    assert calls == []
+    assert sig.latency_seconds[(s.LATENCY_E2E, 0.5)] == pytest.approx(1.0)
+    assert dict(sig.latency_seconds) == {
+        (s.LATENCY_E2E, 0.5): pytest.approx(1.0),
+        (s.LATENCY_E2E, 0.95): pytest.approx(10 + 20 * 5 / 10),  # rank 95 in (10, 30]
+        (s.LATENCY_E2E, 0.99): pytest.approx(10 + 20 * 9 / 10),
+    }
+    assert len(calls) == len(s.LATENCY_KINDS)  # once per kind, then remembered
 
 
 def test_engine_signals_survive_a_restart_inside_the_window() -> None:
