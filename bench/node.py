@@ -55,6 +55,7 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.metrics_core import Metric  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from bench.series_budget import engine_budget, node_budget  # noqa: E402
 from moe_watch.agent import Agent  # noqa: E402
 from moe_watch.agent.curve_state import FILE_NAME, save_curves  # noqa: E402
 from moe_watch.config import load_settings  # noqa: E402
@@ -256,6 +257,7 @@ async def main(args: argparse.Namespace, shape: NodeShape, engine_urls: list[str
         args.metrics_out.write_bytes(body)  # tests run `promtool check metrics` on it
     families = list(text_string_to_metric_families(body.decode()))
     series = sum(len(f.samples) for f in families)
+    budget = engine_budget(layers=shape.layers, ep=shape.ep, gpus=shape.gpus_per_engine)
     per_engine = Counter(
         s.labels["engine"] for f in families for s in f.samples if "engine" in s.labels
     )
@@ -290,7 +292,7 @@ async def main(args: argparse.Namespace, shape: NodeShape, engine_urls: list[str
         f"| coverage prediction per computation, {shape.layers} x {shape.experts}, 12 bins | {prediction * 1e3:.1f} ms | runs in the background, outside the cycle, at most every 30 s per engine |"
     )
     print(
-        f"| /metrics body, series | {len(body) / 1024:.0f} KiB, {series} series; per engine at most {max(per_engine.values(), default=0)} | target <= 2,100 series per node |"
+        f"| /metrics body, series | {len(body) / 1024:.0f} KiB, {series} series; per engine at most {max(per_engine.values(), default=0)} | budget (docs/metrics.md#series-budget): {budget} per engine, {node_budget(shape.engines, budget)} per node |"
     )
     print(
         f"| RSS after 500 cycles / after {args.cycles} | {rss_after_warmup:.0f} / {rss_end:.0f} MB | before the first cycle: {rss_start:.0f} MB; target <= 100 MB, growth < 5 MB (dcgm-exporter: ~480 MiB on 8-GPU nodes) |"

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.series_budget import engine_budget, node_budget
 from moe_watch.serving.exporter import build_registry
 from tests.conftest import free_port
 from tests.serving.test_exporter_and_server import deepseek_v3_snapshot, snapshot
@@ -70,20 +71,6 @@ def test_a_running_demo_passes_promtool() -> None:
     assert promtool_check_metrics(body) == ""
 
 
-# The series budget (docs/metrics.md, "Series budget"): per engine, 3 + 2 x expert_top_n series
-# per MoE layer, one per EP rank and one more where EP > 1, 16 per GPU, and 250 per model (its
-# latency and length histograms, finish reasons, curves and gauges); per node, the engines'
-# budgets plus 10 self-metric series per engine and 40 of the agent's own.
-PER_LAYER = 3 + 2 * 4  # the default expert_top_n 4
-PER_GPU = 16
-PER_MODEL = 250
-NODE_PER_ENGINE, NODE_FIXED = 10, 40
-
-
-def engine_budget(layers: int, ep: int, gpus: int) -> int:
-    return PER_LAYER * layers + (ep + 1 if ep > 1 else 0) + PER_GPU * gpus + PER_MODEL
-
-
 @pytest.mark.parametrize(
     ("node", "engines", "layers", "ep", "gpus"),
     [("dsv3", 2, 58, 32, 4), ("mixtral8", 8, 32, 1, 1)],
@@ -105,8 +92,8 @@ def test_the_node_benchmark_passes_promtool_within_the_series_budget(
     )
     assert any(f.name == "moe_watch_expert_load_rank_token_share" for f in families)
     assert len(per_engine) == engines
-    budget = engine_budget(layers, ep, gpus)
+    budget = engine_budget(layers=layers, ep=ep, gpus=gpus)
     assert max(per_engine.values()) <= budget
     series = sum(len(f.samples) for f in families)
-    assert series <= engines * (budget + NODE_PER_ENGINE) + NODE_FIXED
+    assert series <= node_budget(engines, budget)
     assert promtool_check_metrics(body) == ""
