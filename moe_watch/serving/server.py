@@ -16,6 +16,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 import resource
@@ -60,9 +61,18 @@ def make_app(
 
     async def metrics(request: web.Request) -> web.StreamResponse:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        body = rendered.get(f"metrics {content_type}", get_snapshot, lambda _: encoder(registry))
+        name = f"metrics {content_type}"
+        body = rendered.get(name, get_snapshot, lambda _: encoder(registry))
         if body is None:  # nothing rendered yet: never empty, the failure is itself a series
-            body = fallback_body(encoder)
+            return await send(request, fallback_body(encoder), content_type, write_timeout_seconds)
+        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+            # compressed once per snapshot too; Prometheus asks for gzip on every scrape
+            plain = body
+            gzipped = rendered.get(name + " gzip", get_snapshot, lambda _: compress(plain))
+            if gzipped is not None:
+                return await send(
+                    request, gzipped, content_type, write_timeout_seconds, encoding="gzip"
+                )
         return await send(request, body, content_type, write_timeout_seconds)
 
     async def healthz(request: web.Request) -> web.StreamResponse:
@@ -113,6 +123,22 @@ def _status(snapshot: Snapshot | None) -> dict[str, Any]:
     return status_document(snapshot) if snapshot else {"ready": False}
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """True when an Accept-Encoding header allows gzip (RFC 9110: `gzip;q=0` refuses it)."""
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip() in ("gzip", "x-gzip"):
+            q = params.strip().removeprefix("q=").strip()
+            return q == "" or q not in ("0", "0.", "0.0", "0.00", "0.000")
+    return False
+
+
+def compress(body: bytes) -> bytes:
+    """gzip at level 1: a DeepSeek-V3 or 8-engine node's ~200-500 KiB body shrinks ~10x in ~1 ms
+    (level 9 gains another 20 % for 10x the CPU, once a cycle)."""
+    return gzip.compress(body, compresslevel=1, mtime=0)
+
+
 class _Rendered:
     """Each body rendered once per snapshot (the snapshot changes once a cycle) and served to
     every request of that cycle; a rendering that fails serves the last good body."""
@@ -146,12 +172,16 @@ async def send(
     deadline_seconds: float,
     *,
     status: int = 200,
+    encoding: str | None = None,
 ) -> web.StreamResponse:
     """Write ``body`` in CHUNK_BYTES steps, each waiting for the client to take the previous
     ones, within ``deadline_seconds`` for the whole answer; past it the connection is closed.
     A client that does not read thus holds at most a chunk of the agent's memory, for a
     bounded time, whatever the size of the answer, and however many it asked for at once."""
-    response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+    headers = {"Content-Type": content_type}
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
+    response = web.StreamResponse(status=status, headers=headers)
     response.content_length = len(body)
 
     async def write() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -265,6 +266,37 @@ async def test_a_rendering_failure_without_a_good_body_still_serves_a_series(
         body = await response.text()
     assert "moe_watch_build_info{" in body
     assert 'moe_watch_render_failed{part="all"} 1.0' in body
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "gzipped"),
+    [
+        ("gzip", True),  # what Prometheus sends
+        ("deflate, gzip;q=0.5", True),
+        ("gzip;q=0", False),
+        ("identity", False),
+        ("", False),
+    ],
+)
+async def test_metrics_are_gzipped_when_the_scraper_accepts_it(
+    served: tuple[str, dict[str, Snapshot | Exception | None]], accept_encoding: str, gzipped: bool
+) -> None:
+    url, state = served
+    state["snapshot"] = snapshot()
+    bodies = []
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        for encoding in ("identity", accept_encoding, accept_encoding):
+            async with client.get(
+                url + "/metrics", headers={"Accept-Encoding": encoding}
+            ) as response:
+                assert response.status == 200
+                bodies.append((response.headers.get("Content-Encoding"), await response.read()))
+    (plain_encoding, plain), (encoding, body), (_, again) = bodies
+    assert plain_encoding is None
+    assert b"moe_watch_gpu_up" in plain
+    assert encoding == ("gzip" if gzipped else None)
+    assert (gzip.decompress(body) if gzipped else body) == plain
+    assert again == body  # one compression per snapshot, the same bytes for every scrape
 
 
 async def test_openmetrics_is_negotiated_by_accept_header(
