@@ -240,18 +240,29 @@ async def main(args: argparse.Namespace, shape: NodeShape, engine_urls: list[str
 
         app = make_app(lambda: agent.snapshot)
         runner, agent_url = await start_server(app, "127.0.0.1", 0)
-        latencies: list[float] = []
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=20)) as session:
-            body = await (await session.get(agent_url + "/metrics")).read()
+        # The scrapers share the agent's process: they read the bytes and leave decompressing
+        # to nobody (Prometheus does that on its side), asking for gzip as Prometheus does,
+        # and, for comparison, for plain text.
+        latencies: dict[str, list[float]] = {"gzip": [], "identity": []}
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=20), auto_decompress=False
+        ) as session:
+            async with session.get(
+                agent_url + "/metrics", headers={"Accept-Encoding": "identity"}
+            ) as first:
+                body = await first.read()
 
-            async def scraper(n: int) -> None:
+            async def scraper(n: int, encoding: str) -> None:
                 for _ in range(n):
                     t0 = time.perf_counter()
-                    async with session.get(agent_url + "/metrics") as response:
+                    async with session.get(
+                        agent_url + "/metrics", headers={"Accept-Encoding": encoding}
+                    ) as response:
                         await response.read()
-                    latencies.append(time.perf_counter() - t0)
+                    latencies[encoding].append(time.perf_counter() - t0)
 
-            await asyncio.gather(*(scraper(args.scrapes // 20) for _ in range(20)))
+            for encoding in latencies:
+                await asyncio.gather(*(scraper(args.scrapes // 20, encoding) for _ in range(20)))
         await runner.cleanup()
     if args.metrics_out is not None:
         args.metrics_out.write_bytes(body)  # tests run `promtool check metrics` on it
@@ -261,7 +272,8 @@ async def main(args: argparse.Namespace, shape: NodeShape, engine_urls: list[str
     per_engine = Counter(
         s.labels["engine"] for f in families for s in f.samples if "engine" in s.labels
     )
-    q = statistics.quantiles(latencies, n=100)
+    q = statistics.quantiles(latencies["gzip"], n=100)
+    plain = statistics.quantiles(latencies["identity"], n=100)
     cycle_median = statistics.median(cpu)
     ep = f"EP {shape.ep}" if shape.ep > 1 else "no EP"
     print(
@@ -282,7 +294,7 @@ async def main(args: argparse.Namespace, shape: NodeShape, engine_urls: list[str
         f"| cycle + render, CPU per cycle (medians) | {(cycle_median + render) * 1e3:.1f} ms | interval 5 s: {(cycle_median + render) / 5 * 100:.1f} % of one core |"
     )
     print(
-        f"| /metrics with 20 concurrent scrapers, p50 / p99 | {q[49] * 1e3:.1f} / {q[98] * 1e3:.1f} ms | target p99 <= 20 ms |"
+        f"| /metrics with 20 concurrent scrapers asking for gzip (as Prometheus does), p50 / p99 | {q[49] * 1e3:.1f} / {q[98] * 1e3:.1f} ms | target p99 <= 20 ms; plain text: {plain[49] * 1e3:.1f} / {plain[98] * 1e3:.1f} ms |"
     )
     if shape.ep > 1:
         print(
