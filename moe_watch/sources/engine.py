@@ -22,7 +22,7 @@ from moe_watch.sources.exposition import (
     ExpositionLayout,
     parse_engine_exposition,
 )
-from moe_watch.sources.safe_io import BodyTooLarge, loads_json, read_body
+from moe_watch.sources.safe_io import BodyTooLarge, loads_json, read_body, utf8_error
 
 # /v1/models and /version change only on restart; re-read them this often.
 METADATA_REFRESH_SECONDS = 60.0
@@ -62,14 +62,11 @@ class EngineSource:
 
     async def collect(self, problems: Problems) -> EngineScrape:
         body = await self._fetch(self.metrics_url, self._max_body)
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SourceError(
-                "encoding", f"response is not UTF-8 ({exc.reason} at byte {exc.start})"
-            ) from None
-        try:
-            parsed = parse_engine_exposition(text, self._kind, layout=self._layout)
+        invalid = utf8_error(body)
+        if invalid is not None:
+            raise SourceError("encoding", f"response is not UTF-8 ({invalid})")
+        try:  # the body as bytes: only the lines of mapped families become strings
+            parsed = parse_engine_exposition(body, self._kind, layout=self._layout)
         except ExpositionError as exc:
             raise SourceError(exc.reason, str(exc)) from None
         self._kind = parsed.kind  # detected once, then fixed: a later garbage body is an error

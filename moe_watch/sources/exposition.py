@@ -7,10 +7,14 @@ several-fold, and a malformed line in a family we ignore cannot fail the scrape.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -63,10 +67,12 @@ def _allocation(info: dict[str, str], key: str) -> float | None:
     return value if 0 <= value <= limits.KV_ALLOCATION else None  # NaN fails both
 
 
-def detect_kind(text: str) -> str:
+def detect_kind(text: bytes | str) -> str:
     """``vllm`` or ``sglang`` from the metric prefixes present."""
+    body = text.encode() if isinstance(text, str) else text
     for kind, prefix in PREFIXES.items():
-        if f"\n{prefix}" in text or text.startswith(prefix) or f"# TYPE {prefix}" in text:
+        name = prefix.encode()
+        if b"\n" + name in body or body.startswith(name) or b"# TYPE " + name in body:
             return kind
     raise ExpositionError(
         "no_engine_metrics",
@@ -152,33 +158,35 @@ def _plain_value(text: str) -> float | None:
 
 
 def parse_engine_exposition(
-    text: str,
+    text: bytes | str,
     kind: str = "auto",
     *,
     max_series: int = MAX_SERIES,
     max_models: int = MAX_MODELS,
     layout: ExpositionLayout | None = None,
 ) -> ParsedExposition:
-    """Parse one engine exposition. Raises ExpositionError on text that cannot be used.
+    """Parse one engine exposition (the body as received, or its text). Raises ExpositionError
+    on a body that cannot be used.
 
     At most ``max_series`` samples and ``max_models`` models are kept; the rest is dropped and
     counted in ``series_dropped`` (and ``dropped_samples``). ``layout``: the target's previous
-    layout (see ExpositionLayout), updated here; the result is the same with or without it."""
+    layout (see ExpositionLayout), updated here; the result is the same with or without it.
+    Only the lines of mapped families are decoded: a body costs about its own size whatever
+    its shape (millions of tiny lines, wide characters), and a line that is not UTF-8 fails the
+    scrape only in a family we read."""
+    body = text.encode() if isinstance(text, str) else text
     if kind == "auto":
-        kind = detect_kind(text)
+        kind = detect_kind(body)
     names = BY_KIND[kind]
-    wanted = _wanted_line_names(names)
-    filtered, over = _filter_lines(text, wanted, max_series)
+    filtered, over = _filter_lines(body, kind, max_series)
     if not filtered:
         raise ExpositionError(
             "no_engine_metrics", f"no known {kind} metrics in the response (checked {len(names)})"
         )
-    if text and not text.endswith("\n"):
+    if body and not body.endswith(b"\n"):
         # Every line of the text format ends with a newline: a body cut mid-way (a proxy or an
         # engine that died while writing) would otherwise pass as a valid, shorter exposition.
-        raise ExpositionError(
-            "truncated", f"the exposition ends mid-line after {len(text)} characters"
-        )
+        raise ExpositionError("truncated", f"the exposition ends mid-line after {len(body)} bytes")
     builder = _Builder(names, max_models)
     builder.series_dropped = over
     known = layout.samples(filtered) if layout is not None else None
@@ -210,27 +218,67 @@ def _wanted_line_names(names: dict[str, Route]) -> frozenset[str]:
     return frozenset(wanted)
 
 
-def _filter_lines(text: str, wanted: frozenset[str], max_series: int) -> tuple[list[str], int]:
-    """The lines of mapped families (at most ``max_series`` samples) and the samples over it."""
+def _alternatives(words: Iterable[str]) -> str:
+    """A regex matching exactly ``words``, as a trie: one pass over a line's first bytes
+    decides, instead of one try per word."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def emit(node: dict[str, Any]) -> str:
+        branches = [re.escape(char) + emit(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        if len(branches) == 1 and "" not in node:
+            return branches[0]
+        group = "(?:" + "|".join(branches) + ")"
+        return group + "?" if "" in node else group
+
+    return emit(trie)
+
+
+# What str.split() (prometheus_client's comment parser) splits on, within ASCII.
+_SPACE = r"[\t\n\x0b\x0c\r\x1c-\x1f ]"
+_WORD = r"[^\t\n\x0b\x0c\r\x1c-\x1f ]"
+
+
+@functools.cache
+def _line_pattern(kind: str) -> re.Pattern[bytes]:
+    """The lines of ``kind``'s mapped families: a sample of a wanted name (the name ends at `{`,
+    a space or the line's end, as the filter always read it), or a `# TYPE`/`# HELP` line of
+    one (split on whitespace, as prometheus_client reads comments)."""
+    names = _alternatives(_wanted_line_names(BY_KIND[kind]))
+    return re.compile(
+        rf"^(?:(?:{names})(?=[{{ \n]|$)|#{_WORD}*{_SPACE}+(?:TYPE|HELP){_SPACE}+(?:{names})"
+        rf"(?={_SPACE}|$))[^\n]*".encode(),
+        re.MULTILINE,
+    )
+
+
+def _filter_lines(body: bytes, kind: str, max_series: int) -> tuple[list[str], int]:
+    """The lines of mapped families (at most ``max_series`` samples), decoded, and the samples
+    over it. Lines are found by one regex over the body, so the lines of other families (a
+    flood of comments, say) never become objects."""
     kept: list[str] = []
     samples = over = 0
-    for line in text.splitlines():
-        if line.startswith("#"):
-            parts = line.split(None, 3)
-            if len(parts) >= 3 and parts[1] in ("TYPE", "HELP") and parts[2] in wanted:
-                kept.append(line)
-            continue
-        end = len(line)
-        for stop in ("{", " "):
-            index = line.find(stop)
-            if 0 <= index < end:
-                end = index
-        if line[:end] in wanted:
+    for match in _line_pattern(kind).finditer(body):
+        raw = match.group()
+        if raw.endswith(b"\r"):  # a CRLF body: the line break is both
+            raw = raw[:-1]
+        if raw[:1] != b"#":
             samples += 1
             if samples > max_series:
                 over += 1
                 continue
-            kept.append(line)
+        try:
+            kept.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ExpositionError(
+                "encoding", f"a line of a mapped family is not UTF-8 ({exc.reason})"
+            ) from None
     return kept, over
 
 

@@ -11,6 +11,7 @@ itself (a container log path is a symlink), checked with ``fstat`` to be a regul
 
 from __future__ import annotations
 
+import codecs
 import errno
 import json
 import os
@@ -103,14 +104,12 @@ async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
     agent's memory whatever the peer declares or sends. Raises BodyTooLarge."""
     if response.content_length is not None and response.content_length > limit:
         raise BodyTooLarge(response.content_length)
-    chunks: list[bytes] = []
-    size = 0
+    body = bytearray()  # grown in place: no list of chunks beside a joined copy at the end
     async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise BodyTooLarge(None)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return bytes(body)
 
 
 async def read_head(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -125,6 +124,19 @@ async def read_head(response: aiohttp.ClientResponse, limit: int) -> bytes:
             response.close()
             break
     return b"".join(chunks)
+
+
+def utf8_error(body: bytes, step: int = 1 << 20) -> str | None:
+    """Where ``body`` stops being UTF-8 ("invalid start byte at byte 12"), or None when it all
+    is. Checked a MiB at a time: a 16 MiB body of wide characters never becomes a 64 MiB str."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(body)
+    for start in range(0, len(body), step):
+        try:
+            decoder.decode(view[start : start + step], final=start + step >= len(body))
+        except UnicodeDecodeError as exc:
+            return f"{exc.reason} at byte {start + exc.start}"
+    return None
 
 
 class TooDeep(ValueError):

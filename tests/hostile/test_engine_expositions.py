@@ -88,6 +88,23 @@ async def test_a_flood_of_label_values_is_trimmed_and_counted(
     assert elapsed < 10
 
 
+@pytest.mark.parametrize("line", ["#\n", "# x\n", "vllm:other 1\n", "# \u00e9\n"])
+async def test_a_body_of_tiny_lines_costs_about_its_size_whatever_its_shape(
+    target: tuple[Target, str], line: str
+) -> None:
+    # Before: 4M lines of "# x" in a 16 MiB body were split into a list of 4M strings, a
+    # ~240 MiB peak from one engine (the chart's memory limit is 256 MiB); the agent's RSS
+    # went from 84 to 390 MiB in one cycle.
+    fake, url = target
+    head = 'vllm:num_requests_running{model_name="m"} 1\n'.encode()
+    size = limits.ENGINE_BODY_BYTES - 1024
+    fake.body = head + line.encode() * ((size - len(head)) // len(line.encode()))
+    with peak_memory(3 * len(fake.body)):  # the bytes read and the text decoded from them
+        result, _ = await scrape(url)
+    assert not isinstance(result, SourceError), result
+    assert result.models[0].gauges[s.GAUGE_REQUESTS_RUNNING] == 1  # type: ignore[attr-defined]
+
+
 def test_the_series_bound_keeps_a_real_exposition_whole() -> None:
     parsed = parse_engine_exposition(read_capture("after-load"), "vllm")
     assert parsed.series_dropped == 0
