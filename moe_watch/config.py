@@ -188,6 +188,8 @@ class Settings(BaseSettings):
     window_seconds: float = Field(default=300.0, gt=0, le=86_400)
     scrape_timeout_seconds: float = Field(default=3.0, gt=0, le=120)
     max_body_bytes: int = Field(default=limits.ENGINE_BODY_BYTES, ge=1024, le=1 << 30)
+    # All engines' bodies held at once (sources/body_budget.py); past it the largest is dropped.
+    max_body_bytes_in_flight: int = Field(default=limits.BODY_BYTES_IN_FLIGHT, ge=1024, le=1 << 32)
     # auto: read GPUs through NVML; without a driver the nvml source reports down, the agent runs on.
     nvml: Literal["auto", "off"] = "auto"
     nvml_timeout_seconds: float = Field(default=2.0, gt=0, le=60)

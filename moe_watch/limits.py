@@ -202,6 +202,15 @@ ENGINE_BODY_BYTES = _declare(
     "a real vLLM exposition is ~50 KB per model and data-parallel replica",
     "`body_too_large`: the scrape fails, the engine is down this cycle",
 )  # fmt: skip
+BODY_BYTES_IN_FLIGHT = _declare(
+    "BODY_BYTES_IN_FLIGHT", 64 * 1024 * 1024, "bytes",
+    "engine `/metrics` bodies held at once, from their first byte until parsed, all engines "
+    "together (default of the `max_body_bytes_in_flight` setting)",
+    "the chart's memory limit is 256 MiB and the agent idles at ~85 MiB: 64 MiB of bodies and "
+    "the parse of one leave room; 256 real engines' bodies are ~13 MB",
+    "the largest body in flight is dropped (its connection closed): `body_budget` for that "
+    "engine this cycle, the other engines read on",
+)  # fmt: skip
 METADATA_BYTES = _declare(
     "METADATA_BYTES", 1024 * 1024, "bytes",
     "an engine's `/v1/models` or `/version` answer",

@@ -22,6 +22,7 @@ from moe_watch.limits import TARGETS_PER_AGENT
 from moe_watch.samples import GpuReading, ProcessInfo
 from moe_watch.signals.batching import BatchCurve
 from moe_watch.snapshot import ASSEMBLE, EngineRecord, GpuView, Snapshot
+from moe_watch.sources.body_budget import BodyBudget
 from moe_watch.sources.discovery import PodTarget, PodWatcher
 from moe_watch.sources.podresources import Allocation, PodResourcesSource
 from moe_watch.sources.proc import ProcSource
@@ -49,6 +50,8 @@ class Agent:
         self._proc_root = proc_root
         self._session: aiohttp.ClientSession | None = None
         self._targets: dict[str, EngineTarget] = {}
+        # every engine's /metrics body counts against one budget while it is held
+        self._bodies = BodyBudget(settings.max_body_bytes_in_flight)
         self._static: set[str] = {t.name for t in settings.targets}
         self._nvml_runner: SourceRunner[GpuReading] | None = None
         self._proc_runner: SourceRunner[dict[int, ProcessInfo]] | None = None
@@ -141,7 +144,7 @@ class Agent:
 
     def _add_target(self, config: TargetConfig) -> None:
         assert self._session is not None
-        target = EngineTarget(config, self.settings, self._session, self._clock)
+        target = EngineTarget(config, self.settings, self._session, self._clock, self._bodies)
         if self._state is not None:
             target.restore(
                 {

@@ -68,6 +68,7 @@ from moe_watch.snapshot import (
     WhatIfView,
 )
 from moe_watch.sources.base import Source
+from moe_watch.sources.body_budget import BodyBudget
 from moe_watch.sources.engine import EngineSource
 from moe_watch.sources.eplb_log import EplbLogSource
 from moe_watch.sources.runner import SourceRunner, SourceStatus
@@ -105,6 +106,7 @@ class EngineTarget:
         settings: Settings,
         session: aiohttp.ClientSession,
         clock: Callable[[], float],
+        bodies: BodyBudget | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -117,6 +119,7 @@ class EngineTarget:
             session,
             timeout_seconds=timeout,
             max_body_bytes=settings.max_body_bytes,
+            bodies=bodies,
             clock=clock,
         )
         # Three timeouts: /metrics plus the metadata calls.

@@ -17,6 +17,7 @@ from moe_watch import limits
 from moe_watch.config import TargetConfig
 from moe_watch.samples import EngineScrape
 from moe_watch.sources.base import Problems, SourceError
+from moe_watch.sources.body_budget import BodyBudget, BodyBudgetSpent, BodyReader
 from moe_watch.sources.exposition import (
     ExpositionError,
     ExpositionLayout,
@@ -39,9 +40,12 @@ class EngineSource:
         *,
         timeout_seconds: float,
         max_body_bytes: int,
+        bodies: BodyBudget | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.target = target
+        # shared by every engine of the agent: one budget for the bodies held at once
+        self._bodies = bodies if bodies is not None else BodyBudget(limits.BODY_BYTES_IN_FLIGHT)
         self._session = session
         self._timeout = timeout_seconds
         self._max_body = max_body_bytes
@@ -61,14 +65,26 @@ class EngineSource:
         return self.target.url + self.target.metrics_path
 
     async def collect(self, problems: Problems) -> EngineScrape:
-        body = await self._fetch(self.metrics_url, self._max_body)
-        invalid = utf8_error(body)
-        if invalid is not None:
-            raise SourceError("encoding", f"response is not UTF-8 ({invalid})")
-        try:  # the body as bytes: only the lines of mapped families become strings
-            parsed = parse_engine_exposition(body, self._kind, layout=self._layout)
-        except ExpositionError as exc:
-            raise SourceError(exc.reason, str(exc)) from None
+        with self._bodies.reader() as reader:  # the body counts until it is parsed
+            try:
+                body = await self._fetch(self.metrics_url, self._max_body, reader)
+                if reader.dropped:  # read whole, then dropped while waiting to be parsed
+                    raise BodyBudgetSpent
+            except BodyBudgetSpent:
+                raise SourceError(
+                    "body_budget",
+                    f"dropped after {reader.held} bytes: the largest of the engine bodies in "
+                    f"flight when they passed max_body_bytes_in_flight "
+                    f"({self._bodies.limit} bytes, all engines together)",
+                ) from None
+            invalid = utf8_error(body)
+            if invalid is not None:
+                raise SourceError("encoding", f"response is not UTF-8 ({invalid})")
+            try:  # the body as bytes: only the lines of mapped families become strings
+                parsed = parse_engine_exposition(body, self._kind, layout=self._layout)
+            except ExpositionError as exc:
+                raise SourceError(exc.reason, str(exc)) from None
+            del body
         self._kind = parsed.kind  # detected once, then fixed: a later garbage body is an error
         if parsed.series_dropped:
             problems.add("series_limit")
@@ -91,9 +107,9 @@ class EngineSource:
             dropped_samples=parsed.dropped_samples,
         )
 
-    async def _fetch(self, url: str, limit: int) -> bytes:
+    async def _fetch(self, url: str, limit: int, reader: BodyReader | None = None) -> bytes:
         try:  # one bound for connect + headers + the whole body: a trickling target is a hang
-            return await asyncio.wait_for(self._read(url, limit), self._timeout)
+            return await asyncio.wait_for(self._read(url, limit, reader), self._timeout)
         except asyncio.TimeoutError:
             raise SourceError(
                 "timeout", f"no complete answer from {url} in {self._timeout:g}s"
@@ -103,7 +119,7 @@ class EngineSource:
         except aiohttp.ClientError as exc:
             raise SourceError("http", f"request to {url} failed: {exc}") from None
 
-    async def _read(self, url: str, limit: int) -> bytes:
+    async def _read(self, url: str, limit: int, reader: BodyReader | None = None) -> bytes:
         # Redirects are not followed: a target answers where it was configured or is down.
         async with self._session.get(
             url, headers={"Accept": ACCEPT}, allow_redirects=False
@@ -111,7 +127,7 @@ class EngineSource:
             if response.status != 200:
                 raise SourceError("http_status", f"{url} answered HTTP {response.status}")
             try:
-                return await read_body(response, limit)
+                return await read_body(response, limit, reader)
             except BodyTooLarge as exc:
                 sent = (
                     f"more than {limit} bytes"

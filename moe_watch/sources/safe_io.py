@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from moe_watch.limits import JSON_DEPTH
+from moe_watch.sources.body_budget import BodyBudgetSpent, BodyReader
 
 
 class FileRejected(ValueError):
@@ -99,16 +100,44 @@ class BodyTooLarge(Exception):
         self.declared = declared
 
 
-async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_body(
+    response: aiohttp.ClientResponse, limit: int, reader: BodyReader | None = None
+) -> bytes:
     """The body, read in chunks and abandoned past ``limit`` bytes: the cap protects the
-    agent's memory whatever the peer declares or sends. Raises BodyTooLarge."""
+    agent's memory whatever the peer declares or sends. Raises BodyTooLarge. With a
+    ``reader``, every chunk is counted in the agent's body budget, which may drop this body
+    (BodyBudgetSpent) by closing its response."""
     if response.content_length is not None and response.content_length > limit:
         raise BodyTooLarge(response.content_length)
+    if reader is not None:
+
+        def abort() -> None:
+            # wakes the read waiting for its next chunk now: closing alone leaves it waiting
+            # (and its bytes held) until the scrape's timeout
+            response.content.set_exception(BodyBudgetSpent())
+            response.close()
+
+        reader.abort = abort
     body = bytearray()  # grown in place: no list of chunks beside a joined copy at the end
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        if len(body) + len(chunk) > limit:
-            raise BodyTooLarge(None)
-        body += chunk
+    try:
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            if len(body) + len(chunk) > limit:
+                raise BodyTooLarge(None)
+            if reader is not None:
+                reader.take(len(chunk))
+            body += chunk
+    except aiohttp.ClientError:
+        body.clear()
+        if reader is not None and reader.dropped:  # its response closed under it
+            raise BodyBudgetSpent from None
+        raise
+    except BaseException:
+        # freed now: the exception's traceback keeps this frame, and the bytes with it, until
+        # the garbage collector finds the cycle
+        body.clear()
+        raise
+    if reader is not None and reader.dropped:  # a closed response may read as a short body
+        raise BodyBudgetSpent
     return bytes(body)
 
 
