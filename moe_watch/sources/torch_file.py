@@ -10,6 +10,7 @@ and an unpickler that only knows how to rebuild plain tensors, dicts, lists and 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import sys
 import zipfile
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from moe_watch import limits
-from moe_watch.sources.safe_io import FileRejected, read_regular
+from moe_watch.sources.safe_io import FileRejected, open_regular
 
 # Bounds (moe_watch/limits.py): a real SGLang dump is [passes, layers, experts] int32, a few MB
 # at DeepSeek-V3 scale; its data.pkl is a few hundred bytes.
@@ -87,9 +88,18 @@ def load_torch_file(
     no member is decompressed past ``max_member_bytes``. Raises FileRejected (TorchFileError for
     the format) whose ``reason`` says why.
     """
-    data = read_regular(path, max_file_bytes)
+    fd, info = open_regular(path)
+    # Read from the file, not a copy of it: only the central directory and the members the
+    # pickle names are read (a 64 MiB file at the limit once cost 128 MiB of the agent).
+    with os.fdopen(fd, "rb") as file:
+        if info.st_size > max_file_bytes:
+            raise FileRejected("too_large", f"{path}: {info.st_size} bytes, over {max_file_bytes}")
+        return _load_from(file, path, max_member_bytes)
+
+
+def _load_from(file: IO[bytes], path: Path | str, max_member_bytes: int) -> Any:
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with zipfile.ZipFile(file) as archive:
             return _load(archive, max_member_bytes)
     except TorchFileError as exc:
         raise TorchFileError(f"{path}: {exc}", exc.reason) from None
@@ -172,16 +182,29 @@ class _Unpickler(pickle.Unpickler):
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
         if key not in self._storages:
-            values = array(storage_type.typecode)
-            raw = _read_member(self._archive, f"{self._prefix}data/{key}", self._max_member)
-            self._storage_bytes += len(raw)
-            if self._storage_bytes > self._max_member:  # many storages: the same bound in all
-                raise TorchFileError(f"storages over {self._max_member} bytes", "too_large")
-            values.frombytes(raw)
+            values = self._read_storage(f"{self._prefix}data/{key}", storage_type.typecode)
             if self._swap:
                 values.byteswap()
             self._storages[key] = values
         return self._storages[key]
+
+    def _read_storage(self, name: str, typecode: str) -> array[Any]:
+        """The member's values, decompressed into their array a MiB at a time (never its bytes
+        and the array at once), within one bound for all storages together."""
+        values = array(typecode)
+        pending = b""
+        with self._archive.open(name) as stream:
+            while chunk := stream.read(1 << 20):
+                self._storage_bytes += len(chunk)
+                if self._storage_bytes > self._max_member:  # many storages: one bound for all
+                    raise TorchFileError(f"storages over {self._max_member} bytes", "too_large")
+                data = pending + chunk if pending else chunk
+                whole = len(data) - len(data) % values.itemsize
+                values.frombytes(data[:whole])
+                pending = data[whole:]
+        if pending:
+            raise TorchFileError(f"{name} is not a whole number of {typecode!r} elements")
+        return values
 
 
 def _rebuild_tensor(
@@ -211,6 +234,8 @@ def _rebuild_tensor(
     ):
         raise TorchFileError(f"a tensor of shape {list(shape)} reaches past its storage")
     if _is_contiguous(shape, stride):
+        if offset == 0 and count == len(storage):  # the whole storage: no copy of it
+            return Tensor(shape, storage)
         return Tensor(shape, storage[offset : offset + count])
     return Tensor(shape, _gather(storage, offset, shape, stride, count))
 

@@ -18,9 +18,10 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moe_watch import limits
 from moe_watch.serving.server import start_server
 from moe_watch.sources.base import Problems, SourceError
-from moe_watch.sources.expert_sglang import SGLangExpertSource
+from moe_watch.sources.expert_sglang import SGLangExpertSource, read_recorder_file
 from moe_watch.sources.safe_io import FileRejected
 from tests.hostile.conftest import (
     _global,
@@ -361,3 +362,33 @@ def test_a_strided_view_is_rebuilt_cell_for_cell(shape: list[int], data: st.Data
         expected.append(storage[position])
     tensor = _rebuild_tensor(storage, offset, tuple(shape), tuple(stride))
     assert list(tensor.values) == expected
+
+
+def test_a_dump_at_the_file_limit_is_read_without_holding_the_file(tmp_path: Path) -> None:
+    # Found by the adversary once its memory bound became the chart's (256 MiB): a 64 MiB
+    # dump at DUMP_FILE_BYTES took the agent to 299 MiB, the file read whole and joined.
+    path = tmp_path / "expert_distribution_recorder_big.pt"
+    write_pt(path, tensor_opcodes((1, 2, 4)), {"0": floats([1.0] * 8)})
+    pad = limits.DUMP_FILE_BYTES - path.stat().st_size - 200
+    write_pt(path, tensor_opcodes((1, 2, 4)), {"0": floats([1.0] * 8), "pad": b"\0" * pad})
+    assert limits.DUMP_FILE_BYTES - 1024 < path.stat().st_size <= limits.DUMP_FILE_BYTES
+    with peak_memory(4 * 1024 * 1024):  # what it reads: data.pkl and one 32-byte storage
+        rows = read_recorder_file(path)
+    assert rows == [[1.0] * 4, [1.0] * 4]
+
+
+def test_a_storage_at_the_member_limit_is_held_once(tmp_path: Path) -> None:
+    # The storage's bytes, then an array made from them, then the tensor's slice: three copies
+    # of a 64 MiB member. Now it is read into its array a MiB at a time.
+    cells = limits.DUMP_MEMBER_BYTES // 4
+    path = write_pt(
+        tmp_path / "expert_distribution_recorder_wide.pt",
+        tensor_opcodes((cells // 4096, 2, 2048)),
+        {"0": b"\0" * (cells * 4)},
+        compression=zipfile.ZIP_DEFLATED,
+    )
+    with peak_memory(limits.DUMP_MEMBER_BYTES * 5 // 4):
+        rows = read_recorder_file(path)
+    assert len(rows) == 2
+    assert len(rows[0]) == 2048
+    assert sum(rows[0]) == 0
