@@ -250,9 +250,13 @@ def _metrics(limit: str, past: bool, reason: str | None, body: bytes, note: str)
     return Case(limit, "engine", past, ENGINE, reason, apply, note)
 
 
-def _body_bytes(size: int) -> Case:
+# Comment lines (only the byte cap stops them), the first drawn first in CI: millions of tiny
+# lines with a 4-byte character each once took one engine's 16 MiB body to a 390 MiB agent.
+BODY_LINES = ("#\U0001f600\n".encode(), b"#\n", b"# " + b"x" * 1021 + b"\n")
+
+
+def _body_bytes(size: int, padding: bytes = BODY_LINES[0]) -> Case:
     head = exposition([f'{FAMILY}{{model_name="m"}} 1'])
-    padding = b"# " + b"x" * 1021 + b"\n"  # a comment line: only the byte cap stops the body
     body = head + padding * ((size - len(head)) // len(padding))
     body += b"#" * (size - len(body) - 1) + b"\n" if size - len(body) > 1 else b""
     return _metrics("ENGINE_BODY_BYTES", len(body) > limits.ENGINE_BODY_BYTES, "body_too_large",
@@ -1001,7 +1005,8 @@ STRATEGIES: dict[str, list[tuple[str, st.SearchStrategy[Case]]]] = {
         (P, around(L.JSON_DEPTH, far=100_000).map(_plugin_depth)),
         (M, around(L.JSON_DEPTH, far=100_000).map(_metadata_depth)),
     ],
-    "ENGINE_BODY_BYTES": [(E, around(L.ENGINE_BODY_BYTES, far=L.ENGINE_BODY_BYTES + 4096).map(_body_bytes))],
+    "ENGINE_BODY_BYTES": [(E, st.builds(_body_bytes, around(L.ENGINE_BODY_BYTES, far=L.ENGINE_BODY_BYTES + 4096),
+                                        st.sampled_from(BODY_LINES)))],
     "METADATA_BYTES": [(M, around(L.METADATA_BYTES, far=4 * L.METADATA_BYTES).map(_metadata_bytes))],
     "SERIES_PER_ENGINE": [(E, around(L.SERIES_PER_ENGINE, far=3 * L.SERIES_PER_ENGINE).map(_series))],
     "MODELS_PER_ENGINE": [
@@ -1055,6 +1060,9 @@ EXEMPT: dict[str, str] = {
     "CONFIG_JSON_BYTES": "size --config, not the agent: tests/sizing/test_size_config_input.py",
     "CONFIG_NUMBER": "size --config, not the agent: tests/test_properties.py (any config field)",
     "PARAMS_B": "size --params-b, not the agent: tests/sizing/test_size_config_input.py",
+    # Bodies of several engines at once; the world has one hostile engine, whose body alone
+    # stops at ENGINE_BODY_BYTES, under this budget.
+    "BODY_BYTES_IN_FLIGHT": "several engines at once: tests/sources/test_body_budget.py",
 }
 
 BOUNDARIES = (P, E, M, G, C, S, K, H)

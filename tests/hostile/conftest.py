@@ -155,12 +155,14 @@ class AgentProcess:
                     raise AssertionError(f"no {event!r} log line; log: {self.lines[-20:]}")
                 self._seen.wait(left)
 
-    def rss_bytes(self) -> int:
+    def rss_bytes(self, field: str = "VmRSS") -> int:
+        """The process's resident memory now (VmRSS), or its peak so far (VmHWM: what a
+        memory limit is held to, however short the peak)."""
         with open(f"/proc/{self.process.pid}/status") as stream:
             for line in stream:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        raise AssertionError(f"no {field}")
 
     def stop(self, bound: float) -> float:
         """SIGTERM; the seconds until the process exited (fails past ``bound`` + slack)."""

@@ -96,7 +96,7 @@ async def test_a_body_of_tiny_lines_costs_about_its_size_whatever_its_shape(
     # ~240 MiB peak from one engine (the chart's memory limit is 256 MiB); the agent's RSS
     # went from 84 to 390 MiB in one cycle.
     fake, url = target
-    head = 'vllm:num_requests_running{model_name="m"} 1\n'.encode()
+    head = b'vllm:num_requests_running{model_name="m"} 1\n'
     size = limits.ENGINE_BODY_BYTES - 1024
     fake.body = head + line.encode() * ((size - len(head)) // len(line.encode()))
     with peak_memory(3 * len(fake.body)):  # the bytes read and the text decoded from them
