@@ -12,12 +12,16 @@ import threading
 import time
 import tracemalloc
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from aiohttp import web
+
+from moe_watch.serving.server import start_server
 
 # Every case of the corpus runs under this bound on Python allocations (tracemalloc peak), unless
 # it states its own: far below what the unbounded readers took (2.3 GB for /dev/zero, 5.5 GB
@@ -35,6 +39,21 @@ def peak_memory(limit: int = MEMORY_BOUND_BYTES) -> Iterator[None]:
     finally:
         tracemalloc.stop()
     assert peak < limit, f"peak {peak / 2**20:.1f} MiB over the {limit / 2**20:.0f} MiB bound"
+
+
+@pytest.fixture
+async def sglang_url() -> AsyncIterator[str]:
+    """SGLang's recorder endpoints, answering at once (the dumps themselves are files)."""
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    app = web.Application()
+    app.router.add_post("/start_expert_distribution_record", ok)
+    app.router.add_post("/dump_expert_distribution_record", ok)
+    runner, url = await start_server(app, "127.0.0.1", 0)
+    yield url
+    await runner.cleanup()
 
 
 # A torch.save file written by hand (no torch here): protocol-2 pickle opcodes for

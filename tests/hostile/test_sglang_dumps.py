@@ -9,17 +9,14 @@ import math
 import os
 import struct
 import zipfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_watch import limits
-from moe_watch.serving.server import start_server
 from moe_watch.sources.base import Problems, SourceError
 from moe_watch.sources.expert_sglang import SGLangExpertSource, read_recorder_file
 from moe_watch.sources.safe_io import FileRejected
@@ -32,19 +29,6 @@ from tests.hostile.conftest import (
     tensor_opcodes,
     write_pt,
 )
-
-
-@pytest.fixture
-async def sglang_url() -> AsyncIterator[str]:
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    app = web.Application()
-    app.router.add_post("/start_expert_distribution_record", ok)
-    app.router.add_post("/dump_expert_distribution_record", ok)
-    runner, url = await start_server(app, "127.0.0.1", 0)
-    yield url
-    await runner.cleanup()
 
 
 def names(directory: Path) -> list[str]:

@@ -14,18 +14,16 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from moe_watch.background import DaemonThreadExecutor
 from moe_watch.expert_file import SUFFIX, CountsFile, write_counts_file
 from moe_watch.samples import ExpertCounts
-from moe_watch.serving.server import start_server
 from moe_watch.sources.eplb_log import EplbLogSource
 from moe_watch.sources.expert_plugin import PluginExpertSource
 from moe_watch.sources.expert_sglang import SGLangExpertSource
@@ -57,21 +55,6 @@ def plugin_files(directory: Path) -> None:
         layers=[0], counts=[[4, 3, 2, 1]],
     )  # fmt: skip
     write_counts_file(directory / ("w0" + SUFFIX), counts)
-
-
-@pytest.fixture
-async def sglang_url() -> AsyncIterator[str]:
-    """SGLang's recorder endpoints, answering at once (the dump itself is in the directory)."""
-
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    app = web.Application()
-    app.router.add_post("/start_expert_distribution_record", ok)
-    app.router.add_post("/dump_expert_distribution_record", ok)
-    runner, url = await start_server(app, "127.0.0.1", 0)
-    yield url
-    await runner.cleanup()
 
 
 async def wedged(
