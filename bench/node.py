@@ -63,6 +63,7 @@ from moe_watch.demo.fake_nvml import FakeNvml  # noqa: E402
 from moe_watch.demo.replay_server import ReplayServer  # noqa: E402
 from moe_watch.demo.simulated_engine import ITL_BUCKETS, TTFT_BUCKETS  # noqa: E402
 from moe_watch.expert_file import CountsFile, StepCoverage, write_counts_file  # noqa: E402
+from moe_watch.malloc_tuning import fix_malloc_thresholds  # noqa: E402
 from moe_watch.samples import Histogram  # noqa: E402
 from moe_watch.serving.exporter import build_registry  # noqa: E402
 from moe_watch.serving.server import make_app, start_server  # noqa: E402
@@ -421,6 +422,7 @@ def run() -> int:
     )
     engines.start()  # before any event loop exists in this process
     theirs.close()
+    fix_malloc_thresholds()  # as `moe-watch run` does
     try:
         return asyncio.run(main(args, shape, ours.recv()))
     finally:

@@ -14,6 +14,7 @@ import structlog
 from moe_watch.agent import Agent
 from moe_watch.background import DaemonThreadExecutor
 from moe_watch.config import Settings
+from moe_watch.malloc_tuning import fix_malloc_thresholds
 from moe_watch.serving.cert_reload import CertificateReloader
 from moe_watch.serving.server import ServerLimits, make_app, start_server
 from moe_watch.serving.web_config import load_web_config
@@ -85,6 +86,8 @@ async def serve(
             ) from None
         log.info("serving", url=url + "/metrics")
         freeze_startup_heap()
+        if not fix_malloc_thresholds():  # glibc only; elsewhere the allocator's own policy
+            log.info("malloc thresholds left as they are: no glibc mallopt")
         forever = asyncio.create_task(agent.run_forever(stop))
         stopped = asyncio.create_task(stop.wait())
         try:

@@ -199,13 +199,14 @@ def judge(adversary: Adversary, case: Case) -> None:
             assert exported >= errors(after)[key]
         else:
             assert counted == 0, (key, errors(after))
-    # Held: the resident memory after the case. Measured: the case's own peak (VmHWM, reset
-    # before it), reported in the summary; peaks near the limit are what to work on next.
+    # The case's own peak (VmHWM, reset before it), however short: what the kubelet holds to
+    # the memory limit; and the resident memory after it.
     peak = agent.rss_bytes("VmHWM")
     if peak > adversary.worst_rss:
         adversary.worst_rss, adversary.worst_rss_by = peak, case.limit
     rss = agent.rss_bytes()
     adversary.worst_now = max(adversary.worst_now, rss)
+    assert peak < RSS_BOUND, (peak, case.note)
     assert rss < RSS_BOUND, (rss, case.note)
     cycle = after["cycle_duration_seconds"]
     adversary.worst_cycle = max(adversary.worst_cycle, cycle)
