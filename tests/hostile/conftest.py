@@ -12,8 +12,8 @@ import threading
 import time
 import tracemalloc
 import zipfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,21 @@ def peak_memory(limit: int = MEMORY_BOUND_BYTES) -> Iterator[None]:
     assert peak < limit, f"peak {peak / 2**20:.1f} MiB over the {limit / 2**20:.0f} MiB bound"
 
 
+@asynccontextmanager
+async def sglang_recorder(
+    answer: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """SGLang's recorder endpoints (start and dump) on loopback, both answered by ``answer``."""
+    app = web.Application()
+    app.router.add_post("/start_expert_distribution_record", answer)
+    app.router.add_post("/dump_expert_distribution_record", answer)
+    runner, url = await start_server(app, "127.0.0.1", 0)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def sglang_url() -> AsyncIterator[str]:
     """SGLang's recorder endpoints, answering at once (the dumps themselves are files)."""
@@ -48,12 +63,8 @@ async def sglang_url() -> AsyncIterator[str]:
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
-    app = web.Application()
-    app.router.add_post("/start_expert_distribution_record", ok)
-    app.router.add_post("/dump_expert_distribution_record", ok)
-    runner, url = await start_server(app, "127.0.0.1", 0)
-    yield url
-    await runner.cleanup()
+    async with sglang_recorder(ok) as url:
+        yield url
 
 
 # A torch.save file written by hand (no torch here): protocol-2 pickle opcodes for

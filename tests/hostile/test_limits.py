@@ -25,7 +25,7 @@ from moe_watch.sources.expert_plugin import PluginExpertSource
 from moe_watch.sources.expert_sglang import SGLangExpertSource
 from moe_watch.sources.exposition import parse_engine_exposition
 from moe_watch.sources.proc import ProcSource
-from tests.hostile.conftest import peak_memory
+from tests.hostile.conftest import peak_memory, sglang_recorder
 from tests.hostile.test_plugin_files import NOW, collect, good, raw
 from tests.sources.test_discovery import pod
 
@@ -121,12 +121,8 @@ async def endless_refusal() -> AsyncIterator[str]:
             pass
         return response
 
-    app = web.Application()
-    app.router.add_post("/start_expert_distribution_record", refuse)
-    app.router.add_post("/dump_expert_distribution_record", refuse)
-    runner, url = await start_server(app, "127.0.0.1", 0)
-    yield url
-    await runner.cleanup()
+    async with sglang_recorder(refuse) as url:
+        yield url
 
 
 async def test_an_sglang_refusal_with_an_endless_body_is_read_to_a_bound(
