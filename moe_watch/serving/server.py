@@ -128,8 +128,10 @@ def accepts_gzip(accept_encoding: str) -> bool:
     for item in accept_encoding.lower().split(","):
         coding, _, params = item.partition(";")
         if coding.strip() in ("gzip", "x-gzip"):
-            q = params.strip().removeprefix("q=").strip()
-            return q == "" or q not in ("0", "0.", "0.0", "0.00", "0.000")
+            try:
+                return float(params.strip().removeprefix("q=").strip() or 1) > 0
+            except ValueError:  # another parameter, or a garbled weight: not a refusal
+                return True
     return False
 
 
